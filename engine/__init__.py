@@ -1,0 +1,15 @@
+"""fastllava: a from-scratch LLaVA inference engine.
+
+`from fastllava import LLaVA` is the public entry point. The import is lazy so that
+torch-free submodules (the scheduler, the schema) stay importable without torch.
+"""
+
+__all__ = ["LLaVA"]
+
+
+def __getattr__(name):
+    if name == "LLaVA":
+        from fastllava.api import LLaVA
+
+        return LLaVA
+    raise AttributeError(f"module 'fastllava' has no attribute {name!r}")

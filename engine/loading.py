@@ -1,0 +1,118 @@
+"""Checkpoint folder (or hub id) → config, model with weights, tokenizer, chat template, image config.
+
+Original liuhaotian v1.5 checkpoints ship no vision weights: the tower (and its image processor
+config) come from the CLIP checkpoint named by `mm_vision_tower`, a local folder or a hub id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from fastllava.config import LlavaConfig, is_original_layout, load_config, read_json
+from fastllava.models.llava import LlavaModel
+from fastllava.preprocess.processor import ImageProcessorConfig
+from fastllava.text.template import BUILTIN_TEMPLATES, load_chat_template, template_family
+from fastllava.text.tokenizer import Tokenizer
+from fastllava.weights.discover import CheckpointNotFoundError, list_safetensors, resolve_model_path
+from fastllava.weights.keymaps import detect_layout
+from fastllava.weights.loader import load_weights
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    path: Path
+    config: LlavaConfig
+    model: LlavaModel
+    tokenizer: Tokenizer
+    template: str
+    image_config: ImageProcessorConfig
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _has_processor_config(path: Path) -> bool:
+    return (path / "processor_config.json").exists() or (path / "preprocessor_config.json").exists()
+
+
+def _image_config(config: LlavaConfig, folders: list[Path]) -> ImageProcessorConfig:
+    pad = config.pad_to_square
+    for folder in folders:
+        if _has_processor_config(folder):
+            return ImageProcessorConfig.from_dir(folder, pinpoints=config.pinpoints, pad_to_square=pad)
+    # Original v1.6 folders ship none: the tower's own CLIP processor at its native size.
+    s = config.vision.image_size
+    mean, std = (CLIP_MEAN, CLIP_STD) if config.vision.kind == "clip" else ((0.5,) * 3, (0.5,) * 3)
+    return ImageProcessorConfig(shortest_edge=s, crop_h=s, crop_w=s, image_mean=mean, image_std=std,
+                                pinpoints=config.pinpoints, pad_to_square=pad)
+
+
+def _vision_tower_folder(path: Path, names: dict) -> tuple[Path | None, bool]:
+    """For original checkpoints: the folder of `mm_vision_tower` and whether its weights are needed.
+
+    v1.5 originals ship no vision weights: the tower folder (local, or a hub id) is required.
+    v1.6 originals ship the weights but not the tower's config: fetch its config files only, and
+    fall back to CLIP ViT-L/14-336 (every v1.6 tower; the strict loader checks the shapes) when
+    it can't be had offline."""
+    if not is_original_layout(path):
+        return None, False
+    tower = read_json(path / "config.json").get("mm_vision_tower")
+    needs_weights = not any("vision_tower" in k for k in names)
+    if not tower:
+        if needs_weights:
+            raise ValueError(f"{path} has no vision tower weights and no mm_vision_tower")
+        return None, False
+    local = Path(tower).expanduser()
+    if not local.is_absolute() and (path / local).is_dir():  # relative to the checkpoint folder
+        local = path / local
+    ref = str(local) if local.is_dir() else tower
+    try:
+        return resolve_model_path(ref, config_only=not needs_weights), needs_weights
+    except CheckpointNotFoundError:
+        if needs_weights:
+            raise
+        return None, False
+
+
+def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
+                    revision: str | None = None, progress: bool = False) -> LoadedCheckpoint:
+    path = resolve_model_path(model, revision=revision, progress=progress)
+    names = list_safetensors(path)
+    tower, tower_weights = _vision_tower_folder(path, names)
+    config = load_config(path, read_json(tower / "config.json") if tower else None)
+
+    with torch.device("meta"):
+        llava = LlavaModel(config)
+    # Cast on the meta device (free), then allocate once in the final dtype: never an fp32 copy.
+    llava = llava.to(dtype).to_empty(device=device)
+    llava.reset_buffers()
+    llava.eval().requires_grad_(False)
+
+    sources = [(path, detect_layout(names), "")]
+    if tower_weights:
+        sources.append((tower, "clip", "vision_tower."))
+    total = len(names) + (len(list_safetensors(tower)) if tower_weights else 0)
+    bar = _progress_bar(total) if progress else None
+    try:
+        load_weights(llava, sources, dtype=dtype, device=device,
+                     progress=(lambda done, total: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    tokenizer = Tokenizer.from_dir(path)
+    template = load_chat_template(path) or BUILTIN_TEMPLATES[
+        template_family(tokenizer, config.text.model_type)]
+    image_config = _image_config(config, [path] + ([tower] if tower else []))
+    return LoadedCheckpoint(path, config, llava, tokenizer, template, image_config, device, dtype)
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="loading weights", unit="tensor", leave=False)

@@ -1,0 +1,320 @@
+"""CLIP-style image preprocessing, bit-identical to transformers 5.23's PIL processors.
+
+`preprocess(image, cfg)` reproduces `CLIPImageProcessorPil` (LLaVA-1.5: one tile) and
+`LlavaNextImageProcessorPil` (LLaVA-NeXT anyres: base image + grid tiles) exactly
+(llava-reference.md §4). Where transformers round-trips uint8 arrays through PIL, this code
+stays in PIL; the pixel operations are the same PIL calls on the same uint8 data, so they agree
+bit for bit:
+
+1. RGB: alpha (or a `transparency` key) is composited onto WHITE (`convert_to_rgb`).
+2. Geometry on uint8: PIL resize (bicubic by default), black padding, tiling, center crop
+   (zero-padded when the image is smaller than the crop, as `image_transforms.center_crop`).
+3. Rescale + normalize through a per-channel 256-entry float32 table built with transformers'
+   exact dtypes: `float32(float64(v) * rescale_factor)`, then `(x - mean_f32) / std_f32` in
+   float32 (a true division). Every output element is a table entry, so the table is exact.
+
+The original LLaVA repo's v1.5 "pad" aspect mode (`pad_to_square`) is also here: transformers has
+no such mode; it follows haotian-liu/LLaVA's `expand2square`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastllava.preprocess.anyres import pad_offsets, resize_within, select_best_resolution
+
+__all__ = ["ImageProcessorConfig", "ProcessedImage", "preprocess", "convert_to_rgb",
+           "expand2square", "normalize_table", "CLIP_MEAN", "CLIP_STD", "NEXT_PINPOINTS"]
+
+# transformers' CLIPImageProcessor class defaults (used for fields a config file leaves out).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_DEFAULTS = dict(size=224, crop=224, resample=3, rescale_factor=1 / 255)
+# LlavaNextImageProcessor's default `image_grid_pinpoints` ((h, w) pairs).
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    """The image-processor settings that change pixels (one frozen value per checkpoint).
+
+    pinpoints: anyres canvases as (h, w) pairs (None = LLaVA-1.5 single tile); tiles are
+    crop_h x crop_h and every pinpoint must be a multiple of crop_h.
+    pad_to_square: the original repo's v1.5 "pad" mode (not used by llava-hf configs).
+    """
+
+    shortest_edge: int
+    crop_h: int
+    crop_w: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    resample: int = 3
+    rescale_factor: float = 1 / 255
+    do_center_crop: bool = True
+    do_convert_rgb: bool = True
+    do_normalize: bool = True
+    do_rescale: bool = True
+    pinpoints: tuple[tuple[int, int], ...] | None = None
+    pad_to_square: bool = False
+
+    def __post_init__(self):
+        for name in ("shortest_edge", "crop_h", "crop_w"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ImageProcessorConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("image_mean", "image_std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"ImageProcessorConfig.{name} needs 3 values (RGB), got {value}")
+            object.__setattr__(self, name, value)
+        if self.do_normalize and 0.0 in self.image_std:
+            raise ValueError(f"ImageProcessorConfig.image_std has a zero: {self.image_std}")
+        if self.resample not in range(6):
+            raise ValueError(f"ImageProcessorConfig.resample must be a PIL filter id 0..5, got {self.resample!r}")
+        if self.pinpoints is not None:
+            pins = tuple((int(h), int(w)) for h, w in self.pinpoints)
+            bad = [p for p in pins if p[0] < self.crop_h or p[1] < self.crop_h
+                   or p[0] % self.crop_h or p[1] % self.crop_h]
+            if not pins or bad:
+                raise ValueError(f"anyres pinpoints must be non-empty (h, w) multiples of the tile size "
+                                 f"crop_h={self.crop_h}; bad: {bad or pins}")
+            if self.pad_to_square:
+                raise ValueError("pad_to_square (LLaVA-1.5 'pad' mode) cannot be combined with anyres pinpoints")
+            object.__setattr__(self, "pinpoints", pins)
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        """expand2square's fill: `int(mean * 255)` per channel, (122, 116, 104) for CLIP."""
+        return tuple(int(x * 255) for x in self.image_mean)
+
+    @classmethod
+    def from_dir(cls, path, *, pinpoints=None, pad_to_square=False) -> "ImageProcessorConfig":
+        """Read a checkpoint folder's image-processor settings, as transformers does.
+
+        Source priority is transformers': the "image_processor" sub-dict of processor_config.json,
+        else preprocessor_config.json (hub files, including the openai CLIP repo's format where
+        `size`/`crop_size` may be plain ints). Missing fields take CLIPImageProcessor's defaults.
+        `pinpoints` (e.g. the model config's image_grid_pinpoints) overrides the file's
+        `image_grid_pinpoints`; a LlavaNextImageProcessor without them gets its class default.
+        """
+        folder = Path(path)
+        d, source = _read_processor_dict(folder)
+        where = f"{source} in {folder}"
+        shortest = _parse_size(d.get("size", _DEFAULTS["size"]), where)
+        crop_h, crop_w = _parse_crop(d.get("crop_size", _DEFAULTS["crop"]), where)
+        if d.get("do_resize", True) is False:
+            raise ValueError(f"{where}: do_resize=false is not supported")
+        if pinpoints is None:
+            pinpoints = d.get("image_grid_pinpoints")
+            if pinpoints is None and str(d.get("image_processor_type", "")).startswith("LlavaNext"):
+                pinpoints = NEXT_PINPOINTS
+        return cls(
+            shortest_edge=shortest, crop_h=crop_h, crop_w=crop_w,
+            image_mean=_triple(d.get("image_mean", CLIP_MEAN), "image_mean", where),
+            image_std=_triple(d.get("image_std", CLIP_STD), "image_std", where),
+            resample=int(d.get("resample", _DEFAULTS["resample"])),
+            rescale_factor=float(d.get("rescale_factor", _DEFAULTS["rescale_factor"])),
+            do_center_crop=bool(d.get("do_center_crop", True)),
+            do_convert_rgb=bool(d.get("do_convert_rgb", True)),
+            do_normalize=bool(d.get("do_normalize", True)),
+            do_rescale=bool(d.get("do_rescale", True)),
+            pinpoints=None if pinpoints is None else tuple(tuple(p) for p in pinpoints),
+            pad_to_square=pad_to_square,
+        )
+
+
+def _read_processor_dict(folder: Path) -> tuple[dict, str]:
+    nested = folder / "processor_config.json"
+    if nested.is_file():
+        d = json.loads(nested.read_text(encoding="utf-8"))
+        if isinstance(d.get("image_processor"), dict):
+            return d["image_processor"], nested.name
+    flat = folder / "preprocessor_config.json"
+    if flat.is_file():
+        return json.loads(flat.read_text(encoding="utf-8")), flat.name
+    raise ValueError(f"no image processor settings in {folder}: expected processor_config.json "
+                     "with an 'image_processor' entry, or preprocessor_config.json")
+
+
+def _parse_size(size, where: str) -> int:
+    # An int means "shortest edge" for CLIP-style processors (default_to_square=False).
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+        return int(size["shortest_edge"])
+    raise ValueError(f"{where}: unsupported size {size!r}; expected an int or {{'shortest_edge': n}}")
+
+
+def _parse_crop(crop, where: str) -> tuple[int, int]:
+    if isinstance(crop, int):
+        return crop, crop
+    if isinstance(crop, dict) and {"height", "width"} <= set(crop):
+        return int(crop["height"]), int(crop["width"])
+    raise ValueError(f"{where}: unsupported crop_size {crop!r}; expected an int or {{'height', 'width'}}")
+
+
+def _triple(value, name: str, where: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return tuple(float(v) for v in value)
+    raise ValueError(f"{where}: {name} must be a number or 3 numbers, got {value!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class ProcessedImage:
+    """One image ready for the vision tower.
+
+    pixel_values: float32 [num_tiles, 3, crop_h, crop_w]. LLaVA-1.5: 1 tile. Anyres: the whole
+                  image resized to a square first, then the grid tiles row-major.
+                  (With do_center_crop=False the tile size is whatever the resize gives, as in
+                  transformers.)
+    image_size:   (H, W) of the RGB image before any padding or resizing (transformers'
+                  `image_sizes` entry; the anyres unpad uses it).
+    grid:         anyres (grid_rows, grid_cols), else None.
+    """
+
+    pixel_values: torch.Tensor
+    image_size: tuple[int, int]
+    grid: tuple[int, int] | None
+
+
+def convert_to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB, compositing transparency onto white (transformers' convert_to_rgb).
+
+    "Has alpha" is transformers' test: an "A" band (RGBA, LA, PA) or a `transparency` entry in
+    `image.info` (palette or colour-key transparency). Everything else is a plain PIL convert.
+    """
+    try:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: {e}") from e
+
+
+def expand2square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The original LLaVA-1.5 "pad" mode: centre the image on a square of colour `fill`.
+
+    Copied from haotian-liu/LLaVA `mm_utils.expand2square`: the offset on the short axis is
+    `(long - short) // 2` (the odd leftover goes bottom/right). Square images pass through.
+    """
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def normalize_table(cfg: ImageProcessorConfig) -> torch.Tensor:
+    """float32 [3, 256]: the output value for every (channel, uint8 value) pair.
+
+    Mirrors `image_transforms.rescale` (uint8 -> float64, times the Python-float factor, cast
+    to float32) and `image_transforms.normalize` (float32 mean/std arrays; `(x - mean) / std`
+    evaluated in float32). Without rescale, normalize starts from `uint8 -> float32`.
+    """
+    x = torch.arange(256, dtype=torch.float64)
+    x = (x * cfg.rescale_factor).to(torch.float32) if cfg.do_rescale else x.to(torch.float32)
+    x = x.expand(3, 256)
+    if cfg.do_normalize:
+        mean = torch.tensor(cfg.image_mean, dtype=torch.float32)[:, None]
+        std = torch.tensor(cfg.image_std, dtype=torch.float32)[:, None]
+        x = (x - mean) / std
+    return x.contiguous()
+
+
+def _resize_shortest(image: Image.Image, cfg: ImageProcessorConfig) -> Image.Image:
+    """transformers' `get_resize_output_image_size(default_to_square=False)` + PIL resize.
+
+    The short side becomes `shortest_edge`; the long side is `int(shortest_edge * long / short)`
+    (integer product, float division, truncation). PIL returns a copy when the size is unchanged.
+    """
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = cfg.shortest_edge, int(cfg.shortest_edge * long / short)
+    new_h, new_w = (new_long, new_short) if w <= h else (new_short, new_long)
+    return image.resize((new_w, new_h), resample=cfg.resample)
+
+
+def _center_crop(chw: torch.Tensor, crop_h: int, crop_w: int) -> torch.Tensor:
+    """uint8 [3, h, w] -> [3, crop_h, crop_w], as `image_transforms.center_crop`.
+
+    Crop offset `(h - crop_h) // 2`; when the image is smaller than the crop it is first
+    placed on a zero canvas at `ceil(slack / 2)` (the odd pixel goes top/left here, unlike the
+    anyres padding), then cropped.
+    """
+    _, h, w = chw.shape
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return chw[:, top:top + crop_h, left:left + crop_w]
+    new_h, new_w = max(crop_h, h), max(crop_w, w)
+    pad_top, pad_left = -(-(new_h - h) // 2), -(-(new_w - w) // 2)
+    canvas = chw.new_zeros((chw.shape[0], new_h, new_w))
+    canvas[:, pad_top:pad_top + h, pad_left:pad_left + w] = chw
+    top, left = top + pad_top, left + pad_left
+    return canvas[:, max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
+
+
+def _finish_tile(tile: Image.Image, cfg: ImageProcessorConfig, table: torch.Tensor) -> torch.Tensor:
+    """RGB PIL tile -> float32 [3, crop_h, crop_w]: resize, crop, table lookup."""
+    tile = _resize_shortest(tile, cfg)
+    chw = torch.from_numpy(np.array(tile, dtype=np.uint8)).permute(2, 0, 1)  # (3, h, w) uint8
+    if cfg.do_center_crop:
+        chw = _center_crop(chw, cfg.crop_h, cfg.crop_w)
+    c, h, w = chw.shape
+    return table.gather(1, chw.reshape(c, h * w).long()).reshape(c, h, w)
+
+
+def _anyres_tiles(rgb: Image.Image, cfg: ImageProcessorConfig) -> tuple[list[Image.Image], tuple[int, int]]:
+    """LlavaNextImageProcessorPil.get_image_patches: [base] + grid tiles (row-major), and the grid.
+
+    The image is resized (aspect kept, `resize_within`) into the best pinpoint canvas, pasted on
+    black at `pad_offsets`, and cut into crop_h-sized square tiles; the base image is the whole
+    original resized to shortest_edge x shortest_edge (aspect NOT kept).
+    """
+    tile = cfg.crop_h
+    target_h, target_w = select_best_resolution((rgb.height, rgb.width), cfg.pinpoints)
+    new_h, new_w = resize_within((rgb.height, rgb.width), (target_h, target_w))
+    top, left = pad_offsets((new_h, new_w), (target_h, target_w))
+    canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(rgb.resize((new_w, new_h), resample=cfg.resample), (left, top))
+    rows, cols = target_h // tile, target_w // tile
+    tiles = [canvas.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+             for r in range(rows) for c in range(cols)]
+    base = rgb.resize((cfg.shortest_edge, cfg.shortest_edge), resample=cfg.resample)
+    return [base, *tiles], (rows, cols)
+
+
+def preprocess(image: Image.Image, cfg: ImageProcessorConfig) -> ProcessedImage:
+    """A PIL image of any mode -> `ProcessedImage` (see the module docstring for the rules)."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"preprocess expects a PIL.Image.Image, got {type(image).__name__}")
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"cannot preprocess an empty image of size {image.size}")
+    if cfg.do_convert_rgb:
+        rgb = convert_to_rgb(image)
+    elif image.mode == "RGB":
+        rgb = image
+    else:
+        raise ValueError(f"do_convert_rgb is False but the image has mode {image.mode!r}; "
+                         "only RGB images can skip the conversion")
+    image_size = (rgb.height, rgb.width)
+    grid = None
+    if cfg.pinpoints is not None:
+        tiles, grid = _anyres_tiles(rgb, cfg)
+    elif cfg.pad_to_square:
+        tiles = [expand2square(rgb, cfg.pad_color)]
+    else:
+        tiles = [rgb]
+    table = normalize_table(cfg)
+    pixel_values = torch.stack([_finish_tile(t, cfg, table) for t in tiles])
+    return ProcessedImage(pixel_values=pixel_values, image_size=image_size, grid=grid)

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random checkpoints (built once per test session) and tolerances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+
+# Tolerances against transformers in fp32: same math, different op order / fusion.
+LOGITS_ATOL = 1e-4
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _build(tmp_path_factory, name: str, spec: tiny.Spec, **kwargs):
+    return tiny.build(spec, tmp_path_factory.mktemp(name), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tmp_path_factory):
+    """LLaVA-NeXT (anyres), CLIP tower, GQA 4/2, vicuna template, sharded hf5 layout."""
+    return _build(tmp_path_factory, "next", tiny.Spec(kind="next", num_kv_heads=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """LLaVA-1.5, CLIP tower, MHA, vicuna template, single-file safetensors."""
+    return _build(tmp_path_factory, "llava", tiny.Spec(kind="llava", num_kv_heads=4, seed=1),
+                  max_shard_size=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory):
+    """LLaVA-1.5 style with a SigLIP tower (head_dim 12, no CLS), chatml template."""
+    return _build(tmp_path_factory, "siglip",
+                  tiny.Spec(kind="llava", vision="siglip", template="chatml", seed=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_next(tmp_path_factory):
+    """LLaVA-NeXT with a chatml template and eos list (the v1.6-34b shape of things)."""
+    return _build(tmp_path_factory, "chatml_next",
+                  tiny.Spec(kind="next", template="chatml", num_kv_heads=1, rope_theta=5e6, seed=3))

@@ -1,0 +1,227 @@
+"""Strict, streaming weight loading from safetensors into a pre-allocated engine model.
+
+Two passes. The plan reads only safetensors headers (names, shapes, dtypes): every key is mapped to
+its canonical parameter (keymaps.py) and checked — unexpected keys, shape mismatches, double
+assignments and never-assigned parameters are all collected and raised together in one
+WeightLoadError before any data is read. The copy pass then streams one tensor at a time
+(`safe_open(...).get_tensor`, a memory map), copies it into its parameter or fused row slice, and
+drops it: peak host memory is one tensor, never the model.
+
+Fused parameters (qkv_proj, gate_up_proj) live on a module with `output_sizes`; checkpoint shard j
+fills rows [sum(sizes[:j]), sum(sizes[:j+1])). A model may define `is_unused_weight(name) -> bool`
+for canonical names it deliberately does not hold (vision layers after the feature layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from safetensors import safe_open
+
+from .discover import list_safetensors
+from .keymaps import FUSED, UnknownKeyError, canonical_name
+
+_LIST_LIMIT = 20
+
+
+class WeightLoadError(ValueError):
+    """The checkpoint's tensors do not match the model exactly (names, shapes, dtypes, coverage)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Copy:
+    file: pathlib.Path
+    key: str                    # checkpoint tensor name
+    param: str                  # canonical (prefixed) parameter name
+    rows: tuple[int, int] | None  # row slice of a fused parameter, None = whole tensor
+
+
+def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, str]], *,
+                 dtype: torch.dtype, device: torch.device | str,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+    """Fill every parameter of `model` exactly once from `sources`.
+
+    sources: (checkpoint folder, layout, prefix) triples; prefix is prepended to that source's
+    canonical names (e.g. "vision_tower." for a stand-alone CLIP checkpoint).
+    Floating parameters must already be `dtype` on `device` (built there or via `to_empty`);
+    checkpoint tensors are converted to them. progress(done, total) is called after each tensor.
+    """
+    planner = _Planner(model, dtype, torch.device(device))
+    for folder, layout, prefix in sources:
+        planner.add_source(pathlib.Path(folder), layout, prefix)
+    plan = planner.finish()
+
+    by_file: dict[pathlib.Path, list[_Copy]] = defaultdict(list)
+    for item in plan:
+        by_file[item.file].append(item)
+    done, total = 0, len(plan)
+    with torch.no_grad():
+        for file, items in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for item in items:
+                    tensor = f.get_tensor(item.key)
+                    dst = planner.params[item.param]
+                    if item.rows is not None:
+                        dst = dst[item.rows[0]:item.rows[1]]
+                    if tensor.dtype != dst.dtype and dst.device.type != "cpu":
+                        # A host → device copy_ with a dtype change casts on the host (an extra
+                        # host temporary, single pass on the CPU): move the stored bytes first,
+                        # cast on the device.
+                        tensor = tensor.to(dst.device)
+                    dst.copy_(tensor)
+                    del tensor
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+
+
+_Slot = tuple[str, "int | None"]  # (parameter, fused shard index or None)
+
+
+class _Planner:
+    """Header-only pass: maps every checkpoint key to a copy and collects every problem."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        self.params = dict(model.named_parameters())
+        self.fused = _fused_sizes(model)
+        self.is_unused = getattr(model, "is_unused_weight", None) or (lambda name: False)
+        self.problems: dict[str, list[str]] = {
+            k: [] for k in ("files", "unexpected", "shape", "dtype", "twice", "missing")}
+        self.plan: list[_Copy] = []
+        self.assigned: dict[_Slot, str] = {}   # slot → where it came from
+        self.reported: set[str] = set()        # parameters already in an error: not "missing"
+        for name, p in self.params.items():
+            if p.is_floating_point() and p.dtype != dtype:
+                self._fail("dtype", f"{name} is {p.dtype}, but loading in {dtype}", name)
+            elif not _same_device(p.device, device):
+                self._fail("dtype", f"{name} is on {p.device}, but loading to {device} (allocate "
+                           "the model there first, e.g. with to_empty)", name)
+
+    def _fail(self, kind: str, message: str, param: str | None = None) -> None:
+        self.problems[kind].append(message)
+        if param is not None:
+            self.reported.add(param)
+
+    def add_source(self, folder: pathlib.Path, layout: str, prefix: str) -> None:
+        by_file: dict[pathlib.Path, list[str]] = defaultdict(list)
+        for key, file in list_safetensors(folder).items():
+            by_file[file].append(key)
+        for file, keys in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                present = set(f.keys())
+                for key in keys:
+                    where = f"{key!r} ({file.name})"
+                    if key not in present:
+                        self._fail("files", f"{where}: the index names it but the file does "
+                                   "not hold it")
+                        continue
+                    try:
+                        mapped = canonical_name(key, layout)
+                    except UnknownKeyError:
+                        self._fail("unexpected", f"{where}: no rule of layout {layout!r}")
+                        continue
+                    if mapped is not None:  # None: known and intentionally ignored
+                        info = f.get_slice(key)
+                        self._add(where, _Copy(file, key, prefix + mapped[0], None), mapped[1],
+                                  tuple(info.get_shape()), info.get_dtype())
+
+    def _add(self, where: str, item: _Copy, shard: int | None, shape: tuple[int, ...],
+             st_dtype: str) -> None:
+        name = item.param
+        if name not in self.params:
+            if not self.is_unused(name):
+                self._fail("unexpected", f"{where} → {name}: the model has no such parameter")
+            return
+        if name in self.reported:
+            return  # the parameter itself is wrong (dtype/device): said once already
+        param, sizes = self.params[name], self.fused.get(name)
+        if param.is_floating_point() != st_dtype.startswith(("F", "BF")):
+            return self._fail("dtype", f"{where} → {name}: checkpoint dtype {st_dtype}, "
+                              f"parameter {param.dtype}", name)
+        expected = tuple(param.shape)
+        if shard is not None:
+            if sizes is None or shard >= len(sizes):
+                return self._fail("unexpected", f"{where} → {name} shard {shard}: the model's "
+                                  f"parameter is not fused that way (sizes {sizes})", name)
+            start = sum(sizes[:shard])
+            item = dataclasses.replace(item, rows=(start, start + sizes[shard]))
+            expected = (sizes[shard],) + expected[1:]
+        if shape != expected:
+            target = name if shard is None else _slot((name, shard))
+            return self._fail("shape", f"{where} → {target}: expected {list(expected)}, got "
+                              f"{list(shape)}", name)
+        # A pre-fused checkpoint tensor (shard None on a fused parameter) fills every shard.
+        slots = [(name, shard)] if sizes is None or shard is not None else \
+            [(name, j) for j in range(len(sizes))]
+        for slot in slots:
+            if slot in self.assigned:
+                self._fail("twice", f"{_slot(slot)} from {self.assigned[slot]} and {where}")
+            self.assigned[slot] = where
+        self.plan.append(item)
+
+    def finish(self) -> list[_Copy]:
+        """The copies to make; raises WeightLoadError listing every problem if there is any."""
+        for name in self.params:
+            if name in self.reported:
+                continue
+            sizes = self.fused.get(name)
+            slots = [(name, j) for j in range(len(sizes))] if sizes else [(name, None)]
+            self.problems["missing"] += [_slot(s) for s in slots if s not in self.assigned]
+        if any(self.problems.values()):
+            raise WeightLoadError(_report(self.problems))
+        return self.plan
+
+
+def _fused_sizes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Fused parameter name → its module's output_sizes (rows per shard)."""
+    sizes: dict[str, tuple[int, ...]] = {}
+    for mod_name, module in model.named_modules():
+        out = getattr(module, "output_sizes", None)
+        if out is None:
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if sum(out) != p.shape[0]:
+                raise WeightLoadError(f"model bug: {name} has {p.shape[0]} rows but its module's "
+                                      f"output_sizes {tuple(out)} sum to {sum(out)}")
+            sizes[name] = tuple(out)
+    return sizes
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else None
+        return (a.index if a.index is not None else current) == \
+            (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
+def _slot(slot: _Slot) -> str:
+    name, shard = slot
+    if shard is None:
+        return name
+    source = [s for s, (f, j) in FUSED.items() if name.endswith(f) and j == shard]
+    label = source[0].rsplit(".", 2)[-2] if source else f"shard {shard}"
+    return f"{name}[{label}]"
+
+
+def _report(problems: dict[str, list[str]]) -> str:
+    titles = {"files": "index / shard inconsistencies",
+              "unexpected": "unexpected checkpoint tensors", "shape": "shape mismatches",
+              "dtype": "dtype / device mismatches", "twice": "parameters assigned twice",
+              "missing": "parameters never assigned"}
+    lines = ["checkpoint does not match the model:"]
+    for kind, items in problems.items():
+        if not items:
+            continue
+        lines.append(f"  {titles[kind]} ({len(items)}):")
+        lines += [f"    {s}" for s in items[:_LIST_LIMIT]]
+        if len(items) > _LIST_LIMIT:
+            lines.append(f"    … and {len(items) - _LIST_LIMIT} more")
+    return "\n".join(lines)
