@@ -9,7 +9,9 @@ tokens. The prefix-offset technique (vLLM / TGI) decodes a short window twice pe
     new = window_text[len(prefix_text):]
 
 and emits `new` only when it is non-empty and does not end in U+FFFD (an incomplete UTF-8 sequence
-still waiting for its last bytes); then prefix←read, read←len(ids). The window is the tokens of the
+still waiting for its last bytes); then prefix←read, read←len(ids). A trailing run of byte-fallback
+tokens is held back until a non-byte token ends it: decode maps a run that is not valid UTF-8 to
+U+FFFD as a whole, so bytes shown early (even ASCII ones) could otherwise be rewritten later. The window is the tokens of the
 previous emission plus those pending, so a step costs O(tokens per character), not O(n).
 When the window's text does not extend its prefix (a decoder that rewrites earlier text), the step
 falls back to one full decode. `text()` is always `tokenizer.decode(all ids)`.
@@ -39,6 +41,8 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Append one id; return the cumulative text (held-back partial characters excluded)."""
         self.ids.append(int(token_id))
+        if self._is_transparent(token_id):
+            return self._text  # a byte run may still turn invalid: wait for a token that ends it
         prefix_text = self._decode(self.ids[self._prefix:self._read])
         window_text = self._decode(self.ids[self._prefix:])
         if len(window_text) <= len(prefix_text) or window_text.endswith(_REPLACEMENT):
@@ -49,6 +53,13 @@ class IncrementalDetokenizer:
             self._text = self._decode(self.ids)
         self._prefix, self._read = self._read, len(self.ids)
         return self._text
+
+    def _is_transparent(self, token_id: int) -> bool:
+        """Byte pieces, and ids that decode drops (past the vocab; skipped specials), which
+        therefore don't end a byte run."""
+        tok = self.tokenizer
+        return (token_id in tok.byte_ids or not 0 <= token_id < tok.vocab_size
+                or (self.skip_special_tokens and token_id in tok.special_ids))
 
     def text(self) -> str:
         """The final text, == tokenizer.decode(all ids) (flushes anything held back)."""

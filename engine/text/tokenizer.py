@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import functools
+import re
 from pathlib import Path
 
 from .spm import AddedToken, SentencePieceBackend
 
 _NAMED = ("bos_token", "eos_token", "unk_token", "pad_token")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class Tokenizer:
@@ -136,6 +139,16 @@ class Tokenizer:
         if self.backend == "json":
             return self._impl.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._impl.decode(ids, self.special_ids if skip_special_tokens else frozenset())
+
+    @functools.cached_property
+    def byte_ids(self) -> frozenset[int]:
+        """Ids of byte-fallback pieces (`<0x00>`..`<0xFF>`): runs of them spell multi-byte
+        characters, and decode turns a run that is not valid UTF-8 into U+FFFD as a whole."""
+        if self.backend == "json":
+            vocab = self._impl.get_vocab(with_added_tokens=False)
+            return frozenset(i for piece, i in vocab.items() if _BYTE_PIECE.fullmatch(piece))
+        sp = self._impl.sp
+        return frozenset(i for i in range(sp.get_piece_size()) if sp.is_byte(i))
 
     def token_id(self, token: str) -> int | None:
         """Id of an exact token string (added tokens included), or None."""
