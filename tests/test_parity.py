@@ -110,3 +110,44 @@ def test_llava15_layouts(tiny_llava, tmp_path, layout):
     # A square image: the original repo's "pad" mode is then the identity, so transformers (which
     # has no pad mode) is a valid reference.
     check_parity(converted, tiny_llava, _image(tmp_path / "img.png", 80, 80))
+
+
+def _drop_image_token(folder):
+    """Make the tokenizer look like an original liuhaotian one: no <image> token at all."""
+    import json
+
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] != "<image>"]
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    tc["added_tokens_decoder"] = {k: v for k, v in tc.get("added_tokens_decoder", {}).items()
+                                  if v["content"] != "<image>"}
+    tc.pop("image_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+
+
+def test_original_tokenizer_without_image_token_splices_features(tiny_llava, tmp_path):
+    """The original repo splits the prompt at "<image>", tokenizes the chunks and splices the
+    image there. transformers, fed the same ids (sentinel → its image id), must agree."""
+    converted = convert_checkpoint(tiny_llava, "original", tmp_path / "orig", drop_vision=True)
+    _drop_image_token(converted)
+    image_path = _image(tmp_path / "img.png", 80, 80)
+    llava = LLaVA.from_pretrained(converted, device="cpu", dtype="float32")
+    assert llava.tokenizer.token_id("<image>") is None
+    from fastllava.schema import parse_request
+
+    prepared = llava.prepare(parse_request({"image_url": image_path, "prompt": PROMPT}))
+    assert prepared.input_ids.count(prepared.image_token_id) == prepared.num_image_tokens == 16
+    assert tiny.IMAGE_TOKEN_ID not in prepared.input_ids
+
+    model, processor = tiny.load_reference(tiny_llava)
+    pixels = processor.image_processor(Image.open(image_path).convert("RGB"),
+                                       return_tensors="pt")["pixel_values"]
+    ids = torch.tensor([[tiny.IMAGE_TOKEN_ID if t == prepared.image_token_id else t
+                         for t in prepared.input_ids]])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=pixels, max_new_tokens=NEW_TOKENS, do_sample=False)
+    ref_new = out[0, ids.shape[1]:].tolist()
+    new, _, _ = _ours(llava, image_path)
+    assert new == ref_new

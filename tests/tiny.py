@@ -12,7 +12,6 @@ parity tests can compare the engine on any layout with transformers on the hf5 o
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import shutil
 from pathlib import Path

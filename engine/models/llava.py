@@ -47,7 +47,7 @@ class LlavaModel(nn.Module):
         # Checkpoint tensors this model deliberately does not hold (the weight loader asks).
         self._unused = [re.compile(r"vision_tower\.post_layernorm\..*"),
                         re.compile(r"vision_tower\.head\..*"),
-                        re.compile(rf"vision_tower\.layers\.(\d+)\..*")]
+                        re.compile(r"vision_tower\.layers\.(\d+)\..*")]
         self._n_run = n_run
 
     def is_unused_weight(self, name: str) -> bool:
