@@ -2,7 +2,7 @@
 
 Sequence b's keys/values are the first context_lens[b] slots of the pages listed in
 block_tables[b] (its own new token included: the KV write runs first). GQA as in prefill.
-Numerics: fp32 scores and softmax, probabilities rounded to the input dtype (transformers' eager).
+Numerics: transformers' eager attention, as in prefill_attention.attend_ref.
 Shapes: q (B, H, D); k_cache, v_cache (P, S, KVH, D); block_tables (B, max_pages) int;
 context_lens (B,) int; out (B, H, D).
 """

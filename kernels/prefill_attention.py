@@ -6,8 +6,11 @@ towers — and, optionally, first to a prefix of `prefix_lens[b]` tokens already
 (prefix caching, chunked prefill): the new tokens sit at positions prefix_len .. prefix_len + T - 1.
 GQA: query head h reads KV head h // (H // KVH) (consecutive query heads share a KV head).
 
-Numerics follow transformers' eager attention: scores = (q @ k^T) * scale with fp32 accumulation,
-softmax in fp32, probabilities rounded to the input dtype before the @ v.
+Numerics are transformers' eager attention, rounding point for rounding point: scores = q @ k^T
+in the input dtype (fp32 accumulate, rounded), times scale (rounded again), softmax in fp32,
+probabilities rounded to the input dtype, then @ v in the input dtype. In bf16 this makes the CPU
+path bit-identical to transformers' eager run; flash-style kernels (fp32 scores, online softmax)
+are held to the FlashAttention bound against it: at most ~2x the error of this same-dtype run.
 Shapes: q (N, H, D); k, v (N, KVH, D); cu_seqlens (B+1,) int; out (N, H, D).
 """
 
@@ -29,15 +32,15 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     T, H, _ = q.shape
     L, KVH, _ = k.shape
     group = H // KVH
-    k = k.repeat_interleave(group, dim=1)  # (L, H, D)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,lhd->htl", q.float(), k.float()) * scale  # (H, T, L) fp32
+    k = k.repeat_interleave(group, dim=1).permute(1, 2, 0)  # (H, D, L)
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1)   # (H, L, D)
+    scores = torch.matmul(q.transpose(0, 1), k) * scale     # (H, T, L), input dtype
     if causal_offset is not None:
         i = torch.arange(T, device=q.device)[:, None]
         j = torch.arange(L, device=q.device)[None, :]
         scores = scores.masked_fill(j > i + causal_offset, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.einsum("htl,lhd->thd", probs.float(), v.float()).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).transpose(0, 1)           # (T, H, D)
 
 
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -26,9 +26,9 @@ def _image(path, h: int, w: int, seed: int = 0) -> str:
     return str(path)
 
 
-def _reference(ref_dir, image_path: str, prompt: str = PROMPT):
+def _reference(ref_dir, image_path: str, prompt: str = PROMPT, dtype=torch.float32):
     """transformers' prompt ids, per-step logits and greedy tokens."""
-    model, processor = tiny.load_reference(ref_dir)
+    model, processor = tiny.load_reference(ref_dir, dtype)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=Image.open(image_path).convert("RGB"), text=text, return_tensors="pt")
@@ -54,9 +54,10 @@ def _ours(llava: LLaVA, image_path: str, prompt: str = PROMPT):
     return ids, torch.cat(recorded[: len(ids)]), text
 
 
-def check_parity(engine_dir, ref_dir, image_path, prompt: str = PROMPT, backend: str = "torch"):
-    ref_ids, ref_logits, ref_new, processor = _reference(ref_dir, image_path, prompt)
-    llava = LLaVA.from_pretrained(engine_dir, device="cpu", dtype="float32", backend=backend)
+def check_parity(engine_dir, ref_dir, image_path, prompt: str = PROMPT, backend: str = "torch",
+                 dtype=torch.float32, atol: float = LOGITS_ATOL):
+    ref_ids, ref_logits, ref_new, processor = _reference(ref_dir, image_path, prompt, dtype)
+    llava = LLaVA.from_pretrained(engine_dir, device="cpu", dtype=dtype, backend=backend)
     from fastllava.schema import parse_request
 
     prepared = llava.prepare(parse_request({"image_url": image_path, "prompt": prompt}))
@@ -70,7 +71,7 @@ def check_parity(engine_dir, ref_dir, image_path, prompt: str = PROMPT, backend:
     assert len(ref_new) >= NEW_TOKENS or ref_new[-1] in llava.stop_ids
     assert new == ref_new, f"greedy tokens differ:\n ours {new}\n ref  {ref_new}"
     diff = (logits - ref_logits).abs().max().item()
-    assert diff <= LOGITS_ATOL, f"max |logits - ref| = {diff:.3g} > {LOGITS_ATOL}"
+    assert diff <= atol, f"max |logits - ref| = {diff:.3g} > {atol}"
     expected = processor.tokenizer.decode(ref_new, skip_special_tokens=True)
     assert text == {"output": expected, "partial": False}
     return new
@@ -94,6 +95,15 @@ def test_siglip_chatml(tiny_siglip, tmp_path):
 def test_next_chatml_eos_list(tiny_chatml_next, tmp_path):
     check_parity(tiny_chatml_next, tiny_chatml_next, _image(tmp_path / "img.png", 100, 75),
                  prompt="Give one word. über 東京 😀")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_next", "tiny_llava"])
+def test_bf16_keeps_transformers_rounding_points(request, tmp_path, fixture):
+    """In bf16 every rounding point (RMSNorm before the weight multiply, cos/sin cast, eager
+    attention's rounded scores, bf16 logits) matches transformers' eager run: the logits are
+    bit-identical, not merely close."""
+    path = request.getfixturevalue(fixture)
+    check_parity(path, path, _image(tmp_path / "img.png", 75, 100), dtype=torch.bfloat16, atol=0.0)
 
 
 @pytest.mark.parametrize("layout", ["hf4", "hf5_modules", "original"])

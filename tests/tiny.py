@@ -191,11 +191,11 @@ def build(spec: Spec, out_dir: Path, *, max_shard_size: str | None = "100KB") ->
     return out_dir
 
 
-def load_reference(path: Path):
-    """transformers' model (fp32, eager attention) and processor for a built checkpoint."""
+def load_reference(path: Path, dtype=None):
+    """transformers' model (eager attention; fp32 unless told) and processor for a checkpoint."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager").eval()
+        path, dtype=dtype or torch.float32, attn_implementation="eager").eval()
     return model, AutoProcessor.from_pretrained(path)
