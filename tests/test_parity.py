@@ -161,3 +161,17 @@ def test_original_tokenizer_without_image_token_splices_features(tiny_llava, tmp
     ref_new = out[0, ids.shape[1]:].tolist()
     new, _, _ = _ours(llava, image_path)
     assert new == ref_new
+
+
+@pytest.mark.parametrize("spec", [
+    # v1.6-mistral shape: Mistral text model (sliding_window null), [INST] template
+    tiny.Spec(kind="next", text_model="mistral", template="mistral", rope_theta=1e6, seed=4),
+    # several vision feature layers concatenated; CLIP keeping its CLS token ("full")
+    tiny.Spec(kind="llava", feature_layer=(-2, -3), strategy="full", seed=5),
+    tiny.Spec(kind="next", feature_layer=(-1, 0), seed=6),
+    # head_dim set explicitly (12, not hidden / heads = 8) and a GQA ratio of 8
+    tiny.Spec(kind="llava", num_heads=8, num_kv_heads=1, head_dim=12, seed=7),
+], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8"])
+def test_other_checkpoint_shapes(tmp_path, spec):
+    path = tiny.build(spec, tmp_path / "ckpt")
+    check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))

@@ -71,6 +71,9 @@ class Spec:
     text_model: str = "llama"   # "llama" | "mistral"
     rope_theta: float = 10000.0
     seed: int = 0
+    feature_layer: int | tuple[int, ...] | None = None  # None: -2 (CLIP) / -1 (SigLIP)
+    strategy: str | None = None                          # None: "default" (CLIP) / "full" (SigLIP)
+    head_dim: int | None = None                          # None: hidden / heads
 
 
 def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
@@ -128,11 +131,15 @@ def _configs(spec: Spec):
         vision = SiglipVisionConfig(hidden_size=36, intermediate_size=64, num_hidden_layers=2,
                                     num_attention_heads=3, image_size=56, patch_size=14)
         layer, strategy = -1, "full"
+    layer = list(spec.feature_layer) if isinstance(spec.feature_layer, tuple) else (
+        spec.feature_layer if spec.feature_layer is not None else layer)
+    strategy = spec.strategy or strategy
     text_cls = MistralConfig if spec.text_model == "mistral" else LlamaConfig
     text = text_cls(vocab_size=MODEL_VOCAB, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=spec.num_heads,
                     num_key_value_heads=spec.num_kv_heads, rms_norm_eps=1e-5,
                     pad_token_id=PAD_TOKEN_ID, max_position_embeddings=4096,
+                    **({"head_dim": spec.head_dim} if spec.head_dim else {}),
                     rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
                     **({"sliding_window": None} if spec.text_model == "mistral" else {}))
     common = dict(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
@@ -151,7 +158,7 @@ def _processor(spec: Spec, tokenizer):
     size = {"shortest_edge": 56}
     crop = {"height": 56, "width": 56}
     template = TEMPLATES[spec.template] if spec.template else None
-    strategy = "full" if siglip else "default"
+    strategy = spec.strategy or ("full" if siglip else "default")
     if spec.kind == "llava":
         proc = CLIPImageProcessorPil(size=size, crop_size=crop, **norm)
         return LlavaProcessor(image_processor=proc, tokenizer=tokenizer, patch_size=14,
