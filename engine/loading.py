@@ -13,15 +13,12 @@ import torch
 
 from fastllava.config import LlavaConfig, is_original_layout, load_config, read_json
 from fastllava.models.llava import LlavaModel
-from fastllava.preprocess.processor import ImageProcessorConfig
+from fastllava.preprocess.processor import CLIP_MEAN, CLIP_STD, ImageProcessorConfig
 from fastllava.text.template import BUILTIN_TEMPLATES, load_chat_template, template_family
 from fastllava.text.tokenizer import Tokenizer
 from fastllava.weights.discover import CheckpointNotFoundError, list_safetensors, resolve_model_path
 from fastllava.weights.keymaps import detect_layout
 from fastllava.weights.loader import load_weights
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass

@@ -43,19 +43,14 @@ class LlavaModel(nn.Module):
             self.image_newline = nn.Parameter(torch.empty(config.text.hidden_size))
         self.language_model = LlamaModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-        n_run = config.num_vision_layers_run
-        # Checkpoint tensors this model deliberately does not hold (the weight loader asks).
-        self._unused = [re.compile(r"vision_tower\.post_layernorm\..*"),
-                        re.compile(r"vision_tower\.head\..*"),
-                        re.compile(r"vision_tower\.layers\.(\d+)\..*")]
-        self._n_run = n_run
+        # The tower stops at the deepest selected layer: the checkpoint's later layers are
+        # deliberately not held (the weight loader asks; the key maps already ignore
+        # post_layernorm and SigLIP's pooling head).
+        self._unused_layer = re.compile(r"vision_tower\.layers\.(\d+)\..*")
 
     def is_unused_weight(self, name: str) -> bool:
-        for pattern in self._unused:
-            m = pattern.fullmatch(name)
-            if m and (not m.groups() or int(m.group(1)) >= self._n_run):
-                return True
-        return False
+        m = self._unused_layer.fullmatch(name)
+        return m is not None and int(m.group(1)) >= self.config.num_vision_layers_run
 
     def reset_buffers(self):
         self.language_model.reset_buffers()
