@@ -9,10 +9,11 @@ tokens. The prefix-offset technique (vLLM / TGI) decodes a short window twice pe
     new = window_text[len(prefix_text):]
 
 and emits `new` only when it is non-empty and does not end in U+FFFD (an incomplete UTF-8 sequence
-still waiting for its last bytes); then prefix←read, read←len(ids). A trailing run of byte-fallback
-tokens is held back until a non-byte token ends it: decode maps a run that is not valid UTF-8 to
-U+FFFD as a whole, so bytes shown early (even ASCII ones) could otherwise be rewritten later. The window is the tokens of the
+still waiting for its last bytes); then prefix←read, read←len(ids). The window is the tokens of the
 previous emission plus those pending, so a step costs O(tokens per character), not O(n).
+A trailing run of byte-fallback tokens is held back until a non-byte token ends it: decode maps a
+run that is not valid UTF-8 to U+FFFD as a whole, so bytes shown early (even ASCII) could be
+rewritten later.
 When the window's text does not extend its prefix (a decoder that rewrites earlier text), the step
 falls back to one full decode. `text()` is always `tokenizer.decode(all ids)`.
 """

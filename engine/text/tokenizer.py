@@ -21,8 +21,8 @@ in transformers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import functools
+import json
 import re
 from pathlib import Path
 
