@@ -67,9 +67,9 @@ class LLaVA:
         self.template = ckpt.template
         self.image_config = ckpt.image_config
         self.path: Path = ckpt.path
-        self.ops = get_ops(backend)
         self.image_limits = image_limits
         self.device = ckpt.device
+        self.ops = get_ops(backend, self.device.type)
         self.dtype = ckpt.dtype
         self.stop_ids = eos_token_ids(ckpt.path)
         if not self.stop_ids and self.tokenizer.eos_id is not None:
@@ -97,8 +97,8 @@ class LLaVA:
         device None → CUDA when available, else CPU; dtype None → bf16 on CUDA, fp32 on CPU.
         progress=True shows a progress bar while the weights load. max_context caps the KV cache
         (prompt with image + generated tokens) at min(max_context, max_position_embeddings)."""
-        get_ops(backend)  # fail fast on an unknown backend, before reading any weights
         device, dtype = _resolve_device_dtype(device, dtype)
+        get_ops(backend, device.type)  # fail fast on a bad backend, before reading any weights
         ckpt = load_checkpoint(str(model), device=device, dtype=dtype, revision=revision,
                                progress=progress)
         return cls(ckpt, backend, page_size, max_context, image_limits)

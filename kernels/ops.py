@@ -1,7 +1,8 @@
 """The op table the models call. Each entry is a kernel launcher or its torch reference.
 
-The models never call a kernel module directly: they hold an `Ops` chosen once at load time, so the
-Triton kernels replace the references one by one without touching model code.
+The models never call a kernel module directly: they hold an `Ops` chosen once at load time.
+backend "torch" = the references; "triton" = the Triton launchers (compiled on CUDA, interpreted
+on CPU, see kernels/__init__.py); "auto" = compiled Triton on CUDA, the references elsewhere.
 """
 
 from __future__ import annotations
@@ -9,13 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from fastllava.kernels.gelu import gelu_ref
-from fastllava.kernels.kv_cache_write import write_kv_ref
-from fastllava.kernels.paged_decode_attention import paged_decode_attention_ref
-from fastllava.kernels.prefill_attention import prefill_attention_ref
-from fastllava.kernels.rms_norm import rms_norm_ref
-from fastllava.kernels.rotary import rotary_ref
-from fastllava.kernels.silu_and_mul import silu_and_mul_ref
+from fastllava.kernels import gelu, kv_cache_write, paged_decode_attention, prefill_attention
+from fastllava.kernels import rms_norm, rotary, silu_and_mul
+from fastllava.kernels.common import interpreted
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -32,15 +29,34 @@ class Ops:
     paged_decode_attention: Callable
 
 
-TORCH_OPS = Ops(name="torch", rms_norm=rms_norm_ref, rotary=rotary_ref,
-                silu_and_mul=silu_and_mul_ref, gelu=gelu_ref, write_kv=write_kv_ref,
-                prefill_attention=prefill_attention_ref,
-                paged_decode_attention=paged_decode_attention_ref)
+TORCH_OPS = Ops(name="torch", rms_norm=rms_norm.rms_norm_ref, rotary=rotary.rotary_ref,
+                silu_and_mul=silu_and_mul.silu_and_mul_ref, gelu=gelu.gelu_ref,
+                write_kv=kv_cache_write.write_kv_ref,
+                prefill_attention=prefill_attention.prefill_attention_ref,
+                paged_decode_attention=paged_decode_attention.paged_decode_attention_ref)
+
+TRITON_OPS = Ops(name="triton", rms_norm=rms_norm.rms_norm, rotary=rotary.rotary,
+                 silu_and_mul=silu_and_mul.silu_and_mul, gelu=gelu.gelu,
+                 write_kv=kv_cache_write.write_kv,
+                 prefill_attention=prefill_attention.prefill_attention,
+                 paged_decode_attention=paged_decode_attention.paged_decode_attention)
 
 
-def get_ops(backend: str) -> Ops:
+def get_ops(backend: str, device_type: str = "cpu") -> Ops:
+    """The op table for `backend` on a device of type `device_type` ("cuda" or "cpu")."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError("the Triton kernels are not built yet; use backend='torch'")
-    return TORCH_OPS
+    if backend == "auto":  # the fast path where it exists: kernels compiled for CUDA
+        return TRITON_OPS if device_type == "cuda" and not interpreted() else TORCH_OPS
+    if backend == "torch":
+        return TORCH_OPS
+    # Kernels were built for one mode when their modules were imported: compiled needs CUDA
+    # tensors, interpreted needs CPU tensors.
+    if device_type == "cuda" and interpreted():
+        raise ValueError("backend='triton' on CUDA, but TRITON_INTERPRET is set: the kernels were "
+                         "built for the CPU interpreter; unset it to compile them for the GPU")
+    if device_type != "cuda" and not interpreted():
+        raise ValueError(f"backend='triton' on device {device_type!r} needs the Triton interpreter: "
+                         "set TRITON_INTERPRET=1 before importing fastllava (it is set for you on "
+                         "machines without CUDA), or use backend='torch'")
+    return TRITON_OPS

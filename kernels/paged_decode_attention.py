@@ -5,13 +5,212 @@ block_tables[b] (its own new token included: the KV write runs first). GQA as in
 Numerics: transformers' eager attention, as in prefill_attention.attend_ref.
 Shapes: q (B, H, D); k_cache, v_cache (P, S, KVH, D); block_tables (B, max_pages) int;
 context_lens (B,) int; out (B, H, D).
+
+Kernel: flash-decoding (split-K), two launches.
+- Stage 1, grid (B, KVH, num_splits): one program takes all `group = H // KVH` query heads that
+  share KV head kvh (padded to BLOCK_H >= 16 rows so `tl.dot` maps onto tensor cores; pad rows are
+  masked) over one contiguous chunk of `chunk` tokens (a multiple of BLOCK_N) of sequence b. It walks
+  the chunk BLOCK_N tokens at a time, gathering each token's slot through the block table, so any
+  page size works and unused slots, pages and block-table entries past context_lens[b] are never
+  read. Scores q.k accumulate in fp32 (IEEE fp32 dot for fp32 inputs, not tf32) and are scaled by
+  scale * log2(e), so the online softmax runs in fp32 with exp2. Each program writes its normalised
+  partial output (fp32) and its log-sum-exp (base 2) per (b, h, split) to fp32 scratch.
+- Stage 2, grid (B, H): merges the splits, out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) with
+  M = max_s lse_s, and writes q's dtype. A split past the context has lse = -inf and weight 0.
+  With one split, stage 1 writes out directly and stage 2 is skipped.
+Unlike the reference, scores and softmax are never rounded to the input dtype (only P before the
+P @ V dot is): held to the FlashAttention bound (tests/tolerances.py), not to bit-equality.
+
+context_lens[b] == 0 (a CUDA-graph padding row) yields zeros for that row, never NaN. Values are
+clamped to max_pages * S; page ids are trusted (checking them would sync the host).
+num_splits depends on shapes only (B, KVH, max_pages * S), never on context_lens values, so a
+captured CUDA graph stays valid for any contexts; see `choose_num_splits`.
+Reference: Dao et al., "Flash-Decoding for long-context inference" (2023); SGLang/vLLM Triton
+decode attention (two-stage split-KV with log-sum-exp merge, GQA heads packed per program).
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
+import triton
+import triton.language as tl
+
+from fastllava.kernels.common import dot_precision
 from fastllava.kernels.prefill_attention import attend_ref, gather_pages
+
+BLOCK_N = 64  # KV tokens per inner step: 2 x 16 KiB K/V tiles at D=128 in 16-bit, 4 warps.
+TARGET_PROGRAMS = 264  # 2 stage-1 programs per SM on H100/H200 (132 SMs): enough loads in flight.
+MAX_SPLITS = 64  # bounds stage-2 work and scratch at B * H * 64 * D fp32.
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_ptr, out_ptr, part_ptr,
+                         lse_ptr, qk_scale, stride_qb, stride_qh, stride_btb, chunk, max_ctx,
+                         H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+                         GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.arange(0, BLOCK_H)
+    heads = kvh * GROUP + rows                       # query heads of this GQA group
+    mask_h = rows < GROUP
+    d = tl.arange(0, BLOCK_D)
+    mask_d = d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)   # (BLOCK_H, BLOCK_D)
+
+    ctx = tl.minimum(tl.load(ctx_ptr + b).to(tl.int32), max_ctx)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, ctx)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)   # running max of log2-scaled scores
+    l_i = tl.zeros([BLOCK_H], tl.float32)                 # running sum of 2^(s - m_i)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        t = start + offs_n
+        mask_n = t < hi
+        page = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + t // S, mask=mask_n, other=0)
+        slot = page.to(tl.int64) * S + t % S
+        kv_off = slot[:, None] * (KVH * D) + kvh * D + d[None, :]       # (BLOCK_N, BLOCK_D)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # fp32 (H, N)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # Every step holds >= 1 valid token (start < hi), so m_new is finite and no exp2 sees
+        # (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split (past the context, or context 0) has l_i = 0: partial 0, lse -inf.
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_mask = mask_h[:, None] & mask_d[None, :]
+    row = b.to(tl.int64) * H + heads                  # (b, h) row of contiguous (B, H, ...)
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + row[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row * NUM_SPLITS + split, lse, mask=mask_h)
+        tl.store(part_ptr + (row[:, None] * NUM_SPLITS + split) * D + d[None, :], o,
+                 mask=out_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, H: tl.constexpr, D: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * H + tl.program_id(1)
+    sp = tl.arange(0, BLOCK_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    mask_s = sp < NUM_SPLITS
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + sp, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)          # all splits empty (context 0): weights 0
+    w = tl.exp2(lse - m)                               # (BLOCK_SPLITS,) fp32, 0 for empty splits
+    part = tl.load(part_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :],
+                   mask=mask_s[:, None] & (d[None, :] < D), other=0.0)
+    total = tl.sum(w, 0)
+    o = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def choose_num_splits(B: int, KVH: int, max_ctx: int) -> int:
+    """Splits per sequence from shapes only: enough (b, kvh, split) programs to fill the GPU.
+
+    B * KVH programs already saturate the SMs at large batch (one split, no merge launch); a
+    small batch over a long cache splits the max context (max_pages * S) into up to MAX_SPLITS
+    chunks of whole BLOCK_N tiles. Splits past a shorter real context exit after one load.
+    """
+    num_blocks = max(1, triton.cdiv(max_ctx, BLOCK_N))
+    want = triton.cdiv(TARGET_PROGRAMS, max(1, B * KVH))
+    splits = max(1, min(want, num_blocks, MAX_SPLITS))
+    return triton.cdiv(num_blocks, triton.cdiv(num_blocks, splits))  # drop splits left empty
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                           scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Attention of q (B, H, D) over each sequence's paged KV → out (B, H, D) in q's dtype.
+
+    num_splits forces the split count (tests); by default `choose_num_splits` picks it.
+    """
+    _check(q, k_cache, v_cache, block_tables, context_lens)
+    B, H, D = q.shape
+    _, S, KVH, _ = k_cache.shape
+    max_ctx = block_tables.shape[1] * S
+    if num_splits is None:
+        num_splits = choose_num_splits(B, KVH, max_ctx)
+    elif not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    chunk = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), BLOCK_N) * BLOCK_N
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    if num_splits == 1:
+        part = lse = out                    # unused: stage 1 writes out directly
+    else:
+        part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    group = H // KVH
+    BLOCK_D = triton.next_power_of_2(max(D, 16))
+    _decode_split_kernel[(B, KVH, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
+        scale * math.log2(math.e), q.stride(0), q.stride(1), block_tables.stride(0), chunk, max_ctx,
+        H=H, KVH=KVH, D=D, S=S, GROUP=group, NUM_SPLITS=num_splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=4)
+    if num_splits > 1:
+        _decode_merge_kernel[(B, H)](part, lse, out, H=H, D=D, NUM_SPLITS=num_splits,
+                                     BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+                                     BLOCK_D=BLOCK_D, num_warps=4)
+    return out
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be (B, H, D), got shape {tuple(q.shape)}")
+    B, H, D = q.shape
+    if k_cache.dim() != 4 or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache must be (P, S, KVH, {D}), got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, "
+                         f"got {tuple(v_cache.shape)}")
+    KVH = k_cache.shape[2]
+    if KVH == 0 or H % KVH:
+        raise ValueError(f"q's {H} heads must be a multiple of k_cache's {KVH} KV heads")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (P, S, KVH, D)")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"block_tables must be ({B}, max_pages), got {tuple(block_tables.shape)}")
+    if context_lens.shape != (B,):
+        raise ValueError(f"context_lens must be ({B},), got shape {tuple(context_lens.shape)}")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    if block_tables.shape[1] and block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables rows must be contiguous, got strides {block_tables.stride()}")
+    if B > 1 and context_lens.stride(0) != 1:
+        raise ValueError(f"context_lens must be contiguous, got stride {context_lens.stride()}")
+    if B and q.stride(2) != 1:
+        raise ValueError(f"q needs a contiguous last dim, got strides {q.stride()}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                    ("context_lens", context_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: all must share a device")
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

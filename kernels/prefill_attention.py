@@ -12,11 +12,183 @@ probabilities rounded to the input dtype, then @ v in the input dtype. In bf16 t
 path bit-identical to transformers' eager run; flash-style kernels (fp32 scores, online softmax)
 are held to the FlashAttention bound against it: at most ~2x the error of this same-dtype run.
 Shapes: q (N, H, D); k, v (N, KVH, D); cu_seqlens (B+1,) int; out (N, H, D).
+
+The Triton kernel is FlashAttention-2: for a block of BLOCK_M queries of one head it walks the keys
+in BLOCK_N tiles — first the cached prefix through the block table, then the new tokens (up to the
+diagonal when causal) — keeping a running max and sum in fp32 (online softmax, exp2 with log2(e)
+folded into the scale); scores are fp32 accumulations of input-dtype dots, probabilities are cast to
+the input dtype for the p @ v dot (fp32 accumulate), and the output is rounded once at the end.
+Varlen without a host sync (so a step never waits on the GPU to size its grid): program p of axis 0
+belongs to the sequence b with start[b] <= p < start[b+1], start[b] = cu_seqlens[b] // BLOCK_M + b,
+found by binary search in the kernel; sum_b ceil(len_b / BLOCK_M) <= N // BLOCK_M + B programs
+suffice (vLLM's unified-attention trick). Programs past their sequence's end exit at once.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from fastllava.kernels.common import check_attention_inputs, dot_precision, interpreted
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(cu_seqlens, pid, B, BLOCK_M: tl.constexpr):
+    """The b in [0, B) with cu[b] // BLOCK_M + b <= pid (largest such b)."""
+    lo = 0
+    hi = B
+    while lo < hi - 1:
+        mid = (lo + hi) // 2
+        start = tl.load(cu_seqlens + mid) // BLOCK_M + mid
+        if start <= pid:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One key tile of the online softmax: scores in fp32 (log2 units), rescale the running
+    max/sum/accumulator, add p @ v with p cast to v's dtype (FA2's rounding point)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_attention_kernel(
+        Q, K, V, O, cu_seqlens, KC, VC, block_tables, prefix_lens,
+        B, qk_scale,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+        stride_cp, stride_cs, stride_ch, stride_bt,
+        GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    b = _find_seq(cu_seqlens, pid, B, BLOCK_M)
+    seq_lo = tl.load(cu_seqlens + b)
+    T = tl.load(cu_seqlens + b + 1) - seq_lo
+    m_start = (pid - (seq_lo // BLOCK_M + b)) * BLOCK_M
+    if m_start >= T:
+        return
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < T
+    q = tl.load(Q + (seq_lo + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of scaled scores (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if HAS_PREFIX:
+        # Cached prefix: every new query sees all of it (it precedes them all), so no causal mask.
+        P = tl.load(prefix_lens + b)
+        for n0 in range(0, P, BLOCK_N):
+            j = n0 + offs_n
+            j_ok = j < P
+            page = tl.load(block_tables + b * stride_bt + j // S, mask=j_ok, other=0)
+            row = page.to(tl.int64) * stride_cp + (j % S) * stride_cs + kvh * stride_ch
+            kv_mask = j_ok[:, None] & d_ok[None, :]
+            k = tl.load(KC + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(VC + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, j_ok[None, :], qk_scale,
+                                          True, PRECISION)
+
+    # New tokens of this sequence. Key tiles wholly below the diagonal (causal) or wholly inside
+    # the sequence (bidirectional) need no mask; only the diagonal / ragged tail tiles do.
+    if IS_CAUSAL:
+        full = m_start  # BLOCK_N divides BLOCK_M, so tiles before m_start are fully visible
+        hi = tl.minimum(T, m_start + BLOCK_M)
+    else:
+        full = T - T % BLOCK_N
+        hi = T
+    k_row = K + seq_lo * stride_kn + kvh * stride_kh + offs_d[None, :]
+    v_row = V + seq_lo * stride_vn + kvh * stride_vh + offs_d[None, :]
+    for n0 in range(0, full, BLOCK_N):
+        j = n0 + offs_n
+        k = tl.load(k_row + j[:, None] * stride_kn, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_row + j[:, None] * stride_vn, mask=d_ok[None, :], other=0.0)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, None, qk_scale, False, PRECISION)
+    for n0 in range(full, hi, BLOCK_N):
+        j = n0 + offs_n
+        j_ok = j < T
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_row + j[:, None] * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_row + j[:, None] * stride_vn, mask=kv_mask, other=0.0)
+        keep = j_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (j[None, :] <= offs_m[:, None])
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(O + (seq_lo + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _block_sizes(D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper: 128x64 tiles at D <= 128 in 16-bit keep
+    q, the k/v tiles and the fp32 accumulator in registers/shared memory with 8 warps; fp32 inputs
+    need twice the shared memory, so smaller tiles. The interpreter prefers few, large programs."""
+    if interpreted():
+        return 32, 32, 4, 1
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    return (128, 64, 8, 3) if D > 64 else (128, 64, 4, 3)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cu_seqlens: torch.Tensor, *, causal: bool, scale: float,
+                      k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                      block_tables: torch.Tensor | None = None,
+                      prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton launcher; same contract as prefill_attention_ref. q, k, v may be strided views
+    (only the last dim must be contiguous); the cache, if given, is (P, S, KVH, D) contiguous."""
+    has_prefix = prefix_lens is not None
+    check_attention_inputs(q, k, v, cu_seqlens, k_cache, v_cache, block_tables, prefix_lens,
+                           has_prefix)
+    if has_prefix and not causal:
+        raise ValueError("a cached prefix (prefix_lens) is only supported with causal=True")
+    N, H, D = q.shape
+    KVH = k.shape[1]
+    B = cu_seqlens.shape[0] - 1
+    out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
+    if N == 0 or B == 0:
+        return out
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _block_sizes(D, q.dtype)
+    assert BLOCK_M % BLOCK_N == 0  # the causal loop split relies on it
+    if has_prefix:
+        kc, vc, bt, pl = k_cache, v_cache, block_tables, prefix_lens
+        S = k_cache.shape[1]
+        cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0))
+    else:  # unused pointers: any tensor will do
+        kc = vc = bt = pl = cu_seqlens
+        S, cache_strides = 1, (0, 0, 0, 0)
+    grid = (N // BLOCK_M + B, H)
+    _prefill_attention_kernel[grid](
+        q, k, v, out, cu_seqlens, kc, vc, bt, pl, B, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), *cache_strides,
+        GROUP=H // KVH, D=D, S=S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=causal, HAS_PREFIX=has_prefix,
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    return out
 
 
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

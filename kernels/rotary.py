@@ -6,11 +6,111 @@
 
 The cos/sin table is computed once per position in fp32 and cast, matching transformers'
 LlamaRotaryEmbedding rounding points. Shapes: q (N, H, D), k (N, KVH, D), cos/sin (N, D).
+
+The Triton kernel splits each head into halves x1 = x[:D/2], x2 = x[D/2:] and keeps the
+reference's rounding points: x*cos rounded, rotate_half(x)*sin rounded, their sum rounded, so it
+is bit-identical to `rotary_ref` (every product of two dtype values is exact in fp32, and each
+sum is formed in fp32 and rounded once, as torch does). The full cos/sin rows are used
+(cos[:D/2] for x1, cos[D/2:] for x2), not only their first half. One launch covers q and k:
+grid (N, q head blocks + k head blocks); cos/sin are loaded once per program and broadcast.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(x_ptr, stride_h, num_heads, head0, c1, c2, s1, s2, half,
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotates heads [head0, head0 + BLOCK_H) of one token in place; x_ptr points at the token."""
+    heads = head0 + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < num_heads) & (cols[None, :] < half)
+    p1 = x_ptr + heads[:, None] * stride_h + cols[None, :]  # (BLOCK_H, BLOCK_HALF), first half
+    x1 = tl.load(p1, mask=mask, other=0.0)
+    x2 = tl.load(p1 + half, mask=mask, other=0.0)
+    dt = x1.dtype
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    # rotate_half(x) = cat(-x2, x1). Products are rounded to the dtype before the add, as in the
+    # reference's `q * c + rotate_half(q) * s` (three separate torch ops).
+    a1 = (x1f * c1[None, :]).to(dt).to(tl.float32)
+    b1 = (-x2f * s1[None, :]).to(dt).to(tl.float32)
+    a2 = (x2f * c2[None, :]).to(dt).to(tl.float32)
+    b2 = (x1f * s2[None, :]).to(dt).to(tl.float32)
+    tl.store(p1, (a1 + b1).to(dt), mask=mask)
+    tl.store(p1 + half, (a2 + b2).to(dt), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr,
+                   stride_qn, stride_qh, stride_kn, stride_kh, stride_cn, stride_sn,
+                   H, KVH, half,
+                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)  # token; int64 so n * stride cannot overflow
+    hb = tl.program_id(1)              # head block: q's blocks first, then k's
+    cols = tl.arange(0, BLOCK_HALF)
+    cmask = cols < half
+    c1 = tl.load(cos_ptr + n * stride_cn + cols, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + n * stride_cn + half + cols, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + n * stride_sn + cols, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + n * stride_sn + half + cols, mask=cmask, other=0.0).to(tl.float32)
+    num_q_blocks = tl.cdiv(H, BLOCK_H)
+    if hb < num_q_blocks:
+        _rotate_heads(q_ptr + n * stride_qn, stride_qh, H, hb * BLOCK_H,
+                      c1, c2, s1, s2, half, BLOCK_H, BLOCK_HALF)
+    else:
+        _rotate_heads(k_ptr + n * stride_kn, stride_kh, KVH, (hb - num_q_blocks) * BLOCK_H,
+                      c1, c2, s1, s2, half, BLOCK_H, BLOCK_HALF)
+
+
+def _check_rows(name: str, t: torch.Tensor, dim: int) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Triton version of `rotary_ref`: rotates q (N, H, D) and k (N, KVH, D) in place, returns them.
+
+    q and k may be strided views (e.g. of a fused qkv output): any token and head strides, last
+    dim contiguous; cos/sin (N, D) with any row stride. All in one dtype on one device; D even.
+    """
+    _check_rows("q", q, 3)
+    _check_rows("k", k, 3)
+    _check_rows("cos", cos, 2)
+    _check_rows("sin", sin, 2)
+    N, H, D = q.shape
+    KVH = k.shape[1]
+    if k.shape[0] != N or k.shape[2] != D:
+        raise ValueError(f"k must be ({N}, KVH, {D}) to match q, got {tuple(k.shape)}")
+    if cos.shape != (N, D) or sin.shape != (N, D):
+        raise ValueError(f"cos and sin must be ({N}, {D}), got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    if D % 2:
+        raise ValueError(f"head dim D must be even for rotate-half, got {D}")
+    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must be {q.dtype} on {q.device} like q, got {t.dtype} on "
+                             f"{t.device}")
+    if N == 0 or D == 0 or H + KVH == 0:
+        return q, k
+    half = D // 2
+    BLOCK_HALF = triton.next_power_of_2(max(half, 8))
+    # About 2K elements per half per program: big enough to amortise the cos/sin loads, small
+    # enough that a decode step (N = 1) still spreads 64 heads of D = 128 over several SMs.
+    BLOCK_H = min(triton.next_power_of_2(max(H, KVH)), max(1, 2048 // BLOCK_HALF))
+    grid = (N, triton.cdiv(H, BLOCK_H) + triton.cdiv(KVH, BLOCK_H))
+    _rotary_kernel[grid](q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                         cos.stride(0), sin.stride(0), H, KVH, half,
+                         BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF, num_warps=4,
+                         # fp32 q: keep x*c and rot(x)*s as separately rounded products (no FMA),
+                         # like torch's separate mul and add kernels.
+                         enable_fp_fusion=False)
+    return q, k
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:

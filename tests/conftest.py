@@ -12,12 +12,20 @@ LOGITS_ATOL = 1e-4
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """gpu tests need CUDA and compiled kernels; interpreter tests run Triton kernels on CPU
+    tensors, which needs TRITON_INTERPRET (set automatically without CUDA; on a GPU machine run
+    them with TRITON_INTERPRET=1, and the gpu tests without it)."""
+    from fastllava.kernels.common import interpreted
+
+    has_cuda, interp = torch.cuda.is_available(), interpreted()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU and compiled kernels (TRITON_INTERPRET unset)")
+    skip_interp = pytest.mark.skip(reason="runs Triton kernels on CPU: needs TRITON_INTERPRET=1")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip)
+            if not has_cuda or interp:
+                item.add_marker(skip_gpu)
+        elif "interpreter" in item.keywords and not interp:
+            item.add_marker(skip_interp)
 
 
 def _build(tmp_path_factory, name: str, spec: tiny.Spec, **kwargs):

@@ -1,0 +1,139 @@
+"""Triton prefill attention against the torch reference (FlashAttention error bound).
+
+CPU runs use the Triton interpreter in fp16/fp32 (it cannot do bf16 dots); bf16, the real head
+dims and long sequences run on a GPU only. The exact reference is the torch reference in float64;
+the kernel's error must stay within FLASH_FACTOR x the same-dtype torch reference's error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastllava.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from paging import paged
+from tolerances import assert_flash_bound
+
+pytestmark = pytest.mark.interpreter
+
+
+def packed(lens, H, KVH, D, dtype, gen, device="cpu"):
+    """q, k, v as strided views of one fused qkv buffer (as the model produces them)."""
+    N = sum(lens)
+    qkv = torch.randn(N, (H + 2 * KVH) * D, generator=gen).to(device=device, dtype=dtype)
+    q, k, v = qkv.split((H * D, KVH * D, KVH * D), dim=-1)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return q.view(N, H, D), k.view(N, KVH, D), v.view(N, KVH, D), cu, qkv
+
+
+def check(q, k, v, cu, causal, scale, **prefix):
+    out = prefill_attention(q, k, v, cu, causal=causal, scale=scale, **prefix)
+    ref_same = prefill_attention_ref(q, k, v, cu, causal=causal, scale=scale, **prefix)
+    exact = {n: (t.double() if n.endswith("cache") else t) for n, t in prefix.items()}
+    ref64 = prefill_attention_ref(q.double(), k.double(), v.double(), cu, causal=causal,
+                                  scale=scale, **exact)
+    assert_flash_bound(out, ref_same, ref64)
+    return out
+
+
+CASES = [  # (lens, H, KVH, D): odd lengths, several sequences, GQA 1/4/7, odd head dims
+    ([1, 7, 113], 4, 4, 16),
+    ([239, 7], 8, 2, 72),
+    ([113, 1, 40], 7, 1, 12),
+    ([66, 0, 31], 4, 1, 80),   # an empty sequence in the middle of the batch
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lens,H,KVH,D", CASES)
+def test_varlen_matches_reference(lens, H, KVH, D, causal, dtype):
+    gen = torch.Generator().manual_seed(sum(lens) + H + D)
+    q, k, v, cu, _ = packed(lens, H, KVH, D, dtype, gen)
+    check(q, k, v, cu, causal, D ** -0.5)
+
+
+def test_long_sequence_fp16():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, cu, _ = packed([1023], 2, 1, 16, torch.float16, gen)
+    check(q, k, v, cu, True, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_cached_prefix(page_size, dtype):
+    """Chunked prefill / prefix cache: new tokens see the paged prefix plus causal new tokens.
+    Prefixes end mid-page, exactly on a page boundary, and are empty."""
+    gen = torch.Generator().manual_seed(page_size)
+    H, KVH, D = 8, 2, 24
+    prefixes, new = [37, page_size, 0, 70], [13, 1, 9, 40]
+    ks = [torch.randn(p + n, KVH, D, generator=gen).to(dtype) for p, n in zip(prefixes, new)]
+    vs = [torch.randn(p + n, KVH, D, generator=gen).to(dtype) for p, n in zip(prefixes, new)]
+    k_cache, v_cache, tables = paged([x[:max(p, 1)] for x, p in zip(ks, prefixes)],
+                                     [x[:max(p, 1)] for x, p in zip(vs, prefixes)],
+                                     page_size, 40, gen)
+    q = torch.randn(sum(new), H, D, generator=gen).to(dtype)
+    k = torch.cat([x[p:] for x, p in zip(ks, prefixes)])
+    v = torch.cat([x[p:] for x, p in zip(vs, prefixes)])
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+    check(q, k, v, cu, True, D ** -0.5, k_cache=k_cache, v_cache=v_cache, block_tables=tables,
+          prefix_lens=torch.tensor(prefixes, dtype=torch.int32))
+
+
+def test_writes_only_its_rows_and_leaves_inputs_alone():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, cu, qkv = packed([5, 9], 4, 2, 16, torch.float32, gen)
+    before = qkv.clone()
+    out = prefill_attention(q, k, v, cu, causal=True, scale=0.25)
+    assert out.shape == q.shape and out.is_contiguous()
+    assert torch.equal(qkv, before), "the kernel wrote into its inputs"
+
+
+def test_bad_inputs_raise():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, cu, _ = packed([4], 6, 4, 16, torch.float32, gen)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        prefill_attention(q, k, v, cu, causal=True, scale=1.0)
+    q, k, v, cu, _ = packed([4], 4, 2, 16, torch.float32, gen)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        prefill_attention(q, k.half(), v, cu, causal=True, scale=1.0)
+    with pytest.raises(ValueError, match="last dim"):
+        prefill_attention(q.transpose(1, 2), k, v, cu, causal=True, scale=1.0)
+    with pytest.raises(ValueError, match="without k_cache"):
+        prefill_attention(q, k, v, cu, causal=True, scale=1.0, prefix_lens=torch.zeros(1))
+
+
+# ---- GPU: bf16, the real head dims, long sequences, the vision tower's shape ----------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 72, 80, 96, 128])
+@pytest.mark.parametrize("lens,H,KVH", [([3000], 56, 8), ([600, 1, 239], 40, 40), ([1023, 113], 28, 4)])
+def test_gpu_real_shapes(lens, H, KVH, D, dtype):
+    gen = torch.Generator().manual_seed(D)
+    q, k, v, cu, _ = packed(lens, H, KVH, D, dtype, gen, device="cuda")
+    check(q, k, v, cu, True, D ** -0.5)
+
+
+@pytest.mark.gpu
+def test_gpu_vision_tiles_bidirectional():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, cu, _ = packed([577] * 5, 16, 16, 64, torch.bfloat16, gen, device="cuda")
+    check(q, k, v, cu, False, 64 ** -0.5)
+
+
+@pytest.mark.gpu
+def test_gpu_cached_prefix_bf16():
+    gen = torch.Generator().manual_seed(6)
+    H, KVH, D, S = 56, 8, 128, 16
+    prefixes, new = [2900, 37], [100, 600]
+    ks = [torch.randn(p + n, KVH, D, generator=gen).bfloat16() for p, n in zip(prefixes, new)]
+    vs = [torch.randn(p + n, KVH, D, generator=gen).bfloat16() for p, n in zip(prefixes, new)]
+    k_cache, v_cache, tables = paged([x[:p] for x, p in zip(ks, prefixes)],
+                                     [x[:p] for x, p in zip(vs, prefixes)], S, 400, gen)
+    q = torch.randn(sum(new), H, D, generator=gen).bfloat16().cuda()
+    k = torch.cat([x[p:] for x, p in zip(ks, prefixes)]).cuda()
+    v = torch.cat([x[p:] for x, p in zip(vs, prefixes)]).cuda()
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    check(q, k, v, cu, True, D ** -0.5, k_cache=k_cache.cuda(), v_cache=v_cache.cuda(),
+          block_tables=tables.cuda(), prefix_lens=torch.tensor(prefixes, dtype=torch.int32).cuda())
