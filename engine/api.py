@@ -7,6 +7,7 @@ for now: one request runs at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from pathlib import Path
@@ -25,7 +26,7 @@ from fastllava.preprocess.processor import ProcessedImage, preprocess
 from fastllava.schema import GenerationRequest, parse_request
 from fastllava.text.detokenize import IncrementalDetokenizer
 from fastllava.text.prompt import build_input_ids
-from fastllava.text.template import render_prompt
+from fastllava.text.template import render_messages, render_prompt
 
 # Original checkpoints splice images at a sentinel id outside the vocabulary (the original repo's -200).
 IMAGE_SENTINEL_ID = -200
@@ -40,6 +41,13 @@ class PreparedPrompt:
     image: ProcessedImage
     num_image_tokens: int
     image_token_id: int
+
+
+def _plain(events: Iterator[dict]) -> Iterator[dict]:
+    """Detailed snapshots → the public {"output", "partial"} ones; closing this closes `events`."""
+    with contextlib.closing(events):
+        for e in events:
+            yield {"output": e["output"], "partial": e["partial"]}
 
 
 def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -111,12 +119,36 @@ class LLaVA:
         return anyres_num_tokens(image.image_size, c.pinpoints, c.vision.image_size,
                                  c.vision.patch_size, c.tokens_per_tile)
 
-    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+    def prepare(self, request: GenerationRequest, rendered: str | None = None) -> PreparedPrompt:
+        """Load and preprocess the image, render the prompt (or take `rendered`, a chat already
+        rendered by `render_chat`) and expand its one <image> into the image's token count."""
         image = preprocess(load_image(request.image_url, self.image_limits), self.image_config)
         n = self.num_image_tokens(image)
-        rendered = render_prompt(self.template, request.prompt, self.tokenizer)
+        if rendered is None:
+            rendered = render_prompt(self.template, request.prompt, self.tokenizer)
         ids = build_input_ids(self.tokenizer, rendered, "<image>", self.image_token_id, n)
         return PreparedPrompt(ids, image, n, self.image_token_id)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """A chat [{"role": "system"|"user"|"assistant", "content": [{"type": "image"} |
+        {"type": "text", "text": str}, ...]}, ...] rendered with the checkpoint's template and a
+        generation prompt. Templates that drop system messages (the mistral family) get the
+        system text folded into the first user turn instead, so no instruction is lost silently."""
+        rendered = render_messages(self.template, messages, self.tokenizer)
+        system = [p["text"] for m in messages if m["role"] == "system"
+                  for p in m["content"] if p["type"] == "text" and p["text"].strip()]
+        if all(text in rendered for text in system):
+            return rendered
+        folded, prefix = [], "\n\n".join(system)
+        for m in messages:
+            if m["role"] == "system":
+                continue
+            if m["role"] == "user" and prefix:
+                m = {"role": "user", "content": [{"type": "text", "text": prefix + "\n\n"},
+                                                 *m["content"]]}
+                prefix = ""
+            folded.append(m)
+        return render_messages(self.template, folded, self.tokenizer)
 
     @torch.inference_mode()
     def _prompt_embeds(self, p: PreparedPrompt) -> torch.Tensor:
@@ -126,8 +158,7 @@ class LLaVA:
         return self.model.embed(ids, ids == p.image_token_id, feats)
 
     # ---- generation -----------------------------------------------------------------------------
-    def _tokens(self, request: GenerationRequest) -> Iterator[int]:
-        prepared = self.prepare(request)
+    def _tokens(self, prepared: PreparedPrompt, request: GenerationRequest) -> Iterator[int]:
         params = SamplingParams(request.max_tokens, request.temperature, request.top_p,
                                 request.seed, self.stop_ids)
         embeds = self._prompt_embeds(prepared)
@@ -136,8 +167,9 @@ class LLaVA:
     def generate_ids(self, request: Mapping[str, Any]) -> list[int]:
         """Generated token ids (the stop id, if reached, included)."""
         req = parse_request(request)
+        prepared = self.prepare(req)
         with self._lock:
-            return list(self._tokens(req))
+            return list(self._tokens(prepared, req))
 
     def generate(self, request: Mapping[str, Any]) -> dict:
         out = None
@@ -150,17 +182,40 @@ class LLaVA:
         {"output": text, "partial": False}. The request is validated before the first yield's
         work starts; closing the iterator early stops generation and frees its KV pages."""
         req = parse_request(request)
-        return self._stream(req)
+        return _plain(self._events(req, None, False))
 
-    def _stream(self, req: GenerationRequest) -> Iterator[dict]:
+    def stream_detailed(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
+                        max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
+                        every_token: bool = False) -> Iterator[dict]:
+        """`stream` with counts: every snapshot also has "prompt_tokens" (image tokens included),
+        "completion_tokens" (tokens generated so far, a stop id included) and "finish_reason"
+        (None until the final snapshot, then "stop" for a stop id, "length" for max_tokens or a
+        full KV cache). `messages` (see `render_chat`) replaces the single-turn prompt; the
+        request's "prompt" is then validated only (pass the chat's text for the length limit).
+        Validation is eager; the image is fetched at the first next(), outside the engine lock.
+        every_token=True yields after every generated token, even when the text did not change
+        (a byte-fallback run held back, or whitespace), so a caller that polls for cancellation
+        between snapshots can stop at the next token."""
+        req = parse_request(request, max_tokens_limit=max_tokens_limit,
+                            max_prompt_chars=max_prompt_chars)
+        return self._events(req, messages, every_token)
+
+    def _events(self, req: GenerationRequest, messages: list[dict] | None,
+                every_token: bool) -> Iterator[dict]:
+        # Fetching and preprocessing the image happen before the lock: a slow image host does not
+        # hold up the request that is generating.
+        prepared = self.prepare(req, None if messages is None else self.render_chat(messages))
+        counts = {"prompt_tokens": len(prepared.input_ids), "completion_tokens": 0}
         detok = IncrementalDetokenizer(self.tokenizer)
-        text = ""
+        text, finish = "", "length"
         with self._lock:
-            for token in self._tokens(req):
+            for token in self._tokens(prepared, req):
+                counts["completion_tokens"] += 1
                 if token in self.stop_ids:
+                    finish = "stop"
                     break
                 new = detok.push(token)
-                if new != text:
+                if new != text or every_token:
                     text = new
-                    yield {"output": text, "partial": True}
-        yield {"output": detok.text(), "partial": False}
+                    yield {"output": text, "partial": True, **counts, "finish_reason": None}
+        yield {"output": detok.text(), "partial": False, **counts, "finish_reason": finish}

@@ -2,6 +2,8 @@
 
     fastllava run --model M --image URL_OR_PATH --prompt TEXT [--max-tokens N] [--temperature T]
                   [--top-p P] [--seed S] [--device D] [--dtype D]
+    fastllava serve --model M [--host H] [--port P] [--api-key K ...] [--queue URL]
+                  [--tls-cert PEM --tls-key PEM] ...   (fastllava serve --help lists all flags)
 
 `run` validates the request with the fal schema before loading anything (a bad flag fails in
 milliseconds, not after minutes of weight loading), loads the model with a progress bar on stderr,
@@ -71,7 +73,99 @@ def build_parser() -> argparse.ArgumentParser:
                      help="float32|fp32, float16|fp16, bfloat16|bf16 "
                           "(default: bf16 on CUDA, fp32 on CPU)")
     run.set_defaults(handler=_run)
+    _add_serve(commands)
     return parser
+
+
+def _add_serve(commands) -> None:
+    from fastllava.server.settings import ServerSettings
+
+    d = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
+    serve = commands.add_parser(
+        "serve", help="serve one model over HTTP: fal queue/run API + OpenAI chat completions",
+        description="Serve one model over HTTP (fal queue and run protocol, OpenAI "
+                    "/v1/chat/completions, /health, /metrics). Each flag maps 1:1 onto "
+                    "fastllava.server.settings.ServerSettings.")
+    a = serve.add_argument
+    a("--model", required=True, help="checkpoint: a local folder or a hub id")
+    a("--host", default=d["host"], help=f"bind address (default {d['host']})")
+    a("--port", type=int, default=d["port"], help=f"port (default {d['port']})")
+    a("--endpoint-id", metavar="OWNER/ALIAS", help="fal endpoint id (default: fal-ai/llava-next "
+      "for v1.6 checkpoints, fal-ai/llavav15-13b for 1.5)")
+    a("--api-key", action="append", metavar="KEY", dest="api_keys",
+      help="accepted key (repeatable; also env FASTLLAVA_API_KEYS, comma-separated); clients "
+      "send 'Authorization: Key KEY' or 'Bearer KEY'. No keys: no auth")
+    a("--queue", metavar="URL", dest="queue_url", help="job store: sqlite:///path or "
+      "redis://host:port/db (default: sqlite under --data-dir)")
+    a("--data-dir", default=d["data_dir"], help=f"where the default SQLite queue lives "
+      f"(default {d['data_dir']})")
+    a("--retention-s", type=float, default=d["retention_s"], metavar="S",
+      help=f"keep completed results this long (default {d['retention_s']:g})")
+    a("--public-url", metavar="URL", help="base of the URLs returned by submit (default: the "
+      "scheme and Host header of each request)")
+    a("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    a("--tls-key", metavar="PEM", help="private key for --tls-cert")
+    a("--webhook-secret", metavar="SECRET", help="HMAC-SHA256 key signing webhook bodies")
+    a("--allow-private-image-hosts", action="store_true",
+      help="allow image URLs on loopback/private/link-local hosts (refused by default)")
+    a("--refuse-private-webhook-hosts", action="store_true",
+      help="refuse fal_webhook URLs on loopback/private/link-local hosts (allowed by default: "
+      "a self-hosted server often calls back into its own network)")
+    for name, kind, help_ in (
+            ("max_body_bytes", int, "largest request body (413 above)"),
+            ("max_image_bytes", int, "largest image download / decoded data URI"),
+            ("max_image_pixels", int, "largest width*height, checked before decoding"),
+            ("max_prompt_chars", int, "longest prompt (OpenAI: all message text)"),
+            ("max_tokens_limit", int, "largest max_tokens accepted"),
+            ("image_timeout_s", float, "wall-time limit of one image fetch"),
+            ("default_chat_max_tokens", int, "max_tokens of OpenAI requests that set none"),
+            ("sse_ping_s", float, "keep-alive comment interval of status streams")):
+        a("--" + name.replace("_", "-"), type=kind, default=d[name], metavar="N",
+          help=f"{help_} (default {d[name]:g})")
+    a("--device", help="torch device (default: cuda if available)")
+    a("--dtype", type=_dtype, help="float32|fp32, float16|fp16, bfloat16|bf16")
+    a("--backend", default=d["backend"], help=f"kernel backend (default {d['backend']})")
+    a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(handler=_serve)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The ServerSettings of a parsed `serve` command line (flags map 1:1)."""
+    from fastllava.server.settings import ServerSettings, api_keys_from_env
+
+    names = {f.name for f in dataclasses.fields(ServerSettings)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["api_keys"] = api_keys_from_env(args.api_keys)
+    return ServerSettings(**values)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from fastllava.api import LLaVA
+    from fastllava.server.app import create_app
+    from fastllava.server.safety import image_limits
+    from fastllava.server.stores import open_store
+
+    settings = settings_from_args(args)  # ValueError → exit 2 before loading
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    store = open_store(settings.resolved_queue_url)  # a bad --queue fails before the model load
+    try:
+        llava = LLaVA.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
+                                      backend=settings.backend, progress=True,
+                                      image_limits=image_limits(settings))
+        app = create_app(settings, llava, store=store)
+        scheme = "https" if settings.tls_cert else "http"
+        print(f"fastllava: serving {app.state.endpoint_id} on {scheme}://{settings.host}:"
+              f"{settings.port}", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=settings.host, port=settings.port, ssl_certfile=settings.tls_cert,
+                    ssl_keyfile=settings.tls_key, log_level=args.log_level,
+                    timeout_graceful_shutdown=10)
+    finally:
+        store.close()
+    return 0
 
 
 def _version() -> str:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import tiny
-from conftest import LOGITS_ATOL
+from tolerances import LOGITS_ATOL
 from fastllava import LLaVA
 from fastllava.weights.layouts import convert_checkpoint
 

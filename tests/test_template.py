@@ -120,8 +120,9 @@ def test_template_features_match_transformers(tiny_next):
 
 def test_raise_exception_and_sandbox(tiny_next):
     tok = Tokenizer.from_dir(tiny_next)
-    with pytest.raises(jinja2.TemplateError, match="only system and user"):
+    with pytest.raises(ValueError, match="template refused.*only system and user") as e:
         render_prompt("{{ raise_exception('only system and user') }}", "hi", tok)
+    assert isinstance(e.value.__cause__, jinja2.TemplateError)
     with pytest.raises(jinja2.exceptions.SecurityError):
         render_prompt("{% set ns = namespace() %}{% set ns._x = 1 %}", "hi", tok)
     with pytest.raises(jinja2.exceptions.SecurityError):

@@ -8,6 +8,11 @@ composited; for animated images, the first frame). Around that it enforces, for 
   decoded data URI and the file size;
 - pixels: `max_pixels` checked from the header (`Image.open` parses only the header) before any
   pixel is decoded; PIL's own DecompressionBombError/Warning never escape;
+- network: with `allow_private_hosts=False` every address a host name resolves to must be public
+  (`is_public_address`), checked when each connection (redirects included) is opened; the socket
+  then connects to that checked address while the Host header and TLS SNI/certificate check keep
+  the original name, so a DNS answer that changes between check and use cannot reach an internal
+  address. Environment proxies are not used in that mode (the proxy would resolve the name);
 - time: `timeout_s` is the wall time of the whole fetch (DNS, connect, headers, body). The fetch
   runs in a daemon thread; at the deadline the caller gets ImageFetchError and the thread's
   sockets are shut down, so a server that accepts and never answers, or trickles bytes, cannot
@@ -22,6 +27,7 @@ import base64
 import binascii
 import http.client
 import io
+import ipaddress
 import os
 import re
 import socket
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps
 
 __all__ = ["ImageError", "ImageFetchError", "ImageDecodeError", "ImageTooLargeError",
-           "ImageLimits", "load_image"]
+           "ImageLimits", "is_public_address", "load_image"]
 
 _CHUNK = 64 * 1024
 # Raster formats PIL may try. Untrusted bytes never reach EPS (it runs Ghostscript), WMF or the
@@ -68,6 +74,10 @@ class ImageLimits:
     max_pixels: int = 40_000_000         # width * height, from the header, before decoding
     timeout_s: float = 15.0              # total wall time of a URL fetch
     allow_local_paths: bool = True       # the HTTP server passes False
+    # False (the HTTP server's default): URLs whose host resolves to a loopback, private,
+    # link-local, multicast or reserved address are refused, checked at connect time for every
+    # hop (redirects too) and DNS-rebinding safe: the checked address is the one connected to.
+    allow_private_hosts: bool = True
 
     def __post_init__(self):
         for name in ("max_bytes", "max_pixels", "timeout_s"):
@@ -221,11 +231,64 @@ class _Watchdog:
             pass
 
 
-def _connection_factory(base, watchdog: _Watchdog):
-    """An http.client connection class (for urllib's do_open) that reports its socket."""
+def is_public_address(address: str) -> bool:
+    """True for a globally routable unicast IP. Refused: loopback, private (RFC 1918, ULA),
+    link-local, CGNAT, multicast, reserved, unspecified, and IPv6 forms that embed such an IPv4
+    address (IPv4-mapped, 6to4, Teredo, NAT64 64:ff9b::/96)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return False
+    embedded = []
+    if ip.version == 6:
+        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+        if ip in ipaddress.ip_network("64:ff9b::/96"):
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return all(a.is_global and not a.is_multicast for a in [ip, *filter(None, embedded)])
+
+
+def _checked_create_connection(name: str):
+    """socket.create_connection that connects only to public addresses of the host."""
+
+    def create(address, timeout=socket.getdefaulttimeout(), source_address=None, **kwargs):
+        host, port = address[0], address[1]
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise ImageFetchError(f"cannot resolve host {host!r} of image {name}: {e}") from e
+        refused = sorted({info[4][0] for info in infos if not is_public_address(info[4][0])})
+        if refused or not infos:
+            raise ImageFetchError(
+                f"image host {host!r} of {name} resolves to a non-public address "
+                f"({', '.join(refused) or 'none'}): loopback, private, link-local, multicast and "
+                "reserved addresses are refused by the server's policy")
+        error: OSError | None = None
+        for family, type_, proto, _, sockaddr in infos:  # connect to the address just checked
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error
+
+    return create
+
+
+def _connection_factory(base, watchdog: _Watchdog, limits: ImageLimits, name: str):
+    """An http.client connection class (for urllib's do_open) that reports its socket and, when
+    private hosts are refused, opens it through `_checked_create_connection`."""
 
     def make(host, timeout=None, **kwargs):
         conn = base(host, timeout=min(watchdog.remaining(), timeout or watchdog.remaining()), **kwargs)
+        if not limits.allow_private_hosts:
+            # http.client opens its socket through this attribute; HTTPS wraps that socket
+            # with server_hostname=conn.host, the original name (SNI and certificate check).
+            conn._create_connection = _checked_create_connection(name)
         connect = conn.connect
 
         def connect_and_register():
@@ -239,38 +302,40 @@ def _connection_factory(base, watchdog: _Watchdog):
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, watchdog):
+    def __init__(self, watchdog, limits, name):
         super().__init__()
-        self.watchdog = watchdog
+        self.args = (watchdog, limits, name)
 
     def http_open(self, req):
-        return self.do_open(_connection_factory(http.client.HTTPConnection, self.watchdog), req)
+        return self.do_open(_connection_factory(http.client.HTTPConnection, *self.args), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, watchdog):
+    def __init__(self, watchdog, limits, name):
         super().__init__()
-        self.watchdog = watchdog
+        self.args = (watchdog, limits, name)
 
     def https_open(self, req):
-        return self.do_open(_connection_factory(http.client.HTTPSConnection, self.watchdog), req,
+        return self.do_open(_connection_factory(http.client.HTTPSConnection, *self.args), req,
                             context=self._context)
 
 
-def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
+def _opener(watchdog: _Watchdog, limits: ImageLimits, name: str) -> urllib.request.OpenerDirector:
     # Only http(s), redirects (max 10) and error mapping: no file:, ftp: or data: handlers, so a
-    # redirect cannot reach a local file. Proxies from the environment are honoured.
+    # redirect cannot reach a local file. Proxies from the environment are honoured unless
+    # private hosts are refused (a proxy would resolve the name where we cannot check it).
+    proxies = None if limits.allow_private_hosts else {}
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), _HTTPHandler(watchdog), _HTTPSHandler(watchdog),
-                    urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                    urllib.request.HTTPErrorProcessor()):
+    for handler in (urllib.request.ProxyHandler(proxies), _HTTPHandler(watchdog, limits, name),
+                    _HTTPSHandler(watchdog, limits, name), urllib.request.HTTPRedirectHandler(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
 
 
 def _download(url: str, name: str, limits: ImageLimits, watchdog: _Watchdog) -> bytes:
     req = urllib.request.Request(url, headers={"User-Agent": "fastllava", "Accept": "image/*,*/*"})
-    with _opener(watchdog).open(req, timeout=watchdog.remaining()) as resp:
+    with _opener(watchdog, limits, name).open(req, timeout=watchdog.remaining()) as resp:
         length = resp.headers.get("Content-Length")
         if length and length.strip().isdigit() and int(length) > limits.max_bytes:
             raise ImageTooLargeError(f"image at {name} is {int(length)} bytes (Content-Length), "

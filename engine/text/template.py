@@ -88,11 +88,25 @@ def template_family(tokenizer: Tokenizer, text_model_type: str) -> str:
 def render_prompt(template: str, prompt: str, tokenizer: Tokenizer) -> str:
     """One user turn (an image, then `prompt`) rendered with add_generation_prompt=True."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return render_messages(template, messages, tokenizer)
+
+
+def render_messages(template: str, messages: list[dict], tokenizer: Tokenizer) -> str:
+    """A whole chat rendered as transformers' apply_chat_template(add_generation_prompt=True).
+    A template that refuses the chat (raise_exception, e.g. "roles must alternate") raises
+    ValueError: that is the caller's input, not a bug."""
+    import jinja2
+
     names = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
              "unk_token": tokenizer.unk_token, "pad_token": tokenizer.pad_token}
     variables = {k: v for k, v in names.items() if v is not None}
-    return _compile(template).render(messages=messages, tools=None, documents=None,
-                                     add_generation_prompt=True, **variables)
+    try:
+        return _compile(template).render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=True, **variables)
+    except jinja2.exceptions.SecurityError:  # the template itself is hostile: not input's fault
+        raise
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template refused these messages: {e}") from e
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,0 +1,151 @@
+"""The FastAPI application: `create_app(settings, llava)`.
+
+State shared by the routes lives on `app.state`: settings, llava, endpoint_id, store, metrics,
+idempotency. The lifespan opens the job store (`open_store(settings.resolved_queue_url)`),
+re-queues jobs a crashed process left running (`store.recover()`) and runs the queue worker
+(`JobWorker`) until shutdown. The engine itself is loaded by the caller (the CLI) so that a bad
+checkpoint fails before the server binds its port.
+
+Routes: fal_routes (queue + run), openai_routes (/v1), and here GET /health, GET /metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError as FastAPIValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, PlainTextResponse
+
+from . import fal_routes, openai_routes
+from .errors import ApiError, error_response
+from .metrics import Metrics
+from .middleware import GatewayMiddleware
+from .settings import DEFAULT_ENDPOINTS, ServerSettings
+
+log = logging.getLogger("fastllava.server")
+
+
+class Idempotency:
+    """Submit deduplication by an `Idempotency-Key` / `x-idempotency-key` header: the same key
+    (per endpoint) returns the job the first submit created, while that job is still stored.
+    In memory, per process, the newest `size` keys."""
+
+    def __init__(self, size: int = 10_000):
+        self._lock = threading.Lock()
+        self._ids: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.size = size
+
+    def submit(self, key, store, endpoint, path, data, webhook):
+        if not key:
+            return store.submit(endpoint, path, data, webhook)
+        with self._lock:  # one submit at a time per process for keyed requests
+            job_id = self._ids.get((endpoint, key))
+            job = store.get(job_id) if job_id else None
+            if job is None:
+                job = store.submit(endpoint, path, data, webhook)
+                self._ids[(endpoint, key)] = job.id
+                while len(self._ids) > self.size:
+                    self._ids.popitem(last=False)
+            return job
+
+
+def default_endpoint(llava) -> str:
+    return DEFAULT_ENDPOINTS.get(llava.config.kind, "fal-ai/llava-next")
+
+
+def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool = True) -> FastAPI:
+    """The app for one loaded model. `store`: an open JobStore (default: open_store from the
+    settings at startup); run_worker=False leaves the queue to other processes."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        own_store = store is None
+        if own_store:
+            from .stores import open_store
+
+            app.state.store = await run_in_threadpool(open_store, settings.resolved_queue_url)
+        worker = None
+        try:
+            recovered = await run_in_threadpool(app.state.store.recover)
+            if recovered:
+                log.warning("re-queued %d job(s) left running by a previous process", recovered)
+            if run_worker:
+                from .worker import JobWorker
+
+                worker = JobWorker(app.state.store, llava, metrics=app.state.metrics,
+                                   webhook_secret=settings.webhook_secret,
+                                   retention_s=settings.retention_s,
+                                   webhook_allow_private=not settings.refuse_private_webhook_hosts,
+                                   max_tokens_limit=settings.max_tokens_limit,
+                                   max_prompt_chars=settings.max_prompt_chars)
+                worker.start()
+            yield
+        finally:
+            if worker is not None:
+                await run_in_threadpool(worker.stop, timeout_s=10.0)
+            if own_store:
+                await run_in_threadpool(app.state.store.close)
+
+    app = FastAPI(title="fastllava", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.settings = settings
+    app.state.llava = llava
+    app.state.store = store
+    app.state.metrics = Metrics()
+    app.state.idempotency = Idempotency()
+    app.state.endpoint_id = settings.endpoint_id or default_endpoint(llava)
+    app.state.model_aliases = list(dict.fromkeys(
+        [settings.model, os.path.basename(os.path.normpath(settings.model))]))
+    app.state.started_at = int(time.time())
+
+    @app.get("/health")
+    async def health(request: Request):
+        try:
+            counts = await run_in_threadpool(request.app.state.store.counts)
+        except Exception as e:  # the store is down: not healthy
+            return JSONResponse({"status": "unhealthy", "detail": f"job store: {e}"}, 503)
+        return {"status": "ok", "endpoint_id": app.state.endpoint_id, "queue": counts}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        counts = await run_in_threadpool(request.app.state.store.counts)
+        return PlainTextResponse(request.app.state.metrics.render(counts),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.include_router(openai_routes.router)
+    app.include_router(fal_routes.router)
+
+    @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"],
+                   include_in_schema=False)
+    async def not_found(request: Request, rest: str):
+        # Without this, a GET on a path that only the POST catch-all of the run API matches
+        # would answer 405 instead of 404.
+        raise ApiError(404, f"Not Found: {request.method} {request.url.path}", "not_found")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return error_response(request.url.path, ApiError(
+            exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", kind,
+            headers=dict(exc.headers or {})))
+
+    @app.exception_handler(FastAPIValidationError)
+    async def validation_error(request: Request, exc: FastAPIValidationError):
+        detail = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
+        return error_response(request.url.path, ApiError(422, detail, "validation_error"))
+
+    app.add_middleware(GatewayMiddleware, api_keys=settings.api_keys,
+                       max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,155 @@
+"""An OpenAI chat-completions body → the engine's chat and a fal-schema request.
+
+Accepted: `model`, `messages` (roles system / developer / user / assistant; content a string or a
+list of {"type": "text"} / {"type": "image_url", "image_url": {"url"} | str} parts), `max_tokens`
+/ `max_completion_tokens` (the latter wins; default ServerSettings.default_chat_max_tokens),
+`temperature` (default 1, OpenAI's), `top_p`, `n` (1 only), `stop` (string or up to 4 strings),
+`seed`, `stream`, `stream_options.include_usage`. Features the engine does not have (logprobs,
+tools, JSON mode, penalties, logit_bias) are refused with a 400 naming the field rather than
+silently ignored; other fields (user, metadata, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fastllava.schema import validate_all
+
+from .errors import ApiError, detail_message
+from .safety import precheck_image_url
+from .settings import ServerSettings
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# field → (value that means "off", what it is)
+_UNSUPPORTED = {"logprobs": (False, "logprobs"), "top_logprobs": (None, "logprobs"),
+                "tools": ([], "tool calling"), "functions": ([], "function calling"),
+                "frequency_penalty": (0, "frequency penalty"),
+                "presence_penalty": (0, "presence penalty"), "logit_bias": ({}, "logit bias")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    model: str
+    messages: list[dict]        # engine form, see LLaVA.render_chat
+    request: dict               # fal schema: image_url, prompt (all text), sampling
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_request_error") -> ApiError:
+    return ApiError(400, message, code, param=param, code=code)
+
+
+def _content(i: int, role: str, content: Any, images: list[str]) -> list[dict]:
+    where = f"messages[{i}].content"
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _bad(f"{where} must be a string or a list of content parts, got "
+                   f"{type(content).__name__}", where)
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            ref = part.get("image_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str) or not url:
+                raise _bad(f"{where}[{j}].image_url.url must be a non-empty string", where)
+            if role != "user":
+                raise _bad(f"{where}[{j}]: images are only accepted in user messages", where)
+            images.append(url)
+            parts.append({"type": "image"})
+        else:
+            raise _bad(f"{where}[{j}]: unsupported content part (type {kind!r}); accepted: "
+                       "'text' with a string 'text', 'image_url'", where)
+    return parts
+
+
+def _messages(raw: Any) -> tuple[list[dict], list[str]]:
+    if not isinstance(raw, list) or not raw:
+        raise _bad("messages must be a non-empty list", "messages")
+    messages, images = [], []
+    for i, m in enumerate(raw):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in _ROLES:
+            raise _bad(f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r} "
+                       "(tool messages are not supported)", f"messages[{i}].role")
+        messages.append({"role": _ROLES[role], "content": _content(i, role, m.get("content"),
+                                                                   images)})
+    if len(images) != 1:
+        raise _bad(f"exactly one image is required (an image_url part in a user message): LLaVA "
+                   f"answers about one image; got {len(images)}", "messages")
+    if messages[-1]["role"] != "user":
+        raise _bad("the last message must be a user message (continuing an assistant message "
+                   "is not supported)", "messages")
+    return messages, images
+
+
+def _stop(value: Any) -> list[str]:
+    stops = [value] if isinstance(value, str) else value if value is not None else []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(
+            isinstance(s, str) and s for s in stops):
+        raise _bad("stop must be a non-empty string or a list of up to 4 non-empty strings", "stop")
+    return stops
+
+
+def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> Chat:
+    """Validate `body`; raise ApiError (400, or 404 for an unknown model)."""
+    if not isinstance(body, dict):
+        raise _bad(f"the body must be a JSON object, got {type(body).__name__}", None)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model is required (a string; see GET /v1/models)", "model")
+    if model not in model_names:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                       f"{model_names[0]!r}", "model_not_found", param="model",
+                       code="model_not_found")
+    for field, (off, what) in _UNSUPPORTED.items():
+        if body.get(field) not in (None, off):
+            raise _bad(f"{what} is not supported by this server ({field})", field)
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise _bad("response_format: only {'type': 'text'} is supported", "response_format")
+    if body.get("n") not in (None, 1):
+        raise _bad(f"n must be 1 (one choice per request), got {body.get('n')!r}", "n")
+    messages, images = _messages(body.get("messages"))
+    texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
+    budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    request: dict[str, Any] = {
+        "image_url": images[0],
+        "prompt": "\n".join(texts) if "".join(texts).strip() else "(image only)",
+        "max_tokens": body.get(budget, min(settings.default_chat_max_tokens,
+                                           settings.max_tokens_limit)),
+        "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+        "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+        "seed": body.get("seed"),
+    }
+    if request["max_tokens"] is None:
+        request["max_tokens"] = min(settings.default_chat_max_tokens, settings.max_tokens_limit)
+    errors = validate_all(request, max_tokens_limit=settings.max_tokens_limit,
+                          max_prompt_chars=settings.max_prompt_chars)
+    if not errors:
+        try:
+            precheck_image_url(images[0], settings)
+        except ValueError as e:
+            errors = [e]
+    if errors:
+        # Name the OpenAI field in the message (the prompt is all message text together).
+        names = {"image_url": "image_url", "prompt": "message text", "max_tokens": budget}
+        detail = [dict(e.to_dict(), loc=["body", names.get(e.field, e.field)]) for e in errors]
+        param = {"image_url": "messages", "prompt": "messages", "max_tokens": budget}.get(
+            errors[0].field, errors[0].field)
+        raise _bad(detail_message(detail), param, errors[0].type)
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _bad("stream must be a boolean", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("stream_options must be an object", "stream_options")
+    return Chat(model, messages, request, _stop(body.get("stop")), stream,
+                bool(options.get("include_usage")) and stream)

@@ -1,0 +1,132 @@
+"""The gateway: one pure-ASGI middleware in front of every route.
+
+In order, for each HTTP request:
+1. fal JS proxy: a request carrying `x-fal-target-url` (the @fal-ai/client `proxyUrl` mode sends
+   every call to the proxy with the original URL in that header) is routed by that URL's path; a
+   target host starting with "queue." is routed to the queue API (`/queue/...`).
+2. A request id (uuid4 hex) in scope["state"]["request_id"]; every response, errors and 404s
+   included, carries it as `x-fal-request-id` unless the route set its own (a job's id).
+3. Auth, when API keys are configured: `Authorization: Key <key>` or `Bearer <key>`; 401
+   otherwise. /health stays open (load balancers).
+4. Unhandled exceptions → 500 internal_error (logged with the traceback, never sent).
+5. Body limit: Content-Length over max_body_bytes → 413 before reading; chunked bodies are read
+   up to the limit and then replayed to the app. After the replay, receive() is the server's own,
+   so streaming responses still see the client's disconnect.
+Error answers take the OpenAI shape under /v1, fal's otherwise (errors.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from urllib.parse import urlsplit
+
+from .errors import ApiError, error_response
+
+OPEN_PATHS = ("/health",)
+log = logging.getLogger("fastllava.server")
+
+
+class GatewayMiddleware:
+    def __init__(self, app, *, api_keys: tuple[str, ...], max_body_bytes: int):
+        self.app = app
+        self.api_keys = tuple(k.encode() for k in api_keys)
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        scope = dict(scope)
+        target = headers.get("x-fal-target-url")
+        if target:
+            parts = urlsplit(target)
+            prefix = "/queue" if (parts.hostname or "").startswith("queue.") else ""
+            scope["path"] = prefix + (parts.path or "/")
+            scope["raw_path"] = scope["path"].encode()
+            scope["query_string"] = parts.query.encode()
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})
+        scope["state"] = {**scope["state"], "request_id": request_id}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                if b"x-fal-request-id" not in names:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-fal-request-id", request_id.encode())]}
+            await send(message)
+
+        path = scope["path"]
+        try:
+            if self.api_keys and path not in OPEN_PATHS:
+                self._authorize(headers.get("authorization", ""))
+            receive = await self._limit_body(headers, receive)
+        except ApiError as e:
+            return await error_response(path, e)(scope, receive, send_with_id)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_with_id(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            # Answer here rather than in Starlette's outermost error middleware, so that a 500
+            # carries x-fal-request-id and the protocol's error shape too.
+            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            if started:
+                raise
+            await error_response(path, ApiError(
+                500, "internal error; see the server log", "internal_error"))(
+                scope, receive, send_with_id)
+
+    def _authorize(self, header: str) -> None:
+        scheme, _, key = header.strip().partition(" ")
+        key = key.strip().encode()
+        if scheme.lower() not in ("key", "bearer") or not key:
+            raise ApiError(401, "missing credentials: send 'Authorization: Key <api key>' "
+                           "(or 'Bearer <api key>')", "unauthorized", code="invalid_api_key",
+                           headers={"WWW-Authenticate": 'Key, Bearer realm="fastllava"'})
+        # Compare with every key in constant time (no early exit on a match).
+        matches = [hmac.compare_digest(key, k) for k in self.api_keys]
+        if not any(matches):
+            raise ApiError(401, "invalid API key", "unauthorized", code="invalid_api_key",
+                           headers={"WWW-Authenticate": 'Key, Bearer realm="fastllava"'})
+
+    async def _limit_body(self, headers: dict[str, str], receive):
+        limit = self.max_body_bytes
+        too_big = ApiError(413, f"request body is over the limit of {limit} bytes "
+                           "(--max-body-bytes)", "request_too_large", code="request_too_large")
+        length = headers.get("content-length")
+        if length is not None:
+            if length.strip().isdigit() and int(length) > limit:
+                raise too_big
+            return receive  # the server enforces Content-Length framing itself
+        chunks, total, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay([message], receive)
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > limit:
+                raise too_big
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
+                       receive)
+
+
+def _replay(messages: list[dict], receive):
+    pending = list(messages)
+
+    async def replay():
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay

@@ -1,0 +1,152 @@
+"""OpenAI-compatible vision chat (docs/serving-protocol.md §3).
+
+    GET  /v1/models              {"object": "list", "data": [{"id", "object": "model", ...}]}
+    POST /v1/chat/completions    chat.completion, or SSE chat.completion.chunk events + [DONE]
+
+A chat must hold exactly one image (an `image_url` part of a user message): LLaVA answers about
+one image. System messages, assistant turns and several user turns are rendered with the
+checkpoint's chat template (LLaVA.render_chat). Errors: {"error": {message, type, param, code}},
+400 for bad requests and image errors, 404 for an unknown model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse
+
+from .chat import parse_chat
+from .errors import ApiError, detail_message, openai_error_body
+from .fal_routes import read_json
+from .safety import classify
+from .streaming import SSE_HEADERS, ClosingStreamingResponse, engine_events, first_and_rest
+
+router = APIRouter()
+
+
+def _model_ids(request: Request) -> list[str]:
+    return [request.app.state.endpoint_id]
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    created = request.app.state.started_at
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": created,
+                                        "owned_by": "fastllava"} for m in _model_ids(request)]}
+
+
+def _openai_error(exc: BaseException) -> ApiError:
+    status, detail, error_type = classify(exc)
+    param = None
+    if isinstance(detail, list) and detail:
+        loc = [str(x) for x in detail[0].get("loc", []) if x != "body"]
+        param = {"image_url": "messages", "prompt": "messages"}.get(loc[0], loc[0]) if loc else None
+    return ApiError(400 if status == 422 else status, detail_message(detail), error_type,
+                    param=param, code=error_type)
+
+
+class StopMatcher:
+    """Stop strings over cumulative text. `visible(text)` is what may be shown: text cut before
+    the first stop string, and otherwise without a tail that could still become one (held back
+    until the next token decides). Monotone: each answer extends the previous one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hit = False
+
+    def visible(self, text: str, final: bool) -> str:
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            return text[:cut]
+        if final:
+            return text
+        hold = max((k for s in self.stops for k in range(1, len(s))
+                    if text.endswith(s[:k])), default=0)
+        return text[:len(text) - hold]
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    state = request.app.state
+    body = await read_json(request)
+    chat = parse_chat(body, state.settings, _model_ids(request) + state.model_aliases)
+    llava, s = state.llava, state.settings
+    events = engine_events(lambda: llava.stream_detailed(
+        chat.request, messages=chat.messages, max_tokens_limit=s.max_tokens_limit,
+        max_prompt_chars=s.max_prompt_chars, every_token=True), state.metrics)
+    try:
+        first, rest = await first_and_rest(events)
+    except Exception as e:
+        raise _openai_error(e) from e
+    cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), chat.model
+    stops = StopMatcher(chat.stop)
+
+    async def snapshots():
+        """(visible text, snapshot) until the end or a stop string; closes the engine stream."""
+        try:
+            for snap in ([first] if first is not None else []):
+                yield stops.visible(snap["output"], not snap["partial"]), snap
+            if stops.hit:
+                return
+            async for snap in rest:
+                yield stops.visible(snap["output"], not snap["partial"]), snap
+                if stops.hit:
+                    return
+        finally:
+            await rest.aclose()
+
+    def finish(snap: dict) -> str:
+        return "stop" if stops.hit else (snap.get("finish_reason") or "length")
+
+    def usage(snap: dict) -> dict:
+        p, c = snap["prompt_tokens"], snap["completion_tokens"]
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    if not chat.stream:
+        text, last = "", None
+        try:
+            async for text, last in snapshots():
+                pass
+        except Exception as e:
+            raise _openai_error(e) from e
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish(last)}],
+            "usage": usage(last)})
+
+    def chunk(delta: dict, finish_reason: str | None, **extra) -> str:
+        data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish_reason}], **extra}
+        if chat.include_usage:
+            data.setdefault("usage", None)
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def sse():
+        yield chunk({"role": "assistant", "content": ""}, None)
+        sent, last, snaps = "", None, snapshots()
+        try:
+            async for text, last in snaps:
+                if len(text) > len(sent):
+                    yield chunk({"content": text[len(sent):]}, None)
+                    sent = text
+            yield chunk({}, finish(last))
+            if chat.include_usage:
+                data = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                        "model": model, "choices": [], "usage": usage(last)}
+                yield f"data: {json.dumps(data)}\n\n"
+        except Exception as e:  # mid-stream: report in-band, then end the stream as usual
+            err = _openai_error(e)
+            body = openai_error_body(err.status, str(err), err.param, err.code)
+            yield f"data: {json.dumps(body)}\n\n"
+        finally:  # also on a client disconnect: the engine stops at its next token
+            await snaps.aclose()
+        yield "data: [DONE]\n\n"
+
+    return ClosingStreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,306 @@
+"""The JobStore contract, run against both backends: SqliteJobStore and RedisJobStore.
+
+Redis tests start a throwaway `redis-server` (no persistence) on a free port when the binary is
+installed, and are skipped otherwise. Each test gets fresh storage: a new SQLite file, or a new
+key prefix on the shared Redis. `make(**kw)` opens another store on the same storage, which is
+how several processes see it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from fastllava.server.jobs import COMPLETED, IN_PROGRESS, IN_QUEUE
+from fastllava.server.stores import open_store
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make(request, tmp_path):
+    """make(**kw) -> a new store on this test's storage; all are closed after the test."""
+    opened = []
+    if request.param == "sqlite":
+        url, extra = f"sqlite:///{tmp_path / 'jobs.db'}", {}
+    else:
+        url = request.getfixturevalue("redis_url")
+        extra = {"prefix": f"t{uuid.uuid4().hex[:8]}:"}
+
+    def factory(**kw):
+        store = open_store(url, **extra, **kw)
+        opened.append(store)
+        return store
+
+    factory.url, factory.extra = url, extra
+    yield factory
+    for store in opened:
+        store.close()
+
+
+def submit_n(store, n):
+    return [store.submit("fal-ai/llava-next", "", {"prompt": f"p{i}", "image_url": "x"}).id
+            for i in range(n)]
+
+
+def test_submit_get_roundtrip_and_durable_reopen(make):
+    store = make()
+    job = store.submit("fal-ai/llava-next", "sub/path", {"prompt": "hi", "image_url": "u"},
+                       webhook_url="http://hook/x")
+    assert store.get("no-such-id") is None
+    got = make().get(job.id)    # another connection / process view
+    assert (got.id, got.endpoint, got.path, got.input, got.status, got.webhook_url) == (
+        job.id, "fal-ai/llava-next", "sub/path", {"prompt": "hi", "image_url": "u"}, IN_QUEUE,
+        "http://hook/x"), got
+    assert abs(got.created_at - time.time()) < 60, got.created_at
+    assert (got.attempts, got.cancel_requested, got.logs, got.result, got.error) == (
+        0, False, [], None, None), got
+    assert store.counts() == {IN_QUEUE: 1, IN_PROGRESS: 0}
+
+
+def test_fifo_claim_and_queue_position(make):
+    store = make()
+    ids = submit_n(store, 4)
+    assert [store.queue_position(i) for i in ids] == [0, 1, 2, 3]
+    job = store.claim("w1", timeout_s=0)
+    assert job.id == ids[0], (job.id, ids)
+    assert (job.status, job.attempts) == (IN_PROGRESS, 1) and job.started_at is not None, job
+    assert [store.queue_position(i) for i in ids] == [None, 0, 1, 2]
+    assert store.queue_position("no-such-id") is None
+    assert store.counts() == {IN_QUEUE: 3, IN_PROGRESS: 1}
+    assert [store.claim("w1", 0).id for _ in range(3)] == ids[1:]
+    assert store.claim("w1", timeout_s=0) is None
+
+
+def test_claim_waits_for_a_submit_without_spinning(make):
+    store, other = make(), make()
+    t0 = time.monotonic()
+    assert store.claim("w", timeout_s=0.3) is None
+    assert 0.25 <= time.monotonic() - t0 < 2.0, time.monotonic() - t0
+    threading.Timer(0.2, lambda: submit_n(other, 1)).start()   # another store: polled, not signalled
+    cpu0, t0 = time.process_time(), time.monotonic()
+    job = store.claim("w", timeout_s=5)
+    waited = time.monotonic() - t0
+    assert job is not None and 0.15 < waited < 1.5, (job, waited)
+    assert time.process_time() - cpu0 < 0.5 * waited + 0.05, "claim busy-spins while waiting"
+
+
+def test_concurrent_claims_never_hand_out_a_job_twice(make):
+    ids = submit_n(make(), 40)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(n):
+        store = make() if n % 2 else shared   # separate connections and a shared one
+        while (job := store.claim(f"w{n}", timeout_s=0)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    shared = make()
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    dupes = sorted({i for i in claimed if claimed.count(i) > 1})
+    assert not dupes and sorted(claimed) == sorted(ids), (len(claimed), dupes[:3])
+
+
+_CLAIMER = """
+import sys, time
+from fastllava.server.stores import open_store
+kw = {"prefix": sys.argv[3]} if sys.argv[3] else {}
+store = open_store(sys.argv[1], **kw)
+print("ready", flush=True)
+if sys.argv[2] == "hold":          # claim one job and die without completing it
+    job = store.claim("holder", timeout_s=10)
+    print(job.id, flush=True)
+    time.sleep(60)
+while (job := store.claim(sys.argv[2], timeout_s=0.5)) is not None:
+    time.sleep(0.02)
+    store.complete(job.id, result={"output": sys.argv[2], "partial": False})
+    print(job.id, flush=True)
+"""
+
+
+def _spawn(make, arg):
+    return subprocess.Popen([sys.executable, "-c", _CLAIMER, make.url, arg,
+                             make.extra.get("prefix", "")], stdout=subprocess.PIPE, text=True)
+
+
+def test_cross_process_claims(make):
+    procs = [_spawn(make, f"p{n}") for n in range(2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    store = make()
+    ids = submit_n(store, 30)
+    outs = [p.communicate(timeout=60)[0].split() for p in procs]
+    claimed = outs[0] + outs[1]
+    assert sorted(claimed) == sorted(ids), (len(claimed), len(ids))
+    assert all(outs), f"one process claimed nothing: {[len(o) for o in outs]}"
+    for n, out in enumerate(outs):
+        assert all(store.get(i).result == {"output": f"p{n}", "partial": False} for i in out)
+
+
+def test_cancel_semantics(make):
+    store = make()
+    queued, running, done = submit_n(store, 3)
+    assert store.claim("w", 0).id == queued
+    store.release(queued, "w")                          # back in front; now claim in order
+    assert store.claim("w", 0).id == queued and store.claim("w", 0).id == running
+    store.complete(queued, result={"output": "x", "partial": False})
+    assert store.request_cancel(done) == "CANCELLATION_REQUESTED"    # still queued
+    job = store.get(done)
+    assert job.status == COMPLETED and job.error["status_code"] == 499, job
+    assert job.error["error_type"] == "client_cancelled" and job.result is None, job
+    assert store.claim("w", 0) is None, "a cancelled queued job was handed out"
+    assert store.cancel_requested(running) is False
+    assert store.request_cancel(running) == "CANCELLATION_REQUESTED"
+    job = store.get(running)
+    assert (job.status, job.cancel_requested) == (IN_PROGRESS, True), job
+    assert store.cancel_requested(running) is True
+    assert store.cancel_requested(queued) is True       # completed: nothing left to run
+    assert store.cancel_requested("no-such-id") is True
+    assert store.request_cancel(queued) == "ALREADY_COMPLETED"
+    assert store.request_cancel(done) == "ALREADY_COMPLETED"
+    assert store.request_cancel("no-such-id") == "NOT_FOUND"
+
+
+def test_complete_once_and_counts(make):
+    store = make()
+    a, b = submit_n(store, 2)
+    store.claim("w", 0)
+    assert store.complete(a, result={"output": "hi", "partial": False}) is True
+    assert store.complete(a, error={"status_code": 500, "detail": "x", "error_type": "e"}) is False
+    job = store.get(a)
+    assert (job.status, job.result, job.error) == (COMPLETED, {"output": "hi", "partial": False},
+                                                   None), job
+    assert job.finished_at >= job.started_at >= job.created_at, job
+    assert store.complete("no-such-id", result={}) is False
+    assert store.counts() == {IN_QUEUE: 1, IN_PROGRESS: 0}
+
+
+def test_lease_expiry_heartbeat_and_recover(make):
+    store = make(lease_s=0.4, max_attempts=2)
+    first, second = submit_n(store, 2)
+    assert store.claim("w", 0).id == first
+    for _ in range(3):                     # heartbeats keep the lease alive past lease_s
+        time.sleep(0.2)
+        store.heartbeat("w")
+        assert store.recover() == 0
+    time.sleep(0.6)
+    assert store.recover() == 1
+    job = store.get(first)
+    assert (job.status, store.queue_position(first), store.queue_position(second)) == (
+        IN_QUEUE, 0, 1), job
+    assert "re-queued" in job.logs[-1]["message"] and job.logs[-1]["level"] == "WARN", job.logs
+    again = store.claim("w2", 0)
+    assert (again.id, again.attempts) == (first, 2), again
+    time.sleep(0.6)                         # second lost lease: max_attempts reached → failed
+    assert store.recover() == 1
+    job = store.get(first)
+    assert job.status == COMPLETED and job.error["status_code"] == 500, job
+    assert store.claim("w3", 0).id == second
+    store.request_cancel(second)
+    time.sleep(0.6)                         # a lost job already asked to cancel is cancelled
+    assert store.recover() == 1
+    assert store.get(second).error["error_type"] == "client_cancelled"
+
+
+def test_recover_takes_back_a_dead_process_job_at_once(make):
+    store = make(lease_s=60)                # the lease alone would keep it for a minute
+    ids = submit_n(store, 2)
+    proc = _spawn(make, "hold")
+    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().strip() == ids[0]
+    assert store.recover() == 0, "a live worker's job was taken back"
+    proc.kill()
+    proc.wait()
+    assert store.recover() == 1
+    job = store.get(ids[0])
+    assert (job.status, job.attempts, store.queue_position(ids[0])) == (IN_QUEUE, 1, 0), job
+
+
+def test_release_requeues_without_counting(make):
+    store = make()
+    (a,) = submit_n(store, 1)
+    store.claim("w", 0)
+    assert store.release(a, "other") is False
+    assert store.release(a, "w") is True
+    job = store.get(a)
+    assert (job.status, job.attempts, store.queue_position(a)) == (IN_QUEUE, 0, 0), job
+    assert store.release(a, "w") is False
+
+
+def test_purge_expired(make):
+    store = make()
+    a, b = submit_n(store, 2)
+    store.claim("w", 0)
+    store.complete(a, result={"output": "", "partial": False})
+    assert store.purge_expired(3600) == 0
+    time.sleep(0.05)
+    assert store.purge_expired(0.01) == 1
+    assert store.get(a) is None and store.get(b).status == IN_QUEUE
+
+
+def test_logs(make):
+    store = make()
+    (a,) = submit_n(store, 1)
+    store.append_log(a, "starting")
+    store.append_log(a, "quote \" and ünïcode ✓", level="WARN")
+    store.append_log("no-such-id", "ignored")
+    logs = make().get(a).logs
+    assert [(x["message"], x["level"], x["source"]) for x in logs] == [
+        ("starting", "INFO", "USER"), ("quote \" and ünïcode ✓", "WARN", "USER")], logs
+    assert logs[0]["timestamp"].endswith("+00:00") and json.dumps(logs), logs
+    with pytest.raises(ValueError, match="level"):
+        store.append_log(a, "x", level="LOUD")
+
+
+def test_open_store_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    open_store("sqlite:///rel.db").close()
+    assert (tmp_path / "rel.db").is_file()
+    open_store(f"sqlite:///{tmp_path / 'abs.db'}").close()
+    assert (tmp_path / "abs.db").is_file()
+    for bad in ("", "http://x/y", "sqlite://host/x.db", "sqlite:///", "jobs.db", "postgres://x"):
+        with pytest.raises(ValueError, match="queue URL"):
+            open_store(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        open_store(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
