@@ -11,8 +11,8 @@ import torch
 
 from fastllava.kernels.gelu import VARIANTS, gelu, gelu_ref
 from tolerances import assert_elementwise_close, assert_rounding_points_kept
+from kernel_device import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # exp(-x) overflowing to inf for very negative x is intended (x / inf = -0); the interpreter's
 # numpy reports it as a RuntimeWarning, compiled kernels do not.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

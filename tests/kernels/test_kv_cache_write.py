@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_device import DEVICE
 from tolerances import assert_exact, assert_flash_bound
 
 from fastllava.kernels.kv_cache_write import write_kv, write_kv_ref
 from fastllava.kernels.paged_decode_attention import (paged_decode_attention,
                                                       paged_decode_attention_ref)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fused_kv(N, KVH, D, dtype, gen, H=4):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_device import DEVICE
 from tolerances import assert_flash_bound
 
 from fastllava.kernels.paged_decode_attention import (BLOCK_N, MAX_SPLITS, choose_num_splits,
                                                       paged_decode_attention,
                                                       paged_decode_attention_ref)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENS = [1, 7, 113, 239]  # one token, mid-page, and contexts crossing several pages
 
 

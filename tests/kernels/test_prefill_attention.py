@@ -1,7 +1,7 @@
 """Triton prefill attention against the torch reference (FlashAttention error bound).
 
-CPU runs use the Triton interpreter in fp16/fp32 (it cannot do bf16 dots); bf16, the real head
-dims and long sequences run on a GPU only. The exact reference is the torch reference in float64;
+The fp16/fp32 sweeps run where the kernels run (kernel_device: the interpreter on CPU, which cannot
+do bf16 dots, or the GPU); bf16, the real head dims and long sequences are GPU-only tests. The exact reference is the torch reference in float64;
 the kernel's error must stay within FLASH_FACTOR x the same-dtype torch reference's error.
 """
 
@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from fastllava.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from kernel_device import DEVICE
 from paging import paged
 from tolerances import assert_flash_bound
 
-pytestmark = pytest.mark.interpreter
 
-
-def packed(lens, H, KVH, D, dtype, gen, device="cpu"):
+def packed(lens, H, KVH, D, dtype, gen, device=DEVICE):
     """q, k, v as strided views of one fused qkv buffer (as the model produces them)."""
     N = sum(lens)
     qkv = torch.randn(N, (H + 2 * KVH) * D, generator=gen).to(device=device, dtype=dtype)
@@ -76,8 +75,9 @@ def test_cached_prefix(page_size, dtype):
     k = torch.cat([x[p:] for x, p in zip(ks, prefixes)])
     v = torch.cat([x[p:] for x, p in zip(vs, prefixes)])
     cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
-    check(q, k, v, cu, True, D ** -0.5, k_cache=k_cache, v_cache=v_cache, block_tables=tables,
-          prefix_lens=torch.tensor(prefixes, dtype=torch.int32))
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    check(to(q), to(k), to(v), to(cu), True, D ** -0.5, k_cache=to(k_cache), v_cache=to(v_cache),
+          block_tables=to(tables), prefix_lens=to(torch.tensor(prefixes, dtype=torch.int32)))
 
 
 def test_writes_only_its_rows_and_leaves_inputs_alone():
@@ -100,7 +100,8 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="last dim"):
         prefill_attention(q.transpose(1, 2), k, v, cu, causal=True, scale=1.0)
     with pytest.raises(ValueError, match="without k_cache"):
-        prefill_attention(q, k, v, cu, causal=True, scale=1.0, prefix_lens=torch.zeros(1))
+        prefill_attention(q, k, v, cu, causal=True, scale=1.0,
+                          prefix_lens=torch.zeros(1, device=DEVICE))
 
 
 # ---- GPU: bf16, the real head dims, long sequences, the vision tower's shape ----------------------

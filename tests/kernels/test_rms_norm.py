@@ -12,8 +12,8 @@ import torch
 
 from fastllava.kernels.rms_norm import MAX_HIDDEN, rms_norm, rms_norm_ref
 from tolerances import assert_elementwise_close, assert_exact, assert_rounding_points_kept
+from kernel_device import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 HALF_DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 

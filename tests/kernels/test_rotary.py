@@ -12,8 +12,8 @@ import torch
 
 from fastllava.kernels.rotary import rope_cos_sin, rope_inv_freq, rotary, rotary_ref
 from tolerances import assert_exact
+from kernel_device import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 PAD = 5  # extra columns per token row of the fused buffer: token stride != (H + 2 KVH) D
 
