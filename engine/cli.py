@@ -95,6 +95,9 @@ def _add_serve(commands) -> None:
     a("--api-key", action="append", metavar="KEY", dest="api_keys",
       help="accepted key (repeatable; also env FASTLLAVA_API_KEYS, comma-separated); clients "
       "send 'Authorization: Key KEY' or 'Bearer KEY'. No keys: no auth")
+    a("--cors-origin", action="append", metavar="ORIGIN", dest="cors_origins",
+      help="let browser pages on ORIGIN call the server (repeatable; '*' for any), e.g. the JS "
+      "fal client in proxy mode from another origin. Default: no CORS headers")
     a("--queue", metavar="URL", dest="queue_url", help="job store: sqlite:///path or "
       "redis://host:port/db (default: sqlite under --data-dir)")
     a("--data-dir", default=d["data_dir"], help=f"where the default SQLite queue lives "
@@ -121,7 +124,7 @@ def _add_serve(commands) -> None:
             ("default_chat_max_tokens", int, "max_tokens of OpenAI requests that set none"),
             ("sse_ping_s", float, "keep-alive comment interval of status streams")):
         a("--" + name.replace("_", "-"), type=kind, default=d[name], metavar="N",
-          help=f"{help_} (default {d[name]:g})")
+          help=f"{help_} (default {d[name]})")
     a("--device", help="torch device (default: cuda if available)")
     a("--dtype", type=_dtype, help="float32|fp32, float16|fp16, bfloat16|bf16")
     a("--backend", default=d["backend"], help=f"kernel backend (default {d['backend']})")
@@ -136,6 +139,7 @@ def settings_from_args(args: argparse.Namespace):
     names = {f.name for f in dataclasses.fields(ServerSettings)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["api_keys"] = api_keys_from_env(args.api_keys)
+    values["cors_origins"] = tuple(args.cors_origins or ())
     return ServerSettings(**values)
 
 

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError as FastAPIValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from . import fal_routes, openai_routes
@@ -148,4 +149,10 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
 
     app.add_middleware(GatewayMiddleware, api_keys=settings.api_keys,
                        max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        # Added last = outermost: a browser's preflight OPTIONS is answered before auth (it never
+        # carries credentials); request ids and error types stay readable by page scripts.
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST", "PUT", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=["x-fal-request-id", "x-fal-error-type"], max_age=600)
     return app

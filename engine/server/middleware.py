@@ -20,7 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import ApiError, error_response
 
@@ -43,9 +43,12 @@ class GatewayMiddleware:
         if target:
             parts = urlsplit(target)
             prefix = "/queue" if (parts.hostname or "").startswith("queue.") else ""
-            scope["path"] = prefix + (parts.path or "/")
-            scope["raw_path"] = scope["path"].encode()
-            scope["query_string"] = parts.query.encode()
+            raw = prefix + (parts.path if parts.path.startswith("/") else "/" + parts.path)
+            # ASGI: raw_path keeps the URL's percent-escapes, path is decoded (as the server
+            # does for a direct request), so a proxied call routes exactly like a direct one.
+            scope["raw_path"] = raw.encode("latin-1")
+            scope["path"] = unquote(raw)
+            scope["query_string"] = parts.query.encode("latin-1")
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})
         scope["state"] = {**scope["state"], "request_id": request_id}

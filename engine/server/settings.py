@@ -21,6 +21,7 @@ class ServerSettings:
     port: int = 8000
     endpoint_id: str | None = None              # "owner/alias"; None → by checkpoint kind
     api_keys: tuple[str, ...] = ()              # empty → no auth
+    cors_origins: tuple[str, ...] = ()          # browser origins allowed to call ("*" = any)
     queue_url: str | None = None                # sqlite:///path | redis://host:port/db
     data_dir: str = "./fastllava-data"          # default sqlite file lives here
     retention_s: float = 3600.0                 # completed results kept this long
