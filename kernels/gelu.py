@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastllava.kernels.common import FP_FUSION
+
 VARIANTS = ("quick", "tanh", "erf")  # the kernel's VARIANT constexpr is an index into this
 BLOCK = 1024  # elements per program: 2 KB of bf16, 8 per thread at 4 warps (16-byte accesses)
 
@@ -55,7 +57,8 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     if x.numel() == 0:
         return out
     _gelu_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-        x, out, x.numel(), VARIANT=VARIANTS.index(approximate), BLOCK_SIZE=BLOCK, num_warps=4)
+        x, out, x.numel(), VARIANT=VARIANTS.index(approximate), BLOCK_SIZE=BLOCK, num_warps=4,
+        enable_fp_fusion=FP_FUSION)
     return out
 
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastllava.kernels.common import FP_FUSION
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -83,7 +85,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         KVH=KVH, D=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
-        num_warps=max(1, min(8, BLOCK_H * BLOCK_D // 256)))
+        num_warps=max(1, min(8, BLOCK_H * BLOCK_D // 256)), enable_fp_fusion=FP_FUSION)
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastllava.kernels.common import dot_precision
+from fastllava.kernels.common import FP_FUSION, dot_precision
 from fastllava.kernels.prefill_attention import attend_ref, gather_pages
 
 BLOCK_N = 64  # KV tokens per inner step: 2 x 16 KiB K/V tiles at D=128 in 16-bit, 4 warps.
@@ -167,11 +167,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         scale * math.log2(math.e), q.stride(0), q.stride(1), block_tables.stride(0), chunk, max_ctx,
         H=H, KVH=KVH, D=D, S=S, GROUP=group, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=4)
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
+        enable_fp_fusion=FP_FUSION)
     if num_splits > 1:
         _decode_merge_kernel[(B, H)](part, lse, out, H=H, D=D, NUM_SPLITS=num_splits,
                                      BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-                                     BLOCK_D=BLOCK_D, num_warps=4)
+                                     BLOCK_D=BLOCK_D, num_warps=4,
+                                     enable_fp_fusion=FP_FUSION)
     return out
 
 

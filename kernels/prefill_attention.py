@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastllava.kernels.common import check_attention_inputs, dot_precision, interpreted
+from fastllava.kernels.common import (FP_FUSION, check_attention_inputs, dot_precision,
+                                      interpreted)
 
 _LOG2E = 1.4426950408889634
 
@@ -142,15 +143,18 @@ def _prefill_attention_kernel(
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def _block_sizes(D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper: 128x64 tiles at D <= 128 in 16-bit keep
-    q, the k/v tiles and the fp32 accumulator in registers/shared memory with 8 warps; fp32 inputs
-    need twice the shared memory, so smaller tiles. The interpreter prefers few, large programs."""
+def _block_sizes(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit on Hopper: 128x64 tiles, 8 warps (two
+    warpgroups of 64 query rows each) and a 3-stage K/V pipeline: 128 KiB of shared memory at
+    D=128 and no register spills (ptxas, see tests/kernels/hopper_build.py); with 4 warps the
+    D=64 vision tiles need twice the registers per thread. fp32 inputs use IEEE FMA dots whose
+    operands live in registers: 32x16 tiles are the largest that do not spill. The interpreter
+    prefers few, large programs."""
     if interpreted():
         return 32, 32, 4, 1
     if dtype == torch.float32:
-        return 64, 32, 4, 2
-    return (128, 64, 8, 3) if D > 64 else (128, 64, 4, 3)
+        return 32, 16, 8, 1
+    return 128, 64, 8, 3
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -171,7 +175,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
     if N == 0 or B == 0:
         return out
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _block_sizes(D, q.dtype)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _block_sizes(q.dtype)
     assert BLOCK_M % BLOCK_N == 0  # the causal loop split relies on it
     if has_prefix:
         kc, vc, bt, pl = k_cache, v_cache, block_tables, prefix_lens
@@ -187,7 +191,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out.stride(0), out.stride(1), *cache_strides,
         GROUP=H // KVH, D=D, S=S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=causal, HAS_PREFIX=has_prefix,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        enable_fp_fusion=FP_FUSION)
     return out
 
 

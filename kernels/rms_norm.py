@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastllava.kernels.common import FP_FUSION
+
 MAX_HIDDEN = 32768  # one row per program must fit in registers (Llama-family hidden <= 8192)
 
 
@@ -91,7 +93,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _rms_norm_kernel[(N,)](
         x, residual if residual is not None else x, weight, out, res_out,
         x.stride(0), residual.stride(0) if residual is not None else 0, H, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=_num_warps(BLOCK))
+        HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=_num_warps(BLOCK),
+        enable_fp_fusion=FP_FUSION)
     return out, res_out
 
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fastllava.kernels.common import FP_FUSION
+
 MAX_BLOCK = 1024  # columns per program: 2 KB of bf16 per operand, 8 elements per thread at 4 warps
 
 
@@ -48,7 +50,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(MAX_BLOCK, triton.next_power_of_2(I))
     _silu_and_mul_kernel[(N, triton.cdiv(I, block))](x, out, x.stride(0), I, BLOCK=block,
-                                                     num_warps=4 if block >= 512 else 2)
+                                                     num_warps=4 if block >= 512 else 2,
+                                                     enable_fp_fusion=FP_FUSION)
     return out
 
 
