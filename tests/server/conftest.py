@@ -3,12 +3,17 @@
 Session: png_bytes, data_uri, image_host (loopback: /img.png, /big.png, /slow.png, /500.png,
 /missing.png, /redirect-loopback), tls (throwaway CA), strict_server, lenient_server (one server
 process each for the whole session). Module: server_factory (launch more servers; all stopped at
-the end of the module).
+the end of the module). Session: redis_url (a throwaway redis-server, no persistence, when the
+binary is installed; tests using it skip otherwise).
 """
 
 from __future__ import annotations
 
 import base64
+import shutil
+import socket
+import subprocess
+import time
 
 import pytest
 
@@ -77,3 +82,29 @@ def lenient_server(tiny_llava, tmp_path_factory):
                            "--sse-ping-s", "0.5")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
