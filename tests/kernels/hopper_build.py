@@ -22,7 +22,6 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "0"  # before any kernel module is imported: compiled JITFunctions
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.runtime import driver  # noqa: E402
