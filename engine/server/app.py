@@ -49,7 +49,7 @@ class Idempotency:
             return store.submit(endpoint, path, data, webhook)
         with self._lock:  # one submit at a time per process for keyed requests
             job_id = self._ids.get((endpoint, key))
-            job = store.get(job_id) if job_id else None
+            job = store.get(job_id, with_input=False) if job_id else None
             if job is None:
                 job = store.submit(endpoint, path, data, webhook)
                 self._ids[(endpoint, key)] = job.id

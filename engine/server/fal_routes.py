@@ -16,6 +16,7 @@ Run API (fal's run host):
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from typing import Any
@@ -91,7 +92,8 @@ def job_urls(request: Request, job: Job) -> dict[str, str]:
 
 async def get_job(request: Request, owner: str, alias: str, request_id: str) -> Job:
     endpoint = check_endpoint(request, owner, alias)
-    job = await run_in_threadpool(request.app.state.store.get, request_id)
+    job = await run_in_threadpool(
+        functools.partial(request.app.state.store.get, request_id, with_input=False))
     if job is None or job.endpoint != endpoint:
         raise ApiError(404, f"request {request_id!r} not found (unknown, or its result expired)",
                        "not_found", headers={"x-fal-request-id": request_id})
@@ -173,7 +175,8 @@ async def status_stream(request: Request, owner: str, alias: str, request_id: st
             if current.status == COMPLETED:
                 return
             await asyncio.sleep(0.1)
-            current = await run_in_threadpool(store.get, job.id) or current
+            current = await run_in_threadpool(
+                functools.partial(store.get, job.id, with_input=False)) or current
 
     return ClosingStreamingResponse(events(), media_type="text/event-stream",
                                     headers={**SSE_HEADERS, "x-fal-request-id": job.id})
@@ -202,7 +205,7 @@ async def result(request: Request, owner: str, alias: str, request_id: str):
 async def cancel(request: Request, owner: str, alias: str, request_id: str):
     endpoint = check_endpoint(request, owner, alias)
     store, headers = request.app.state.store, {"x-fal-request-id": request_id}
-    job = await run_in_threadpool(store.get, request_id)
+    job = await run_in_threadpool(functools.partial(store.get, request_id, with_input=False))
     outcome = "NOT_FOUND" if job is None or job.endpoint != endpoint else \
         await run_in_threadpool(store.request_cancel, request_id)
     if outcome == "NOT_FOUND":

@@ -59,7 +59,9 @@ class Job:
 class JobStore(Protocol):
     def submit(self, endpoint: str, path: str, input: dict[str, Any],
                webhook_url: str | None = None) -> Job: ...
-    def get(self, job_id: str) -> Job | None: ...
+    def get(self, job_id: str, *, with_input: bool = True) -> Job | None:
+        """The job, or None. with_input=False leaves Job.input empty ({}) without reading it: status
+        polls and status streams never need a data-URI input that may be megabytes."""
     def queue_position(self, job_id: str) -> int | None:
         """0-based position among IN_QUEUE jobs (oldest first); None if not queued."""
     def claim(self, worker_id: str, timeout_s: float) -> Job | None:

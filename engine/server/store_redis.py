@@ -46,6 +46,9 @@ local function finish(p, id, result, err, now)
   return 1
 end
 """
+# Job hash fields a status read needs (all but the input, which may be a multi-MB data URI).
+_FIELDS_NO_INPUT = ("id", "endpoint", "path", "status", "created_at", "started_at", "finished_at",
+                    "result", "error", "webhook_url", "attempts", "cancel_requested")
 _SUBMIT = """
 local p, id = ARGV[1], ARGV[2]
 local seq = redis.call('INCR', p .. 'seq')
@@ -204,11 +207,17 @@ class RedisJobStore:
         self._wake()
         return job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, *, with_input: bool = True) -> Job | None:
+        key = self.prefix + "job:" + job_id
         pipe = self._r.pipeline(transaction=True)
-        pipe.hgetall(self.prefix + "job:" + job_id)
+        if with_input:
+            pipe.hgetall(key)
+        else:
+            pipe.hmget(key, _FIELDS_NO_INPUT)
         pipe.lrange(self.prefix + "logs:" + job_id, 0, -1)
         h, logs = pipe.execute()
+        if not with_input:
+            h = {} if h[0] is None else {**dict(zip(_FIELDS_NO_INPUT, h)), "input": "{}"}
         if not h:
             return None
         return Job(id=h["id"], endpoint=h["endpoint"], path=h["path"], input=json.loads(h["input"]),

@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS workers (
 """
 _COLUMNS = ("id, endpoint, path, input, status, created_at, started_at, finished_at, result, "
             "error, logs, webhook_url, attempts, cancel_requested")
+_COLUMNS_NO_INPUT = _COLUMNS.replace(" input,", " '{}',")
 # Workers unseen this long are forgotten (their jobs were recovered long before, by lease).
 _WORKER_FORGET_S = 24 * 3600.0
 
@@ -183,8 +184,9 @@ class SqliteJobStore:
             self._arrived.notify()
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+    def get(self, job_id: str, *, with_input: bool = True) -> Job | None:
+        columns = _COLUMNS if with_input else _COLUMNS_NO_INPUT
+        rows = self._read(f"SELECT {columns} FROM jobs WHERE id = ?", (job_id,))
         return _row_to_job(rows[0]) if rows else None
 
     def queue_position(self, job_id: str) -> int | None:

@@ -8,6 +8,7 @@ how several processes see it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -60,6 +61,19 @@ def test_submit_get_roundtrip_and_durable_reopen(make):
     assert (got.attempts, got.cancel_requested, got.logs, got.result, got.error) == (
         0, False, [], None, None), got
     assert store.counts() == {IN_QUEUE: 1, IN_PROGRESS: 0}
+
+
+def test_get_without_input_skips_only_the_input(make):
+    store = make()
+    job = store.submit("fal-ai/llava-next", "", {"prompt": "p", "image_url": "data:" + "A" * 10**5})
+    store.append_log(job.id, "hello")
+    claimed = store.claim("w1", timeout_s=0)
+    store.complete(job.id, result={"output": "x", "partial": False})
+    full, light = store.get(job.id), store.get(job.id, with_input=False)
+    assert full.input["prompt"] == "p" and light.input == {}
+    assert dataclasses.replace(full, input={}) == light, (full, light)
+    assert claimed.input == full.input
+    assert store.get("no-such-id", with_input=False) is None
 
 
 def test_fifo_claim_and_queue_position(make):
