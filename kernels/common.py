@@ -27,7 +27,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor, ndim: int) -> None:
     if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
 

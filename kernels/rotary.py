@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastllava.kernels.common import check_last_dim_contiguous
+
 
 @triton.jit
 def _rotate_heads(x_ptr, stride_h, num_heads, head0, c1, c2, s1, s2, half,
@@ -66,23 +68,16 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr,
                       c1, c2, s1, s2, half, BLOCK_H, BLOCK_HALF)
 
 
-def _check_rows(name: str, t: torch.Tensor, dim: int) -> None:
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
-
-
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Triton version of `rotary_ref`: rotates q (N, H, D) and k (N, KVH, D) in place, returns them.
 
     q and k may be strided views (e.g. of a fused qkv output): any token and head strides, last
     dim contiguous; cos/sin (N, D) with any row stride. All in one dtype on one device; D even.
     """
-    _check_rows("q", q, 3)
-    _check_rows("k", k, 3)
-    _check_rows("cos", cos, 2)
-    _check_rows("sin", sin, 2)
+    check_last_dim_contiguous("q", q, 3)
+    check_last_dim_contiguous("k", k, 3)
+    check_last_dim_contiguous("cos", cos, 2)
+    check_last_dim_contiguous("sin", sin, 2)
     N, H, D = q.shape
     KVH = k.shape[1]
     if k.shape[0] != N or k.shape[2] != D:

@@ -90,9 +90,3 @@ def classify(exc: BaseException) -> tuple[int, Any, str]:
     if isinstance(exc, ValueError):
         return 400, str(exc), "bad_request"
     return 500, f"internal error ({type(exc).__name__}); see the server log", "internal_error"
-
-
-def job_error(exc: BaseException) -> dict[str, Any]:
-    """Job.error for a failed job: {"status_code", "detail", "error_type"} (see jobs.py)."""
-    status, detail, error_type = classify(exc)
-    return {"status_code": status, "detail": detail, "error_type": error_type}

@@ -9,7 +9,7 @@ Per job: claim (a lease on the job) → log "starting" → validate the input ag
 engine stream (the image is fetched at the first snapshot, under the engine's ImageLimits) →
 iterate the cumulative snapshots, polling the store's cancel flag at most every cancel_poll_s →
 log "done in X s" → complete(result | error) → metrics.record(ttft, latency, tokens, ok) → a
-webhook if the job has one. Errors map as the HTTP layer maps them (safety.job_error):
+webhook if the job has one. Errors map as the HTTP layer maps them (safety.classify):
 validation / image errors 422, other ValueErrors 400, anything else 500 "internal_error" (the
 traceback goes to the server log, never to the client); a cancel gives 499 "client_cancelled".
 A failing job, or a failing store call, never ends the worker thread.
@@ -36,8 +36,8 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from .jobs import COMPLETED, Job, JobStore, cancelled_error
-from .safety import job_error
+from .jobs import COMPLETED, Job, JobStore, cancelled_error, job_error
+from .safety import classify
 from .webhooks import Delivery, WebhookSender, webhook_body
 
 log = logging.getLogger("fastllava.worker")
@@ -170,7 +170,7 @@ class JobWorker:
         except _Cancelled:
             error = cancelled_error()
         except Exception as e:
-            error = job_error(e)
+            error = job_error(*classify(e))
             if error["status_code"] >= 500:
                 log.exception("job %s failed", job.id)
         latency = time.monotonic() - t0
