@@ -1,30 +1,35 @@
 """The public API: `LLaVA.from_pretrained(...)`, `generate(request)`, `stream(request)`.
 
 Requests use the fal model schema {image_url, prompt, max_tokens=64, temperature=0.2, top_p=1}
-(+ optional seed); results are {"output": str, "partial": bool}. Calls are serialised by a lock
-for now: one request runs at a time.
+(+ optional seed); results are {"output": str, "partial": bool}. Every call may come from any
+thread (or, with `agenerate` / `astream`, from an asyncio loop): requests go to one engine thread
+that batches them continuously (fastllava.runtime), so concurrent calls share steps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
-import threading
+import queue
+import secrets
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, AsyncIterator, Iterator, Mapping
 
 import torch
 
 from fastllava.config import LlavaConfig, eos_token_ids
-from fastllava.generate import SamplingParams, generate_tokens
 from fastllava.kernels.ops import get_ops
-from fastllava.kv_cache import PagedKVCache
 from fastllava.loading import LoadedCheckpoint, load_checkpoint
 from fastllava.preprocess.anyres import anyres_num_tokens
 from fastllava.preprocess.image_io import ImageLimits, load_image
 from fastllava.preprocess.processor import ProcessedImage, preprocess
+from fastllava.runtime.build import build_engine
+from fastllava.runtime.config import RuntimeConfig
+from fastllava.runtime.model_runner import image_content_hash
+from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
 from fastllava.schema import GenerationRequest, parse_request
-from fastllava.text.detokenize import IncrementalDetokenizer
+from fastllava.snapshots import Snapshots
 from fastllava.text.prompt import build_input_ids
 from fastllava.text.template import render_messages, render_prompt
 
@@ -67,7 +72,7 @@ def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
 
 
 class LLaVA:
-    def __init__(self, ckpt: LoadedCheckpoint, backend: str, page_size: int, max_context: int,
+    def __init__(self, ckpt: LoadedCheckpoint, backend: str, runtime: RuntimeConfig,
                  image_limits: ImageLimits):
         self.config: LlavaConfig = ckpt.config
         self.model = ckpt.model
@@ -82,11 +87,9 @@ class LLaVA:
         self.stop_ids = eos_token_ids(ckpt.path)
         if not self.stop_ids and self.tokenizer.eos_id is not None:
             self.stop_ids = (self.tokenizer.eos_id,)
-        t = self.config.text
-        max_context = min(max_context, t.max_position_embeddings)
-        self.cache = PagedKVCache(t.num_hidden_layers, -(-max_context // page_size), page_size,
-                                  t.num_key_value_heads, t.head_dim, self.dtype, self.device)
-        self._lock = threading.Lock()
+        self.runtime = runtime
+        self.engine, self.max_len = build_engine(self.model, self.ops, self.config.text,
+                                                 self.dtype, self.device, runtime)
         # The <image> placeholder id: the tokenizer's own token when it has one (llava-hf; it must
         # agree with config.json), else a sentinel spliced in by build_input_ids (original repo).
         tok_id = self.tokenizer.token_id("<image>")
@@ -97,19 +100,20 @@ class LLaVA:
 
     @classmethod
     def from_pretrained(cls, model: str | Path, device=None, dtype=None, *, progress: bool = False,
-                        backend: str = "auto", revision: str | None = None, page_size: int = 16,
-                        max_context: int = 8192,
+                        backend: str = "auto", revision: str | None = None,
+                        runtime: RuntimeConfig = RuntimeConfig(),
                         image_limits: ImageLimits = ImageLimits()) -> LLaVA:
         """Load a LLaVA-1.5 / LLaVA-NeXT checkpoint from a local folder or a hub id.
 
         device None → CUDA when available, else CPU; dtype None → bf16 on CUDA, fp32 on CPU.
-        progress=True shows a progress bar while the weights load. max_context caps the KV cache
-        (prompt with image + generated tokens) at min(max_context, max_position_embeddings)."""
+        progress=True shows a progress bar while the weights load. `runtime` sizes the KV pool,
+        batching, caches and CUDA graphs (see RuntimeConfig); a request's prompt (image included)
+        plus output is capped at min(max_context, max_position_embeddings, the KV pool)."""
         device, dtype = _resolve_device_dtype(device, dtype)
         get_ops(backend, device.type)  # fail fast on a bad backend, before reading any weights
         ckpt = load_checkpoint(str(model), device=device, dtype=dtype, revision=revision,
                                progress=progress)
-        return cls(ckpt, backend, page_size, max_context, image_limits)
+        return cls(ckpt, backend, runtime, image_limits)
 
     # ---- request → inputs -----------------------------------------------------------------------
     def num_image_tokens(self, image: ProcessedImage) -> int:
@@ -150,26 +154,36 @@ class LLaVA:
             folded.append(m)
         return render_messages(self.template, folded, self.tokenizer)
 
-    @torch.inference_mode()
-    def _prompt_embeds(self, p: PreparedPrompt) -> torch.Tensor:
-        pixels = p.image.pixel_values.to(self.device)
-        feats = self.model.encode_images(self.ops, [pixels], [p.image.image_size], [p.image.grid])[0]
-        ids = torch.tensor(p.input_ids, dtype=torch.int64, device=self.device)
-        return self.model.embed(ids, ids == p.image_token_id, feats)
-
     # ---- generation -----------------------------------------------------------------------------
-    def _tokens(self, prepared: PreparedPrompt, request: GenerationRequest) -> Iterator[int]:
-        params = SamplingParams(request.max_tokens, request.temperature, request.top_p,
-                                request.seed, self.stop_ids)
-        embeds = self._prompt_embeds(prepared)
-        yield from generate_tokens(self.model, self.ops, self.cache, embeds, params)
+    def _sequence(self, prepared: PreparedPrompt, req: GenerationRequest) -> Sequence:
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids)
+        ids = prepared.input_ids
+        start = ids.index(prepared.image_token_id)
+        span = ImageSpan(start, prepared.num_image_tokens, image_content_hash(prepared.image))
+        if ids[span.start:span.end] != [prepared.image_token_id] * span.length:
+            raise ValueError("the image placeholder tokens are not contiguous in the prompt")
+        return Sequence(ids, params, self.max_len, (span,), payload=(prepared.image,))
 
     def generate_ids(self, request: Mapping[str, Any]) -> list[int]:
         """Generated token ids (the stop id, if reached, included)."""
         req = parse_request(request)
         prepared = self.prepare(req)
-        with self._lock:
-            return list(self._tokens(prepared, req))
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        handle = self.engine.submit(self._sequence(prepared, req),
+                                    lambda kind, value: events.put((kind, value)))
+        ids = []
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "token":
+                    ids.append(value)
+                elif kind == "error":
+                    raise value
+                else:
+                    return ids
+        finally:
+            self.engine.cancel(handle)
 
     def generate(self, request: Mapping[str, Any]) -> dict:
         out = None
@@ -190,9 +204,11 @@ class LLaVA:
         """`stream` with counts: every snapshot also has "prompt_tokens" (image tokens included),
         "completion_tokens" (tokens generated so far, a stop id included) and "finish_reason"
         (None until the final snapshot, then "stop" for a stop id, "length" for max_tokens or a
-        full KV cache). `messages` (see `render_chat`) replaces the single-turn prompt; the
-        request's "prompt" is then validated only (pass the chat's text for the length limit).
-        Validation is eager; the image is fetched at the first next(), outside the engine lock.
+        full KV cache); the final snapshot also has "metrics" (queue_s, ttft_s, e2e_s,
+        decode_tokens_per_s, prompt/cached/completion token counts, num_preemptions).
+        `messages` (see `render_chat`) replaces the single-turn prompt; the request's "prompt" is
+        then validated only (pass the chat's text for the length limit). Validation is eager; the
+        image is fetched at the first next(), on the caller's thread.
         every_token=True yields after every generated token, even when the text did not change
         (a byte-fallback run held back, or whitespace), so a caller that polls for cancellation
         between snapshots can stop at the next token."""
@@ -202,20 +218,88 @@ class LLaVA:
 
     def _events(self, req: GenerationRequest, messages: list[dict] | None,
                 every_token: bool) -> Iterator[dict]:
-        # Fetching and preprocessing the image happen before the lock: a slow image host does not
-        # hold up the request that is generating.
+        # Fetching and preprocessing the image happen on the caller's thread, so a slow image
+        # host holds up nobody else; the engine thread only runs steps.
         prepared = self.prepare(req, None if messages is None else self.render_chat(messages))
-        counts = {"prompt_tokens": len(prepared.input_ids), "completion_tokens": 0}
-        detok = IncrementalDetokenizer(self.tokenizer)
-        text, finish = "", "length"
-        with self._lock:
-            for token in self._tokens(prepared, req):
-                counts["completion_tokens"] += 1
-                if token in self.stop_ids:
-                    finish = "stop"
-                    break
-                new = detok.push(token)
-                if new != text or every_token:
-                    text = new
-                    yield {"output": text, "partial": True, **counts, "finish_reason": None}
-        yield {"output": detok.text(), "partial": False, **counts, "finish_reason": finish}
+        snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        handle = self.engine.submit(self._sequence(prepared, req),
+                                    lambda kind, value: events.put((kind, value)))
+        try:
+            while True:
+                kind, value = events.get()
+                snapshot = snapshots.on_event(kind, value, handle)
+                if snapshot is not None:
+                    yield snapshot
+                if kind != "token":
+                    return
+        finally:  # closed early (or failed): cancel, and return once its pages are free
+            self.engine.cancel(handle)
+
+    # ---- asyncio ----------------------------------------------------------------------------------
+    def astream(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
+                detailed: bool = False, every_token: bool = False,
+                max_tokens_limit: int = 4096, max_prompt_chars: int = 16384) -> AsyncIterator[dict]:
+        """`stream` for asyncio: an async iterator of the same snapshots (`stream_detailed`'s with
+        detailed=True). The request is validated here, eagerly; the image is fetched in the
+        default executor. Closing the iterator early (aclose, or breaking out of `async for`)
+        cancels the request."""
+        if detailed:
+            req = parse_request(request, max_tokens_limit=max_tokens_limit,
+                                max_prompt_chars=max_prompt_chars)
+        else:
+            req = parse_request(request)
+        return self._aevents(req, messages, every_token, detailed)
+
+    async def agenerate(self, request: Mapping[str, Any]) -> dict:
+        """`generate` for asyncio: concurrent awaits share the engine's batches."""
+        out = None
+        async for out in self.astream(request):
+            pass
+        return out
+
+    async def _aevents(self, req, messages, every_token, detailed) -> AsyncIterator[dict]:
+        loop = asyncio.get_running_loop()
+        rendered = None if messages is None else self.render_chat(messages)
+        prepared = await loop.run_in_executor(None, self.prepare, req, rendered)
+        snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
+        events: asyncio.Queue = asyncio.Queue()
+
+        def put(kind, value):
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+        handle = self.engine.submit(self._sequence(prepared, req), put)
+        try:
+            while True:
+                kind, value = await events.get()
+                snapshot = snapshots.on_event(kind, value, handle)
+                if snapshot is not None:
+                    yield snapshot if detailed else {"output": snapshot["output"],
+                                                     "partial": snapshot["partial"]}
+                if kind != "token":
+                    return
+        finally:
+            self.engine.cancel(handle, wait_s=None)   # never block the event loop
+
+    # ---- introspection ----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """KV pages in use, queue lengths and image-cache counters (a snapshot, any thread)."""
+        scheduler, runner = self.engine.scheduler, self.engine.runner
+        bm = scheduler.bm
+        return {"kv_pages_total": bm.num_pages, "kv_pages_used": bm.num_used_pages,
+                "kv_pages_cached": len(bm.free_cached), "page_size": bm.page_size,
+                "running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "steps": self.engine.num_steps, "image_cache_hits": runner.image_cache.hits,
+                "image_cache_misses": runner.image_cache.misses, "max_len": self.max_len}
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the prefix (KV page) cache and the image-feature cache, e.g. between benchmark
+        runs. Requests in flight are unaffected."""
+        def reset():
+            self.engine.scheduler.bm.reset_prefix_cache()
+            self.engine.runner.image_cache.clear()
+        self.engine.call(reset)
+
+    def close(self) -> None:
+        """Stop the engine thread (pending requests fail). The object is unusable afterwards."""
+        self.engine.shutdown()

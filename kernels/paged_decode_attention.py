@@ -38,10 +38,10 @@ import triton
 import triton.language as tl
 
 from fastllava.kernels.common import FP_FUSION, dot_precision
-from fastllava.kernels.prefill_attention import attend_ref, gather_pages
 
 BLOCK_N = 64  # KV tokens per inner step: 2 x 16 KiB K/V tiles at D=128 in 16-bit, 4 warps.
 TARGET_PROGRAMS = 264  # 2 stage-1 programs per SM on H100/H200 (132 SMs): enough loads in flight.
+REF_GROUP_TOKENS = 1 << 16  # the torch reference gathers at most this many K/V rows at once
 MAX_SPLITS = 64  # bounds stage-2 work and scratch at B * H * 64 * D fp32.
 
 
@@ -218,9 +218,37 @@ def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, *,
                                scale: float) -> torch.Tensor:
-    out = torch.empty_like(q)
-    for b, length in enumerate(context_lens.tolist()):
-        k = gather_pages(k_cache, block_tables[b], length).to(q.dtype)
-        v = gather_pages(v_cache, block_tables[b], length).to(q.dtype)
-        out[b] = attend_ref(q[b:b + 1], k, v, scale, None)[0]
+    """Plain torch, batched: rows are taken in groups whose padded contexts total at most
+    REF_GROUP_TOKENS (bounding the gathered K/V copy); each group gathers its pages (B, L, KVH, D), masks keys at or beyond each
+    row's context length, and runs one masked softmax. Context-0 rows give zeros."""
+    B = q.shape[0]
+    out = torch.zeros_like(q)
+    lens = context_lens.tolist()
+    lo = 0
+    while lo < B:
+        L = max(lens[lo], 1)
+        hi = lo + 1
+        while hi < B and (hi + 1 - lo) * max(L, lens[hi]) <= REF_GROUP_TOKENS:
+            L = max(L, lens[hi])
+            hi += 1
+        out[lo:hi] = _decode_rows_ref(q[lo:hi], k_cache, v_cache, block_tables[lo:hi],
+                                      context_lens[lo:hi], L, scale)
+        lo = hi
     return out
+
+
+def _decode_rows_ref(q, k_cache, v_cache, block_tables, context_lens, L: int, scale: float):
+    """q (b, H, D) → (b, H, D) over the first L cached tokens of each row (masked per row)."""
+    b, H, D = q.shape
+    S, KVH = k_cache.shape[1], k_cache.shape[2]
+    beyond = torch.arange(L, device=q.device)[None, :] >= context_lens[:, None].long()  # (b, L)
+    pages = block_tables[:, :-(-L // S)].long()
+    k = k_cache[pages].flatten(1, 2)[:, :L].to(q.dtype)         # (b, L, KVH, D)
+    v = v_cache[pages].flatten(1, 2)[:, :L].to(q.dtype)
+    v = v.masked_fill(beyond[:, :, None, None], 0)                # unused slots may hold NaN
+    qg = q.reshape(b, KVH, H // KVH, D)                           # GQA: group g of head kvh
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale       # (b, KVH, G, L), input dtype
+    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = probs.nan_to_num(0.0)                                  # context 0: all keys masked
+    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(b, H, D)

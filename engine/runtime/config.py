@@ -1,0 +1,37 @@
+"""Runtime knobs, one frozen dataclass (the CLI and server map their flags 1:1 onto it)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    page_size: int = 16                   # tokens per KV page
+    max_context: int = 8192               # per request: prompt (image tokens included) + output
+    kv_cache_tokens: int | None = None    # KV pool size; None: CUDA → gpu_memory_fraction of the
+    #                                       GPU minus weights and activations; CPU → max_context
+    gpu_memory_fraction: float = 0.90
+    max_num_seqs: int = 64                # requests decoding at once (and the largest CUDA graph)
+    max_num_batched_tokens: int = 4096    # tokens per step; longer prompts prefill in chunks
+    prefix_caching: bool = True           # reuse KV pages of identical image + prompt prefixes
+    image_cache_rows: int = 32768         # LRU of projected image features, in image tokens
+    cuda_graphs: bool = True              # decode from CUDA graphs (CUDA + compiled kernels only)
+
+    def __post_init__(self):
+        for name in ("page_size", "max_context", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RuntimeConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.page_size:
+            raise ValueError(f"RuntimeConfig.kv_cache_tokens must hold at least one page "
+                             f"({self.page_size} tokens), got {self.kv_cache_tokens}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError("RuntimeConfig.gpu_memory_fraction must be in (0, 1], got "
+                             f"{self.gpu_memory_fraction}")
+        if self.image_cache_rows < 0:
+            raise ValueError(f"RuntimeConfig.image_cache_rows must be >= 0, got "
+                             f"{self.image_cache_rows}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"RuntimeConfig.max_num_batched_tokens ({self.max_num_batched_tokens})"
+                             f" must be >= max_num_seqs ({self.max_num_seqs}): every running "
+                             "request must be able to decode in one step")

@@ -1,0 +1,189 @@
+"""The engine loop: one background thread owns the scheduler, the block manager and the model
+runner; callers on any thread (or an asyncio loop) submit requests and receive events.
+
+    schedule → run (one forward + on-device sampling) → update → deliver events → repeat
+
+New requests and cancellations arrive through a queue and are applied between steps, so a request
+joins the running batch at the next step (continuous batching). A request's events go to its
+`RequestHandle`: ("token", id) for every sampled token, then exactly one of ("finish", reason) or
+("error", exception). A failing step fails only the requests in it; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+from fastllava.runtime.scheduler import Scheduler
+from fastllava.runtime.sequence import Sequence, Status
+
+log = logging.getLogger("fastllava.runtime")
+
+
+class RequestHandle:
+    """A submitted sequence plus where its events go. `on_event(kind, value)` is called on the
+    engine thread and must not block (queue.put / loop.call_soon_threadsafe)."""
+
+    def __init__(self, seq: Sequence, on_event: Callable[[str, object], None]):
+        self.seq = seq
+        self.on_event = on_event
+        self.done = threading.Event()         # set once the sequence has left the engine
+
+    @property
+    def metrics(self) -> dict:
+        return self.seq.metrics.summary()
+
+
+class Engine:
+    def __init__(self, scheduler: Scheduler, runner):
+        self.scheduler = scheduler
+        self.runner = runner
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._handles: dict[int, RequestHandle] = {}
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._stopped = False
+        self.num_steps = 0
+
+    # ---- any thread ---------------------------------------------------------------------------
+    def submit(self, seq: Sequence, on_event: Callable[[str, object], None]) -> RequestHandle:
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        handle = RequestHandle(seq, on_event)
+        self._ensure_thread()
+        self._inbox.put(("add", handle))
+        return handle
+
+    def cancel(self, handle: RequestHandle, wait_s: float | None = 30.0) -> None:
+        """Stop the request and free its pages; waits (up to wait_s) until that has happened."""
+        if handle.done.is_set():
+            return
+        self._inbox.put(("cancel", handle))
+        if wait_s and threading.current_thread() is not self._thread:
+            handle.done.wait(wait_s)
+
+    def call(self, fn: Callable[[], object], wait_s: float = 60.0):
+        """Run fn() on the engine thread between steps (it owns the scheduler and caches) and
+        return its result."""
+        done, box = threading.Event(), {}
+
+        def run():
+            try:
+                box["value"] = fn()
+            except Exception as e:
+                box["error"] = e
+            done.set()
+        self._ensure_thread()
+        self._inbox.put(("call", run))
+        if not done.wait(wait_s):
+            raise TimeoutError(f"the engine thread did not run {fn} within {wait_s} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._inbox.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="fastllava-engine",
+                                                daemon=True)
+                self._thread.start()
+
+    # ---- the engine thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                # Block while idle; otherwise take whatever arrived during the last step.
+                msgs = [self._inbox.get()] if not self.scheduler else []
+                while True:
+                    try:
+                        msgs.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for kind, item in msgs:
+                    if kind == "stop":
+                        self._fail_all(RuntimeError("the engine was shut down"))
+                        return
+                    if kind == "call":
+                        item()
+                    else:
+                        (self._add if kind == "add" else self._cancel)(item)
+                if self.scheduler and not self._step():
+                    time.sleep(0.001)   # nothing could run (a step that only preempted): no spin
+        except BaseException as e:  # a bug in the loop itself: never leave callers hanging
+            log.exception("engine loop crashed")
+            self._fail_all(e)
+            raise
+
+    def _add(self, handle: RequestHandle) -> None:
+        try:
+            self.scheduler.add(handle.seq)
+        except Exception as e:
+            self._close(handle, "error", e)
+            return
+        self._handles[handle.seq.seq_id] = handle
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        if handle.seq.seq_id in self._handles:
+            self.scheduler.abort(handle.seq, "cancelled")
+            self._close(handle, "finish", "cancelled")
+
+    def _step(self) -> bool:
+        """One step; False if nothing was scheduled."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return False
+        self.num_steps += 1
+        try:
+            tokens = self.runner.run(batch)
+        except Exception as e:
+            log.exception("step failed; failing its %d requests", len(batch.seqs))
+            for seq in batch.seqs:
+                self.scheduler.abort(seq, "error")
+                self._close(self._handles[seq.seq_id], "error", e)
+            return True
+        finished = {seq.seq_id for seq in self.scheduler.update(batch, tokens)}
+        for seq, token in zip(batch.seqs, tokens):
+            if token is None or seq.seq_id not in self._handles:
+                continue
+            handle = self._handles[seq.seq_id]
+            self._emit(handle, "token", token)
+            if seq.seq_id in finished:
+                self._close(handle, "finish", seq.finish_reason)
+        return True
+
+    def _close(self, handle: RequestHandle, kind: str, value) -> None:
+        self._handles.pop(handle.seq.seq_id, None)
+        self.runner.release(handle.seq)
+        handle.done.set()
+        self._emit(handle, kind, value)
+
+    @staticmethod
+    def _emit(handle: RequestHandle, kind: str, value) -> None:
+        try:
+            handle.on_event(kind, value)
+        except Exception:  # e.g. the caller's event loop is closed: its request is moot
+            log.exception("delivering a %s event failed", kind)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for handle in list(self._handles.values()):
+            if handle.seq.status is not Status.FINISHED:
+                self.scheduler.abort(handle.seq, "error")
+            self._close(handle, "error", error)
+        while True:
+            try:
+                kind, handle = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._close(handle, "error", error)
+            elif kind == "call":
+                handle()

@@ -1,0 +1,200 @@
+"""Batched next-token choice on the device, with no host sync and no torch.Generator.
+
+Semantics per row (the same as the single-request reference `sample_ref`):
+- temperature == 0: greedy, `logits.argmax(-1)`; ties go to the lowest id (torch.argmax returns the
+  first max), as transformers' greedy search does.
+- otherwise: logits / temperature, then top-p exactly as transformers' TopPLogitsWarper (sort
+  ascending, softmax, cumsum, drop tokens whose cumulative mass is <= 1 - top_p, always keep the most
+  likely), then one draw from softmax over the kept tokens. No top-k: the fal schema exposes none.
+
+The draw is the exponential race (Gumbel-max): with E_v ~ Exp(1) independent,
+    argmax_v p_v / E_v  ==  argmax_v (logits_v / T - log E_v)
+is distributed exactly as softmax(logits / T) over the kept set. E_v = -log u_v, and u_v comes from a
+counter-based hash of (seed, step, v) in int64 torch ops, so a row's token depends only on its own
+logits, temperature, top_p, seed and step: not on the other rows of the batch or their order, not on
+how often the step was run (a preempted request re-runs a step to the same token), and the whole
+function is a fixed sequence of device kernels with static shapes (CUDA-graph capturable).
+
+Shapes: B rows (sequences), V vocabulary entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+_MASK32 = 0xFFFF_FFFF
+# lowbias32-style mixer (xorshift-multiply, constants from skeeto/hash-prospector, 2-round variant
+# by TheIronBorn). Both multipliers are < 2**31, so for x < 2**32 every product is < 2**63 and int64
+# never overflows; masking to 32 bits after each multiply gives exactly uint32 wrap-around.
+_MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97
+_SEED_SALT, _INDEX_SALT = 0x9E3779B9, 0x85EBCA6B  # so that seed 0 / index 0 are not fixed points
+# u = (m + 1) * fp32(1 / (2**24 + 1)) for the 24-bit integer m: the constant is exactly
+# 2**-24 - 2**-48 in fp32 and m + 1 <= 2**24 is exact, so one correctly rounded fp32 multiply gives
+# the same bits on every device; the largest value is exactly 1 - 2**-24 < 1, the smallest > 0.
+_U_SCALE = 2.0**-24 - 2.0**-48
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """Bijective 32-bit mix of int64 values in [0, 2**32) (any shape) → same range."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _MASK32
+    return x ^ (x >> 15)
+
+
+def _row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 seeds in [0, 2**63) and steps >= 0 → (B,) 32-bit keys in int64.
+
+    Absorbs the seed's low and high words, then the step's high and low words, each through the
+    bijective mixer: for a fixed seed, steps < 2**32 get distinct keys (the last absorption is a
+    bijection of the step's low word), and a seed change in any bit (0 or 40 alike) changes the key.
+    """
+    k = _mix32((seeds & _MASK32) ^ _SEED_SALT)
+    k = _mix32(k ^ ((seeds >> 32) & _MASK32))
+    k = _mix32(k ^ ((steps >> 32) & _MASK32))
+    return _mix32(k ^ (steps & _MASK32))
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """int64 integers m in [0, 2**24) → fp32 u ≈ (m + 1) / (2**24 + 1), strictly inside (0, 1)."""
+    return (bits + 1).to(torch.float32) * _U_SCALE
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B,) int64 seeds, (B,) int64 steps → (B, V) fp32 in (0, 1), on seeds.device.
+
+    u[b, v] is a pure function of (seeds[b], steps[b], v): 24 bits of mix32(key(seed, step) ^
+    mix32(v ^ salt)). Integer math plus one exact-operand multiply: bit-identical on CPU and CUDA.
+    """
+    index = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
+    index_hash = _mix32(index ^ _INDEX_SALT)  # (V,)
+    h = _mix32(_row_keys(seeds, steps)[:, None] ^ index_hash[None, :])  # (B, V)
+    return bits_to_uniform(h >> 8)  # the top 24 of the 32 mixed bits
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters, on the logits' device, in batch order.
+
+    `all_greedy` and `any_top_p` are host-known promises about the tensors (build() computes them):
+    all_greedy means every temperature is 0 (no noise is made); any_top_p False means no sampled row
+    has top_p < 1 (the B x V sort is skipped, so a top_p < 1 row would go unfiltered).
+    """
+
+    temperature: torch.Tensor  # (B,) fp32, >= 0; 0 is greedy
+    top_p: torch.Tensor  # (B,) fp32 in (0, 1]
+    seeds: torch.Tensor  # (B,) int64 in [0, 2**63)
+    steps: torch.Tensor  # (B,) int64 >= 0: index of the token being generated within its request
+    all_greedy: bool
+    any_top_p: bool
+
+    @classmethod
+    def build(cls, rows: list[tuple[float, float, int, int]], device) -> "SamplingBatch":
+        """rows: (temperature, top_p, seed, step) per sequence, in batch order (one H2D copy)."""
+        for i, (temperature, top_p, seed, step) in enumerate(rows):
+            if not (temperature >= 0 and temperature != float("inf")):
+                raise ValueError(f"rows[{i}]: temperature must be finite and >= 0, got {temperature!r}")
+            if not 0 < top_p <= 1:
+                raise ValueError(f"rows[{i}]: top_p must be in (0, 1], got {top_p!r}")
+            if not (isinstance(seed, int) and 0 <= seed < 2**63):
+                raise ValueError(f"rows[{i}]: seed must be an int in [0, 2**63), got {seed!r}")
+            if not (isinstance(step, int) and 0 <= step < 2**63):
+                raise ValueError(f"rows[{i}]: step must be an int in [0, 2**63), got {step!r}")
+        B = len(rows)
+        # One host buffer: int64 (seeds, steps) then fp32 (temperature, top_p), viewed as bytes so
+        # a single copy moves all four; the int64 block comes first to keep both views aligned.
+        ints = torch.tensor([[r[2] for r in rows], [r[3] for r in rows]], dtype=torch.int64)
+        floats = torch.tensor([[r[0] for r in rows], [r[1] for r in rows]], dtype=torch.float32)
+        host = torch.cat([ints.view(torch.uint8).reshape(-1), floats.view(torch.uint8).reshape(-1)])
+        device = torch.device(device)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        buf = host.to(device, non_blocking=True)
+        ints_d = buf[: 16 * B].view(torch.int64).view(2, B)
+        floats_d = buf[16 * B:].view(torch.float32).view(2, B)
+        return cls(
+            temperature=floats_d[0], top_p=floats_d[1], seeds=ints_d[0], steps=ints_d[1],
+            all_greedy=all(r[0] == 0 for r in rows),
+            any_top_p=any(r[0] > 0 and r[1] < 1 for r in rows),
+        )
+
+
+def _check(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """Host-side metadata checks only (shape, dtype, device): no tensor values are read."""
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be (B, V) float32, got {tuple(logits.shape)} {logits.dtype}")
+    B = logits.shape[0]
+    for name, dtype in (("temperature", torch.float32), ("top_p", torch.float32),
+                        ("seeds", torch.int64), ("steps", torch.int64)):
+        t = getattr(batch, name)
+        if t.shape != (B,) or t.dtype != dtype or t.device != logits.device:
+            raise ValueError(f"batch.{name} must be ({B},) {dtype} on {logits.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def race_scores(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """(B, V) fp32 logits → (B, V) fp32 scores logits/T - log(E), -inf where top-p drops a token.
+
+    argmax over a row is that row's sampled token. Greedy rows are scored with T = 1 (their result
+    is replaced by the plain argmax in `sample`); exposed so tests can see how close a race was.
+    """
+    _check(logits, batch)
+    greedy = batch.temperature == 0
+    temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
+    scaled = logits / temperature[:, None]  # (B, V), the same fp32 division as the reference
+    if batch.any_top_p:
+        # Stable sort: tied logits are ordered by id in every row, whatever the batch holds.
+        sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, stable=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V) ascending cumulative mass
+        drop_sorted = cum <= (1 - batch.top_p)[:, None]
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        drop_sorted &= (batch.top_p < 1)[:, None]  # top_p == 1 rows are never filtered
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, sorted_idx, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    u = uniform_noise(batch.seeds, batch.steps, logits.shape[1])
+    # Gumbel form of the race: -log(E) with E = -log(u) in (6e-8, 16.7], so no log(0) or inf.
+    return scaled - torch.log(-torch.log(u))
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits (B, V) fp32 → token ids (B,) int64, on logits.device, no host sync."""
+    _check(logits, batch)
+    greedy_ids = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_ids
+    sampled_ids = race_scores(logits, batch).argmax(dim=-1)
+    return torch.where(batch.temperature == 0, greedy_ids, sampled_ids)
+
+
+def sample_ref(logits: torch.Tensor, temperature: float, top_p: float,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """One request's parameters for all B rows: logits (B, V) fp32 → ids (B,) int64.
+
+    The plain reference (sort + cumsum + torch.multinomial with a torch.Generator); the tests use it
+    as the distribution reference for `sample`.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum <= (1 - top_p)
+        drop_sorted[..., -1:] = False
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    """A torch.Generator for `sample_ref`: seeded when seed is given, else from OS entropy."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g

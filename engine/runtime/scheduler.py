@@ -1,0 +1,167 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step has a token budget (`max_num_batched_tokens`). Running sequences come first: decodes
+(one token each, oldest first), then prompts still being prefilled, in chunks that fit what is
+left of the budget (chunked prefill: a long image prompt never stalls the decodes for a whole
+prefill). Waiting sequences are admitted in arrival order while the budget, `max_num_seqs` and
+the free KV pages allow; a sequence whose head cannot be admitted blocks the ones behind it (FIFO,
+no starvation). Prefix-cache hits are taken at admission.
+
+When a running sequence needs a page and none is free, the newest running sequence not yet
+scheduled in this step is preempted: its pages are freed and it goes back to the front of the
+waiting queue, to be recomputed later (prompt + tokens generated so far). A sequence never
+preempts an older one; it preempts itself instead. No torch here.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+from fastllava.runtime.block_manager import BlockManager
+from fastllava.runtime.sequence import Sequence, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64                 # sequences running at once (CUDA-graph buckets up to it)
+    max_num_batched_tokens: int = 2048     # tokens per step: decodes + prefill chunks
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence must be "
+                             "able to decode in one step")
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One step: seqs[i] computes token_ids[start[i]:start[i] + num_tokens[i]]."""
+    seqs: list[Sequence]
+    num_tokens: list[int]
+    starts: list[int]
+    is_decode: bool                       # every seq computes one generated token
+
+    @property
+    def samples(self) -> list[bool]:
+        """Which seqs reach their last token this step (their logits give the next token)."""
+        return [s + n == len(seq) for seq, s, n in zip(self.seqs, self.starts, self.num_tokens)]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.bm = block_manager
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if self.bm.pages_for(seq.max_len) > self.bm.num_pages:
+            raise ValueError(f"sequence max_len {seq.max_len} exceeds the KV cache "
+                             f"({self.bm.num_pages} pages of {self.bm.page_size})")
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Remove seq wherever it is and free its pages (cancel, error)."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self._finish(seq, reason)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def schedule(self) -> Batch | None:
+        budget = self.config.max_num_batched_tokens
+        chosen: dict[int, int] = {}               # seq_id → num tokens this step
+        preempted = False
+        # Decodes first (cheap, latency-critical), then running prefills; oldest first in each.
+        for seq in sorted(self.running, key=lambda s: (not s.is_decoding, s.seq_id)):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if not self._make_room(seq, seq.num_computed + n, chosen):
+                preempted = True
+                continue
+            self.bm.grow(seq, seq.num_computed + n)
+            chosen[seq.seq_id] = n
+            budget -= n
+        # Admit waiting sequences, unless this step already had to preempt.
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            hits = self.bm.match_prefix(seq)
+            cached = len(hits) * self.bm.page_size
+            n = min(len(seq) - cached, budget)
+            if not self.bm.can_allocate(hits, cached + n):
+                break
+            self.waiting.popleft()
+            self.bm.allocate(seq, hits, cached + n)
+            if seq.metrics.first_scheduled is None:
+                seq.metrics.first_scheduled = time.monotonic()
+                seq.metrics.cached_prompt_tokens = min(cached, seq.prompt_len)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chosen[seq.seq_id] = n
+            budget -= n
+        if not chosen:
+            return None
+        seqs = [s for s in self.running if s.seq_id in chosen]
+        return Batch(seqs=seqs, num_tokens=[chosen[s.seq_id] for s in seqs],
+                     starts=[s.num_computed for s in seqs],
+                     is_decode=all(s.is_decoding for s in seqs))
+
+    def _make_room(self, seq: Sequence, num_tokens: int, chosen: dict[int, int]) -> bool:
+        """Preempt newer unscheduled sequences until seq can grow to num_tokens; False if seq
+        itself had to be preempted."""
+        while not self.bm.can_grow(seq, num_tokens):
+            candidates = [s for s in self.running if s.seq_id not in chosen and s is not seq]
+            victim = max(candidates, key=lambda s: s.seq_id, default=None)
+            if victim is None or victim.seq_id < seq.seq_id:
+                victim = seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = Status.WAITING
+        seq.metrics.num_preemptions += 1
+        # Newest is preempted first, so appendleft leaves the oldest preempted at the front.
+        self.waiting.appendleft(seq)
+
+    def update(self, batch: Batch, tokens: list[int | None]) -> list[Sequence]:
+        """Record a finished step: advance each seq, append its sampled token (None where the
+        step ended mid-prompt), register newly full pages; return the seqs that finished."""
+        finished = []
+        now = time.monotonic()
+        for seq, n, token in zip(batch.seqs, batch.num_tokens, tokens):
+            if seq.status is not Status.RUNNING:     # aborted while the step ran
+                continue
+            seq.num_computed += n
+            self.bm.commit(seq)
+            if token is None:
+                continue
+            if seq.metrics.first_token is None:
+                seq.metrics.first_token = now
+            reason = seq.append(token)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.bm.forget(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.metrics.finished = time.monotonic()
