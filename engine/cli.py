@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", type=_dtype, metavar="D",
                      help="float32|fp32, float16|fp16, bfloat16|bf16 "
                           "(default: bf16 on CUDA, fp32 on CPU)")
+    add_runtime_flags(run)
     run.set_defaults(handler=_run)
     _add_serve(commands)
     return parser
@@ -128,8 +129,47 @@ def _add_serve(commands) -> None:
     a("--device", help="torch device (default: cuda if available)")
     a("--dtype", type=_dtype, help="float32|fp32, float16|fp16, bfloat16|bf16")
     a("--backend", default=d["backend"], help=f"kernel backend (default {d['backend']})")
+    a("--queue-concurrency", type=int, default=d["queue_concurrency"], metavar="N",
+      help=f"queued jobs run at once, sharing batches (default {d['queue_concurrency']})")
+    add_runtime_flags(serve)
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=_serve)
+
+
+_RUNTIME_HELP = {
+    "page_size": "tokens per KV-cache page",
+    "max_context": "most tokens per request: prompt (image included) + output",
+    "kv_cache_tokens": "KV pool size in tokens (default: fill the GPU; max-context on CPU)",
+    "gpu_memory_fraction": "share of GPU memory the engine may use",
+    "max_num_seqs": "requests decoding at once",
+    "max_num_batched_tokens": "tokens per step; longer prompts prefill in chunks",
+    "prefix_caching": "reuse the KV of repeated image + prompt prefixes",
+    "image_cache_rows": "image-feature LRU size, in image tokens",
+    "cuda_graphs": "decode from CUDA graphs on CUDA",
+}
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RuntimeConfig field (booleans get --x / --no-x)."""
+    from fastllava.runtime.config import RuntimeConfig
+
+    group = parser.add_argument_group("runtime (fastllava.runtime.config.RuntimeConfig)")
+    for f in dataclasses.fields(RuntimeConfig):
+        flag, help_ = "--" + f.name.replace("_", "-"), _RUNTIME_HELP[f.name]
+        if f.type in (bool, "bool"):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=f.default, help=f"{help_} (default: {f.default})")
+            continue
+        kind = float if "float" in str(f.type) else int
+        default = "" if f.default is None else f" (default: {f.default})"
+        group.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar="N",
+                           help=help_ + default)
+
+
+def runtime_from_args(args: argparse.Namespace):
+    from fastllava.runtime.config import RuntimeConfig
+
+    return RuntimeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RuntimeConfig)})
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -140,6 +180,7 @@ def settings_from_args(args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k in names}
     values["api_keys"] = api_keys_from_env(args.api_keys)
     values["cors_origins"] = tuple(args.cors_origins or ())
+    values["runtime"] = runtime_from_args(args)
     return ServerSettings(**values)
 
 
@@ -159,6 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         llava = LLaVA.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
                                       backend=settings.backend, progress=True,
+                                      runtime=settings.runtime,
                                       image_limits=image_limits(settings))
         app = create_app(settings, llava, store=store)
         scheme = "https" if settings.tls_cert else "http"
@@ -201,11 +243,11 @@ def _check_local_image(image: str) -> None:
                      "or a local image file)")
 
 
-def _load_model(model: str, device: str | None, dtype: str | None):
+def _load_model(model: str, device: str | None, dtype: str | None, runtime):
     """Seam for tests: the one place the CLI touches the (torch-importing) API."""
     from fastllava.api import LLaVA
 
-    return LLaVA.from_pretrained(model, device=device, dtype=dtype, progress=True)
+    return LLaVA.from_pretrained(model, device=device, dtype=dtype, progress=True, runtime=runtime)
 
 
 def write_stream(snapshots: Iterable[dict[str, Any]], out: TextIO) -> str:
@@ -235,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
     request = _request_from_args(args)
     parse_request(request)  # raises RequestValidationError (a ValueError) before any loading
     _check_local_image(args.image)
-    llava = _load_model(args.model, args.device, args.dtype)
+    llava = _load_model(args.model, args.device, args.dtype, runtime_from_args(args))
     write_stream(llava.stream(request), sys.stdout)
     return 0
 

@@ -38,8 +38,9 @@ def fake(monkeypatch):
     model = FakeLLaVA(["", "Hel", "Hello", "Hello", "Hello, wörld"])
     calls = []
 
-    def load(name, device, dtype):
+    def load(name, device, dtype, runtime):
         calls.append((name, device, dtype))
+        assert runtime.max_num_seqs >= 1
         return model
 
     monkeypatch.setattr(cli, "_load_model", load)
@@ -261,3 +262,28 @@ def test_real_cli_matches_api_generate(tiny_llava, tmp_path):
     expected = llava.generate(request)
     assert expected["partial"] is False, expected
     assert done.stdout == expected["output"] + "\n", (done.stdout, expected)
+
+
+def test_runtime_flags_map_onto_runtime_config():
+    import dataclasses
+
+    from fastllava.runtime.config import RuntimeConfig
+
+    args = cli.build_parser().parse_args(
+        ["serve", "--model", "m", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
+         "--no-prefix-caching", "--kv-cache-tokens", "4096", "--gpu-memory-fraction", "0.5",
+         "--queue-concurrency", "3"])
+    settings = cli.settings_from_args(args)
+    assert settings.runtime == RuntimeConfig(max_num_seqs=8, max_num_batched_tokens=512,
+                                             prefix_caching=False, kv_cache_tokens=4096,
+                                             gpu_memory_fraction=0.5)
+    assert settings.queue_concurrency == 3
+    defaults = cli.settings_from_args(cli.build_parser().parse_args(["serve", "--model", "m"]))
+    assert defaults.runtime == RuntimeConfig()
+    run_args = cli.build_parser().parse_args(["run", "--model", "m", "--image", "x", "--prompt",
+                                              "p", "--max-context", "1024", "--no-cuda-graphs"])
+    assert cli.runtime_from_args(run_args) == dataclasses.replace(
+        RuntimeConfig(), max_context=1024, cuda_graphs=False)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        cli.settings_from_args(cli.build_parser().parse_args(
+            ["serve", "--model", "m", "--max-num-seqs", "64", "--max-num-batched-tokens", "8"]))

@@ -71,10 +71,12 @@ class JobStore(Protocol):
         """Keep this worker's leases alive (jobs of workers that stop heartbeating are re-queued)."""
     def append_log(self, job_id: str, message: str, level: str = "INFO") -> None: ...
     def complete(self, job_id: str, result: dict[str, Any] | None = None,
-                 error: dict[str, Any] | None = None) -> bool:
+                 error: dict[str, Any] | None = None, log: tuple[str, str] | None = None) -> bool:
         """Finish a job (COMPLETED, finished_at set, lease dropped). True if this call finished
         it; False if it was already COMPLETED or is unknown (the first completion wins, so a job
-        re-run after a lost lease never gets two results or two webhooks)."""
+        re-run after a lost lease never gets two results or two webhooks). `log` (message,
+        level) is appended in the same transaction, only when this call finishes the job: a
+        crash can never leave a "done" line on a job that is then run again."""
     def release(self, job_id: str, worker_id: str) -> bool:
         """Give a job this worker holds back to the queue, unfinished (graceful shutdown): it is
         IN_QUEUE again at its original place, and the interrupted attempt is not counted."""

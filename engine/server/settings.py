@@ -10,6 +10,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from fastllava.runtime.config import RuntimeConfig
+
 # Default fal endpoint ids by checkpoint kind (the product's two LLaVA endpoints).
 DEFAULT_ENDPOINTS = {"next": "fal-ai/llava-next", "llava": "fal-ai/llavav15-13b"}
 
@@ -42,9 +44,11 @@ class ServerSettings:
     device: str | None = None
     dtype: str | None = None
     backend: str = "auto"
+    queue_concurrency: int = 16                 # queued jobs run at once (they share batches)
+    runtime: RuntimeConfig = RuntimeConfig()    # batching, KV pool, caches, CUDA graphs
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_chars",
+        for name in ("queue_concurrency", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_chars",
                      "max_tokens_limit", "image_timeout_s", "retention_s", "sse_ping_s",
                      "default_chat_max_tokens"):
             if not getattr(self, name) > 0:

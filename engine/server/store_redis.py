@@ -86,7 +86,12 @@ _APPEND_LOG = """
 if redis.call('EXISTS', ARGV[1] .. 'job:' .. ARGV[2]) == 0 then return 0 end
 return redis.call('RPUSH', ARGV[1] .. 'logs:' .. ARGV[2], ARGV[3])
 """
-_COMPLETE = _FINISH + "return finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])"
+# ARGV: p, id, result, error, now, final log item ('' for none), written only if this call finishes
+_COMPLETE = _FINISH + """
+local done = finish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+if done == 1 and ARGV[6] ~= '' then redis.call('RPUSH', ARGV[1] .. 'logs:' .. ARGV[2], ARGV[6]) end
+return done
+"""
 # ARGV: p, id, now, cancelled error JSON, log (queued), log (running)
 _CANCEL = _FINISH + """
 local p, id = ARGV[1], ARGV[2]
@@ -251,9 +256,10 @@ class RedisJobStore:
         self._run("log", job_id, json.dumps(log_item(message, level)))
 
     def complete(self, job_id: str, result: dict[str, Any] | None = None,
-                 error: dict[str, Any] | None = None) -> bool:
+                 error: dict[str, Any] | None = None, log: tuple[str, str] | None = None) -> bool:
         return self._run("complete", job_id, "" if result is None else json.dumps(result),
-                         "" if error is None else json.dumps(error), repr(time.time())) == 1
+                         "" if error is None else json.dumps(error), repr(time.time()),
+                         "" if log is None else json.dumps(log_item(*log))) == 1
 
     def release(self, job_id: str, worker_id: str) -> bool:
         done = self._run("release", job_id, worker_id, repr(time.time()),

@@ -236,9 +236,12 @@ class SqliteJobStore:
             self._log(db, job_id, message, level)
 
     def complete(self, job_id: str, result: dict[str, Any] | None = None,
-                 error: dict[str, Any] | None = None) -> bool:
+                 error: dict[str, Any] | None = None, log: tuple[str, str] | None = None) -> bool:
         with self._write() as db:
-            return self._finish(db, job_id, result, error, time.time())
+            done = self._finish(db, job_id, result, error, time.time())
+            if done and log is not None:
+                self._log(db, job_id, *log)
+            return done
 
     def release(self, job_id: str, worker_id: str) -> bool:
         with self._write() as db:

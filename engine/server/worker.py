@@ -1,4 +1,5 @@
-"""`JobWorker`: runs queued jobs on the engine, one at a time, on a background thread.
+"""`JobWorker`: runs queued jobs on the engine from `concurrency` background threads, so up to
+that many queued jobs share the engine's continuous batches.
 
     worker = JobWorker(store, llava, metrics=m, webhook_secret="s")
     worker.start()            # after store.recover() at server start
@@ -18,7 +19,7 @@ A second thread heartbeats every heartbeat_s (keeping this worker's leases alive
 store.recover() (taking back jobs of dead workers, in this process or another one sharing the
 queue) and, every purge_interval_s, store.purge_expired(retention_s).
 
-stop(): the job running at that moment is interrupted at its next snapshot and released to the
+stop(): the jobs running at that moment are interrupted at their next snapshot and released to the
 queue unfinished (IN_QUEUE at its original place, the attempt not counted), so a restarted or a
 sibling server re-runs it at once; nothing is half-completed. If the thread cannot be joined in
 time (an image fetch in flight), the lease/crash recovery of the store re-queues the job later.
@@ -54,11 +55,15 @@ class JobWorker:
                  webhook_base_delay_s: float = 1.0, max_tokens_limit: int = 4096,
                  max_prompt_chars: int = 16384, heartbeat_s: float | None = None,
                  purge_interval_s: float = 60.0, claim_timeout_s: float = 0.5,
-                 cancel_poll_s: float = 0.1):
+                 cancel_poll_s: float = 0.1, concurrency: int = 1):
         """worker_id None → "<host>-<pid>-<random>": unique per process, so a restarted server
         never mistakes its predecessor's jobs for its own. heartbeat_s None → a quarter of the
         store's lease_s. max_tokens_limit / max_prompt_chars: the server's request limits (the
-        input was validated with them at submit; the worker validates again)."""
+        input was validated with them at submit; the worker validates again). concurrency: jobs
+        run at once (one thread each; the store's claim is atomic across threads)."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
         self.store, self.llava, self.metrics = store, llava, metrics
         self.retention_s, self.purge_interval_s = retention_s, purge_interval_s
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -71,14 +76,15 @@ class JobWorker:
                                       on_result=self._webhook_done)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.current_job_id: str | None = None
+        self.current_job_ids: set[str] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         if self._threads:
             raise RuntimeError(f"worker {self.worker_id} was already started")
         self.store.heartbeat(self.worker_id)     # registered before the first claim
-        for name, target in (("jobs", self._run), ("heartbeat", self._beat)):
+        targets = [(f"jobs-{i}", self._run) for i in range(self.concurrency)]
+        for name, target in targets + [("heartbeat", self._beat)]:
             t = threading.Thread(target=target, name=f"fastllava-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -105,7 +111,7 @@ class JobWorker:
                 continue
             if job is None:
                 continue
-            self.current_job_id = job.id
+            self.current_job_ids.add(job.id)
             try:
                 self._process(job)
             except Exception:   # a store failure mid-job: hand the job back for another try
@@ -113,7 +119,7 @@ class JobWorker:
                 with contextlib.suppress(Exception):
                     self.store.release(job.id, self.worker_id)
             finally:
-                self.current_job_id = None
+                self.current_job_ids.discard(job.id)
 
     def _beat(self) -> None:
         next_purge = time.monotonic()
@@ -175,13 +181,13 @@ class JobWorker:
                 log.exception("job %s failed", job.id)
         latency = time.monotonic() - t0
         if error is None:
-            store.append_log(job.id, f"done in {latency:.3f} s ({tokens} tokens)")
+            final = (f"done in {latency:.3f} s ({tokens} tokens)", "INFO")
         elif error["error_type"] == "client_cancelled":
-            store.append_log(job.id, f"cancelled after {latency:.3f} s")
+            final = (f"cancelled after {latency:.3f} s", "INFO")
         else:
-            store.append_log(job.id, f"failed with {error['status_code']} {error['error_type']}: "
-                             f"{_summary(error['detail'])}", "ERROR")
-        finished = store.complete(job.id, result=result, error=error)
+            final = (f"failed with {error['status_code']} {error['error_type']}: "
+                     f"{_summary(error['detail'])}", "ERROR")
+        finished = store.complete(job.id, result=result, error=error, log=final)
         if self.metrics is not None:
             self.metrics.record(ttft, latency, tokens, error is None)
         if finished and job.webhook_url:

@@ -62,8 +62,9 @@ def server_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def strict_server(tiny_llava, tls, tmp_path_factory):
     """HTTPS with the throwaway CA, API keys (--api-key and FASTLLAVA_API_KEYS), the default
-    image policy (private hosts refused) and small limits (STRICT_LIMITS)."""
-    args = ["--api-key", API_KEY, "--image-timeout-s", "3"]
+    image policy (private hosts refused) and small limits (STRICT_LIMITS). One queued job runs at
+    a time (--queue-concurrency 1), so a second job really waits in the queue."""
+    args = ["--api-key", API_KEY, "--image-timeout-s", "3", "--queue-concurrency", "1"]
     for name, value in STRICT_LIMITS.items():
         args += ["--" + name.replace("_", "-"), str(value)]
     server = launch_server(tiny_llava, tmp_path_factory.mktemp("strict"), *args, tls=tls,

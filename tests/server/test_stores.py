@@ -198,6 +198,16 @@ def test_complete_once_and_counts(make):
     assert store.counts() == {IN_QUEUE: 1, IN_PROGRESS: 0}
 
 
+def test_complete_writes_its_final_log_only_when_it_finishes(make):
+    store = make()
+    (a,) = submit_n(store, 1)
+    store.claim("w", 0)
+    assert store.complete(a, result={"output": "", "partial": False}, log=("done", "INFO"))
+    assert not store.complete(a, result={"output": "x", "partial": False}, log=("again", "INFO"))
+    messages = [(x["message"], x["level"]) for x in store.get(a).logs]
+    assert ("done", "INFO") in messages and not any(m == "again" for m, _ in messages), messages
+
+
 def test_lease_expiry_heartbeat_and_recover(make):
     store = make(lease_s=0.4, max_attempts=2)
     first, second = submit_n(store, 2)
