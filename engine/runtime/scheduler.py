@@ -44,11 +44,7 @@ class Batch:
     num_tokens: list[int]
     starts: list[int]
     is_decode: bool                       # every seq computes one generated token
-
-    @property
-    def samples(self) -> list[bool]:
-        """Which seqs reach their last token this step (their logits give the next token)."""
-        return [s + n == len(seq) for seq, s, n in zip(self.seqs, self.starts, self.num_tokens)]
+    samples: list[bool]                   # seq reaches its last token: its logits give the next
 
 
 class Scheduler:
@@ -87,8 +83,9 @@ class Scheduler:
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
             n = min(seq.num_uncomputed, budget)
+            if not self.bm.can_grow(seq, seq.num_computed + n):
+                preempted = True           # someone (maybe seq itself) is preempted just below
             if not self._make_room(seq, seq.num_computed + n, chosen):
-                preempted = True
                 continue
             self.bm.grow(seq, seq.num_computed + n)
             chosen[seq.seq_id] = n
@@ -114,9 +111,10 @@ class Scheduler:
         if not chosen:
             return None
         seqs = [s for s in self.running if s.seq_id in chosen]
-        return Batch(seqs=seqs, num_tokens=[chosen[s.seq_id] for s in seqs],
-                     starts=[s.num_computed for s in seqs],
-                     is_decode=all(s.is_decoding for s in seqs))
+        num_tokens = [chosen[s.seq_id] for s in seqs]
+        return Batch(seqs=seqs, num_tokens=num_tokens, starts=[s.num_computed for s in seqs],
+                     is_decode=all(s.is_decoding for s in seqs),
+                     samples=[s.num_computed + n == len(s) for s, n in zip(seqs, num_tokens)])
 
     def _make_room(self, seq: Sequence, num_tokens: int, chosen: dict[int, int]) -> bool:
         """Preempt newer unscheduled sequences until seq can grow to num_tokens; False if seq
@@ -142,6 +140,8 @@ class Scheduler:
     def update(self, batch: Batch, tokens: list[int | None]) -> list[Sequence]:
         """Record a finished step: advance each seq, append its sampled token (None where the
         step ended mid-prompt), register newly full pages; return the seqs that finished."""
+        if [t is not None for t in tokens] != batch.samples:
+            raise ValueError(f"tokens {tokens} do not match the rows that sample {batch.samples}")
         finished = []
         now = time.monotonic()
         for seq, n, token in zip(batch.seqs, batch.num_tokens, tokens):
