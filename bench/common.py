@@ -156,7 +156,7 @@ COLUMNS = ("kernel", "case", "impl", "ms", "value", "unit", "pct_ceiling", "bar"
            "note")
 
 
-def _fmt(x: object) -> str:
+def fmt(x: object) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
@@ -172,7 +172,7 @@ def markdown(rows: Sequence[Row]) -> str:
         pct = None if r.pct_ceiling is None else f"{100 * r.pct_ceiling:.1f}%"
         cells = (r.kernel, r.case, r.impl, r.ms, r.value, r.unit, pct, r.bar or None,
                  r.vs_triton, r.note or None)
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(fmt(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -185,20 +185,22 @@ def report(header: dict[str, str], ceilings: Sequence[Row], rows: Sequence[Row])
             f"## Kernels\n\n{legend}\n\n{markdown(rows)}\n")
 
 
-def write_outputs(out_dir: str, header: dict[str, str], text: str, rows: Sequence[Row]) -> list[str]:
-    """<out>/kernels-<gpu>-<date>.md and .csv; every CSV row carries the run record."""
+def write_outputs(out_dir: str, stem: str, header: dict[str, str], text: str,
+                  columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """<out>/<stem>-<device>-<UTC date-time>.md (the report) and .csv (one line per row of cells,
+    matching `columns`, each prefixed by the run record)."""
     os.makedirs(out_dir, exist_ok=True)
-    gpu = re.sub(r"[^a-z0-9]+", "-", header["gpu"].split("(")[0].lower()).strip("-") or "cpu"
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M")
-    base = os.path.join(out_dir, f"kernels-{gpu}-{stamp}")
+    device = header.get("gpu") or header.get("device") or "unknown"
+    slug = re.sub(r"[^a-z0-9]+", "-", device.split("(")[0].lower()).strip("-")[:40].strip("-")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M%S")
+    base = os.path.join(out_dir, f"{stem}-{slug or 'cpu'}-{stamp}")
     with open(base + ".md", "w") as f:
         f.write(text)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow((*header, *COLUMNS))
-    for r in rows:
-        writer.writerow((*header.values(), *(getattr(r, c) if getattr(r, c) is not None else ""
-                                             for c in COLUMNS)))
+    writer.writerow((*header, *columns))
+    for cells in rows:
+        writer.writerow((*header.values(), *("" if c is None else c for c in cells)))
     with open(base + ".csv", "w", newline="") as f:
         f.write(buf.getvalue())
     return [base + ".md", base + ".csv"]

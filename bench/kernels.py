@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from common import REAL, REPO, SMOKE, Row, Shapes, copy_ceiling, fail, matmul_ceiling, report
-from common import run_header, write_outputs
+from common import COLUMNS, run_header, write_outputs
 from harness import Case, run_case
 
 SDPA_BACKENDS = (("sdpa flash", "FLASH_ATTENTION"), ("sdpa cudnn", "CUDNN_ATTENTION"),
@@ -231,7 +231,8 @@ def main(argv: list[str]) -> int:
     text = report(header, ceilings, rows)
     print(text)
     if out:
-        print("wrote", ", ".join(write_outputs(out, header, text, ceilings + rows)))
+        print("wrote", ", ".join(write_outputs(out, "kernels", header, text, COLUMNS,
+                                                   [[getattr(r, c) for c in COLUMNS] for r in ceilings + rows])))
     errors = [r for r in rows if r.is_error]
     if errors:
         print(f"{len(errors)} row(s) failed: see the ERROR notes above", file=sys.stderr)

@@ -1,0 +1,367 @@
+"""Decode benchmark: one decode step of the fastllava runtime at the real LLaVA shapes (random
+weights), batch 1 / 8 / 32 at a ~600-token context, next to transformers on the same GPU.
+
+    python bench/decode.py [--model llava-1.5-13b] [--batches 1,8,32] [--context 600] [--out DIR]
+    python bench/decode.py --smoke        # tiny config on the CPU (CI: tests/test_bench_decode.py)
+
+Rows per batch size B (wall clock, torch.cuda.synchronize, median ms/step over --windows windows
+of --steps steps, after --warmup steps):
+- fastllava engine: Sequences of random prompt ids added to the engine's scheduler and driven
+  without the engine thread, `schedule → runner.run → update`: what a user pays per token
+  (scheduler, input packing, CUDA-graph replay, on-device sampling, the one host sync).
+- fastllava graph replay: the same step's CUDA graph replayed bare: the GPU time alone.
+- hf eager: transformers LlamaForCausalLM of the same text config (a LLaVA decode step after
+  prefill is exactly the language model), random weights, sdpa, DynamicCache.
+- hf compiled: the same with StaticCache + torch.compile(mode="reduce-overhead").
+Work per step: the weights a decode step reads (decoder layers, final norm, lm_head, B rows of
+the embedding table; not the vision tower) + the KV it attends over, 2*L*KVH*D*ctx*B*2 bytes at
+the mean context of the timed steps; GB/s is reported against a 1 GiB copy measured in the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from common import REPO, copy_ceiling, fail, fmt, markdown, run_header, write_outputs
+
+BW_BARS = {1: 0.90, 8: 0.85, 32: 0.80}   # performance.md: fraction of copy bandwidth, by batch
+PEER_BAR = 1.5                            # ... and >= 1.5x the compiled static-cache peer
+ENGINE, REPLAY = "fastllava engine", "fastllava graph replay"
+HF_EAGER, HF_COMPILED = "hf eager (DynamicCache)", "hf compiled (StaticCache, reduce-overhead)"
+GIB = 1 << 30
+PAGE = 16                                 # KV page size (RuntimeConfig's default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    device: str
+    dtype: torch.dtype
+    batches: tuple[int, ...]
+    context: int                 # prompt tokens per sequence (cached when decoding starts)
+    warmup: int
+    steps: int                   # decode steps per timed window
+    windows: int
+    peers: tuple[str, ...]       # "eager", "compiled"
+
+    @property
+    def timed(self) -> int:
+        return self.steps * self.windows
+
+    @property
+    def max_len(self) -> int:    # prompt + prefill token + warm-up + timed steps, with slack
+        return self.context + max(self.warmup, 4) + self.timed + 16
+
+
+@dataclasses.dataclass
+class Row:
+    impl: str
+    B: int
+    ctx: float | None = None     # mean context of the timed steps (tokens attended per sequence)
+    ms: float | None = None
+    tok_s: float | None = None
+    gb_s: float | None = None
+    pct: float | None = None     # of the copy ceiling
+    vs: float | None = None      # this row's ms / the fastllava engine's ms (> 1: fastllava faster)
+    bar: str = ""
+    note: str = ""
+
+
+def step_bytes(t, B: int, ctx: float, e: int) -> float:
+    """Minimum bytes one decode step reads: weights once + KV of B sequences at ctx tokens."""
+    h, L = t.hidden_size, t.num_hidden_layers
+    layer = h * (t.q_size + 2 * t.kv_size) + t.q_size * h + 3 * h * t.intermediate_size + 2 * h
+    weights = L * layer + h + t.vocab_size * h + B * h      # + final norm, lm_head, embed rows
+    return (weights + 2 * L * t.kv_size * ctx * B) * e
+
+
+def time_steps(step, plan: Plan) -> float:
+    """Median over plan.windows of wall-clock ms per step (synchronised at window edges)."""
+    sync = torch.cuda.synchronize if plan.device == "cuda" else (lambda: None)
+    times = []
+    for _ in range(plan.windows):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(plan.steps):
+            step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3 / plan.steps)
+    return statistics.median(times)
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fitting_batches(t, plan: Plan) -> tuple[list[int], list[Row]]:
+    """Batch sizes whose KV (+ 4 GiB for activations and graphs) fits next to the weights."""
+    if plan.device != "cuda":
+        return list(plan.batches), []
+    free, _ = torch.cuda.mem_get_info()
+    tokens = -(-plan.max_len // PAGE) * PAGE                     # whole pages
+    per_seq = 2 * t.num_hidden_layers * t.kv_size * tokens * plan.dtype.itemsize
+    fits = [B for B in plan.batches if B * per_seq + 4 * GIB <= free]
+    skipped = [Row(impl, B, note=f"n/a: KV for B={B} needs {B * per_seq / GIB:.1f} GiB + 4 GiB "
+                   f"reserve, {free / GIB:.1f} GiB free after the weights")
+               for B in plan.batches if B not in fits for impl in (ENGINE, HF_EAGER, HF_COMPILED)]
+    return fits, skipped
+
+
+def fastllava_rows(config, plan: Plan) -> list[Row]:
+    """Random weights → build_engine (the real runtime: paged KV, Triton ops and CUDA graphs on
+    a GPU) → engine and graph-replay rows for every batch size whose KV fits."""
+    from fastllava.kernels.ops import get_ops
+    from fastllava.runtime.build import build_engine
+    from fastllava.runtime.config import RuntimeConfig
+    from fastllava.weights.random import random_model
+
+    model = random_model(config, plan.device, plan.dtype)
+    batches, rows = fitting_batches(config.text, plan)
+    if not batches:
+        return rows
+    ops = get_ops("torch" if plan.device == "cpu" else "auto", plan.device)
+    pages = -(-plan.max_len // PAGE)
+    rc = RuntimeConfig(page_size=PAGE, max_num_seqs=max(batches),
+                       kv_cache_tokens=max(batches) * pages * PAGE, max_context=plan.max_len,
+                       max_num_batched_tokens=max(4096, max(batches)))
+    engine, max_len = build_engine(model, ops, config.text, plan.dtype, plan.device, rc)
+    if max_len < plan.max_len:
+        raise ValueError(f"the engine caps requests at {max_len} tokens; --context "
+                         f"{plan.context} needs {plan.max_len}")
+    for B in batches:
+        try:
+            rows += engine_batch(engine, config.text, B, plan)
+        except Exception as exc:  # noqa: BLE001 - report the row, go on with the next batch
+            rows.append(Row(ENGINE, B, note=f"ERROR: {type(exc).__name__}: {exc}"[:200]))
+    return rows
+
+
+def engine_batch(engine, t, B: int, plan: Plan) -> list[Row]:
+    from fastllava.runtime.sequence import SamplingParams, Sequence
+
+    sched, runner = engine.scheduler, engine.runner
+    rng = random.Random(B)
+    params = SamplingParams(max_tokens=plan.max_len, temperature=0.0, stop_ids=())
+    seqs = [Sequence([rng.randrange(t.vocab_size) for _ in range(plan.context)], params,
+                     plan.max_len) for _ in range(B)]
+
+    def step(decode: bool) -> None:
+        batch = sched.schedule()
+        if decode and (batch is None or not batch.is_decode or len(batch.seqs) != B):
+            raise RuntimeError(f"expected a decode step of all {B} sequences, got {batch}")
+        if sched.update(batch, runner.run(batch)):
+            raise RuntimeError("a sequence finished during the benchmark (max_len too small)")
+
+    for seq in seqs:
+        sched.add(seq)
+    try:
+        while any(seq.num_generated == 0 for seq in seqs):   # (chunked) prefill of all prompts
+            step(False)
+        for _ in range(plan.warmup):
+            step(True)
+        ctx = len(seqs[0]) + (plan.timed - 1) / 2
+        rows = [Row(ENGINE, B, ctx, time_steps(lambda: step(True), plan))]
+        graphs = runner.graphs
+        if graphs is None:
+            rows.append(Row(REPLAY, B, note=f"n/a: no CUDA graphs (ops {runner.ops.name} on "
+                                            f"{plan.device})"))
+            return rows
+        bs = next(b for b in graphs.buckets if b >= B)   # replays the last step's inputs
+        rows.append(Row(REPLAY, B, len(seqs[0]) - 1, time_steps(graphs.graphs[bs].replay, plan),
+                        note="" if bs == B else f"bucket {bs}"))
+        if not torch.isfinite(graphs.outputs[bs][:B]).all():
+            rows[-1].note = "ERROR: non-finite logits from the random weights"
+        return rows
+    finally:
+        for seq in seqs:
+            sched.abort(seq)
+            runner.release(seq)
+        if sched.bm.num_used_pages:
+            raise RuntimeError(f"{sched.bm.num_used_pages} KV pages still used after abort")
+
+
+def hf_llama(t, device: str, dtype: torch.dtype):
+    """transformers LlamaForCausalLM with fastllava's text config; weights by fill_random_ on the
+    device (no fp32 host copy), RoPE buffers rebuilt after to_empty."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from fastllava.weights.random import fill_random_
+
+    cfg = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                      intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+                      num_attention_heads=t.num_attention_heads,
+                      num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim,
+                      max_position_embeddings=t.max_position_embeddings,
+                      rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+                      attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = fill_random_(model.to(dtype).to_empty(device=device))
+    with torch.device(device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(cfg)
+    return model.eval().requires_grad_(False), cfg
+
+
+@torch.no_grad()   # as transformers' generate (cudagraph trees and inference_mode mix badly)
+def hf_batch(model, cfg, B: int, plan: Plan, compiled: bool) -> Row:
+    """Prefill B random prompts eagerly, then time greedy decode steps (argmax fed back)."""
+    from transformers import DynamicCache, StaticCache
+
+    gen = torch.Generator(device=plan.device).manual_seed(B)
+    ids = torch.randint(cfg.vocab_size, (B, plan.context), generator=gen, device=plan.device)
+    cache = (StaticCache(config=cfg, max_cache_len=plan.max_len) if compiled
+             else DynamicCache(config=cfg))
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    forward = (torch.compile(model.forward, mode="reduce-overhead", dynamic=False) if compiled
+               else model.forward)
+    state = [out.logits[:, -1:].argmax(-1)]
+
+    def step() -> None:
+        logits = forward(input_ids=state[0], past_key_values=cache, use_cache=True).logits
+        state[0] = logits[:, -1:].argmax(-1)
+
+    warmup = max(plan.warmup, 4) if compiled else plan.warmup   # compile + cudagraph recording
+    for _ in range(warmup):
+        step()
+    ctx = plan.context + 1 + warmup + (plan.timed - 1) / 2
+    return Row(HF_COMPILED if compiled else HF_EAGER, B, ctx, time_steps(step, plan))
+
+
+def hf_rows(t, plan: Plan, batches: list[int]) -> list[Row]:
+    """The transformers peers at each batch size; a peer that cannot run gets an n/a row."""
+    runnable = {k for k in plan.peers if k == "eager" or plan.device == "cuda"}
+    model, cfg = hf_llama(t, plan.device, plan.dtype) if runnable and batches else (None, None)
+    rows: list[Row] = []
+    for kind, impl in (("eager", HF_EAGER), ("compiled", HF_COMPILED)):
+        for B in batches:
+            if kind not in plan.peers:
+                rows.append(Row(impl, B, note="n/a: not asked for (--peers)"))
+            elif kind not in runnable:
+                rows.append(Row(impl, B, note="n/a: CUDA graphs need a GPU (--smoke runs eager)"))
+            else:
+                try:
+                    rows.append(hf_batch(model, cfg, B, plan, compiled=kind == "compiled"))
+                except Exception as exc:  # noqa: BLE001 - a peer that cannot run reads n/a
+                    rows.append(Row(impl, B, note=f"n/a: {type(exc).__name__}: "
+                                                  f"{' '.join(str(exc).split())[:160]}"))
+                if kind == "compiled":
+                    torch._dynamo.reset()   # drop this batch's graphs (and their memory pool)
+                free_memory(plan.device)
+    del model
+    free_memory(plan.device)
+    return rows
+
+
+def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]:
+    """Fill tok/s, GB/s, % of the copy, speedups and bars; order rows by batch, then impl."""
+    order = (ENGINE, REPLAY, HF_EAGER, HF_COMPILED)
+    rows.sort(key=lambda r: (r.B, order.index(r.impl)))
+    engine = {r.B: r for r in rows if r.impl == ENGINE and r.ms}
+    for r in rows:
+        if r.ms is None:
+            continue
+        r.tok_s = r.B * 1e3 / r.ms
+        r.gb_s = step_bytes(t, r.B, r.ctx, plan.dtype.itemsize) / r.ms / 1e6
+        r.pct = r.gb_s / copy_gb_s if copy_gb_s else None
+        r.vs = r.ms / engine[r.B].ms if r.B in engine else None
+        if r.impl == ENGINE and r.pct is not None and r.B in BW_BARS:
+            r.bar = f">={BW_BARS[r.B]:.0%} BW: {'yes' if r.pct >= BW_BARS[r.B] else 'NO'}"
+        if r.impl == HF_COMPILED and r.vs is not None:
+            r.bar = f"fastllava >={PEER_BAR}x: {'yes' if r.vs >= PEER_BAR else 'NO'}"
+    return rows
+
+
+COLUMNS = ("model", "B", "context", "impl", "mean ctx", "ms/step", "tok/s", "GB/s", "% copy",
+           "ms / engine ms", "bar", "note")
+
+
+def cells(r: Row, model: str, context: int) -> tuple:
+    pct = None if r.pct is None else f"{100 * r.pct:.1f}%"
+    return (model, r.B, context, r.impl, r.ctx, r.ms, r.tok_s, r.gb_s, pct, r.vs, r.bar or None,
+            r.note or None)
+
+
+def report(header: dict, ceilings, rows: list[Row], model: str, context: int) -> str:
+    meta = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
+    ceil = markdown(ceilings) if ceilings else "skipped (--smoke: no GPU)"
+    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    table += ["| " + " | ".join(fmt(c) for c in cells(r, model, context)) + " |" for r in rows]
+    legend = ("GB/s: weights read once per step + KV at the mean context. % copy: of the copy "
+              "ceiling. ms / engine ms > 1: the fastllava engine is faster. Bars (performance.md, "
+              f"H100): batch 1/8/32 >= 90/85/80% of the copy, >= {PEER_BAR}x the compiled peer.")
+    return (f"# Decode benchmark\n\n{meta}\n\n## Ceiling (measured in this run)\n\n{ceil}\n\n"
+            f"## Decode steps\n\n{legend}\n\n" + "\n".join(table) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    from fastllava.weights.random import REAL_CONFIGS, TINY_CONFIG, llava_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llava-1.5-13b", choices=sorted(REAL_CONFIGS))
+    p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    p.add_argument("--context", type=int, default=600, help="prompt tokens per sequence")
+    p.add_argument("--steps", type=int, default=20, help="decode steps per timed window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peers", default="eager,compiled", help="transformers peers, or 'none'")
+    p.add_argument("--out", help="folder for the .md and .csv (GPU default: bench/results/)")
+    p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, 2-3 steps")
+    args = p.parse_args(argv[1:])
+    peers = tuple(x for x in args.peers.split(",") if x and x != "none")
+    if set(peers) - {"eager", "compiled"}:
+        fail(f"--peers takes eager, compiled or none, got {args.peers!r}")
+    if args.smoke:
+        plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers)
+        config, name = llava_config(TINY_CONFIG), "tiny (smoke)"
+    else:
+        if not torch.cuda.is_available():
+            fail("bench/decode.py needs a CUDA GPU for the real shapes; none is visible here. "
+                 "Run with --smoke to check the script's plumbing on the CPU (tiny config).")
+        if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
+            fail("TRITON_INTERPRET is set: the real-shape run would time the CPU interpreter. "
+                 "Unset it (or use --smoke).")
+        batches = tuple(int(b) for b in args.batches.split(","))
+        if min(batches) < 1 or min(args.context, args.steps, args.windows) < 1:
+            fail("--batches, --context, --steps and --windows must be >= 1")
+        plan = Plan("cuda", torch.bfloat16, batches, args.context, args.warmup, args.steps,
+                    args.windows, peers)
+        config, name = llava_config(REAL_CONFIGS[args.model]), args.model
+    if plan.max_len > config.text.max_position_embeddings:
+        fail(f"--context {plan.context} + {plan.max_len - plan.context} decode tokens exceeds "
+             f"{name}'s max_position_embeddings {config.text.max_position_embeddings}")
+    out = args.out or (os.path.join(REPO, "bench", "results") if not args.smoke else None)
+    header = run_header(argv, plan.device)
+    if args.smoke:   # the smoke run uses the torch ops, not the interpreted kernels
+        header["gpu"] = "cpu (--smoke, torch ops)"
+    header.update(model=f"{name}, random weights (seed 0)", dtype=str(plan.dtype)[6:])
+    ceilings = [copy_ceiling()] if plan.device == "cuda" else []
+    rows = fastllava_rows(config, plan)
+    free_memory(plan.device)
+    measured = sorted({r.B for r in rows if r.impl == ENGINE and not r.note.startswith("n/a")})
+    rows += hf_rows(config.text, plan, measured)
+    rows = finish(rows, config.text, plan, ceilings[0].value if ceilings else None)
+    text = report(header, ceilings, rows, name, plan.context)
+    print(text)
+    if out:
+        print("wrote", ", ".join(write_outputs(out, "decode", header, text, COLUMNS,
+                                                   [cells(r, name, plan.context) for r in rows])))
+    errors = [r for r in rows if r.note.startswith("ERROR")]
+    if errors:
+        print(f"{len(errors)} row(s) failed: see the ERROR notes above", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,86 @@
+"""bench/decode.py --smoke: the decode benchmark's plumbing runs end to end on the CPU (tiny config,
+torch ops): a timed fastllava-engine row and a timed transformers-eager row for every batch size,
+the GPU-only rows marked n/a with a reason, and the run record in the written .md / .csv."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "decode.py"
+COLUMNS = 12
+IMPLS = ("fastllava engine", "fastllava graph replay", "hf eager (DynamicCache)",
+         "hf compiled (StaticCache, reduce-overhead)")
+SMOKE_BATCHES = ("1", "3")
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout tail\n{proc.stdout[-3000:]}\n--- stderr tail\n" \
+           f"{proc.stderr[-3000:]}"
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """Cells of the decode table's rows `| model | B | context | impl | ... |`."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) == COLUMNS and cells[3] in IMPLS:
+            rows.append(cells)
+    return rows
+
+
+def test_smoke_reports_engine_and_peer_rows_for_every_batch(tmp_path):
+    proc = run_bench("--smoke", "--out", str(tmp_path))
+    assert proc.returncode == 0, describe(proc)
+    rows = table_rows(proc.stdout)
+    assert {(r[1], r[3]) for r in rows} == {(b, i) for b in SMOKE_BATCHES for i in IMPLS}, rows
+    assert len(rows) == len(SMOKE_BATCHES) * len(IMPLS), rows
+    for r in rows:
+        model, B, context, impl, ctx, ms, tok_s, gb_s, pct, vs, bar, note = r
+        assert not note.startswith("ERROR"), r
+        if impl in ("fastllava engine", "hf eager (DynamicCache)"):
+            assert note == "-" and float(ms) > 0 and float(gb_s) > 0, r
+            # tok/s = B * 1000 / ms; mean context past the prompt (prefill token + warm-up)
+            assert abs(float(tok_s) - int(B) * 1e3 / float(ms)) <= 1e-3 * float(tok_s) + 0.01, r
+            assert float(ctx) > float(context), r
+            assert pct == "-", f"no copy ceiling on the CPU, yet % copy = {pct}: {r}"
+        else:   # CUDA graphs and torch.compile's reduce-overhead need a GPU
+            assert ms == "-" and note.startswith("n/a: "), r
+        if impl == "fastllava engine":
+            assert float(vs) == 1.0, r
+    md = sorted(tmp_path.glob("decode-cpu-*.md"))
+    csv_path = sorted(tmp_path.glob("decode-cpu-*.csv"))
+    assert len(md) == 1 and len(csv_path) == 1, sorted(p.name for p in tmp_path.iterdir())
+    text = md[0].read_text()
+    assert table_rows(text) == rows, "the written .md differs from the printed table"
+    for key in ("gpu", "commit", "date", "torch", "triton", "cuda", "command", "model", "dtype"):
+        assert f"- {key}: `" in text, f"run record lacks {key!r}"
+    assert "bench/decode.py --smoke --out" in text
+    with open(csv_path[0], newline="") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == len(rows), (len(records), len(rows))
+    assert [(r["B"], r["impl"]) for r in records] == [(r[1], r[3]) for r in rows]
+    assert all(r["commit"] and r["torch"] == torch.__version__ for r in records), records[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is missing")
+def test_real_shapes_refuse_to_start_without_cuda():
+    proc = run_bench("--model", "llava-1.5-13b")
+    assert proc.returncode == 2, describe(proc)
+    assert "needs a CUDA GPU" in proc.stderr and "--smoke" in proc.stderr, proc.stderr
+
+
+def test_bad_peer_name_is_refused():
+    proc = run_bench("--smoke", "--peers", "vllm")
+    assert proc.returncode == 2 and "vllm" in proc.stderr, describe(proc)
