@@ -25,6 +25,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_interp)
 
 
+@pytest.fixture
+def bench_script():
+    """bench_script(name): a bench/ script imported in-process (bench/ is a folder of scripts, not
+    a package); unimported again afterwards, with the `common` / `harness` it pulled in."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, folder)
+    loaded = []
+
+    def load(name: str):
+        loaded.append(name)
+        return importlib.import_module(name)
+
+    yield load
+    sys.path.remove(folder)
+    for name in (*loaded, "common", "harness"):
+        sys.modules.pop(name, None)
+
+
 def _build(tmp_path_factory, name: str, spec: tiny.Spec, **kwargs):
     return tiny.build(spec, tmp_path_factory.mktemp(name), **kwargs)
 

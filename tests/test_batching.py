@@ -15,12 +15,11 @@ and the prefix cache on vs off. After every test the engine holds no page and no
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from concurrency import assert_idle, assert_same, run_threads
 from fastllava import LLaVA
 from fastllava.runtime.config import RuntimeConfig
 from fastllava.schema import parse_request
@@ -104,42 +103,7 @@ def alone(llava: LLaVA, reqs: list[dict], *, texts_from_ids: bool = False):
 
 def concurrently(fn, reqs: list[dict]) -> list:
     """fn(req) for every request, each on its own thread, all released by one barrier."""
-    results: list = [None] * len(reqs)
-    errors: list = []
-    barrier = threading.Barrier(len(reqs))
-
-    def worker(i):
-        barrier.wait()
-        try:
-            results[i] = fn(reqs[i])
-        except Exception as e:   # reported below with the request that raised it
-            errors.append((i, e))
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a concurrent request never returned"
-    assert not errors, \
-        f"{len(errors)} requests raised; first: request {errors[0][0]}: {errors[0][1]!r}"
-    return results
-
-
-def assert_same(got: list, want: list, what: str) -> None:
-    bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
-    assert len(got) == len(want), f"{what}: {len(got)} results for {len(want)} requests"
-    if bad:
-        i = bad[0]
-        raise AssertionError(f"{what}: {len(bad)} of {len(want)} requests differ from alone "
-                             f"(requests {bad}); first, request {i}: got {got[i]!r}, "
-                             f"alone {want[i]!r}")
-
-
-def assert_idle(llava: LLaVA) -> None:
-    stats = llava.stats()
-    assert (stats["kv_pages_used"], stats["running"], stats["waiting"]) == (0, 0, 0), \
-        f"the engine is not idle after the test (leaked pages or requests): {stats}"
+    return run_threads([lambda r=r: fn(r) for r in reqs])
 
 
 def check_batch(llava: LLaVA, reqs: list[dict], want_ids, want_texts, what: str) -> list[dict]:

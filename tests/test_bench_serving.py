@@ -77,16 +77,8 @@ def test_smoke_reports_both_modes_and_writes_the_run_record(tmp_path):
 
 
 @pytest.fixture
-def serving():
-    """bench/serving.py imported in-process (bench/ is a folder of scripts, not a package)."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import serving as module
-        yield module
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-        for name in ("serving", "common"):
-            sys.modules.pop(name, None)
+def serving(bench_script):
+    return bench_script("serving")
 
 
 def test_latencies_come_from_the_event_timestamps(serving):

@@ -90,16 +90,8 @@ def test_real_shapes_without_cuda_exit_with_a_clear_message():
 
 
 @pytest.fixture
-def harness():
-    """bench/harness.py imported in-process (bench/ is a folder of scripts, not a package)."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import harness as module
-        yield module
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-        for name in ("harness", "common"):
-            sys.modules.pop(name, None)
+def harness(bench_script):
+    return bench_script("harness")
 
 
 def test_a_wrong_result_is_reported_and_not_timed(harness):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from concurrency import assert_idle, assert_same, run_threads
 from fastllava import LLaVA
 from fastllava.runtime.config import RuntimeConfig
 from fastllava.schema import RequestValidationError
@@ -49,12 +50,6 @@ def req(image: str, i: int = 0, **kw) -> dict:
             "max_tokens": 4 + (5 * i) % 13, **kw}
 
 
-def assert_idle(llava: LLaVA) -> None:
-    stats = llava.stats()
-    assert (stats["kv_pages_used"], stats["running"], stats["waiting"]) == (0, 0, 0), \
-        f"the engine is not idle (leaked pages or requests): {stats}"
-
-
 def wait_idle(llava: LLaVA, deadline_s: float = 10.0) -> None:
     """Poll until idle: astream's cancel does not block the event loop, so it lands a bit later."""
     end = time.monotonic() + deadline_s
@@ -70,34 +65,6 @@ def assert_cumulative(snaps: list[dict]) -> None:
     bad = [i for i, (a, b) in enumerate(zip(texts, texts[1:])) if not b.startswith(a)]
     assert not bad, \
         f"snapshot {bad[0] + 1} does not extend the one before: {texts[bad[0]:bad[0] + 2]}"
-
-
-def run_threads(fns: list) -> list:
-    """Call every fn on its own thread, all released at one barrier; their results in order."""
-    out, errors = [None] * len(fns), []
-    barrier = threading.Barrier(len(fns))
-
-    def worker(i):
-        barrier.wait()
-        try:
-            out[i] = fns[i]()
-        except Exception as e:
-            errors.append((i, e))
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a call never returned"
-    assert not errors, f"{len(errors)} calls raised; first: call {errors[0][0]}: {errors[0][1]!r}"
-    return out
-
-
-def assert_same(got: list, want: list, what: str) -> None:
-    bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
-    if bad:
-        raise AssertionError(f"{what}: {len(bad)} of {len(want)} differ (indices {bad}); first "
-                             f"{bad[0]}: got {got[bad[0]]!r}, want {want[bad[0]]!r}")
 
 
 # ---- concurrency ---------------------------------------------------------------------------------
