@@ -165,25 +165,30 @@ class LLaVA:
             raise ValueError("the image placeholder tokens are not contiguous in the prompt")
         return Sequence(ids, params, self.max_len, (span,), payload=(prepared.image,))
 
-    def generate_ids(self, request: Mapping[str, Any]) -> list[int]:
-        """Generated token ids (the stop id, if reached, included)."""
-        req = parse_request(request)
-        prepared = self.prepare(req)
+    def _engine_events(self, prepared: PreparedPrompt,
+                       req: GenerationRequest) -> Iterator[tuple[str, object, object]]:
+        """Submit the request; yield its ("token", id) events, then ("finish", reason), each with
+        its RequestHandle. An error event raises. Closing early cancels the request and returns
+        once its pages are free."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         handle = self.engine.submit(self._sequence(prepared, req),
                                     lambda kind, value: events.put((kind, value)))
-        ids = []
         try:
             while True:
                 kind, value = events.get()
-                if kind == "token":
-                    ids.append(value)
-                elif kind == "error":
+                if kind == "error":
                     raise value
-                else:
-                    return ids
+                yield kind, value, handle
+                if kind != "token":
+                    return
         finally:
             self.engine.cancel(handle)
+
+    def generate_ids(self, request: Mapping[str, Any]) -> list[int]:
+        """Generated token ids (the stop id, if reached, included)."""
+        req = parse_request(request)
+        events = self._engine_events(self.prepare(req), req)
+        return [value for kind, value, _ in events if kind == "token"]
 
     def generate(self, request: Mapping[str, Any]) -> dict:
         out = None
@@ -222,19 +227,11 @@ class LLaVA:
         # host holds up nobody else; the engine thread only runs steps.
         prepared = self.prepare(req, None if messages is None else self.render_chat(messages))
         snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        handle = self.engine.submit(self._sequence(prepared, req),
-                                    lambda kind, value: events.put((kind, value)))
-        try:
-            while True:
-                kind, value = events.get()
+        with contextlib.closing(self._engine_events(prepared, req)) as events:
+            for kind, value, handle in events:
                 snapshot = snapshots.on_event(kind, value, handle)
                 if snapshot is not None:
                     yield snapshot
-                if kind != "token":
-                    return
-        finally:  # closed early (or failed): cancel, and return once its pages are free
-            self.engine.cancel(handle)
 
     # ---- asyncio ----------------------------------------------------------------------------------
     def astream(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
