@@ -206,6 +206,16 @@ def write_outputs(out_dir: str, stem: str, header: dict[str, str], text: str,
     return [base + ".md", base + ".csv"]
 
 
+def require_compiled_gpu(script: str, smoke_means: str) -> None:
+    """Real-shape runs need CUDA and compiled kernels; refuse clearly otherwise."""
+    if not torch.cuda.is_available():
+        fail(f"bench/{script} needs a CUDA GPU for the real shapes; none is visible here. "
+             f"Run with --smoke to check the script's plumbing on the CPU ({smoke_means}).")
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
+        fail("TRITON_INTERPRET is set: the real-shape run would time the CPU interpreter. "
+             "Unset it (or use --smoke).")
+
+
 def fail(message: str) -> None:
     print(message, file=sys.stderr)
     raise SystemExit(2)

@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from common import REPO, copy_ceiling, fail, fmt, markdown, run_header, write_outputs
+from common import REPO, copy_ceiling, fail, fmt, markdown, require_compiled_gpu, run_header
+from common import write_outputs
 
 BW_BARS = {1: 0.90, 8: 0.85, 32: 0.80}   # performance.md: fraction of copy bandwidth, by batch
 PEER_BAR = 1.5                            # ... and >= 1.5x the compiled static-cache peer
@@ -326,12 +327,7 @@ def main(argv: list[str]) -> int:
         plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers)
         config, name = llava_config(TINY_CONFIG), "tiny (smoke)"
     else:
-        if not torch.cuda.is_available():
-            fail("bench/decode.py needs a CUDA GPU for the real shapes; none is visible here. "
-                 "Run with --smoke to check the script's plumbing on the CPU (tiny config).")
-        if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
-            fail("TRITON_INTERPRET is set: the real-shape run would time the CPU interpreter. "
-                 "Unset it (or use --smoke).")
+        require_compiled_gpu("decode.py", "tiny config")
         batches = tuple(int(b) for b in args.batches.split(","))
         if min(batches) < 1 or min(args.context, args.steps, args.windows) < 1:
             fail("--batches, --context, --steps and --windows must be >= 1")

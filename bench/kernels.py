@@ -21,8 +21,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from common import REAL, REPO, SMOKE, Row, Shapes, copy_ceiling, fail, matmul_ceiling, report
-from common import COLUMNS, run_header, write_outputs
+from common import REAL, REPO, SMOKE, Row, Shapes, copy_ceiling, matmul_ceiling, report
+from common import COLUMNS, require_compiled_gpu, run_header, write_outputs
 from harness import Case, run_case
 
 SDPA_BACKENDS = (("sdpa flash", "FLASH_ATTENTION"), ("sdpa cudnn", "CUDNN_ATTENTION"),
@@ -203,12 +203,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:])
     if args.smoke:   # must precede the first kernel import: @triton.jit reads it then
         os.environ["TRITON_INTERPRET"] = "1"
-    elif not torch.cuda.is_available():
-        fail("bench/kernels.py needs a CUDA GPU for the real shapes; none is visible here. "
-             "Run with --smoke to check the script's plumbing on the CPU (interpreted kernels).")
-    elif os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
-        fail("TRITON_INTERPRET is set: the real-shape run would time the CPU interpreter. "
-             "Unset it (or use --smoke).")
+    else:
+        require_compiled_gpu("kernels.py", "interpreted kernels")
     on_gpu = not args.smoke
     device = "cuda" if on_gpu else "cpu"
     out = args.out or (os.path.join(REPO, "bench", "results") if on_gpu else None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from fastllava.runtime.scheduler import SchedulerConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
@@ -31,7 +33,4 @@ class RuntimeConfig:
         if self.image_cache_rows < 0:
             raise ValueError(f"RuntimeConfig.image_cache_rows must be >= 0, got "
                              f"{self.image_cache_rows}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"RuntimeConfig.max_num_batched_tokens ({self.max_num_batched_tokens})"
-                             f" must be >= max_num_seqs ({self.max_num_seqs}): every running "
-                             "request must be able to decode in one step")
+        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)   # its budget check

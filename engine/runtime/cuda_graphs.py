@@ -78,8 +78,11 @@ class DecodeGraphs:
         position; its KV goes to slot block_tables[i][p // S] * S + p % S."""
         B, S = len(input_ids), self.page_size
         bs = next(b for b in self.buckets if b >= B)
-        width = self.block_tables.shape[1]
-        tables = [bt + [0] * (width - len(bt)) for bt in block_tables] + [[0] * width] * (bs - B)
+        # Only the columns the batch uses are written: entries past a row's context (and the rows
+        # of padding, context 0) are never read, so leftovers from earlier steps are harmless and
+        # the copy stays O(B x pages in use), not O(bucket x max_pages_per_seq).
+        width = max(len(bt) for bt in block_tables)
+        tables = [bt + [0] * (width - len(bt)) for bt in block_tables]
         slots = [bt[p // S] * S + p % S for bt, p in zip(block_tables, positions)]
         pad = [0] * (bs - B)
         # One host→device copy per buffer; non_blocking keeps the CPU ahead of the GPU.
@@ -88,7 +91,8 @@ class DecodeGraphs:
         self.slot_mapping[:bs].copy_(torch.tensor(slots + [-1] * (bs - B)), non_blocking=True)
         self.context_lens[:bs].copy_(torch.tensor([p + 1 for p in positions] + pad,
                                                   dtype=torch.int32), non_blocking=True)
-        self.block_tables[:bs].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:B, :width].copy_(torch.tensor(tables, dtype=torch.int32),
+                                            non_blocking=True)
         if self.graphs:
             self.graphs[bs].replay()
             out = self.outputs[bs]
