@@ -22,9 +22,13 @@ Varlen without a host sync (so a step never waits on the GPU to size its grid): 
 belongs to the sequence b with start[b] <= p < start[b+1], start[b] = cu_seqlens[b] // BLOCK_M + b,
 found by binary search in the kernel; sum_b ceil(len_b / BLOCK_M) <= N // BLOCK_M + B programs
 suffice (vLLM's unified-attention trick). Programs past their sequence's end exit at once.
+Strides arrive in units of ALIGN elements (see _stride_units) so that Triton can prove 16-byte
+alignment at head dims that are not multiples of 16 (SigLIP's 72).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -75,7 +79,14 @@ def _prefill_attention_kernel(
         stride_cp, stride_cs, stride_ch, stride_bt,
         GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr):
+        IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
+        ALIGN: tl.constexpr):
+    # Back to elements; the constexpr factor is what tells Triton every offset is ALIGN-aligned.
+    stride_qn, stride_qh, stride_on, stride_oh = (stride_qn * ALIGN, stride_qh * ALIGN,
+                                                  stride_on * ALIGN, stride_oh * ALIGN)
+    stride_kn, stride_kh, stride_vn, stride_vh = (stride_kn * ALIGN, stride_kh * ALIGN,
+                                                  stride_vn * ALIGN, stride_vh * ALIGN)
+    stride_cp, stride_cs, stride_ch = stride_cp * ALIGN, stride_cs * ALIGN, stride_ch * ALIGN
     pid = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -147,14 +158,32 @@ def _block_sizes(dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). 16-bit on Hopper: 128x64 tiles, 8 warps (two
     warpgroups of 64 query rows each) and a 3-stage K/V pipeline: 128 KiB of shared memory at
     D=128 and no register spills (ptxas, see tests/kernels/hopper_build.py); with 4 warps the
-    D=64 vision tiles need twice the registers per thread. fp32 inputs use IEEE FMA dots whose
-    operands live in registers: 32x16 tiles are the largest that do not spill. The interpreter
-    prefers few, large programs."""
+    D=64 vision tiles need twice the registers per thread. Head dims pad to BLOCK_D, the next
+    power of two, so D=72 (SigLIP), 80 and 96 build exactly like D=128 (~200 registers, 128 KiB,
+    no spills) once their rows are provably 16-byte aligned (_stride_units): they need no tiles
+    of their own, and smaller ones would only lower the tensor-core work per K/V byte loaded.
+    At D=72 the 56 padded columns are wasted dot work; a 64 + 16 split of the head dim would
+    recover most of it, but that is unmeasured (no GPU run yet) and the vision tower is a small
+    share of a request. fp32 inputs use IEEE FMA dots whose operands live in registers: 32x16
+    tiles are the largest that do not spill. The interpreter prefers few, large programs."""
     if interpreted():
         return 32, 32, 4, 1
     if dtype == torch.float32:
         return 32, 16, 8, 1
     return 128, 64, 8, 3
+
+
+def _stride_units(*strides: int) -> tuple[int, list[int]]:
+    """(ALIGN, each stride // ALIGN), ALIGN the largest power of two <= 16 dividing them all.
+
+    Triton marks an int argument aligned only when it is a multiple of 16. At D=72 the head
+    stride is 72 elements, so it could not prove any row 16-byte aligned: it loaded q/k/v one
+    bf16 at a time (a 64-bit address per element, 255 registers, 120 bytes of spills) and could
+    not use cp.async, so the K/V pipeline was off. Passed as stride/8 and multiplied back by a
+    constexpr 8, every row is provably 8-element aligned: 16-byte cp.async loads, 3 stages, 197
+    registers and no spills - the same build as D=80/96. Stride 0 (broadcast) divides anything."""
+    align = math.gcd(16, *strides)
+    return align, [s // align for s in strides]
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -184,15 +213,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:  # unused pointers: any tensor will do
         kc = vc = bt = pl = cu_seqlens
         S, cache_strides = 1, (0, 0, 0, 0)
+    align, strides = _stride_units(q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                                   v.stride(1), out.stride(0), out.stride(1), *cache_strides[:3])
     grid = (N // BLOCK_M + B, H)
     _prefill_attention_kernel[grid](
-        q, k, v, out, cu_seqlens, kc, vc, bt, pl, B, scale * _LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), *cache_strides,
+        q, k, v, out, cu_seqlens, kc, vc, bt, pl, B, scale * _LOG2E, *strides, cache_strides[3],
         GROUP=H // KVH, D=D, S=S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=causal, HAS_PREFIX=has_prefix,
         PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-        enable_fp_fusion=FP_FUSION)
+        ALIGN=align, enable_fp_fusion=FP_FUSION)
     return out
 
 

@@ -52,6 +52,19 @@ def test_varlen_matches_reference(lens, H, KVH, D, causal, dtype):
     check(q, k, v, cu, causal, D ** -0.5)
 
 
+@pytest.mark.parametrize("pad", [1, 2])
+def test_unaligned_strides(pad):
+    """Strides that share no factor of 16 (ALIGN 1 and 2, rows padded by `pad` elements): the
+    launcher passes strides in units of their common alignment and the kernel must scale back."""
+    gen = torch.Generator().manual_seed(pad)
+    H, KVH, D, lens = 4, 2, 24, [37, 20]
+    q, k, v = (torch.randn(sum(lens), n, D + pad, generator=gen).half().to(DEVICE)[..., :D]
+               for n in (H, KVH, KVH))
+    cu = torch.tensor([0, 37, 57], dtype=torch.int32, device=DEVICE)
+    for causal in (True, False):
+        check(q, k, v, cu, causal, D ** -0.5)
+
+
 def test_long_sequence_fp16():
     gen = torch.Generator().manual_seed(7)
     q, k, v, cu, _ = packed([1023], 2, 1, 16, torch.float16, gen)
