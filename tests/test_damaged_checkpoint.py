@@ -197,3 +197,16 @@ def test_cli_run_and_serve_print_one_line_and_exit_2(case, tiny_next, tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+def test_single_file_and_unindexed_shards_are_checked_too(tmp_path):
+    from fastllava.weights import list_safetensors
+
+    for name in ("model.safetensors", "part-1.safetensors"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        save_file({"a": torch.ones(4, 4), "b": torch.ones(8)}, folder / name)
+        _truncate(folder / name, (folder / name).stat().st_size - 4)
+        with pytest.raises(CheckpointError, match=rf"{re.escape(str(folder / name))}: .*"
+                                                  rf"{_SHARD_CUT}.*re-download this file"):
+            list_safetensors(folder)
