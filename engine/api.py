@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping
 
 import torch
 
-from fastllava.config import LlavaConfig, eos_token_ids
+from fastllava.config import LlavaConfig
 from fastllava.kernels.ops import get_ops
 from fastllava.loading import LoadedCheckpoint, load_checkpoint
 from fastllava.preprocess.anyres import anyres_num_tokens
@@ -84,7 +84,7 @@ class LLaVA:
         self.device = ckpt.device
         self.ops = get_ops(backend, self.device.type)
         self.dtype = ckpt.dtype
-        self.stop_ids = eos_token_ids(ckpt.path)
+        self.stop_ids = ckpt.eos_ids
         if not self.stop_ids and self.tokenizer.eos_id is not None:
             self.stop_ids = (self.tokenizer.eos_id,)
         self.runtime = runtime

@@ -10,9 +10,10 @@ Two config layouts are accepted (llava-reference.md §1):
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
+
+from fastllava import checkpoint_files
 
 # transformers 5.23 class defaults for fields a hub config may omit.
 _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -237,12 +238,11 @@ def _from_original(d: dict, vision: dict | None) -> LlavaConfig:
 
 
 def read_json(path: Path) -> dict:
+    """A config JSON file; damaged → CheckpointError naming it (checkpoint_files.read_json)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return checkpoint_files.read_json(path)
     except FileNotFoundError:
         raise ConfigError(f"{path} is missing") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 def load_config(path: Path, vision_tower_config: dict | None = None) -> LlavaConfig:
@@ -268,7 +268,13 @@ def eos_token_ids(path: Path, text: dict | None = None) -> tuple[int, ...]:
         f = Path(path) / name
         if f.exists():
             d = read_json(f)
-            eos = d.get("eos_token_id", (d.get("text_config") or {}).get("eos_token_id"))
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+            sub = d.get("text_config")
+            eos = d.get("eos_token_id", sub.get("eos_token_id") if isinstance(sub, dict) else None)
+            if eos is None:
+                continue
+            try:
+                return tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+            except (TypeError, ValueError):
+                raise checkpoint_files.damaged(f, f"eos_token_id is {eos!r}, not a token id or a "
+                                               "list of token ids") from None
     return ()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastllava.config import LlavaConfig, is_original_layout, load_config, read_json
+from fastllava.config import LlavaConfig, eos_token_ids, is_original_layout, load_config, read_json
 from fastllava.models.llava import LlavaModel
 from fastllava.preprocess.processor import CLIP_MEAN, CLIP_STD, ImageProcessorConfig
 from fastllava.text.template import BUILTIN_TEMPLATES, load_chat_template, template_family
@@ -31,6 +31,7 @@ class LoadedCheckpoint:
     image_config: ImageProcessorConfig
     device: torch.device
     dtype: torch.dtype
+    eos_ids: tuple[int, ...]        # generation_config.json's (else config.json's) eos_token_id
 
 
 def _has_processor_config(path: Path) -> bool:
@@ -78,10 +79,21 @@ def _vision_tower_folder(path: Path, names: dict) -> tuple[Path | None, bool]:
 
 def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
                     revision: str | None = None, progress: bool = False) -> LoadedCheckpoint:
+    """Every file is read and checked (shard headers included) before any weight is: a damaged
+    or missing one fails in milliseconds, with nothing printed before its one-line error."""
     path = resolve_model_path(model, revision=revision, progress=progress)
     names = list_safetensors(path)
     tower, tower_weights = _vision_tower_folder(path, names)
     config = load_config(path, read_json(tower / "config.json") if tower else None)
+    tokenizer = Tokenizer.from_dir(path)
+    template = load_chat_template(path) or BUILTIN_TEMPLATES[
+        template_family(tokenizer, config.text.model_type)]
+    image_config = _image_config(config, [path] + ([tower] if tower else []))
+    eos_ids = eos_token_ids(path)
+    sources = [(path, detect_layout(names), "")]
+    if tower_weights:
+        sources.append((tower, "clip", "vision_tower."))
+    total = len(names) + (len(list_safetensors(tower)) if tower_weights else 0)
 
     with torch.device("meta"):
         llava = LlavaModel(config)
@@ -90,23 +102,22 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
     llava.reset_buffers()
     llava.eval().requires_grad_(False)
 
-    sources = [(path, detect_layout(names), "")]
-    if tower_weights:
-        sources.append((tower, "clip", "vision_tower."))
-    total = len(names) + (len(list_safetensors(tower)) if tower_weights else 0)
-    bar = _progress_bar(total) if progress else None
+    bar = None
+
+    def on_tensor(*_) -> None:
+        nonlocal bar
+        if bar is None:  # opened at the first copy: an error in the plan prints no bar
+            bar = _progress_bar(total)
+        bar.update(1)
+
     try:
         load_weights(llava, sources, dtype=dtype, device=device,
-                     progress=(lambda done, total: bar.update(1)) if bar else None)
+                     progress=on_tensor if progress else None)
     finally:
         if bar is not None:
             bar.close()
-
-    tokenizer = Tokenizer.from_dir(path)
-    template = load_chat_template(path) or BUILTIN_TEMPLATES[
-        template_family(tokenizer, config.text.model_type)]
-    image_config = _image_config(config, [path] + ([tower] if tower else []))
-    return LoadedCheckpoint(path, config, llava, tokenizer, template, image_config, device, dtype)
+    return LoadedCheckpoint(path, config, llava, tokenizer, template, image_config, device, dtype,
+                            eos_ids)
 
 
 def _progress_bar(total: int):

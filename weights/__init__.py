@@ -8,14 +8,15 @@ A LLaVA-1.5 original checkpoint has no vision tower: add its CLIP folder (config
 as a second source, [(path, "original", ""), (clip_path, "clip", "vision_tower.")].
 """
 
-from .discover import CheckpointNotFoundError, list_safetensors, resolve_model_path
+from .discover import (CheckpointError, CheckpointNotFoundError, list_safetensors, read_shards,
+                       resolve_model_path)
 from .keymaps import (ALL_LAYOUTS, LAYOUTS, TOWER_LAYOUTS, UnknownKeyError, canonical_name,
                       detect_layout)
 from .layouts import convert_checkpoint
 from .loader import WeightLoadError, load_weights
 
 __all__ = [
-    "ALL_LAYOUTS", "LAYOUTS", "TOWER_LAYOUTS", "CheckpointNotFoundError", "UnknownKeyError",
-    "WeightLoadError", "canonical_name", "convert_checkpoint", "detect_layout", "list_safetensors",
-    "load_weights", "resolve_model_path",
+    "ALL_LAYOUTS", "LAYOUTS", "TOWER_LAYOUTS", "CheckpointError", "CheckpointNotFoundError",
+    "UnknownKeyError", "WeightLoadError", "canonical_name", "convert_checkpoint", "detect_layout",
+    "list_safetensors", "load_weights", "read_shards", "resolve_model_path",
 ]

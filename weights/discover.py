@@ -6,20 +6,20 @@ clear error rather than downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
+
+from fastllava.checkpoint_files import CheckpointNotFoundError  # noqa: F401 (re-exported)
+from fastllava.checkpoint_files import CheckpointError, damaged, read_json
+
+from .shards import TensorInfo, read_header
 
 # Small metadata files the engine reads, plus the weights. Never *.bin/*.pt/*.msgpack/*.h5/onnx.
 _CONFIG_PATTERNS = ["*.json", "*.jinja", "tokenizer.model"]
 _WEIGHT_PATTERNS = ["*.safetensors"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _UNSUPPORTED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5")
-
-
-class CheckpointNotFoundError(ValueError):
-    """The checkpoint folder, hub repo, or one of its weight files cannot be found or fetched."""
 
 
 def resolve_model_path(model: str | os.PathLike, *, revision: str | None = None,
@@ -36,9 +36,9 @@ def resolve_model_path(model: str | os.PathLike, *, revision: str | None = None,
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointNotFoundError(f"checkpoint {text!r} is a file; expected a folder")
+        raise CheckpointError(f"checkpoint {text!r} is a file; expected a folder")
     if text.startswith((".", "/", "~")) or _HUB_ID.fullmatch(text) is None:
-        raise CheckpointNotFoundError(
+        raise CheckpointError(
             f"checkpoint folder {text!r} does not exist (and is not a hub id owner/name)")
     return _download(text, revision, progress, config_only)
 
@@ -83,32 +83,29 @@ def _download(repo_id: str, revision: str | None, progress: bool,
         cause = f"download failed: {type(exc).__name__}: {first_line}"
     else:
         return pathlib.Path(folder)
-    raise CheckpointNotFoundError(f"cannot fetch {where}: {cause}")
+    raise CheckpointError(f"cannot fetch {where}: {cause}")
 
 
 def list_safetensors(path: str | os.PathLike) -> dict[str, pathlib.Path]:
-    """Tensor name → the safetensors file holding it, for checkpoint folder `path`.
+    """Tensor name → the safetensors file holding it, for checkpoint folder `path` (see
+    `read_shards`)."""
+    return {name: info.file for name, info in read_shards(path).items()}
+
+
+def read_shards(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Tensor name → its file, dtype and shape, for checkpoint folder `path`.
 
     Uses model.safetensors.index.json (its weight_map) when present, else model.safetensors, else
-    every *.safetensors in the folder (read from the file headers; a name in two files is an error).
+    every *.safetensors in the folder (a name in two files is an error). Every shard's header is
+    read and checked (shards.read_header), so a damaged or truncated shard, or an index naming a
+    tensor its shard lacks, is a CheckpointError here, before any tensor is read.
     """
-    from safetensors import safe_open
-
     folder = pathlib.Path(path)
     if not folder.is_dir():
-        raise CheckpointNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointNotFoundError(f"{index} is not a safetensors index "
-                                          f"({type(exc).__name__}: {exc})") from None
-        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
-        if missing:
-            raise CheckpointNotFoundError(f"{index} names shard file(s) {missing} that are not "
-                                          f"in {folder}")
-        return {name: folder / file for name, file in weight_map.items()}
+        return _read_indexed(folder, index)
     files = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() \
         else sorted(folder.glob("*.safetensors"))
     if not files:
@@ -116,13 +113,30 @@ def list_safetensors(path: str | os.PathLike) -> dict[str, pathlib.Path]:
         hint = (f"; found {others[:3]}: .bin/.pt (pickle) checkpoints are not supported, convert "
                 "them to safetensors") if others else \
             " (.bin/.pt pickle checkpoints are not supported either)"
-        raise CheckpointNotFoundError(f"no *.safetensors weights in {folder}{hint}")
-    names: dict[str, pathlib.Path] = {}
+        raise CheckpointError(f"no *.safetensors weights in {folder}{hint}")
+    tensors: dict[str, TensorInfo] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name in names:
-                    raise CheckpointNotFoundError(
-                        f"tensor {name!r} is in both {names[name].name} and {file.name} ({folder})")
-                names[name] = file
-    return names
+        for name, info in read_header(file).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} is in both {tensors[name].file.name} and "
+                                      f"{file.name} ({folder})")
+            tensors[name] = info
+    return tensors
+
+
+def _read_indexed(folder: pathlib.Path, index: pathlib.Path) -> dict[str, TensorInfo]:
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) for f in weight_map.values()):
+        raise damaged(index, "no 'weight_map' object of tensor name → shard file")
+    missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+    if missing:
+        raise CheckpointError(f"{index} names shard file(s) {missing} that are not in {folder}")
+    headers = {f: read_header(folder / f) for f in sorted(set(weight_map.values()))}
+    absent = [(name, f) for name, f in weight_map.items() if name not in headers[f]]
+    if absent:
+        name, file = absent[0]
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise damaged(index, f"it lists tensor {name!r}{more} in {file}, which does not hold it",
+                      f"re-download {index.name} and {file}")
+    return {name: headers[f][name] for name, f in weight_map.items()}

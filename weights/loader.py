@@ -1,6 +1,7 @@
 """Strict, streaming weight loading from safetensors into a pre-allocated engine model.
 
-Two passes. The plan reads only safetensors headers (names, shapes, dtypes): every key is mapped to
+Two passes. The plan reads only safetensors headers (names, shapes, dtypes; checked for damage by
+discover.read_shards, which raises CheckpointError for a broken file): every key is mapped to
 its canonical parameter (keymaps.py) and checked — unexpected keys, shape mismatches, double
 assignments and never-assigned parameters are all collected and raised together in one
 WeightLoadError before any data is read. The copy pass then streams one tensor at a time
@@ -22,8 +23,9 @@ from collections.abc import Callable
 import torch
 from safetensors import safe_open
 
-from .discover import list_safetensors
+from .discover import read_shards
 from .keymaps import FUSED, UnknownKeyError, canonical_name
+from .shards import FLOAT_DTYPES, unloadable_dtype
 
 _LIST_LIMIT = 20
 
@@ -90,7 +92,7 @@ class _Planner:
         self.fused = _fused_sizes(model)
         self.is_unused = getattr(model, "is_unused_weight", None) or (lambda name: False)
         self.problems: dict[str, list[str]] = {
-            k: [] for k in ("files", "unexpected", "shape", "dtype", "twice", "missing")}
+            k: [] for k in ("unexpected", "shape", "dtype", "twice", "missing")}
         self.plan: list[_Copy] = []
         self.assigned: dict[_Slot, str] = {}   # slot → where it came from
         self.reported: set[str] = set()        # parameters already in an error: not "missing"
@@ -107,27 +109,16 @@ class _Planner:
             self.reported.add(param)
 
     def add_source(self, folder: pathlib.Path, layout: str, prefix: str) -> None:
-        by_file: dict[pathlib.Path, list[str]] = defaultdict(list)
-        for key, file in list_safetensors(folder).items():
-            by_file[file].append(key)
-        for file, keys in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                present = set(f.keys())
-                for key in keys:
-                    where = f"{key!r} ({file.name})"
-                    if key not in present:
-                        self._fail("files", f"{where}: the index names it but the file does "
-                                   "not hold it")
-                        continue
-                    try:
-                        mapped = canonical_name(key, layout)
-                    except UnknownKeyError:
-                        self._fail("unexpected", f"{where}: no rule of layout {layout!r}")
-                        continue
-                    if mapped is not None:  # None: known and intentionally ignored
-                        info = f.get_slice(key)
-                        self._add(where, _Copy(file, key, prefix + mapped[0], None), mapped[1],
-                                  tuple(info.get_shape()), info.get_dtype())
+        for key, info in read_shards(folder).items():  # headers already checked for damage
+            where = f"{key!r} ({info.file.name})"
+            try:
+                mapped = canonical_name(key, layout)
+            except UnknownKeyError:
+                self._fail("unexpected", f"{where}: no rule of layout {layout!r}")
+                continue
+            if mapped is not None:  # None: known and intentionally ignored
+                self._add(where, _Copy(info.file, key, prefix + mapped[0], None), mapped[1],
+                          info.shape, info.dtype)
 
     def _add(self, where: str, item: _Copy, shard: int | None, shape: tuple[int, ...],
              st_dtype: str) -> None:
@@ -139,7 +130,10 @@ class _Planner:
         if name in self.reported:
             return  # the parameter itself is wrong (dtype/device): said once already
         param, sizes = self.params[name], self.fused.get(name)
-        if param.is_floating_point() != st_dtype.startswith(("F", "BF")):
+        if param.is_floating_point() and st_dtype not in FLOAT_DTYPES:
+            # An integer tensor where a weight belongs: the file, not the model, is wrong.
+            raise unloadable_dtype(item.file, item.key, st_dtype)
+        if param.is_floating_point() != (st_dtype in FLOAT_DTYPES):
             return self._fail("dtype", f"{where} → {name}: checkpoint dtype {st_dtype}, "
                               f"parameter {param.dtype}", name)
         expected = tuple(param.shape)
@@ -212,8 +206,7 @@ def _slot(slot: _Slot) -> str:
 
 
 def _report(problems: dict[str, list[str]]) -> str:
-    titles = {"files": "index / shard inconsistencies",
-              "unexpected": "unexpected checkpoint tensors", "shape": "shape mismatches",
+    titles = {"unexpected": "unexpected checkpoint tensors", "shape": "shape mismatches",
               "dtype": "dtype / device mismatches", "twice": "parameters assigned twice",
               "missing": "parameters never assigned"}
     lines = ["checkpoint does not match the model:"]

@@ -19,7 +19,6 @@ no such mode; it follows haotian-liu/LLaVA's `expand2square`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastllava.checkpoint_files import read_json
 from fastllava.preprocess.anyres import pad_offsets, resize_within, select_best_resolution
 
 __all__ = ["ImageProcessorConfig", "ProcessedImage", "preprocess", "convert_to_rgb",
@@ -131,12 +131,12 @@ class ImageProcessorConfig:
 def _read_processor_dict(folder: Path) -> tuple[dict, str]:
     nested = folder / "processor_config.json"
     if nested.is_file():
-        d = json.loads(nested.read_text(encoding="utf-8"))
+        d = read_json(nested)
         if isinstance(d.get("image_processor"), dict):
             return d["image_processor"], nested.name
     flat = folder / "preprocessor_config.json"
     if flat.is_file():
-        return json.loads(flat.read_text(encoding="utf-8")), flat.name
+        return read_json(flat), flat.name
     raise ValueError(f"no image processor settings in {folder}: expected processor_config.json "
                      "with an 'image_processor' entry, or preprocessor_config.json")
 

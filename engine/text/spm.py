@@ -22,6 +22,8 @@ import re
 import unicodedata
 from pathlib import Path
 
+from fastllava.checkpoint_files import damaged
+
 SPIECE = "\u2581"  # ▁, sentencepiece's escaped space
 PREPEND_SCHEMES = ("first", "always", "prepend", "never")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -131,6 +133,8 @@ def _fields(buf: bytes) -> list[tuple[int, bytes, bytes]]:
             pos += 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire} in sentencepiece model")
+        if pos > len(buf):
+            raise ValueError(f"protobuf field {number} runs past the end of the data (cut short)")
         fields.append((number, buf[start:pos], payload))
     return fields
 
@@ -151,16 +155,32 @@ def raw_segment_model(proto: bytes) -> bytes:
     return out + bytes([(3 << 3) | 2]) + _encode_varint(len(spec)) + spec
 
 
+def load_sentencepiece(model_path: Path):
+    """A SentencePieceProcessor for `model_path` in raw-segment form (`raw_segment_model`); a file
+    that does not parse, or was cut short, is a CheckpointError naming it."""
+    import sentencepiece
+
+    path = Path(model_path)
+    proto = path.read_bytes()
+    try:
+        # The trainer writes the pieces (field 1) first, then trainer_spec (2) and
+        # normalizer_spec (3): a file cut between two pieces still parses, but lacks both.
+        if {number for number, _, _ in _fields(proto)} & {2, 3}:
+            return sentencepiece.SentencePieceProcessor(model_proto=raw_segment_model(proto))
+        problem = "the file is empty" if not proto else \
+            "no trainer or normalizer spec after the pieces: it was cut short"
+    except (IndexError, ValueError, RuntimeError) as e:  # truncated varint, bad wire type, parse
+        problem = "sentencepiece cannot parse it: " + (str(e).splitlines() or [type(e).__name__])[0]
+    raise damaged(path, problem)
+
+
 class SentencePieceBackend:
     """Encode/decode with a `tokenizer.model`; Metaspace rules and added tokens around it."""
 
     def __init__(self, model_path: Path, prepend_scheme: str, strip_left: int):
-        import sentencepiece
-
         if prepend_scheme not in PREPEND_SCHEMES:
             raise ValueError(f"prepend_scheme {prepend_scheme!r} is not one of {PREPEND_SCHEMES}")
-        proto = raw_segment_model(Path(model_path).read_bytes())
-        self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        self.sp = load_sentencepiece(model_path)
         self.prepend_scheme = prepend_scheme
         self.strip_left = strip_left
         self.piece_size = self.sp.get_piece_size()

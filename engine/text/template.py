@@ -14,6 +14,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from fastllava.checkpoint_files import damaged, read_json, read_text
+
 from .tokenizer import Tokenizer
 
 # Same message format as the llava-hf templates: content is a list of {"type": "image"} /
@@ -58,12 +60,12 @@ def load_chat_template(path) -> str | None:
     folder = Path(path)
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        return _checked(read_text(jinja_file), jinja_file)
     for name in ("chat_template.json", "tokenizer_config.json"):
         file = folder / name
         if not file.is_file():
             continue
-        template = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+        template = read_json(file).get("chat_template")
         if isinstance(template, list):
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             if "default" not in named:
@@ -74,8 +76,20 @@ def load_chat_template(path) -> str | None:
             if not isinstance(template, str):
                 raise ValueError(f"{file}: chat_template must be a string, "
                                  f"got {type(template).__name__}")
-            return template
+            return _checked(template, file)
     return None
+
+
+def _checked(template: str, file: Path) -> str:
+    """`template`, compiled once here so that a damaged one fails at load, naming its file."""
+    import jinja2
+
+    try:
+        _compile(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise damaged(file, f"chat template syntax error at line {e.lineno} ({e.message})"
+                      ) from None
+    return template
 
 
 def template_family(tokenizer: Tokenizer, text_model_type: str) -> str:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
 from pathlib import Path
 
-from .spm import AddedToken, SentencePieceBackend
+from fastllava.checkpoint_files import damaged, read_json, read_json_if_present, read_text
+
+from .spm import AddedToken, SentencePieceBackend, load_sentencepiece
 
 _NAMED = ("bos_token", "eos_token", "unk_token", "pad_token")
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -67,10 +68,15 @@ class Tokenizer:
         if not (folder / wanted).is_file():
             raise ValueError(f"no {wanted} in {folder} (the {backend!r} tokenizer backend "
                              "needs it)")
-        config = _read_json(folder / "tokenizer_config.json")
-        special_map = _read_json(folder / "special_tokens_map.json")
+        config = read_json_if_present(folder / "tokenizer_config.json")
+        special_map = read_json_if_present(folder / "special_tokens_map.json")
         names = {k: _content(config.get(k)) or _content(special_map.get(k)) for k in _NAMED}
         if backend == "json":
+            # The other backend's files are checked too: which backend runs depends on the
+            # machine (is `tokenizers` installed?), a damaged checkpoint must fail on every one.
+            read_json_if_present(folder / "added_tokens.json")
+            if (folder / "tokenizer.model").is_file():
+                load_sentencepiece(folder / "tokenizer.model")
             return cls._from_json(folder, names)
         return cls._from_sentencepiece(folder, config, special_map, names)
 
@@ -78,7 +84,15 @@ class Tokenizer:
     def _from_json(cls, folder: Path, names: dict) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
-        tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        path = folder / "tokenizer.json"
+        text = read_text(path)
+        try:
+            tok = HFTokenizer.from_str(text)
+        except Exception as e:  # the library raises a bare Exception for a file it cannot load
+            tok, problem = None, (str(e).splitlines() or [type(e).__name__])[0]
+        if tok is None:
+            read_json(path)  # a JSON syntax error: the line:col message naming the file
+            raise damaged(path, f"the tokenizers library cannot load it: {problem}")
         tok.no_truncation()  # a prompt is never silently cut; the engine checks lengths itself
         tok.no_padding()
         added = tok.get_added_tokens_decoder()
@@ -88,7 +102,7 @@ class Tokenizer:
     @classmethod
     def _from_sentencepiece(cls, folder: Path, config: dict, special_map: dict,
                             names: dict) -> "Tokenizer":
-        tj = _read_json(folder / "tokenizer.json") or None
+        tj = read_json_if_present(folder / "tokenizer.json") or None
         scheme, strip, add_bos, add_eos = _spm_settings(config, tj)
         impl = SentencePieceBackend(folder / "tokenizer.model", scheme, strip)
         impl.set_added(_added_tokens(folder, config, tj))
@@ -163,10 +177,6 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def _content(value) -> str | None:
     """A token given as a string or as a serialized AddedToken dict."""
     if isinstance(value, dict):
@@ -188,7 +198,7 @@ def _added_tokens(folder: Path, config: dict, tj: dict | None) -> list[AddedToke
         tid = int(key)
         by_id.setdefault(tid, AddedToken(entry["content"], tid,
                                          **{f: bool(entry.get(f, f == "special")) for f in flags}))
-    for content, tid in _read_json(folder / "added_tokens.json").items():
+    for content, tid in read_json_if_present(folder / "added_tokens.json").items():
         by_id.setdefault(int(tid), AddedToken(content, int(tid), special=False))
     return [by_id[i] for i in sorted(by_id)]
 
