@@ -143,6 +143,7 @@ _RUNTIME_HELP = {
     "gpu_memory_fraction": "share of GPU memory the engine may use",
     "max_num_seqs": "requests decoding at once",
     "max_num_batched_tokens": "tokens per step; longer prompts prefill in chunks",
+    "max_prefill_tokens_while_decoding": "prefill tokens in a step that also decodes (bounds the stall)",
     "prefix_caching": "reuse the KV of repeated image + prompt prefixes",
     "image_cache_rows": "image-feature LRU size, in image tokens",
     "cuda_graphs": "decode from CUDA graphs on CUDA",

@@ -61,6 +61,6 @@ def build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device,
         graphs = DecodeGraphs(model, ops, kv, rc.max_num_seqs, -(-max_len // rc.page_size))
         log.info("captured decode CUDA graphs for batch sizes %s", graphs.buckets)
     runner = ModelRunner(model, ops, kv, ImageFeatureCache(rc.image_cache_rows), graphs)
-    scheduler = Scheduler(SchedulerConfig(rc.max_num_seqs, rc.max_num_batched_tokens),
+    scheduler = Scheduler(rc.scheduler_config(),
                           BlockManager(num_pages, rc.page_size, rc.prefix_caching))
     return Engine(scheduler, runner), max_len

@@ -3,7 +3,9 @@
 Each step has a token budget (`max_num_batched_tokens`). Running sequences come first: decodes
 (one token each, oldest first), then prompts still being prefilled, in chunks that fit what is
 left of the budget (chunked prefill: a long image prompt never stalls the decodes for a whole
-prefill). Waiting sequences are admitted in arrival order while the budget, `max_num_seqs` and
+prefill). A step that decodes holds its prefill tokens (running prefills and admissions together)
+to `max_prefill_tokens_while_decoding`, so streams wait at most one such chunk per token, not a
+whole step budget; with nothing decoding, a prompt prefills up to the whole budget in one step. Waiting sequences are admitted in arrival order while the budget, `max_num_seqs` and
 the free KV pages allow; a sequence whose head cannot be admitted blocks the ones behind it (FIFO,
 no starvation). Prefix-cache hits are taken at admission.
 
@@ -27,6 +29,7 @@ from fastllava.runtime.sequence import Sequence, Status
 class SchedulerConfig:
     max_num_seqs: int = 64                 # sequences running at once (CUDA-graph buckets up to it)
     max_num_batched_tokens: int = 2048     # tokens per step: decodes + prefill chunks
+    max_prefill_tokens_while_decoding: int = 512   # prefill tokens in a step that also decodes
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -35,6 +38,9 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence must be "
                              "able to decode in one step")
+        if self.max_prefill_tokens_while_decoding < 1:
+            raise ValueError("max_prefill_tokens_while_decoding must be >= 1, got "
+                             f"{self.max_prefill_tokens_while_decoding}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +84,18 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chosen: dict[int, int] = {}               # seq_id → num tokens this step
         preempted = False
+        prefill_left = None                       # prefill tokens left; set after the decodes
         # Decodes first (cheap, latency-critical), then running prefills; oldest first in each.
         for seq in sorted(self.running, key=lambda s: (not s.is_decoding, s.seq_id)):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue
             n = min(seq.num_uncomputed, budget)
+            if not seq.is_decoding:
+                if prefill_left is None:
+                    prefill_left = self._prefill_cap(budget, decodes=bool(chosen))
+                n = min(n, prefill_left)
+                if n == 0:
+                    continue
             if not self.bm.can_grow(seq, seq.num_computed + n):
                 preempted = True           # someone (maybe seq itself) is preempted just below
             if not self._make_room(seq, seq.num_computed + n, chosen):
@@ -90,13 +103,17 @@ class Scheduler:
             self.bm.grow(seq, seq.num_computed + n)
             chosen[seq.seq_id] = n
             budget -= n
+            if not seq.is_decoding:
+                prefill_left -= n
+        if prefill_left is None:
+            prefill_left = self._prefill_cap(budget, decodes=bool(chosen))
         # Admit waiting sequences, unless this step already had to preempt.
-        while (self.waiting and budget > 0 and not preempted
+        while (self.waiting and prefill_left > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             hits = self.bm.match_prefix(seq)
             cached = len(hits) * self.bm.page_size
-            n = min(len(seq) - cached, budget)
+            n = min(len(seq) - cached, prefill_left)
             if not self.bm.can_allocate(hits, cached + n):
                 break
             self.waiting.popleft()
@@ -107,7 +124,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             chosen[seq.seq_id] = n
-            budget -= n
+            prefill_left -= n
         if not chosen:
             return None
         seqs = [s for s in self.running if s.seq_id in chosen]
@@ -115,6 +132,12 @@ class Scheduler:
         return Batch(seqs=seqs, num_tokens=num_tokens, starts=[s.num_computed for s in seqs],
                      is_decode=all(s.is_decoding for s in seqs),
                      samples=[s.num_computed + n == len(s) for s, n in zip(seqs, num_tokens)])
+
+    def _prefill_cap(self, budget: int, decodes: bool) -> int:
+        """Prefill tokens this step may hold: what is left of the budget, at most
+        max_prefill_tokens_while_decoding when the step decodes (decodes are chosen first, so
+        `decodes` is known before the first prefill token is)."""
+        return min(budget, self.config.max_prefill_tokens_while_decoding) if decodes else budget
 
     def _make_room(self, seq: Sequence, num_tokens: int, chosen: dict[int, int]) -> bool:
         """Preempt newer unscheduled sequences until seq can grow to num_tokens; False if seq

@@ -21,8 +21,9 @@ from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence, Stat
 S = 4      # tokens per KV page
 
 
-def make_sched(num_pages=64, budget=16, max_seqs=8, caching=True) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_seqs, budget), BlockManager(num_pages, S, caching))
+def make_sched(num_pages=64, budget=16, max_seqs=8, caching=True, prefill_while_decoding=512):
+    return Scheduler(SchedulerConfig(max_seqs, budget, prefill_while_decoding),
+                     BlockManager(num_pages, S, caching))
 
 
 def make_seq(prompt, max_tokens=8, max_len=None, images=(), stop=()) -> Sequence:
@@ -86,6 +87,8 @@ def test_budget_below_max_num_seqs_is_rejected():
         RuntimeConfig(max_num_seqs=8, max_num_batched_tokens=4)
     with pytest.raises(ValueError, match="max_num_seqs must be >= 1"):
         SchedulerConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_prefill_tokens_while_decoding must be >= 1"):
+        RuntimeConfig(max_prefill_tokens_while_decoding=0)
 
 
 # -- chunked prefill --------------------------------------------------------------------------------
@@ -112,6 +115,32 @@ def test_long_prompt_is_chunked_while_decodes_ride_along():
     assert sum(n for _, n in chunks) == 50 and len(chunks) == 4, chunks
     batch, rows, _ = step(sched)       # now both decode
     assert batch.is_decode and [n for _, _, n, _ in rows] == [1, 1], rows
+
+
+@pytest.mark.parametrize("bound", [1, 5, 8])
+def test_prefill_is_bounded_while_anyone_decodes_and_whole_when_idle(bound):
+    """A step that decodes holds all its prefill tokens (running chunks and admissions) to the
+    bound; a step with nothing decoding takes the whole budget."""
+    budget = 32
+    sched = make_sched(budget=budget, prefill_while_decoding=bound)
+    first = make_seq(range(100, 140), max_tokens=90)       # 40 prompt tokens
+    sched.add(first)
+    _, rows, _ = step(sched)
+    assert [n for _, _, n, _ in rows] == [budget], rows      # idle: a whole-budget chunk
+    _, rows, _ = step(sched)
+    assert [n for _, _, n, _ in rows] == [8], rows           # rest of the prompt, still alone
+    late = [make_seq(range(200 + 50 * i, 230 + 50 * i), max_tokens=2) for i in range(2)]
+    for seq in late:
+        sched.add(seq)
+    prefilled = 0
+    while any(seq.num_generated == 0 for seq in late):
+        batch, rows, _ = step(sched)
+        decodes = [seq for seq, _, n, _ in rows if seq is first]
+        assert decodes and not batch.is_decode, rows         # `first` decodes every step
+        prefill = sum(n for seq, start, n, _ in rows if start < seq.prompt_len)
+        assert prefill == min(bound, 60 - prefilled), (prefill, bound, rows)
+        prefilled += prefill
+    assert prefilled == 60
 
 
 # -- admission --------------------------------------------------------------------------------------
@@ -290,6 +319,9 @@ def random_step(sched: Scheduler, rng: random.Random, kv: dict, fed: dict) -> No
     assert sum(batch.num_tokens) <= cfg.max_num_batched_tokens and len(rows) <= cfg.max_num_seqs
     decodes = [n == 1 and start >= seq.prompt_len and start + 1 == len(seq)
                for seq, start, n, _ in rows]
+    if any(decodes):
+        prefill = sum(n for (_, _, n, _), d in zip(rows, decodes) if not d)
+        assert prefill <= cfg.max_prefill_tokens_while_decoding, (prefill, rows)
     assert batch.is_decode == all(decodes), (batch.is_decode, rows)
     for seq, start, n, _ in rows:
         assert seq.status is Status.RUNNING and start == seq.num_computed, (seq, start)
@@ -316,10 +348,12 @@ def random_step(sched: Scheduler, rng: random.Random, kv: dict, fed: dict) -> No
         assert stopped or seq.num_generated == seq.params.max_tokens or len(seq) == seq.max_len
 
 
+@pytest.mark.parametrize("prefill_while_decoding", [512, 3])
 @pytest.mark.parametrize("seed", range(6))
-def test_random_interleavings_leak_nothing(seed):
+def test_random_interleavings_leak_nothing(seed, prefill_while_decoding):
     rng = random.Random(seed)
-    sched = make_sched(num_pages=10, budget=rng.choice((8, 12, 16)), max_seqs=rng.choice((3, 4, 6)))
+    sched = make_sched(num_pages=10, budget=rng.choice((8, 12, 16)), max_seqs=rng.choice((3, 4, 6)),
+                       prefill_while_decoding=prefill_while_decoding)
     bm, kv, fed, seqs = sched.bm, {}, {}, []
     for _ in range(800):
         op = rng.random()
