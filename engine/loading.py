@@ -19,6 +19,7 @@ from fastllava.text.tokenizer import Tokenizer
 from fastllava.weights.discover import CheckpointNotFoundError, list_safetensors, resolve_model_path
 from fastllava.weights.keymaps import detect_layout
 from fastllava.weights.loader import load_weights
+from fastllava.weights.progress import ProgressCallback
 
 
 @dataclasses.dataclass
@@ -93,11 +94,9 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
     sources = [(path, detect_layout(names), "")]
     if tower_weights:
         sources.append((tower, "clip", "vision_tower."))
-    total = len(names) + (len(list_safetensors(tower)) if tower_weights else 0)
-    bar = _progress_bar(total) if progress else None
+    bar = ProgressCallback("loading weights", "tensor") if progress else None
     try:
-        load_weights(llava, sources, dtype=dtype, device=device,
-                     progress=(lambda done, total: bar.update(1)) if bar else None)
+        load_weights(llava, sources, dtype=dtype, device=device, progress=bar)
     finally:
         if bar is not None:
             bar.close()
@@ -107,9 +106,3 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
         template_family(tokenizer, config.text.model_type)]
     image_config = _image_config(config, [path] + ([tower] if tower else []))
     return LoadedCheckpoint(path, config, llava, tokenizer, template, image_config, device, dtype)
-
-
-def _progress_bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="loading weights", unit="tensor", leave=False)
