@@ -94,8 +94,8 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
                 worker.start()
             serverlog.log_startup(app)
             if settings.stats_interval_s > 0:
-                reporter = serverlog.StatsReporter(llava, app.state.store, settings.stats_interval_s)
-                stats_task = asyncio.create_task(reporter.run())
+                stats = serverlog.StatsReporter(llava, app.state.store, settings.stats_interval_s)
+                stats_task = asyncio.create_task(stats.run())
             yield
         finally:
             if stats_task is not None:

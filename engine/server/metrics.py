@@ -109,7 +109,8 @@ class Metrics:
 
 
 _ENGINE_COUNTERS = (  # LLaVA.stats() key, metric name, help
-    ("prompt_tokens", "fastllava_prompt_tokens_total", "Prompt tokens prefilled (cache hits excluded)."),
+    ("prompt_tokens", "fastllava_prompt_tokens_total",
+     "Prompt tokens prefilled (cache hits excluded)."),
     ("generation_tokens", "fastllava_generation_tokens_total", "Tokens sampled by the engine."),
     ("prefix_query_tokens", "fastllava_prefix_cache_queries_total",
      "Tokens looked up in the prefix cache at admission."),

@@ -39,8 +39,10 @@ _AUTH = {401: ("missing or invalid API key (only when the server has keys)", "Fa
 _OAUTH = {401: ("missing or invalid API key (only when the server has keys)", "OpenAIError")}
 _NOT_FOUND = {404: ("unknown endpoint id, or unknown / expired request id", "FalError")}
 _INPUT = {413: ("body over --max-body-bytes", "FalError"),
-          422: ("invalid input, all problems at once; image fetch/decode errors", "FalValidationError")}
-_ENGINE = {400: ("the engine refused the request (e.g. prompt too long for the context)", "FalError"),
+          422: ("invalid input, all problems at once; image fetch/decode errors",
+                "FalValidationError")}
+_ENGINE = {400: ("the engine refused the request (e.g. prompt too long for the context)",
+                 "FalError"),
            500: ("internal error (never a traceback)", "FalError")}
 
 OPERATIONS: list[tuple[str, str, Op]] = [  # (method, path pattern, operation); first match wins
@@ -57,7 +59,8 @@ OPERATIONS: list[tuple[str, str, Op]] = [  # (method, path pattern, operation); 
             200: ("a chat.completion, or with stream=true SSE chat.completion.chunk events then "
                   "`data: [DONE]`", "ChatCompletion"),
             400: ("invalid request or image error", "OpenAIError"), **_OAUTH,
-            404: ("unknown model", "OpenAIError"), 413: ("body over --max-body-bytes", "OpenAIError"),
+            404: ("unknown model", "OpenAIError"),
+            413: ("body over --max-body-bytes", "OpenAIError"),
             500: ("internal error", "OpenAIError")}, sse="ChatCompletionChunk")),
     ("post", "/queue/{owner}/{alias}(/{path})?", Op(
         "fal queue", "Submit a job (?fal_webhook=URL; Idempotency-Key header dedupes retries)",
@@ -73,7 +76,8 @@ OPERATIONS: list[tuple[str, str, Op]] = [  # (method, path pattern, operation); 
             **_AUTH, **_NOT_FOUND})),
     ("put", "(/queue)?/{owner}/{alias}/requests/{request_id}/cancel", Op(
         "fal queue", "Cancel a job (queued: dropped; running: stops at its next token)", None, {
-            202: ("CANCELLATION_REQUESTED", "CancelAnswer"), 400: ("ALREADY_COMPLETED", "CancelAnswer"),
+            202: ("CANCELLATION_REQUESTED", "CancelAnswer"),
+            400: ("ALREADY_COMPLETED", "CancelAnswer"),
             **_AUTH, 404: ("NOT_FOUND", "CancelAnswer")})),
     ("get", "(/queue)?/{owner}/{alias}/requests/{request_id}(/response)?", Op(
         "fal queue", "The job's result: its own status code and body", None, {

@@ -167,6 +167,10 @@ class StatsReporter:
         self.tick(await run_in_threadpool(self.snapshot), time.monotonic())
         while True:
             await asyncio.sleep(self.interval_s)
-            line = self.tick(await run_in_threadpool(self.snapshot), time.monotonic())
+            try:
+                line = self.tick(await run_in_threadpool(self.snapshot), time.monotonic())
+            except Exception:  # a bug here must not end the reports for good, nor the server
+                log.exception("stats line failed")
+                continue
             if line:
                 log.info("%s", line)

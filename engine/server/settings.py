@@ -56,7 +56,8 @@ class ServerSettings:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.stats_interval_s < float("inf"):
-            raise ValueError(f"stats_interval_s must be >= 0 (0 = off), got {self.stats_interval_s!r}")
+            raise ValueError("stats_interval_s must be >= 0 (0 = off), got "
+                             f"{self.stats_interval_s!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if bool(self.tls_cert) != bool(self.tls_key):
