@@ -59,7 +59,9 @@ def redact_url(url: str) -> str:
 
 
 def _size(num_bytes: int) -> str:
-    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+    """GiB always (one unit to compare and parse); 2 significant digits below 0.01 GiB."""
+    gib = num_bytes / 2**30
+    return f"{gib:.2f} GiB" if gib >= 0.01 else f"{gib:.2g} GiB"
 
 
 def _device(llava) -> str:

@@ -53,8 +53,11 @@ def test_startup_block_lists_every_field(busy_server, tiny_llava):
     assert fields["model"].startswith(str(tiny_llava)) and fields["endpoint id"] == EP
     assert fields["device"] == "cpu" and fields["dtype"] == "float32", fields
     assert fields["auth"] == "off" and fields["metrics"] == "open", fields
-    assert re.fullmatch(r"\d+ tokens \(\d+ pages of 16\), [\d.]+ [MG]iB", fields["KV cache"])
-    assert re.fullmatch(r"[\d.]+ [MG]iB", fields["weights"]) and float(fields["weights"][:-4]) > 0
+    kv = re.fullmatch(r"(\d+) tokens \((\d+) pages of 16\), ([\d.e-]+) GiB", fields["KV cache"])
+    assert kv and int(kv[1]) == 16 * int(kv[2]) and float(kv[3]) > 0, fields["KV cache"]
+    weights = re.fullmatch(r"([\d.e-]+) GiB", fields["weights"])
+    assert weights and float(weights[1]) > 0, fields["weights"]
+    assert re.fullmatch(r"\d+ tokens", fields["max context"]), fields
     assert fields["CUDA graphs"].startswith("off"), fields   # CPU
     assert fields["queue"].startswith("sqlite:///"), fields
     base = f"http://0.0.0.0:{busy_server.port}"
