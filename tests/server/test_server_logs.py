@@ -134,7 +134,7 @@ def test_piped_stderr_has_no_carriage_returns(busy_server, lenient_server):
         assert b"loading weights" in raw and b"\r" not in raw, raw[:500]
 
 
-def test_stats_interval_flag_is_checked(tmp_path, tiny_llava):
+def test_stats_interval_flag_is_checked(tiny_llava):
     from fastllava.cli import main
 
     assert main(["serve", "--model", str(tiny_llava), "--stats-interval-s", "-1"]) == 2
