@@ -280,14 +280,21 @@ class LLaVA:
 
     # ---- introspection ----------------------------------------------------------------------------
     def stats(self) -> dict:
-        """KV pages in use, queue lengths and image-cache counters (a snapshot, any thread)."""
+        """KV pages in use, queue lengths, token and cache counters (a snapshot, any thread).
+
+        The *_tokens counters only grow: prompt_tokens (prefilled), generation_tokens (sampled),
+        prefix_query_tokens / prefix_hit_tokens (looked up / found in the prefix cache)."""
         scheduler, runner = self.engine.scheduler, self.engine.runner
         bm = scheduler.bm
         return {"kv_pages_total": bm.num_pages, "kv_pages_used": bm.num_used_pages,
                 "kv_pages_cached": len(bm.free_cached), "page_size": bm.page_size,
                 "running": len(scheduler.running), "waiting": len(scheduler.waiting),
                 "steps": self.engine.num_steps, "image_cache_hits": runner.image_cache.hits,
-                "image_cache_misses": runner.image_cache.misses, "max_len": self.max_len}
+                "image_cache_misses": runner.image_cache.misses, "max_len": self.max_len,
+                "prompt_tokens": scheduler.num_prompt_tokens,
+                "generation_tokens": scheduler.num_generation_tokens,
+                "prefix_query_tokens": scheduler.num_prefix_query_tokens,
+                "prefix_hit_tokens": scheduler.num_prefix_hit_tokens}
 
     def reset_prefix_cache(self) -> None:
         """Empty the prefix (KV page) cache and the image-feature cache, e.g. between benchmark

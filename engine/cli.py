@@ -131,6 +131,11 @@ def _add_serve(commands) -> None:
     a("--backend", default=d["backend"], help=f"kernel backend (default {d['backend']})")
     a("--queue-concurrency", type=int, default=d["queue_concurrency"], metavar="N",
       help=f"queued jobs run at once, sharing batches (default {d['queue_concurrency']})")
+    a("--stats-interval-s", type=float, default=d["stats_interval_s"], metavar="S",
+      help=f"log a stats line (throughput, queue, KV use) every S seconds while busy; 0 = off "
+      f"(default {d['stats_interval_s']:g})")
+    a("--metrics-open", action="store_true",
+      help="serve /metrics without an API key (for a Prometheus scraper); default: behind auth")
     add_runtime_flags(serve)
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=_serve)
@@ -186,27 +191,23 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     import uvicorn
 
     from fastllava.api import LLaVA
     from fastllava.server.app import create_app
     from fastllava.server.safety import image_limits
+    from fastllava.server.serverlog import configure_logging
     from fastllava.server.stores import open_store
 
     settings = settings_from_args(args)  # ValueError → exit 2 before loading
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     store = open_store(settings.resolved_queue_url)  # a bad --queue fails before the model load
     try:
         llava = LLaVA.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
                                       backend=settings.backend, progress=True,
                                       runtime=settings.runtime,
                                       image_limits=image_limits(settings))
-        app = create_app(settings, llava, store=store)
-        scheme = "https" if settings.tls_cert else "http"
-        print(f"fastllava: serving {app.state.endpoint_id} on {scheme}://{settings.host}:"
-              f"{settings.port}", file=sys.stderr, flush=True)
+        app = create_app(settings, llava, store=store)  # its lifespan logs the startup block
         uvicorn.run(app, host=settings.host, port=settings.port, ssl_certfile=settings.tls_cert,
                     ssl_keyfile=settings.tls_key, log_level=args.log_level,
                     timeout_graceful_shutdown=10)

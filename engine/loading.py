@@ -19,6 +19,7 @@ from fastllava.text.tokenizer import Tokenizer
 from fastllava.weights.discover import CheckpointNotFoundError, list_safetensors, resolve_model_path
 from fastllava.weights.keymaps import detect_layout
 from fastllava.weights.loader import load_weights
+from fastllava.weights.progress import ProgressCallback
 
 
 @dataclasses.dataclass
@@ -93,7 +94,6 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
     sources = [(path, detect_layout(names), "")]
     if tower_weights:
         sources.append((tower, "clip", "vision_tower."))
-    total = len(names) + (len(list_safetensors(tower)) if tower_weights else 0)
 
     with torch.device("meta"):
         llava = LlavaModel(config)
@@ -102,25 +102,11 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
     llava.reset_buffers()
     llava.eval().requires_grad_(False)
 
-    bar = None
-
-    def on_tensor(*_) -> None:
-        nonlocal bar
-        if bar is None:  # opened at the first copy: an error in the plan prints no bar
-            bar = _progress_bar(total)
-        bar.update(1)
-
+    bar = ProgressCallback("loading weights", "tensor") if progress else None
     try:
-        load_weights(llava, sources, dtype=dtype, device=device,
-                     progress=on_tensor if progress else None)
+        load_weights(llava, sources, dtype=dtype, device=device, progress=bar)
     finally:
         if bar is not None:
             bar.close()
     return LoadedCheckpoint(path, config, llava, tokenizer, template, image_config, device, dtype,
                             eos_ids)
-
-
-def _progress_bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="loading weights", unit="tensor", leave=False)

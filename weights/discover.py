@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import sys
 
 from fastllava.checkpoint_files import CheckpointNotFoundError  # noqa: F401 (re-exported)
 from fastllava.checkpoint_files import CheckpointError, damaged, read_json
+from fastllava.weights.progress import stderr_is_terminal
 
 from .shards import TensorInfo, read_header
 
@@ -53,9 +55,11 @@ def _offline() -> bool:
 def _download(repo_id: str, revision: str | None, progress: bool,
               config_only: bool) -> pathlib.Path:
     from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
+                                       enable_progress_bars)
     from tqdm.auto import tqdm
 
-    class _Silent(tqdm):  # snapshot_download's per-file bar; silenced unless progress is asked for
+    class _Silent(tqdm):  # snapshot_download's bars: only on a terminal, and when asked for
         def __init__(self, *args, **kwargs):
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
@@ -63,10 +67,17 @@ def _download(repo_id: str, revision: str | None, progress: bool,
     offline = _offline()
     where = f"hub repo {repo_id!r}" + (f" (revision {revision!r})" if revision else "")
     patterns = _CONFIG_PATTERNS + ([] if config_only else _WEIGHT_PATTERNS)
+    bars = progress and stderr_is_terminal()
+    if progress and not bars:
+        print(f"fetching {where} ({'cache only' if offline else 'hub or cache'})",
+              file=sys.stderr, flush=True)
+    silence = not bars and not are_progress_bars_disabled()
+    if silence:  # the per-file download bars ignore tqdm_class
+        disable_progress_bars()
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                    local_files_only=offline,
-                                   tqdm_class=None if progress else _Silent)
+                                   tqdm_class=None if bars else _Silent)
     except errors.GatedRepoError:
         cause = "the repo is gated: accept its licence on huggingface.co and log in (HF_TOKEN)"
     except errors.RepositoryNotFoundError:
@@ -83,6 +94,9 @@ def _download(repo_id: str, revision: str | None, progress: bool,
         cause = f"download failed: {type(exc).__name__}: {first_line}"
     else:
         return pathlib.Path(folder)
+    finally:
+        if silence:
+            enable_progress_bars()
     raise CheckpointError(f"cannot fetch {where}: {cause}")
 
 

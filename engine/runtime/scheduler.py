@@ -59,6 +59,12 @@ class Scheduler:
         self.bm = block_manager
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        # Monotone counters for throughput logs and /metrics (plain ints: readers on other threads
+        # see a consistent value of each, and the step pays one addition per row).
+        self.num_prompt_tokens = 0        # prompt (and recomputed) tokens prefilled
+        self.num_generation_tokens = 0    # tokens sampled
+        self.num_prefix_query_tokens = 0  # tokens looked up in the prefix cache at admission
+        self.num_prefix_hit_tokens = 0    # of those, found cached (their prefill was skipped)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -118,6 +124,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.bm.allocate(seq, hits, cached + n)
+            self.num_prefix_query_tokens += len(seq)
+            self.num_prefix_hit_tokens += cached
             if seq.metrics.first_scheduled is None:
                 seq.metrics.first_scheduled = time.monotonic()
                 seq.metrics.cached_prompt_tokens = min(cached, seq.prompt_len)
@@ -170,10 +178,13 @@ class Scheduler:
         for seq, n, token in zip(batch.seqs, batch.num_tokens, tokens):
             if seq.status is not Status.RUNNING:     # aborted while the step ran
                 continue
+            if not seq.is_decoding:
+                self.num_prompt_tokens += n
             seq.num_computed += n
             self.bm.commit(seq)
             if token is None:
                 continue
+            self.num_generation_tokens += 1
             if seq.metrics.first_token is None:
                 seq.metrics.first_token = now
             reason = seq.append(token)

@@ -6,11 +6,14 @@ re-queues jobs a crashed process left running (`store.recover()`) and runs the q
 (`JobWorker`) until shutdown. The engine itself is loaded by the caller (the CLI) so that a bad
 checkpoint fails before the server binds its port.
 
-Routes: fal_routes (queue + run), openai_routes (/v1), and here GET /health, GET /metrics.
+Routes: fal_routes (queue + run), openai_routes (/v1), and here GET /health, GET /metrics;
+GET /openapi.json and GET /docs describe them all (openapi.py). At startup the lifespan logs what
+was loaded and, every `stats_interval_s` while busy, a stats line (serverlog.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -25,10 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from . import fal_routes, openai_routes
+from . import fal_routes, openai_routes, openapi, serverlog
 from .errors import ApiError, error_response
 from .metrics import Metrics
-from .middleware import GatewayMiddleware
+from .middleware import OPEN_PATHS, GatewayMiddleware
 from .settings import DEFAULT_ENDPOINTS, ServerSettings
 
 log = logging.getLogger("fastllava.server")
@@ -73,7 +76,7 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
             from .stores import open_store
 
             app.state.store = await run_in_threadpool(open_store, settings.resolved_queue_url)
-        worker = None
+        worker = stats_task = None
         try:
             recovered = await run_in_threadpool(app.state.store.recover)
             if recovered:
@@ -89,15 +92,22 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
                                    max_prompt_chars=settings.max_prompt_chars,
                                    concurrency=settings.queue_concurrency)
                 worker.start()
+            serverlog.log_startup(app)
+            if settings.stats_interval_s > 0:
+                stats = serverlog.StatsReporter(llava, app.state.store, settings.stats_interval_s)
+                stats_task = asyncio.create_task(stats.run())
             yield
         finally:
+            if stats_task is not None:
+                stats_task.cancel()
             if worker is not None:
                 await run_in_threadpool(worker.stop, timeout_s=10.0)
             if own_store:
                 await run_in_threadpool(app.state.store.close)
 
-    app = FastAPI(title="fastllava", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="fastllava", lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json")
+    openapi.install(app)
     app.state.settings = settings
     app.state.llava = llava
     app.state.store = store
@@ -119,7 +129,8 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
     @app.get("/metrics")
     async def metrics(request: Request):
         counts = await run_in_threadpool(request.app.state.store.counts)
-        return PlainTextResponse(request.app.state.metrics.render(counts),
+        engine = request.app.state.llava.stats()
+        return PlainTextResponse(request.app.state.metrics.render(counts, engine),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.include_router(openai_routes.router)
@@ -148,8 +159,9 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
         detail = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
         return error_response(request.url.path, ApiError(422, detail, "validation_error"))
 
+    open_paths = OPEN_PATHS + (("/metrics",) if settings.metrics_open else ())
     app.add_middleware(GatewayMiddleware, api_keys=settings.api_keys,
-                       max_body_bytes=settings.max_body_bytes)
+                       max_body_bytes=settings.max_body_bytes, open_paths=open_paths)
     if settings.cors_origins:
         # Added last = outermost: a browser's preflight OPTIONS is answered before auth (it never
         # carries credentials); request ids and error types stay readable by page scripts.

@@ -2,7 +2,8 @@
 
 Recorded per finished request (queue jobs by the worker, direct routes by the HTTP layer):
 time to first token, end-to-end latency, completion tokens, outcome. Gauges (queue depth, running
-jobs) are read from the job store when /metrics is scraped.
+jobs) are read from the job store when /metrics is scraped, engine counters (prompt and generated
+tokens, prefix-cache lookups, KV use) from `LLaVA.stats()`.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class Metrics:
         with self._lock:
             self.direct_running -= 1
 
-    def render(self, counts: dict[str, int]) -> str:
-        """The exposition text; `counts` is the store's {"IN_QUEUE": n, "IN_PROGRESS": m}."""
+    def render(self, counts: dict[str, int], engine: dict | None = None) -> str:
+        """The exposition text; `counts` is the store's {"IN_QUEUE": n, "IN_PROGRESS": m},
+        `engine` LLaVA.stats()."""
         with self._lock:
             lines = [
                 "# HELP fastllava_queue_depth Jobs waiting in the queue.",
@@ -101,5 +103,33 @@ class Metrics:
                 "# HELP fastllava_latency_seconds Request latency, start to last token.",
                 "# TYPE fastllava_latency_seconds histogram",
                 *self.latency.lines("fastllava_latency_seconds"),
+                *(_engine_lines(engine) if engine else []),
             ]
         return "\n".join(lines) + "\n"
+
+
+_ENGINE_COUNTERS = (  # LLaVA.stats() key, metric name, help
+    ("prompt_tokens", "fastllava_prompt_tokens_total",
+     "Prompt tokens prefilled (cache hits excluded)."),
+    ("generation_tokens", "fastllava_generation_tokens_total", "Tokens sampled by the engine."),
+    ("prefix_query_tokens", "fastllava_prefix_cache_queries_total",
+     "Tokens looked up in the prefix cache at admission."),
+    ("prefix_hit_tokens", "fastllava_prefix_cache_hits_total",
+     "Tokens found in the prefix cache (hits / queries = hit rate)."),
+)
+
+
+def _engine_lines(stats: dict) -> list[str]:
+    lines = []
+    for key, name, help_ in _ENGINE_COUNTERS:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {stats[key]}"]
+    usage = stats["kv_pages_used"] / stats["kv_pages_total"]
+    return lines + [
+        "# HELP fastllava_kv_cache_usage_ratio KV-cache pages in use / all pages.",
+        "# TYPE fastllava_kv_cache_usage_ratio gauge",
+        f"fastllava_kv_cache_usage_ratio {_num(usage)}",
+        "# HELP fastllava_engine_sequences Sequences in the engine by state.",
+        "# TYPE fastllava_engine_sequences gauge",
+        f'fastllava_engine_sequences{{state="running"}} {stats["running"]}',
+        f'fastllava_engine_sequences{{state="waiting"}} {stats["waiting"]}',
+    ]

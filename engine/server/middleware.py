@@ -7,7 +7,7 @@ In order, for each HTTP request:
 2. A request id (uuid4 hex) in scope["state"]["request_id"]; every response, errors and 404s
    included, carries it as `x-fal-request-id` unless the route set its own (a job's id).
 3. Auth, when API keys are configured: `Authorization: Key <key>` or `Bearer <key>`; 401
-   otherwise. /health stays open (load balancers).
+   otherwise. `open_paths` stay open: /health (load balancers), /metrics with --metrics-open.
 4. Unhandled exceptions → 500 internal_error (logged with the traceback, never sent).
 5. Body limit: Content-Length over max_body_bytes → 413 before reading; chunked bodies are read
    up to the limit and then replayed to the app. After the replay, receive() is the server's own,
@@ -29,8 +29,10 @@ log = logging.getLogger("fastllava.server")
 
 
 class GatewayMiddleware:
-    def __init__(self, app, *, api_keys: tuple[str, ...], max_body_bytes: int):
+    def __init__(self, app, *, api_keys: tuple[str, ...], max_body_bytes: int,
+                 open_paths: tuple[str, ...] = OPEN_PATHS):
         self.app = app
+        self.open_paths = open_paths
         self.api_keys = tuple(k.encode() for k in api_keys)
         self.max_body_bytes = max_body_bytes
 
@@ -63,7 +65,7 @@ class GatewayMiddleware:
 
         path = scope["path"]
         try:
-            if self.api_keys and path not in OPEN_PATHS:
+            if self.api_keys and path not in self.open_paths:
                 self._authorize(headers.get("authorization", ""))
             receive = await self._limit_body(headers, receive)
         except ApiError as e:

@@ -45,6 +45,8 @@ class ServerSettings:
     dtype: str | None = None
     backend: str = "auto"
     queue_concurrency: int = 16                 # queued jobs run at once (they share batches)
+    stats_interval_s: float = 10.0              # stats log line every N s while busy; 0 = off
+    metrics_open: bool = False                  # /metrics answers without an API key
     runtime: RuntimeConfig = RuntimeConfig()    # batching, KV pool, caches, CUDA graphs
 
     def __post_init__(self):
@@ -53,6 +55,9 @@ class ServerSettings:
                      "default_chat_max_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0 <= self.stats_interval_s < float("inf"):
+            raise ValueError("stats_interval_s must be >= 0 (0 = off), got "
+                             f"{self.stats_interval_s!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -391,3 +391,26 @@ def test_random_interleavings_leak_nothing(seed, prefill_while_decoding):
     preemptions = sum(s.metrics.num_preemptions for s in seqs)
     cached = sum(s.metrics.cached_prompt_tokens for s in seqs)
     assert preemptions > 0 and cached > 0, f"not exercised: {preemptions} preemptions, {cached} hit"
+
+
+# -- counters (the server's stats line and /metrics) ------------------------------------------------
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_token_and_prefix_counters_match_what_ran(caching):
+    """prompt_tokens = prefilled tokens (chunks summed, cache hits skipped), generation_tokens =
+    sampled tokens, prefix counters = tokens looked up / found at admission."""
+    sched = make_sched(budget=5, max_seqs=2, caching=caching)
+    prompt = list(range(1, 11))          # 10 tokens: 2 full pages can be shared, 1 partial
+    first = make_seq(prompt, max_tokens=3)
+    sched.add(first)
+    rows = drain(sched)
+    sched.add(make_seq(prompt, max_tokens=4))
+    rows += drain(sched)
+    computed = sum(n for step_rows in rows for _, start, n, _ in step_rows)
+    sampled = sum(s for step_rows in rows for *_, s in step_rows)
+    hits = 2 * S if caching else 0
+    assert sched.num_generation_tokens == sampled == 3 + 4
+    # Every computed token is either a prompt token or the previous sampled one (decode).
+    assert sched.num_prompt_tokens == computed - (sampled - 2) == 2 * len(prompt) - hits
+    assert sched.num_prefix_query_tokens == 2 * len(prompt)
+    assert sched.num_prefix_hit_tokens == hits
