@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping
 
 import torch
+from PIL import Image
 
 from fastllava.config import LlavaConfig
 from fastllava.kernels.ops import get_ops
@@ -28,7 +29,7 @@ from fastllava.runtime.build import build_engine
 from fastllava.runtime.config import RuntimeConfig
 from fastllava.runtime.model_runner import image_content_hash
 from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
-from fastllava.schema import GenerationRequest, parse_request
+from fastllava.schema import GenerationRequest, RequestValidationError, parse_request
 from fastllava.snapshots import Snapshots
 from fastllava.text.prompt import build_input_ids
 from fastllava.text.template import render_messages, render_prompt
@@ -123,10 +124,14 @@ class LLaVA:
         return anyres_num_tokens(image.image_size, c.pinpoints, c.vision.image_size,
                                  c.vision.patch_size, c.tokens_per_tile)
 
-    def prepare(self, request: GenerationRequest, rendered: str | None = None) -> PreparedPrompt:
-        """Load and preprocess the image, render the prompt (or take `rendered`, a chat already
-        rendered by `render_chat`) and expand its one <image> into the image's token count."""
-        image = preprocess(load_image(request.image_url, self.image_limits), self.image_config)
+    def prepare(self, request: GenerationRequest, rendered: str | None = None,
+                image: Image.Image | None = None) -> PreparedPrompt:
+        """Load and preprocess the image (or take `image`, the request's image already loaded),
+        render the prompt (or take `rendered`, a chat already rendered by `render_chat`) and
+        expand its one <image> into the image's token count."""
+        if image is None:
+            image = load_image(request.image_url, self.image_limits)
+        image = preprocess(image, self.image_config)
         n = self.num_image_tokens(image)
         if rendered is None:
             rendered = render_prompt(self.template, request.prompt, self.tokenizer)
@@ -155,7 +160,32 @@ class LLaVA:
         return render_messages(self.template, folded, self.tokenizer)
 
     # ---- generation -----------------------------------------------------------------------------
+    def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse (RequestValidationError on max_tokens, type "context_length_exceeded") a request
+        whose prompt, image tokens included, plus max_tokens does not fit the context: the answer
+        would be cut short silently. vLLM refuses such requests too. The limit, `max_len`, is
+        min(RuntimeConfig.max_context, the model's max_position_embeddings, the KV pool)."""
+        if prompt_tokens + max_tokens <= self.max_len:
+            return
+        room = self.max_len - prompt_tokens
+        advice = (f"lower max_tokens to at most {room}" if room > 0 else
+                  "the prompt alone fills the context; shorten it or raise max_context")
+        raise RequestValidationError(
+            "max_tokens", f"prompt tokens ({prompt_tokens}, image included) + max_tokens "
+            f"({max_tokens}) = {prompt_tokens + max_tokens} exceeds max_context ({self.max_len}): "
+            f"{advice}", "context_length_exceeded", max_tokens)
+
+    def _fitted(self, prepared: PreparedPrompt, req: GenerationRequest,
+                clamp_max_tokens: bool) -> GenerationRequest:
+        """`req`, with max_tokens lowered to the room the prompt leaves when clamp_max_tokens
+        (a server default the client did not choose, as vLLM treats an unset max_tokens)."""
+        room = self.max_len - len(prepared.input_ids)
+        if clamp_max_tokens and 0 < room < req.max_tokens:
+            return dataclasses.replace(req, max_tokens=room)
+        return req
+
     def _sequence(self, prepared: PreparedPrompt, req: GenerationRequest) -> Sequence:
+        self.check_context(len(prepared.input_ids), req.max_tokens)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids)
         ids = prepared.input_ids
@@ -196,16 +226,22 @@ class LLaVA:
             pass
         return out
 
-    def stream(self, request: Mapping[str, Any]) -> Iterator[dict]:
+    def stream(self, request: Mapping[str, Any], *, image: Image.Image | None = None
+               ) -> Iterator[dict]:
         """Cumulative snapshots {"output": text so far, "partial": True} ..., then the final
         {"output": text, "partial": False}. The request is validated before the first yield's
-        work starts; closing the iterator early stops generation and frees its KV pages."""
+        work starts; closing the iterator early stops generation and frees its KV pages.
+        `image`: the request's image already loaded (`fastllava.preprocess.image_io.load_image`),
+        e.g. fetched before the weights were; request["image_url"] is then only validated.
+        A prompt (image tokens included) + max_tokens over the context raises
+        RequestValidationError (see `check_context`) at the first next()."""
         req = parse_request(request)
-        return _plain(self._events(req, None, False))
+        return _plain(self._events(req, None, False, image=image))
 
     def stream_detailed(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
                         max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
-                        every_token: bool = False) -> Iterator[dict]:
+                        every_token: bool = False, clamp_max_tokens: bool = False
+                        ) -> Iterator[dict]:
         """`stream` with counts: every snapshot also has "prompt_tokens" (image tokens included),
         "completion_tokens" (tokens generated so far, a stop id included) and "finish_reason"
         (None until the final snapshot, then "stop" for a stop id, "length" for max_tokens or a
@@ -216,16 +252,22 @@ class LLaVA:
         image is fetched at the first next(), on the caller's thread.
         every_token=True yields after every generated token, even when the text did not change
         (a byte-fallback run held back, or whitespace), so a caller that polls for cancellation
-        between snapshots can stop at the next token."""
+        between snapshots can stop at the next token.
+        A prompt + max_tokens over the context raises RequestValidationError (`check_context`);
+        clamp_max_tokens=True lowers max_tokens to the room left instead (for a default the
+        client did not choose: the OpenAI route's unset max_tokens)."""
         req = parse_request(request, max_tokens_limit=max_tokens_limit,
                             max_prompt_chars=max_prompt_chars)
-        return self._events(req, messages, every_token)
+        return self._events(req, messages, every_token, clamp_max_tokens=clamp_max_tokens)
 
-    def _events(self, req: GenerationRequest, messages: list[dict] | None,
-                every_token: bool) -> Iterator[dict]:
+    def _events(self, req: GenerationRequest, messages: list[dict] | None, every_token: bool, *,
+                image: Image.Image | None = None, clamp_max_tokens: bool = False
+                ) -> Iterator[dict]:
         # Fetching and preprocessing the image happen on the caller's thread, so a slow image
         # host holds up nobody else; the engine thread only runs steps.
-        prepared = self.prepare(req, None if messages is None else self.render_chat(messages))
+        prepared = self.prepare(req, None if messages is None else self.render_chat(messages),
+                                image)
+        req = self._fitted(prepared, req, clamp_max_tokens)
         snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
         with contextlib.closing(self._engine_events(prepared, req)) as events:
             for kind, value, handle in events:

@@ -1,18 +1,17 @@
 """The `fastllava` command line.
 
     fastllava run --model M --image URL_OR_PATH --prompt TEXT [--max-tokens N] [--temperature T]
-                  [--top-p P] [--seed S] [--device D] [--dtype D]
+                  [--top-p P] [--seed S] [--device D] [--dtype D] [--backend B]
     fastllava serve --model M [--host H] [--port P] [--api-key K ...] [--queue URL]
                   [--tls-cert PEM --tls-key PEM] ...   (fastllava serve --help lists all flags)
 
-`run` validates the request with the fal schema before loading anything (a bad flag fails in
-milliseconds, not after minutes of weight loading), loads the model with a progress bar on stderr,
-then streams the answer to stdout as it is generated and ends it with a newline.
+`run` (fastllava.cli_run) checks everything it can before loading the weights and streams the
+answer to stdout. `serve` first checks that the `server` extra is installed.
 
-Exit codes: 0 success; 2 bad input (usage, validation, missing checkpoint or image: every error
-that is a ValueError), printed as one `error: <message>` line on stderr; 1 an OS error (I/O,
-permissions) or a closed stdout pipe; 130 interrupted (Ctrl-C). Other exceptions are bugs and
-keep their traceback.
+Exit codes: 0 success; 2 bad input (usage, validation, missing checkpoint or image, a missing
+server dependency: every error that is a ValueError), printed as one `error: <message>` line on
+stderr; 1 an OS error (I/O, permissions) or a closed stdout pipe; 130 interrupted (Ctrl-C). Other
+exceptions are bugs and keep their traceback.
 
 This module imports no torch: `fastllava --help` and flag validation stay instant.
 """
@@ -23,9 +22,8 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Any, Iterable, TextIO
 
-from fastllava.schema import GenerationRequest, parse_request
+from fastllava import cli_run
 
 # Spellings accepted by --dtype -> the names LLaVA.from_pretrained accepts.
 DTYPES = {
@@ -33,9 +31,10 @@ DTYPES = {
     "float16": "float16", "fp16": "float16",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
-# Image forms the API fetches itself; anything else is a local path and is checked up front.
-_REMOTE_PREFIXES = ("http://", "https://", "data:")
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
+# The third-party modules `fastllava serve` imports (the `server` extra); redis only for a Redis
+# queue. Checked before anything loads, so a plain `pip install .` gets one clear line.
+SERVER_MODULES = ("fastapi", "uvicorn", "httpx")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _dtype(text: str) -> str:
@@ -52,28 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser(
-        "run", help="answer one prompt about one image, streaming the text to stdout",
-        description="Answer one prompt about one image; the text streams to stdout.")
-    run.add_argument("--model", required=True,
-                     help="checkpoint: a local folder or a hub id (e.g. llava-hf/llava-1.5-13b-hf)")
-    run.add_argument("--image", required=True, metavar="URL_OR_PATH",
-                     help="http(s) URL, data: URI, or a local image file")
-    run.add_argument("--prompt", required=True, help="the question or instruction")
-    run.add_argument("--max-tokens", type=int, metavar="N",
-                     help=f"most tokens to generate (default {_DEFAULTS['max_tokens']})")
-    run.add_argument("--temperature", type=float, metavar="T",
-                     help=f"sampling temperature, 0 = greedy (default {_DEFAULTS['temperature']})")
-    run.add_argument("--top-p", type=float, metavar="P",
-                     help=f"nucleus sampling mass in (0, 1] (default {_DEFAULTS['top_p']})")
-    run.add_argument("--seed", type=int, metavar="S", help="seed for reproducible sampling")
-    run.add_argument("--device", metavar="D",
-                     help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    run.add_argument("--dtype", type=_dtype, metavar="D",
-                     help="float32|fp32, float16|fp16, bfloat16|bf16 "
-                          "(default: bf16 on CUDA, fp32 on CPU)")
-    add_runtime_flags(run)
-    run.set_defaults(handler=_run)
+    cli_run.add_run_command(commands)
     _add_serve(commands)
     return parser
 
@@ -225,63 +203,14 @@ def _version() -> str:
         return "unknown"
 
 
-def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The fal request dict; flags left out are omitted so the schema's defaults apply."""
-    request: dict[str, Any] = {"image_url": args.image, "prompt": args.prompt}
-    for flag, field in (("max_tokens", "max_tokens"), ("temperature", "temperature"),
-                        ("top_p", "top_p"), ("seed", "seed")):
-        value = getattr(args, flag)
-        if value is not None:
-            request[field] = value
-    return request
+def missing_server_modules(queue_url: str | None) -> list[str]:
+    """The `server` extra's modules `fastllava serve` would import and cannot find."""
+    import importlib.util
 
-
-def _check_local_image(image: str) -> None:
-    """Fail before the (slow) model load when a local image path does not exist."""
-    if image.lower().startswith(_REMOTE_PREFIXES) or os.path.isfile(image):
-        return
-    what = "is a directory" if os.path.isdir(image) else "no such file"
-    raise ValueError(f"image: {what}: {image!r} (expected an http(s) URL, a data: URI "
-                     "or a local image file)")
-
-
-def _load_model(model: str, device: str | None, dtype: str | None, runtime):
-    """Seam for tests: the one place the CLI touches the (torch-importing) API."""
-    from fastllava.api import LLaVA
-
-    return LLaVA.from_pretrained(model, device=device, dtype=dtype, progress=True, runtime=runtime)
-
-
-def write_stream(snapshots: Iterable[dict[str, Any]], out: TextIO) -> str:
-    """Write the new suffix of each cumulative snapshot["output"], then a newline.
-
-    Returns the final text. Snapshots must extend each other (the stream contract); a snapshot
-    that rewrites already-printed text is an engine bug and raises rather than corrupt stdout.
-    """
-    written = ""
-    for snapshot in snapshots:
-        text = snapshot["output"]
-        if not text.startswith(written):
-            raise RuntimeError(
-                "stream contract violated: snapshot does not extend the text already written; "
-                f"written={written[-40:]!r} (last 40 chars), "
-                f"snapshot={text[-80:]!r} (last 80 chars)")
-        if len(text) > len(written):
-            out.write(text[len(written):])
-            out.flush()
-            written = text
-    out.write("\n")
-    out.flush()
-    return written
-
-
-def _run(args: argparse.Namespace) -> int:
-    request = _request_from_args(args)
-    parse_request(request)  # raises RequestValidationError (a ValueError) before any loading
-    _check_local_image(args.image)
-    llava = _load_model(args.model, args.device, args.dtype, runtime_from_args(args))
-    write_stream(llava.stream(request), sys.stdout)
-    return 0
+    names = list(SERVER_MODULES)
+    if queue_url and queue_url.partition("://")[0].lower() in _REDIS_SCHEMES:
+        names.append("redis")
+    return [name for name in names if importlib.util.find_spec(name) is None]
 
 
 def _one_line(error: BaseException) -> str:
@@ -296,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version, usage errors (argparse printed them)
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
+        if args.command == "serve":
+            missing = missing_server_modules(args.queue_url)
+            if missing:
+                raise ValueError(f"fastllava serve needs {', '.join(missing)}, not installed: "
+                                 'pip install "fastllava[server]"')
         return args.handler(args)
     except KeyboardInterrupt:
         sys.stdout.flush()

@@ -17,7 +17,7 @@ from PIL import Image
 from concurrency import assert_idle, assert_same, run_threads
 from fastllava import LLaVA
 from fastllava.runtime.config import RuntimeConfig
-from fastllava.schema import RequestValidationError
+from fastllava.schema import RequestValidationError, parse_request
 
 LONG = 4000   # max_tokens of a request meant to be stopped early: seconds of steps on CPU
 
@@ -155,19 +155,40 @@ def test_stream_detailed_metrics(llava, images):
 # ---- limits and failures -------------------------------------------------------------------------
 
 def test_context_limit(tiny_llava, images):
+    """prompt + max_tokens over the context is refused (vLLM's rule) on every entry point, with a
+    message naming the three numbers, before any step runs; exactly filling it is fine, and
+    clamp_max_tokens=True lowers max_tokens to the room instead."""
     small = load(tiny_llava, max_context=64)
     try:
         assert small.stats()["max_len"] == 64
-        long = req(images[0], prompt="describe the small red car near the tree " * 8)
-        with pytest.raises(ValueError, match="prompt has .* tokens"):
-            small.generate(long)
-        with pytest.raises(ValueError, match="prompt has .* tokens"):
-            list(small.stream(long))
-        assert_idle(small)
-        *_, final = small.stream_detailed(req(images[0], max_tokens=40))
-        room = 64 - final["prompt_tokens"]
+        prompt = len(small.prepare(parse_request(req(images[0]))).input_ids)
+        room = 64 - prompt
         assert 0 < room < 40, f"test setup: the prompt leaves {room} tokens of room"
-        assert (final["finish_reason"], final["completion_tokens"]) == ("length", room), final
+        over = req(images[0], max_tokens=40)
+        message = (rf"^max_tokens: prompt tokens \({prompt}, image included\) \+ max_tokens "
+                   rf"\(40\) = {prompt + 40} exceeds max_context \(64\): lower max_tokens to at "
+                   rf"most {room}$")
+        calls = [lambda: small.generate(over), lambda: list(small.stream(over)),
+                 lambda: list(small.stream_detailed(over)), lambda: small.generate_ids(over),
+                 lambda: asyncio.run(small.agenerate(over))]
+        for call in calls:
+            with pytest.raises(RequestValidationError, match=message) as caught:
+                call()
+            assert (caught.value.field, caught.value.type) == ("max_tokens",
+                                                               "context_length_exceeded")
+        long = req(images[0], prompt="describe the small red car near the tree " * 8)
+        with pytest.raises(RequestValidationError, match="the prompt alone fills the context"):
+            small.generate(long)
+        assert small.stats()["steps"] == 0, "a refused request reached the engine"
+        assert_idle(small)
+
+        *_, exact = small.stream_detailed(req(images[0], max_tokens=room))
+        assert exact["prompt_tokens"] + exact["completion_tokens"] <= 64, exact
+        *_, clamped = small.stream_detailed(over, clamp_max_tokens=True)
+        assert clamped["finish_reason"] == "stop" or clamped["completion_tokens"] == room, clamped
+        assert clamped["output"] == exact["output"], "clamped != the request at max_tokens=room"
+        with pytest.raises(RequestValidationError, match="the prompt alone fills the context"):
+            list(small.stream_detailed(long, clamp_max_tokens=True))
         assert_idle(small)
     finally:
         small.close()

@@ -76,9 +76,13 @@ async def chat_completions(request: Request):
     body = await read_json(request)
     chat = parse_chat(body, state.settings, _model_ids(request) + state.model_aliases)
     llava, s = state.llava, state.settings
+    # No max_tokens from the client: the server's default shrinks to fit the context (vLLM's
+    # rule for an unset max_tokens); one the client chose is refused when it does not fit.
+    unset = body.get("max_tokens") is None and body.get("max_completion_tokens") is None
     events = engine_events(lambda: llava.stream_detailed(
         chat.request, messages=chat.messages, max_tokens_limit=s.max_tokens_limit,
-        max_prompt_chars=s.max_prompt_chars, every_token=True), state.metrics)
+        max_prompt_chars=s.max_prompt_chars, every_token=True, clamp_max_tokens=unset),
+        state.metrics)
     try:
         first, rest = await first_and_rest(events)
     except Exception as e:

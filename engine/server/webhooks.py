@@ -77,8 +77,19 @@ def sign(secret: str | bytes, timestamp: str | int, body: bytes) -> str:
 
 def verify_signature(secret: str | bytes, timestamp: str | int, body: bytes | str, header: str,
                      *, tolerance_s: float | None = 300.0, now: float | None = None) -> bool:
-    """For receivers: True when `header` signs (timestamp, body) under `secret` and the timestamp
-    is within tolerance_s of now (None: no freshness check). `body` must be the raw bytes."""
+    """For receivers: True when the delivery is authentic and fresh, else False (never raises).
+
+    secret: the server's --webhook-secret (str is UTF-8 encoded, or bytes).
+    timestamp: the X-Fastllava-Timestamp header value (unix seconds; str or int).
+    body: the request body exactly as received, before any JSON parsing (bytes; a str is UTF-8
+        encoded, which only round-trips if nothing re-serialized it).
+    header: the X-Fastllava-Signature header value, "sha256=<hex>" (compared in constant time).
+    tolerance_s: the largest |now - timestamp| accepted, in seconds (replay protection); None
+        skips the freshness check. now: the current unix time (tests), default time.time().
+
+        ok = verify_signature(secret, request.headers["X-Fastllava-Timestamp"], raw_body,
+                              request.headers.get("X-Fastllava-Signature", ""))
+    """
     if isinstance(body, str):
         body = body.encode()
     try:
