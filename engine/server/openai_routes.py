@@ -59,10 +59,6 @@ async def chat_completions(request: Request):
     events = engine_events(lambda: apply_stops(llava.stream_detailed(
         chat.request, messages=chat.messages, max_tokens_limit=s.max_tokens_limit,
         max_prompt_chars=s.max_prompt_chars, every_token=True), chat.stop), state.metrics)
-    try:
-        first, rest = await first_and_rest(events)
-    except Exception as e:
-        raise _openai_error(e) from e
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), chat.model
 
     def finish(snap: dict) -> str:  # "stop": a stop id or a stop string (apply_stops)
@@ -73,8 +69,8 @@ async def chat_completions(request: Request):
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     if not chat.stream:
-        try:
-            last = await last_snapshot(request, rest) or first
+        try:  # the connection is watched from the start: a disconnect cancels the request
+            last = await last_snapshot(request, events)
         except ApiError:  # the client disconnected
             raise
         except Exception as e:
@@ -84,6 +80,11 @@ async def chat_completions(request: Request):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": last["output"]},
                          "logprobs": None, "finish_reason": finish(last)}],
             "usage": usage(last)})
+
+    try:  # before any byte is sent: errors get their status code
+        first, rest = await first_and_rest(events)
+    except Exception as e:
+        raise _openai_error(e) from e
 
     def chunk(delta: dict, finish_reason: str | None, **extra) -> str:
         data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -10,27 +10,17 @@ string (a proper prefix of one) is held back until later text decides; the final
 One Knuth-Morris-Pratt automaton per stop string: its state is the length of the longest prefix of
 the stop string that is a suffix of the text read so far. Each new character advances every automaton
 (amortised O(1) each: a state rises by at most one per character, and each failure step lowers it),
-and the held-back tail is the largest state. Characters already read are never looked at again, so a
-request costs O(output + total stop length) whatever the stop strings are (the former whole-text
-search cost O(len(stop)²) per token: one 1 MB stop string froze the server for seconds).
+and the held-back tail is the largest state. The failure table is extended lazily, one entry when a
+state first reaches a new length, so the work is bounded by the text read, not by the stop strings'
+length. Characters already read are never looked at again: a request costs O(output x number of
+stops) whatever the stop strings are (the former whole-text search cost O(len(stop)²) per token: one
+1 MB stop string froze the server for seconds).
 """
 
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
-
-
-def _failure(s: str) -> list[int]:
-    """KMP failure function: fail[i] = length of the longest proper border of s[:i + 1]."""
-    fail, k = [0] * len(s), 0
-    for i in range(1, len(s)):
-        while k and s[i] != s[k]:
-            k = fail[k - 1]
-        if s[i] == s[k]:
-            k += 1
-        fail[i] = k
-    return fail
 
 
 class StopMatcher:
@@ -41,10 +31,24 @@ class StopMatcher:
         if not all(stops):
             raise ValueError("stop strings must be non-empty")
         self.stops = list(stops)
-        self.fail = [_failure(s) for s in self.stops]
         self.state = [0] * len(self.stops)
+        # KMP failure tables, computed up to the longest state reached: fail[k][i] = length of
+        # the longest proper border of stops[k][:i + 1]; border[k] = fail[k][-1] (the build cursor)
+        self.fail: list[list[int]] = [[0] for _ in self.stops]
+        self.border = [0] * len(self.stops)
         self.read = 0                   # text[:read] has gone through the automata
         self.cut: int | None = None     # output end once a stop string matched
+
+    def _grow(self, k: int) -> None:
+        """Append the next entry of fail[k] (the standard KMP table build, one step)."""
+        s, fail, b = self.stops[k], self.fail[k], self.border[k]
+        i = len(fail)
+        while b and s[i] != s[b]:
+            b = fail[b - 1]
+        if s[i] == s[b]:
+            b += 1
+        fail.append(b)
+        self.border[k] = b
 
     def visible_end(self, text: str, final: bool) -> int:
         """The length of the shown prefix of `text`: cut before a matched stop string; otherwise
@@ -60,6 +64,8 @@ class StopMatcher:
                     q = fail[k][q - 1]
                 if s[q] == ch:
                     q += 1
+                    if q > len(fail[k]):  # first time this far: fail[k][q - 1] is needed next
+                        self._grow(k)
                 if q == len(s):  # complete: starts at i + 1 - q; the earliest start wins ties
                     start = i + 1 - q if start is None else min(start, i + 1 - q)
                     q = fail[k][q - 1]
