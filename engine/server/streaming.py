@@ -2,8 +2,8 @@
 
 `engine_events(make_iter, metrics)` starts one daemon thread per request that creates the engine
 iterator (llava.stream / stream_detailed) and pushes each snapshot to the event loop. The
-consumer is an async generator; when it stops early (client gone, stop string matched, the
-response task cancelled) a flag is set and the thread closes the engine iterator at the next
+consumer is an async generator; when it stops early (client gone, the response task cancelled)
+a flag is set and the thread closes the engine iterator at the next
 snapshot — at most one more token — which frees the request's KV pages. A dedicated thread per
 request (not the shared threadpool) means a request waiting for the engine lock never starves
 the store calls and other threadpool work of the server.
