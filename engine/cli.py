@@ -101,7 +101,11 @@ def _add_serve(commands) -> None:
             ("max_tokens_limit", int, "largest max_tokens accepted"),
             ("image_timeout_s", float, "wall-time limit of one image fetch"),
             ("default_chat_max_tokens", int, "max_tokens of OpenAI requests that set none"),
-            ("sse_ping_s", float, "keep-alive comment interval of status streams")):
+            ("sse_ping_s", float, "keep-alive comment interval of status streams"),
+            ("max_stop_chars", int, "longest OpenAI stop string (400 above)"),
+            ("header_timeout_s", float, "wall-time limit of a request's line and headers "
+             "(the connection is closed)"),
+            ("body_timeout_s", float, "wall-time limit of a request's whole body (408)")):
         a("--" + name.replace("_", "-"), type=kind, default=d[name], metavar="N",
           help=f"{help_} (default {d[name]})")
     a("--device", help="torch device (default: cuda if available)")
@@ -173,6 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from fastllava.api import LLaVA
     from fastllava.server.app import create_app
+    from fastllava.server.connection import header_timeout_protocol
     from fastllava.server.safety import image_limits
     from fastllava.server.serverlog import configure_logging
     from fastllava.server.stores import open_store
@@ -188,7 +193,8 @@ def _serve(args: argparse.Namespace) -> int:
         app = create_app(settings, llava, store=store)  # its lifespan logs the startup block
         uvicorn.run(app, host=settings.host, port=settings.port, ssl_certfile=settings.tls_cert,
                     ssl_keyfile=settings.tls_key, log_level=args.log_level,
-                    timeout_graceful_shutdown=10)
+                    timeout_graceful_shutdown=10,
+                    http=header_timeout_protocol(settings.header_timeout_s))
     finally:
         store.close()
     return 0

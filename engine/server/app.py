@@ -29,6 +29,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from . import fal_routes, openai_routes, openapi, serverlog
+from .connection import BodyTimeoutMiddleware
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .middleware import OPEN_PATHS, GatewayMiddleware
@@ -129,8 +130,9 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
     @app.get("/metrics")
     async def metrics(request: Request):
         counts = await run_in_threadpool(request.app.state.store.counts)
-        engine = request.app.state.llava.stats()
-        return PlainTextResponse(request.app.state.metrics.render(counts, engine),
+        stats = getattr(request.app.state.llava, "stats", None)
+        return PlainTextResponse(request.app.state.metrics.render(
+            counts, stats() if stats is not None else None),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.include_router(openai_routes.router)
@@ -168,4 +170,6 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST", "PUT", "OPTIONS"], allow_headers=["*"],
                            expose_headers=["x-fal-request-id", "x-fal-error-type"], max_age=600)
+    # Outermost: the body deadline covers every reader of the body (gateway and routes).
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
     return app

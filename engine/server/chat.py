@@ -3,7 +3,8 @@
 Accepted: `model`, `messages` (roles system / developer / user / assistant; content a string or a
 list of {"type": "text"} / {"type": "image_url", "image_url": {"url"} | str} parts), `max_tokens`
 / `max_completion_tokens` (the latter wins; default ServerSettings.default_chat_max_tokens),
-`temperature` (default 1, OpenAI's), `top_p`, `n` (1 only), `stop` (string or up to 4 strings),
+`temperature` (default 1, OpenAI's), `top_p`, `n` (1 only), `stop` (string or up to 4 strings, each
+at most ServerSettings.max_stop_chars long),
 `seed`, `stream`, `stream_options.include_usage`. Features the engine does not have (logprobs,
 tools, JSON mode, penalties, logit_bias) are refused with a 400 naming the field rather than
 silently ignored; other fields (user, metadata, ...) are ignored.
@@ -89,11 +90,15 @@ def _messages(raw: Any) -> tuple[list[dict], list[str]]:
     return messages, images
 
 
-def _stop(value: Any) -> list[str]:
+def _stop(value: Any, max_chars: int) -> list[str]:
     stops = [value] if isinstance(value, str) else value if value is not None else []
     if not isinstance(stops, list) or len(stops) > 4 or not all(
             isinstance(s, str) and s for s in stops):
         raise _bad("stop must be a non-empty string or a list of up to 4 non-empty strings", "stop")
+    for i, s in enumerate(stops):
+        if len(s) > max_chars:
+            raise _bad(f"stop{'' if isinstance(value, str) else f'[{i}]'} is {len(s)} characters "
+                       f"long, over the limit of {max_chars} (--max-stop-chars)", "stop")
     return stops
 
 
@@ -151,5 +156,5 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("stream_options must be an object", "stream_options")
-    return Chat(model, messages, request, _stop(body.get("stop")), stream,
+    return Chat(model, messages, request, _stop(body.get("stop"), settings.max_stop_chars), stream,
                 bool(options.get("include_usage")) and stream)

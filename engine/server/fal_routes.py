@@ -9,7 +9,8 @@ Queue API (fal's queue host; here the path prefix /queue, or any Host starting w
                                                          COMPLETED, 404 NOT_FOUND
     ({q} is "/queue" or empty: status/result/cancel answer on both.)
 Run API (fal's run host):
-    POST /{owner}/{alias}[/{path}]      sync run → 200 {"output", "partial": false}
+    POST /{owner}/{alias}[/{path}]      sync run → 200 {"output", "partial": false}; a client
+                                        that disconnects cancels it
     POST /{owner}/{alias}/stream        SSE of cumulative {"output", "partial"} snapshots, no [DONE]
 """
 
@@ -30,7 +31,8 @@ from fastllava.schema import validate_all
 from .errors import ApiError, detail_message
 from .jobs import COMPLETED, IN_QUEUE, Job
 from .safety import classify, precheck_image_url
-from .streaming import SSE_HEADERS, ClosingStreamingResponse, engine_events, first_and_rest
+from .streaming import (SSE_HEADERS, ClosingStreamingResponse, engine_events, first_and_rest,
+                        last_snapshot)
 
 router = APIRouter()
 QUEUE = "/queue"
@@ -265,12 +267,10 @@ async def run(request: Request, owner: str, alias: str, path: str = ""):
         return await submit(request, owner, alias, path)
     check_endpoint(request, owner, alias)
     events = _engine(request, validated_input(request, await read_json(request)))
-    final = None
     try:
-        async for snap in events:
-            final = snap
+        final = await last_snapshot(request, events)  # a disconnect cancels the request
+    except ApiError:
+        raise
     except Exception as e:
         _raise_classified(e)
-    finally:
-        await events.aclose()
     return JSONResponse({"output": final["output"], "partial": False})

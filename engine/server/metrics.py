@@ -1,9 +1,10 @@
 """Prometheus metrics in the text exposition format (version 0.0.4), without a client library.
 
 Recorded per finished request (queue jobs by the worker, direct routes by the HTTP layer):
-time to first token, end-to-end latency, completion tokens, outcome. Gauges (queue depth, running
-jobs) are read from the job store when /metrics is scraped, engine counters (prompt and generated
-tokens, prefix-cache lookups, KV use) from `LLaVA.stats()`.
+time to first token, end-to-end latency, completion tokens, outcome; direct requests stopped early
+because their client went away count as cancelled. Gauges (queue depth, running jobs) are read from
+the job store when /metrics is scraped, engine counters (prompt and generated tokens, prefix-cache
+lookups, KV use) from `LLaVA.stats()`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Metrics:
         self.completion_tokens = 0
         self.last_tokens_per_s = 0.0
         self.direct_running = 0  # sync / stream / OpenAI requests in flight (not in the queue)
+        self.cancelled = 0       # direct requests whose client left before the end
 
     def record(self, ttft_s: float | None, latency_s: float, completion_tokens: int,
                ok: bool) -> None:
@@ -73,9 +75,10 @@ class Metrics:
         with self._lock:
             self.direct_running += 1
 
-    def leave(self) -> None:
+    def leave(self, cancelled: bool = False) -> None:
         with self._lock:
             self.direct_running -= 1
+            self.cancelled += int(cancelled)
 
     def render(self, counts: dict[str, int], engine: dict | None = None) -> str:
         """The exposition text; `counts` is the store's {"IN_QUEUE": n, "IN_PROGRESS": m},
@@ -91,6 +94,10 @@ class Metrics:
                 "# HELP fastllava_requests_total Finished requests by outcome.",
                 "# TYPE fastllava_requests_total counter",
                 *(f'fastllava_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()),
+                "# HELP fastllava_cancelled_total Direct requests (run, stream, OpenAI) stopped "
+                "early because the client disconnected.",
+                "# TYPE fastllava_cancelled_total counter",
+                f"fastllava_cancelled_total {self.cancelled}",
                 "# HELP fastllava_completion_tokens_total Tokens generated (rate() = tokens/s).",
                 "# TYPE fastllava_completion_tokens_total counter",
                 f"fastllava_completion_tokens_total {self.completion_tokens}",
@@ -125,6 +132,12 @@ def _engine_lines(stats: dict) -> list[str]:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {stats[key]}"]
     usage = stats["kv_pages_used"] / stats["kv_pages_total"]
     return lines + [
+        "# HELP fastllava_kv_pages_used KV-cache pages held by requests.",
+        "# TYPE fastllava_kv_pages_used gauge",
+        f"fastllava_kv_pages_used {stats['kv_pages_used']}",
+        "# HELP fastllava_kv_pages_total KV-cache pages in the pool.",
+        "# TYPE fastllava_kv_pages_total gauge",
+        f"fastllava_kv_pages_total {stats['kv_pages_total']}",
         "# HELP fastllava_kv_cache_usage_ratio KV-cache pages in use / all pages.",
         "# TYPE fastllava_kv_cache_usage_ratio gauge",
         f"fastllava_kv_cache_usage_ratio {_num(usage)}",

@@ -15,7 +15,6 @@ import json
 import time
 import uuid
 
-
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
@@ -23,7 +22,9 @@ from .chat import parse_chat
 from .errors import ApiError, detail_message, openai_error_body
 from .fal_routes import read_json
 from .safety import classify
-from .streaming import SSE_HEADERS, ClosingStreamingResponse, engine_events, first_and_rest
+from .stops import apply_stops
+from .streaming import (SSE_HEADERS, ClosingStreamingResponse, chained, engine_events,
+                        first_and_rest, last_snapshot)
 
 router = APIRouter()
 
@@ -49,27 +50,6 @@ def _openai_error(exc: BaseException) -> ApiError:
                     param=param, code=error_type)
 
 
-class StopMatcher:
-    """Stop strings over cumulative text. `visible(text)` is what may be shown: text cut before
-    the first stop string, and otherwise without a tail that could still become one (held back
-    until the next token decides). Monotone: each answer extends the previous one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.hit = False
-
-    def visible(self, text: str, final: bool) -> str:
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit = True
-            return text[:cut]
-        if final:
-            return text
-        hold = max((k for s in self.stops for k in range(1, len(s))
-                    if text.endswith(s[:k])), default=0)
-        return text[:len(text) - hold]
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     state = request.app.state
@@ -79,50 +59,36 @@ async def chat_completions(request: Request):
     # No max_tokens from the client: the server's default shrinks to fit the context (vLLM's
     # rule for an unset max_tokens); one the client chose is refused when it does not fit.
     unset = body.get("max_tokens") is None and body.get("max_completion_tokens") is None
-    events = engine_events(lambda: llava.stream_detailed(
+    events = engine_events(lambda: apply_stops(llava.stream_detailed(
         chat.request, messages=chat.messages, max_tokens_limit=s.max_tokens_limit,
         max_prompt_chars=s.max_prompt_chars, every_token=True, clamp_max_tokens=unset),
-        state.metrics)
-    try:
-        first, rest = await first_and_rest(events)
-    except Exception as e:
-        raise _openai_error(e) from e
+        chat.stop), state.metrics)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), chat.model
-    stops = StopMatcher(chat.stop)
 
-    async def snapshots():
-        """(visible text, snapshot) until the end or a stop string; closes the engine stream."""
-        try:
-            for snap in ([first] if first is not None else []):
-                yield stops.visible(snap["output"], not snap["partial"]), snap
-            if stops.hit:
-                return
-            async for snap in rest:
-                yield stops.visible(snap["output"], not snap["partial"]), snap
-                if stops.hit:
-                    return
-        finally:
-            await rest.aclose()
-
-    def finish(snap: dict) -> str:
-        return "stop" if stops.hit else (snap.get("finish_reason") or "length")
+    def finish(snap: dict) -> str:  # "stop": a stop id or a stop string (apply_stops)
+        return snap.get("finish_reason") or "length"
 
     def usage(snap: dict) -> dict:
         p, c = snap["prompt_tokens"], snap["completion_tokens"]
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     if not chat.stream:
-        text, last = "", None
-        try:
-            async for text, last in snapshots():
-                pass
+        try:  # the connection is watched from the start: a disconnect cancels the request
+            last = await last_snapshot(request, events)
+        except ApiError:  # the client disconnected
+            raise
         except Exception as e:
             raise _openai_error(e) from e
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": last["output"]},
                          "logprobs": None, "finish_reason": finish(last)}],
             "usage": usage(last)})
+
+    try:  # before any byte is sent: errors get their status code
+        first, rest = await first_and_rest(events)
+    except Exception as e:
+        raise _openai_error(e) from e
 
     def chunk(delta: dict, finish_reason: str | None, **extra) -> str:
         data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -134,12 +100,13 @@ async def chat_completions(request: Request):
 
     async def sse():
         yield chunk({"role": "assistant", "content": ""}, None)
-        sent, last, snaps = "", None, snapshots()
+        sent, last = 0, None
         try:
-            async for text, last in snaps:
-                if len(text) > len(sent):
-                    yield chunk({"content": text[len(sent):]}, None)
-                    sent = text
+            async for last in chained(first, rest):
+                text = last["output"]
+                if len(text) > sent:  # only the new characters are touched: O(new text)
+                    yield chunk({"content": text[sent:]}, None)
+                    sent = len(text)
             yield chunk({}, finish(last))
             if chat.include_usage:
                 data = {"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -150,7 +117,7 @@ async def chat_completions(request: Request):
             body = openai_error_body(err.status, str(err), err.param, err.code)
             yield f"data: {json.dumps(body)}\n\n"
         finally:  # also on a client disconnect: the engine stops at its next token
-            await snaps.aclose()
+            await rest.aclose()
         yield "data: [DONE]\n\n"
 
     return ClosingStreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,5 +1,5 @@
 """The image-host policy at connect time (redirects, every resolved address, DNS rebinding),
-the submit-time URL precheck, OpenAI stop strings, and in-band mid-stream errors — in process,
+the submit-time URL precheck and in-band mid-stream errors — in process,
 no server subprocess.
 
 Connect-time tests make 127.0.0.1 count as "public" and 127.0.0.2 as private (both reach the
@@ -22,7 +22,6 @@ from fastllava.preprocess import image_io
 from fastllava.preprocess.image_io import ImageFetchError, ImageLimits, load_image
 from fastllava.schema import RequestValidationError
 from fastllava.server.app import create_app
-from fastllava.server.openai_routes import StopMatcher
 from fastllava.server.safety import precheck_image_url
 from fastllava.server.settings import ServerSettings
 
@@ -138,17 +137,6 @@ def test_precheck(url, ok):
                        ServerSettings(model="m", allow_private_image_hosts=True))
     with pytest.raises(RequestValidationError, match="over the limit"):
         precheck_image_url("data:image/png;base64," + "A" * 1400, settings)
-
-
-def test_stop_matcher_holds_back_possible_prefixes():
-    m = StopMatcher(["END", "xy"])
-    assert m.visible("abcE", final=False) == "abc"       # "E" may start "END"
-    assert m.visible("abcEN", final=False) == "abc"
-    assert m.visible("abcENx", final=False) == "abcEN"   # "EN" released, "x" may start "xy"
-    assert m.visible("abcENxz", final=False) == "abcENxz"
-    assert not m.hit
-    assert m.visible("abcENxzxy and more", final=False) == "abcENxz" and m.hit
-    assert StopMatcher(["END"]).visible("abcE", final=True) == "abcE"
 
 
 class _FailingEngine:
