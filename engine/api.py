@@ -226,6 +226,13 @@ class LLaVA:
         # Fetching and preprocessing the image happen on the caller's thread, so a slow image
         # host holds up nobody else; the engine thread only runs steps.
         prepared = self.prepare(req, None if messages is None else self.render_chat(messages))
+        yield from self.stream_prepared(req, prepared, every_token=every_token)
+
+    def stream_prepared(self, req: GenerationRequest, prepared: PreparedPrompt, *,
+                        every_token: bool = False) -> Iterator[dict]:
+        """`stream_detailed`'s snapshots for a request already validated (`parse_request`) and
+        prepared (`prepare`: image fetched and preprocessed), so a caller can load images in a
+        pool of its own and give the engine only requests that are ready (the queue worker)."""
         snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
         with contextlib.closing(self._engine_events(prepared, req)) as events:
             for kind, value, handle in events:

@@ -131,6 +131,9 @@ def _add_serve(commands) -> None:
     a("--backend", default=d["backend"], help=f"kernel backend (default {d['backend']})")
     a("--queue-concurrency", type=int, default=d["queue_concurrency"], metavar="N",
       help=f"queued jobs run at once, sharing batches (default {d['queue_concurrency']})")
+    a("--image-fetch-concurrency", type=int, default=d["image_fetch_concurrency"], metavar="N",
+      help="queued jobs fetching and decoding their image at once, before they take one of the "
+      f"--queue-concurrency slots (default {d['image_fetch_concurrency']})")
     add_runtime_flags(serve)
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=_serve)

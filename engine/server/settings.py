@@ -45,11 +45,12 @@ class ServerSettings:
     dtype: str | None = None
     backend: str = "auto"
     queue_concurrency: int = 16                 # queued jobs run at once (they share batches)
+    image_fetch_concurrency: int = 32           # queued jobs loading their image before a slot
     runtime: RuntimeConfig = RuntimeConfig()    # batching, KV pool, caches, CUDA graphs
 
     def __post_init__(self):
-        for name in ("queue_concurrency", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_chars",
-                     "max_tokens_limit", "image_timeout_s", "retention_s", "sse_ping_s",
+        for name in ("queue_concurrency", "image_fetch_concurrency", "max_body_bytes",
+                     "max_image_bytes", "max_image_pixels", "max_prompt_chars", "max_tokens_limit", "image_timeout_s", "retention_s", "sse_ping_s",
                      "default_chat_max_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
