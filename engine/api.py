@@ -80,7 +80,9 @@ class LLaVA:
         self.template = ckpt.template
         self.image_config = ckpt.image_config
         self.path: Path = ckpt.path
-        self.image_limits = image_limits
+        # "pad" mode builds a square canvas of the long side: the pixel limit must bound that.
+        self.image_limits = dataclasses.replace(image_limits, square_canvas=True) \
+            if ckpt.image_config.pad_to_square else image_limits
         self.device = ckpt.device
         self.ops = get_ops(backend, self.device.type)
         self.dtype = ckpt.dtype

@@ -119,6 +119,8 @@ def _add_serve(commands) -> None:
             ("max_body_bytes", int, "largest request body (413 above)"),
             ("max_image_bytes", int, "largest image download / decoded data URI"),
             ("max_image_pixels", int, "largest width*height, checked before decoding"),
+            ("max_image_aspect_ratio", float, "largest long side / short side of an image, "
+             "checked before decoding"),
             ("max_prompt_chars", int, "longest prompt (OpenAI: all message text)"),
             ("max_tokens_limit", int, "largest max_tokens accepted"),
             ("image_timeout_s", float, "wall-time limit of one image fetch"),

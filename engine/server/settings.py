@@ -36,6 +36,7 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024      # whole request body (413 above)
     max_image_bytes: int = 20 * 1024 * 1024     # download / decoded data URI
     max_image_pixels: int = 40_000_000          # width * height, checked before decoding
+    max_image_aspect_ratio: float = 50.0        # long side / short side, checked before decoding
     max_prompt_chars: int = 16384               # prompt (OpenAI: all message text together)
     max_tokens_limit: int = 4096                # largest max_tokens accepted
     image_timeout_s: float = 15.0               # whole image fetch
@@ -50,10 +51,12 @@ class ServerSettings:
 
     def __post_init__(self):
         for name in ("queue_concurrency", "image_fetch_concurrency", "max_body_bytes",
-                     "max_image_bytes", "max_image_pixels", "max_prompt_chars", "max_tokens_limit", "image_timeout_s", "retention_s", "sse_ping_s",
-                     "default_chat_max_tokens"):
+                     "max_image_bytes", "max_image_pixels", "max_prompt_chars", "max_tokens_limit",
+                     "image_timeout_s", "retention_s", "sse_ping_s", "default_chat_max_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.max_image_aspect_ratio >= 1:
+            raise ValueError(f"max_image_aspect_ratio must be >= 1, got {self.max_image_aspect_ratio!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if bool(self.tls_cert) != bool(self.tls_key):
