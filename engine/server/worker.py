@@ -201,7 +201,7 @@ class JobWorker:
                     continue                # stop() has returned it to the queue already
             try:
                 self.store.append_log(job.id, f"starting (attempt {job.attempts}) on worker "
-                                              f"{self.worker_id}; loading the image")
+                                              f"{self.worker_id}")
                 item.request = parse_request(job.input, **self.limits)
                 item.prepared = self.llava.prepare(item.request)
             except Exception as e:
