@@ -9,12 +9,13 @@ image hosts keep only fetch threads waiting.
     worker.stop(timeout_s=10)
 
 Threads: one claimer, `image_fetch_concurrency` image threads, `concurrency` engine threads,
-one heartbeat. Per job: the claimer claims it (a lease on the job) when one of the
-`image_fetch_concurrency` slots is free → an image thread logs "starting", validates the input
-again and prepares it (fetches the image under the engine's ImageLimits, preprocesses it,
-tokenizes) → the first free engine thread takes it (freeing its slot: at most
-`image_fetch_concurrency` claimed jobs wait for the engine, so a server on a shared queue never
-hoards more), checks the cancel
+one heartbeat. Per job: the claimer claims it (a lease on the job) when fewer than
+`image_fetch_concurrency` images are loading AND an engine slot is free once the jobs whose image
+is loaded, or has been loading for less than a second, are counted (so a job waiting for the
+engine stays IN_QUEUE, with its queue position and free for a sibling server, while a slow image
+holds no engine slot) → an image
+thread logs "starting", validates the input again and prepares it (fetches the image under the
+engine's ImageLimits, preprocesses it, tokenizes) → a free engine thread takes it, checks the cancel
 flag, opens the engine stream, iterates the cumulative snapshots polling the store's cancel flag
 at most every cancel_poll_s → log "done in X s" → complete(result | error) → metrics.record(ttft,
 latency, tokens, ok) → a webhook if the job has one. An input or image error completes the job
@@ -58,6 +59,11 @@ from .webhooks import Delivery, WebhookSender, webhook_body
 log = logging.getLogger("fastllava.worker")
 
 
+# An image still loading after this long no longer reserves an engine slot, so the claimer takes
+# the next job: a data URI or a healthy host delivers well within it, a slow host does not.
+_SLOW_LOAD_S = 1.0
+
+
 class _Cancelled(Exception):
     pass
 
@@ -69,6 +75,7 @@ class _Claimed:
     t0: float                       # monotonic claim time (latency and ttft count from here)
     request: Any = None             # GenerationRequest, once validated
     prepared: Any = None            # PreparedPrompt, once the image is loaded
+    loaded: bool = False            # counted in _loaded (else in _loading) while waiting
 
 
 class JobWorker:
@@ -103,11 +110,12 @@ class JobWorker:
                                       on_result=self._webhook_done)
         self._stop = threading.Event()
         self._claiming_over = threading.Event()     # set when the claimer has ended for good
-        self._slots = threading.Semaphore(image_fetch_concurrency)
         self._to_load: queue.SimpleQueue = queue.SimpleQueue()    # claimer → image threads
         self._ready: queue.SimpleQueue = queue.SimpleQueue()      # image threads → engine threads
-        self._lock = threading.Lock()
-        self._waiting: dict[str, _Claimed] = {}   # claimed, not on the engine yet (under _lock)
+        self._lock = threading.Condition()          # guards _waiting and the three counts
+        self._waiting: dict[str, _Claimed] = {}     # claimed, not on the engine yet
+        self._loading: dict[str, float] = {}        # job id → claim time, image loading
+        self._loaded = self._running = 0            # jobs loaded and waiting / on the engine
         self._threads: list[threading.Thread] = []     # joined by stop()
         self._loaders: list[threading.Thread] = []     # may sit in an image fetch: not joined
         self.current_job_ids: set[str] = set()         # jobs on the engine now
@@ -161,23 +169,38 @@ class JobWorker:
         log.info("worker %s stopping: job %s returned to the queue", self.worker_id, job.id)
 
     # ---- threads ---------------------------------------------------------------------------------
+    def _may_claim(self) -> bool:
+        """(under _lock) An image slot is free, and so is an engine slot once the jobs whose
+        image is loaded and those loading for less than _SLOW_LOAD_S are counted: a job is
+        claimed only when it could run as soon as its image is in, so jobs waiting for the
+        engine stay IN_QUEUE (with a queue position, free for a sibling server), while a slow
+        image stops holding an engine slot after _SLOW_LOAD_S."""
+        now = time.monotonic()
+        young = sum(now - t < _SLOW_LOAD_S for t in self._loading.values())
+        return (len(self._loading) < self.image_fetch_concurrency
+                and self._loaded + self._running + young < self.concurrency)
+
     def _claim_loop(self) -> None:
-        """Claim a job whenever an image slot is free; never after stop() began."""
+        """Claim a job whenever _may_claim; never after stop() began."""
         try:
             while not self._stop.is_set():
-                if not self._slots.acquire(timeout=self.claim_timeout_s):
-                    continue
+                with self._lock:
+                    if not self._lock.wait_for(self._may_claim, self.claim_timeout_s):
+                        continue
+                    self._loading[""] = time.monotonic()    # reserved while the claim runs
                 try:
                     job = self.store.claim(self.worker_id, self.claim_timeout_s)
                 except Exception:
                     log.exception("worker %s: claim failed; retrying", self.worker_id)
                     job = None
                     self._stop.wait(1.0)
-                if job is None:
-                    self._slots.release()
-                    continue
-                item = _Claimed(job, time.monotonic())
                 with self._lock:
+                    since = self._loading.pop("")
+                    if job is None:
+                        self._lock.notify_all()
+                        continue
+                    self._loading[job.id] = since
+                    item = _Claimed(job, time.monotonic())
                     self._waiting[job.id] = item    # a stop() from now on releases it
                 self._to_load.put(item)
         finally:
@@ -190,8 +213,18 @@ class JobWorker:
             if item.job.id not in self._waiting or (start and self._stop.is_set()):
                 return False
             del self._waiting[item.job.id]
-        self._slots.release()
+            if item.loaded:
+                self._loaded -= 1
+            else:
+                del self._loading[item.job.id]
+            self._running += start
+            self._lock.notify_all()
         return True
+
+    def _done_running(self) -> None:
+        with self._lock:
+            self._running -= 1
+            self._lock.notify_all()
 
     def _image_loop(self) -> None:
         while (item := self._to_load.get()) is not None:
@@ -207,6 +240,12 @@ class JobWorker:
             except Exception as e:
                 error = e
             if error is None:
+                with self._lock:
+                    if job.id not in self._waiting:
+                        continue            # stop() has returned it to the queue meanwhile
+                    del self._loading[job.id]
+                    self._loaded, item.loaded = self._loaded + 1, True
+                    self._lock.notify_all()
                 self._ready.put(item)
             elif self._take(item):
                 self._guard(item, self._finish, item, None, 0, None, _error(job, error))
@@ -220,6 +259,7 @@ class JobWorker:
                 self._guard(item, self._generate, item)
             finally:
                 self.current_job_ids.discard(item.job.id)
+                self._done_running()
 
     def _guard(self, item: _Claimed, call, *args) -> None:
         try:
