@@ -48,10 +48,13 @@ def _animated_gif() -> bytes:
     return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def _png_header_only_bomb(w: int, h: int) -> bytes:
     """A 1-bit grayscale PNG of w x h whose IDAT is valid zlib of all-zero rows (a few KB)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    chunk = _png_chunk
     row = b"\0" * (1 + (w + 7) // 8)  # filter byte + packed bits
     comp = zlib.compressobj(9)
     body, rows_per = [], 1000
@@ -356,13 +359,9 @@ def test_pixel_limit_is_configurable():
 def _png_with_corrupt_pixels(w: int, h: int) -> bytes:
     """A valid PNG header (IHDR) of w x h followed by pixel data that cannot be decoded: any
     check that refuses it with ImageTooLargeError ran on the header alone."""
-    good = _png_header_only_bomb(1, 1)
     ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
-    idat = b"not zlib at all"
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return good[:8] + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"not zlib")
+            + _png_chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("w,h", [(40_000_000, 1), (1, 40_000_000), (5001, 100)])
@@ -410,6 +409,7 @@ def test_pad_mode_checkpoint_limits_its_square_canvas(tiny_llava, tmp_path):
         with pytest.raises(ImageTooLargeError, match="50x50 square = 2500 pixels"):
             llava.generate({"image_url": wide, "prompt": "hi", "max_tokens": 1})
         square = _data_uri(_encode(_noise(40, 40), "PNG"))
-        assert llava.generate({"image_url": square, "prompt": "hi", "max_tokens": 1})["partial"] is False
+        out = llava.generate({"image_url": square, "prompt": "hi", "max_tokens": 1})
+        assert out["partial"] is False
     finally:
         llava.close()

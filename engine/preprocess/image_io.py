@@ -95,7 +95,8 @@ class ImageLimits:
             if not getattr(self, name) > 0:
                 raise ValueError(f"ImageLimits.{name} must be positive, got {getattr(self, name)!r}")
         if not self.max_aspect_ratio >= 1:
-            raise ValueError(f"ImageLimits.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
+            raise ValueError(f"ImageLimits.max_aspect_ratio must be >= 1, "
+                             f"got {self.max_aspect_ratio!r}")
 
     def check_size(self, w: int, h: int, name: str) -> None:
         """Refuse a width x height (from an image header) over the pixel or aspect-ratio limit."""
@@ -112,7 +113,8 @@ class ImageLimits:
             side = max(w, h)
             raise ImageTooLargeError(
                 f"image {name} is {w}x{h}; this model pads it to a {side}x{side} square = "
-                f"{side * side} pixels, over the limit of {self.max_pixels} (checked before decoding)")
+                f"{side * side} pixels, over the limit of {self.max_pixels} "
+                "(checked before decoding)")
 
 
 def _describe(src: str) -> str:

@@ -56,7 +56,8 @@ class ServerSettings:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.max_image_aspect_ratio >= 1:
-            raise ValueError(f"max_image_aspect_ratio must be >= 1, got {self.max_image_aspect_ratio!r}")
+            raise ValueError(f"max_image_aspect_ratio must be >= 1, "
+                             f"got {self.max_image_aspect_ratio!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if bool(self.tls_cert) != bool(self.tls_key):

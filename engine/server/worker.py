@@ -8,21 +8,20 @@ image hosts keep only fetch threads waiting.
     ...
     worker.stop(timeout_s=10)
 
-Threads: one claimer, `image_fetch_concurrency` image threads, `concurrency` engine threads,
-one heartbeat. Per job: the claimer claims it (a lease on the job) when fewer than
+Threads: one claimer, `image_fetch_concurrency` image threads, `concurrency` engine threads, one
+heartbeat. Per job: the claimer claims it (a lease on the job) when fewer than
 `image_fetch_concurrency` images are loading AND an engine slot is free once the jobs whose image
-is loaded, or has been loading for less than a second, are counted (so a job waiting for the
-engine stays IN_QUEUE, with its queue position and free for a sibling server, while a slow image
-holds no engine slot) → an image
-thread logs "starting", validates the input again and prepares it (fetches the image under the
-engine's ImageLimits, preprocesses it, tokenizes) → a free engine thread takes it, checks the cancel
-flag, opens the engine stream, iterates the cumulative snapshots polling the store's cancel flag
-at most every cancel_poll_s → log "done in X s" → complete(result | error) → metrics.record(ttft,
-latency, tokens, ok) → a webhook if the job has one. An input or image error completes the job
-from the image thread without ever taking an engine slot. Errors map as the HTTP layer maps them
-(safety.classify): validation / image errors 422, other ValueErrors 400, anything else 500
-"internal_error" (the traceback goes to the server log, never to the client); a cancel gives 499
-"client_cancelled". A failing job, or a failing store call, never ends a worker thread.
+is loaded, or has been loading for less than a second, are counted (so a job waiting for the engine
+stays IN_QUEUE, with its queue position and free for a sibling server, while a slow image holds no
+engine slot) → an image thread logs "starting", validates the input again and prepares it (fetches
+the image under the engine's ImageLimits, preprocesses it, tokenizes) → a free engine thread takes
+it, checks the cancel flag, opens the engine stream, iterates the cumulative snapshots polling the
+store's cancel flag at most every cancel_poll_s → log "done in X s" → complete(result | error) →
+metrics.record(ttft, latency, tokens, ok) → a webhook if the job has one. An input or image error
+completes the job from the image thread without ever taking an engine slot. Errors map as the HTTP
+layer maps them (safety.classify): validation / image errors 422, other ValueErrors 400, anything
+else 500 "internal_error" (the traceback goes to the server log, never to the client); a cancel
+gives 499 "client_cancelled". A failing job, or a failing store call, never ends a worker thread.
 
 The heartbeat thread heartbeats every heartbeat_s (keeping this worker's leases alive), calls
 store.recover() (taking back jobs of dead workers, in this process or another one sharing the
@@ -235,6 +234,11 @@ class JobWorker:
             try:
                 self.store.append_log(job.id, f"starting (attempt {job.attempts}) on worker "
                                               f"{self.worker_id}")
+            except Exception:
+                if self._take(item):
+                    self._give_back(job)
+                continue
+            try:
                 item.request = parse_request(job.input, **self.limits)
                 item.prepared = self.llava.prepare(item.request)
             except Exception as e:
@@ -264,10 +268,14 @@ class JobWorker:
     def _guard(self, item: _Claimed, call, *args) -> None:
         try:
             call(*args)
-        except Exception:   # a store failure mid-job: hand the job back for another try
-            log.exception("worker %s: job %s could not be finished", self.worker_id, item.job.id)
-            with contextlib.suppress(Exception):
-                self.store.release(item.job.id, self.worker_id)
+        except Exception:
+            self._give_back(item.job)
+
+    def _give_back(self, job: Job) -> None:
+        """A store call failed mid-job: hand the job back for another try."""
+        log.exception("worker %s: job %s could not be finished", self.worker_id, job.id)
+        with contextlib.suppress(Exception):
+            self.store.release(job.id, self.worker_id)
 
     def _beat(self) -> None:
         next_purge = time.monotonic()
