@@ -17,7 +17,7 @@ import time
 ENDPOINT = "fal-ai/llavav15-13b"
 SHORT = {"prompt": "Describe the image.", "max_tokens": 8, "temperature": 0}
 # Greedy on the tiny random model: never meets an eos id, so it runs all max_tokens.
-LONG = {"prompt": "Tell a long story.", "max_tokens": 1500, "temperature": 0}
+LONG = {"prompt": "Tell a long story.", "max_tokens": 2000, "temperature": 0}
 
 
 def submit(client, body) -> str:
