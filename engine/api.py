@@ -81,7 +81,9 @@ class LLaVA:
         self.template = ckpt.template
         self.image_config = ckpt.image_config
         self.path: Path = ckpt.path
-        self.image_limits = image_limits
+        # "pad" mode builds a square canvas of the long side: the pixel limit must bound that.
+        self.image_limits = dataclasses.replace(image_limits, square_canvas=True) \
+            if ckpt.image_config.pad_to_square else image_limits
         self.device = ckpt.device
         self.ops = get_ops(backend, self.device.type)
         self.dtype = ckpt.dtype
@@ -268,6 +270,14 @@ class LLaVA:
         prepared = self.prepare(req, None if messages is None else self.render_chat(messages),
                                 image)
         req = self._fitted(prepared, req, clamp_max_tokens)
+        yield from self.stream_prepared(req, prepared, every_token=every_token)
+
+    def stream_prepared(self, req: GenerationRequest, prepared: PreparedPrompt, *,
+                        every_token: bool = False) -> Iterator[dict]:
+        """`stream_detailed`'s snapshots for a request already validated (`parse_request`) and
+        prepared (`prepare`: image fetched and preprocessed), so a caller can load images in a
+        pool of its own and give the engine only requests that are ready (the queue worker).
+        The context check (`check_context`) runs when the request is submitted."""
         snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
         with contextlib.closing(self._engine_events(prepared, req)) as events:
             for kind, value, handle in events:

@@ -97,6 +97,8 @@ def _add_serve(commands) -> None:
             ("max_body_bytes", int, "largest request body (413 above)"),
             ("max_image_bytes", int, "largest image download / decoded data URI"),
             ("max_image_pixels", int, "largest width*height, checked before decoding"),
+            ("max_image_aspect_ratio", float, "largest long side / short side of an image, "
+             "checked before decoding"),
             ("max_prompt_chars", int, "longest prompt (OpenAI: all message text)"),
             ("max_tokens_limit", int, "largest max_tokens accepted"),
             ("image_timeout_s", float, "wall-time limit of one image fetch"),
@@ -118,6 +120,9 @@ def _add_serve(commands) -> None:
       f"(default {d['stats_interval_s']:g})")
     a("--metrics-open", action="store_true",
       help="serve /metrics without an API key (for a Prometheus scraper); default: behind auth")
+    a("--image-fetch-concurrency", type=int, default=d["image_fetch_concurrency"], metavar="N",
+      help="queued jobs fetching and decoding their image at once, before they take one of the "
+      f"--queue-concurrency slots (default {d['image_fetch_concurrency']})")
     add_runtime_flags(serve)
     a("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=_serve)

@@ -48,10 +48,13 @@ def _animated_gif() -> bytes:
     return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def _png_header_only_bomb(w: int, h: int) -> bytes:
     """A 1-bit grayscale PNG of w x h whose IDAT is valid zlib of all-zero rows (a few KB)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    chunk = _png_chunk
     row = b"\0" * (1 + (w + 7) // 8)  # filter byte + packed bits
     comp = zlib.compressobj(9)
     body, rows_per = [], 1000
@@ -351,3 +354,62 @@ def test_pixel_limit_is_configurable():
     uri = _data_uri(SAMPLES["rgb.png"])  # 33 x 17 = 561 pixels
     _raises(ImageTooLargeError, uri, ImageLimits(max_pixels=560), match="561 pixels")
     assert load_image(uri, ImageLimits(max_pixels=561)).size == (33, 17)
+
+
+def _png_with_corrupt_pixels(w: int, h: int) -> bytes:
+    """A valid PNG header (IHDR) of w x h followed by pixel data that cannot be decoded: any
+    check that refuses it with ImageTooLargeError ran on the header alone."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"not zlib")
+            + _png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("w,h", [(40_000_000, 1), (1, 40_000_000), (5001, 100)])
+def test_extreme_aspect_ratio_is_refused_from_the_header(w, h):
+    """Inside the 40 M pixel limit, but its resizes would cost seconds (or overflow): refused,
+    naming the ratio, before a pixel is decoded (the pixel data here is corrupt)."""
+    err = _raises(ImageTooLargeError, _data_uri(_png_with_corrupt_pixels(w, h)), max_s=0.5)
+    assert f"{w}x{h}" in str(err) and f"aspect ratio of {max(w, h) / min(w, h):.1f}:1" in str(err)
+    assert "over the limit of 50:1" in str(err), str(err)
+    # The same corrupt data inside the ratio limit reaches the decoder (and fails there).
+    _raises(ImageDecodeError, _data_uri(_png_with_corrupt_pixels(5000, 100)))
+
+
+def test_aspect_ratio_limit_is_inclusive_and_configurable():
+    at_limit = _data_uri(_encode(_noise(100, 2), "PNG"))          # 50:1
+    assert load_image(at_limit).size == (100, 2)
+    over = _data_uri(_encode(_noise(2, 101), "PNG"))              # 50.5:1
+    _raises(ImageTooLargeError, over, match="aspect ratio of 50.5:1")
+    assert load_image(over, ImageLimits(max_aspect_ratio=51)).size == (2, 101)
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        ImageLimits(max_aspect_ratio=0.5)
+
+
+def test_square_canvas_counts_the_padded_square():
+    """A model that pads to a square first (LLaVA-1.5 "pad" mode) allocates long side²."""
+    uri = _data_uri(_encode(_noise(100, 10), "PNG"))             # 1000 pixels, a 10000 canvas
+    assert load_image(uri, ImageLimits(max_pixels=1000)).size == (100, 10)
+    _raises(ImageTooLargeError, uri, ImageLimits(max_pixels=9999, square_canvas=True),
+            match="100x100 square = 10000 pixels")
+    assert load_image(uri, ImageLimits(max_pixels=10000, square_canvas=True)).size == (100, 10)
+
+
+def test_pad_mode_checkpoint_limits_its_square_canvas(tiny_llava, tmp_path):
+    """A LLaVA-1.5 checkpoint in the original repo's "pad" mode loads images with square_canvas,
+    so a wide image whose padded square is over the pixel limit is refused before decoding."""
+    from fastllava import LLaVA
+    from fastllava.weights import convert_checkpoint
+
+    pad = convert_checkpoint(tiny_llava, "original", tmp_path / "llava")
+    llava = LLaVA.from_pretrained(pad, device="cpu", dtype="float32",
+                                  image_limits=ImageLimits(max_pixels=2000))
+    try:
+        assert llava.image_config.pad_to_square and llava.image_limits.square_canvas
+        wide = _data_uri(_encode(_noise(50, 10), "PNG"))          # 500 pixels, a 2500 canvas
+        with pytest.raises(ImageTooLargeError, match="50x50 square = 2500 pixels"):
+            llava.generate({"image_url": wide, "prompt": "hi", "max_tokens": 1})
+        square = _data_uri(_encode(_noise(40, 40), "PNG"))
+        out = llava.generate({"image_url": square, "prompt": "hi", "max_tokens": 1})
+        assert out["partial"] is False
+    finally:
+        llava.close()

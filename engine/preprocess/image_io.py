@@ -7,7 +7,12 @@ composited; for animated images, the first frame). Around that it enforces, for 
 - bytes: `max_bytes` for the download (Content-Length and the running total while streaming), the
   decoded data URI and the file size;
 - pixels: `max_pixels` checked from the header (`Image.open` parses only the header) before any
-  pixel is decoded; PIL's own DecompressionBombError/Warning never escape;
+  pixel is decoded; PIL's own DecompressionBombError/Warning never escape. With `square_canvas`
+  (a model that pads images to a square first) the padded square counts;
+- shape: `max_aspect_ratio` (long side / short side), also from the header. Preprocessing cost
+  follows the shape, not only the pixel count: a 1x40,000,000 PNG decodes in 0.5 s but its
+  bicubic resizes take seconds (anyres), a shortest-edge resize blows it up to 336 x 13.4e9
+  (LLaVA-1.5), and padding to a square makes a 40M x 40M canvas;
 - network: with `allow_private_hosts=False` every address a host name resolves to must be public
   (`is_public_address`), checked when each connection (redirects included) is opened; the socket
   then connects to that checked address while the Host header and TLS SNI/certificate check keep
@@ -72,6 +77,12 @@ class ImageTooLargeError(ImageError):
 class ImageLimits:
     max_bytes: int = 32 * 1024 * 1024    # download / decoded data URI / file size
     max_pixels: int = 40_000_000         # width * height, from the header, before decoding
+    # long side / short side, from the header. 50 keeps panoramas and long screenshots; at 40 M
+    # pixels and 50:1 preprocessing costs about what a square image does (~0.5 s on one core).
+    max_aspect_ratio: float = 50.0
+    # The model pads images to a square before resizing (LLaVA-1.5 "pad" mode): max_pixels then
+    # bounds that canvas, long side squared, which is what is allocated and resized.
+    square_canvas: bool = False
     timeout_s: float = 15.0              # total wall time of a URL fetch
     allow_local_paths: bool = True       # the HTTP server passes False
     # False (the HTTP server's default): URLs whose host resolves to a loopback, private,
@@ -83,6 +94,27 @@ class ImageLimits:
         for name in ("max_bytes", "max_pixels", "timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ImageLimits.{name} must be positive, got {getattr(self, name)!r}")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError(f"ImageLimits.max_aspect_ratio must be >= 1, "
+                             f"got {self.max_aspect_ratio!r}")
+
+    def check_size(self, w: int, h: int, name: str) -> None:
+        """Refuse a width x height (from an image header) over the pixel or aspect-ratio limit."""
+        if w < 1 or h < 1:
+            raise ImageDecodeError(f"image {name} has an empty size {w}x{h}")
+        if w * h > self.max_pixels:
+            raise ImageTooLargeError(f"image {name} is {w}x{h} = {w * h} pixels, over the limit "
+                                     f"of {self.max_pixels} (checked before decoding)")
+        if max(w, h) > self.max_aspect_ratio * min(w, h):
+            raise ImageTooLargeError(
+                f"image {name} is {w}x{h}, an aspect ratio of {max(w, h) / min(w, h):.1f}:1, over "
+                f"the limit of {self.max_aspect_ratio:g}:1 (checked before decoding)")
+        if self.square_canvas and max(w, h) ** 2 > self.max_pixels:
+            side = max(w, h)
+            raise ImageTooLargeError(
+                f"image {name} is {w}x{h}; this model pads it to a {side}x{side} square = "
+                f"{side * side} pixels, over the limit of {self.max_pixels} "
+                "(checked before decoding)")
 
 
 def _describe(src: str) -> str:
@@ -167,12 +199,7 @@ def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
             Image.init()
             formats = [f for f in _FORMATS if f in Image.OPEN]
             img = Image.open(io.BytesIO(data), formats=formats)  # parses the header only
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                raise ImageTooLargeError(f"image {name} is {w}x{h} = {w * h} pixels, over the limit "
-                                         f"of {limits.max_pixels} (checked before decoding)")
-            if w < 1 or h < 1:
-                raise ImageDecodeError(f"image {name} has an empty size {w}x{h}")
+            limits.check_size(*img.size, name)
             img.seek(0)        # animated images: the first frame
             img.load()         # decodes; truncated data raises (LOAD_TRUNCATED_IMAGES stays False)
             img = ImageOps.exif_transpose(img)

@@ -91,7 +91,8 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
                                    webhook_allow_private=not settings.refuse_private_webhook_hosts,
                                    max_tokens_limit=settings.max_tokens_limit,
                                    max_prompt_chars=settings.max_prompt_chars,
-                                   concurrency=settings.queue_concurrency)
+                                   concurrency=settings.queue_concurrency,
+                                   image_fetch_concurrency=settings.image_fetch_concurrency)
                 worker.start()
             serverlog.log_startup(app)
             if settings.stats_interval_s > 0:

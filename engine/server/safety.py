@@ -31,6 +31,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 def image_limits(settings: ServerSettings) -> ImageLimits:
     """The ImageLimits every image load of this server uses (HTTP routes and the queue worker)."""
     return ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                       max_aspect_ratio=settings.max_image_aspect_ratio,
                        timeout_s=settings.image_timeout_s, allow_local_paths=False,
                        allow_private_hosts=settings.allow_private_image_hosts)
 

@@ -36,6 +36,7 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024      # whole request body (413 above)
     max_image_bytes: int = 20 * 1024 * 1024     # download / decoded data URI
     max_image_pixels: int = 40_000_000          # width * height, checked before decoding
+    max_image_aspect_ratio: float = 50.0        # long side / short side, checked before decoding
     max_prompt_chars: int = 16384               # prompt (OpenAI: all message text together)
     max_tokens_limit: int = 4096                # largest max_tokens accepted
     image_timeout_s: float = 15.0               # whole image fetch
@@ -48,20 +49,24 @@ class ServerSettings:
     dtype: str | None = None
     backend: str = "auto"
     queue_concurrency: int = 16                 # queued jobs run at once (they share batches)
+    image_fetch_concurrency: int = 32           # queued jobs loading their image before a slot
     stats_interval_s: float = 10.0              # stats log line every N s while busy; 0 = off
     metrics_open: bool = False                  # /metrics answers without an API key
     runtime: RuntimeConfig = RuntimeConfig()    # batching, KV pool, caches, CUDA graphs
 
     def __post_init__(self):
-        for name in ("queue_concurrency", "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_chars",
-                     "max_tokens_limit", "image_timeout_s", "retention_s", "sse_ping_s",
-                     "default_chat_max_tokens", "max_stop_chars", "header_timeout_s",
-                     "body_timeout_s"):
+        for name in ("queue_concurrency", "image_fetch_concurrency", "max_body_bytes",
+                     "max_image_bytes", "max_image_pixels", "max_prompt_chars", "max_tokens_limit",
+                     "image_timeout_s", "retention_s", "sse_ping_s", "default_chat_max_tokens",
+                     "max_stop_chars", "header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.stats_interval_s < float("inf"):
             raise ValueError("stats_interval_s must be >= 0 (0 = off), got "
                              f"{self.stats_interval_s!r}")
+        if not self.max_image_aspect_ratio >= 1:
+            raise ValueError(f"max_image_aspect_ratio must be >= 1, "
+                             f"got {self.max_image_aspect_ratio!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if bool(self.tls_cert) != bool(self.tls_key):

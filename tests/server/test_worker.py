@@ -165,3 +165,28 @@ def test_concurrent_jobs_share_the_engine(run_worker, llava, image_uri):
     assert [j.result for j in jobs] == [llava.generate(r) for r in reqs]
     assert metrics.requests == {"ok": 4, "error": 0}
     assert llava.stats()["kv_pages_used"] == 0
+
+
+def test_stop_returns_a_job_whose_image_is_loading_at_once(run_worker):
+    """A job still fetching its image (a host that never answers) is handed back by stop() at
+    once, exactly once, instead of stop() waiting for the image timeout."""
+    from serverkit import make_png, serve_images
+
+    host, stop_host = serve_images(make_png())
+    try:
+        store, worker, _ = run_worker()
+        job_id = store.submit(ENDPOINT, "", {"image_url": f"{host.url}/slow.png", "prompt": "hi",
+                                             "max_tokens": 4}).id
+        deadline = time.monotonic() + 10
+        while host.hits.get("/slow.png", 0) < 1:
+            assert time.monotonic() < deadline, "the image fetch never started"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert worker.stop(timeout_s=10)
+        assert time.monotonic() - t0 < 3, "stop() waited for the image fetch"
+        job = store.get(job_id)
+        assert (job.status, job.attempts, job.error) == (IN_QUEUE, 0, None), job
+        assert [x["message"].split(":")[0] for x in job.logs] == [
+            f"starting (attempt 1) on worker {worker.worker_id}", "returned to the queue"], job.logs
+    finally:
+        stop_host()
