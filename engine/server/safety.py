@@ -39,7 +39,8 @@ def image_limits(settings: ServerSettings) -> ImageLimits:
 def precheck_image_url(url: Any, settings: ServerSettings, field: str = "image_url") -> None:
     """Raise RequestValidationError(type "image_url_refused" / "image_too_large") for sources the
     loader would refuse anyway: local paths and other schemes, hosts that are literally a
-    non-public IP or "localhost" (names are resolved and checked at fetch time), data URIs whose
+    non-public IP (any form the resolver reads without DNS) or "localhost" (names are resolved
+    and checked at fetch time), data URIs whose
     payload is over max_image_bytes. Non-strings are left to the schema's own type check."""
     if not isinstance(url, str):
         return

@@ -187,7 +187,7 @@ def test_js_proxy_route(strict_server, method, target, body, authorized):
 
 
 @FUZZ
-@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "FOO"]),
        path=st.sampled_from(["/health", "/metrics", "/v1/models", "/v1/", "/v1/nothing", "/"])
        | segments.map(lambda s: "/" + s) | segments.map(lambda s: "/v1/" + s),
        query=queries, body=st.just(b"") | pathological(), headers=extra_headers)
