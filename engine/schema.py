@@ -21,7 +21,8 @@ the HTTP server must refuse local paths itself.
 
 Strictness (stricter than pydantic's lax mode, on purpose): bool is not a number, a float is not
 an int even when integral (64.0), strings are not coerced to numbers, NaN/inf are rejected, and
-`null` is only accepted for `seed`.
+`null` is only accepted for `seed`, and strings must be Unicode text (no lone UTF-16 surrogate,
+type "string_unicode").
 
 Errors carry pydantic's machine vocabulary in `type` ("missing", "extra_forbidden", "int_type",
 "greater_than_equal", ...) so the server can answer FastAPI's 422 shape:
@@ -33,12 +34,14 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 __all__ = [
     "GenerationRequest",
     "RequestValidationError",
     "FIELDS",
+    "lone_surrogate_at",
+    "short_repr",
     "parse_request",
     "validate_all",
 ]
@@ -84,15 +87,18 @@ class GenerationRequest:
     seed: int | None = None
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """repr of an offending input, elided past 60 characters (huge prompts, 10**400)."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past the interpreter's int/str digit limit
+        return f"an integer of {value.bit_length()} bits"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _got(value: Any) -> str:
     """An offending input with its type, for type errors ("got str '64'")."""
-    return "got null" if value is None else f"got {type(value).__name__} {_short(value)}"
+    return "got null" if value is None else f"got {type(value).__name__} {short_repr(value)}"
 
 
 def _is_int(value: Any) -> bool:
@@ -103,9 +109,25 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """Index of the first lone UTF-16 surrogate in `text` (not Unicode text: it cannot be
+    encoded as UTF-8, so the tokenizer and the job store would fail on it), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
+
+
 def _check_str(name: str, value: Any, max_chars: int | None) -> str:
     if not isinstance(value, str):
         raise RequestValidationError(name, f"must be a string, {_got(value)}", "string_type", value)
+    if (index := lone_surrogate_at(value)) is not None:
+        raise RequestValidationError(
+            name, f"must be valid Unicode text: a lone UTF-16 surrogate at index {index}",
+            "string_unicode", value)
     if not value.strip():
         raise RequestValidationError(
             name, "must be a non-empty string (not only whitespace)", "string_too_short", value)
@@ -121,7 +143,7 @@ def _check_int(name: str, value: Any, expect: str, low: int, high: int, *,
     """An int (not bool, not an integral float) in [low, high] (or [low, high))."""
     if not _is_int(value):
         raise RequestValidationError(name, f"{expect}, {_got(value)}", "int_type", value)
-    got = f"{expect}, got {_short(value)}"
+    got = f"{expect}, got {short_repr(value)}"
     if value < low:
         raise RequestValidationError(name, got, "greater_than_equal", value)
     if value > high or (value == high and not high_inclusive):
@@ -135,7 +157,7 @@ def _check_real(name: str, value: Any, low: float, high: float, *, low_inclusive
     expect = f"must be a number in {'[' if low_inclusive else '('}{low:g}, {high:g}]"
     if not _is_real(value):
         raise RequestValidationError(name, f"{expect}, {_got(value)}", "float_type", value)
-    got = f"{expect}, got {_short(value)}"
+    got = f"{expect}, got {short_repr(value)}"
     # Compare before float(): a huge int (10**400) would overflow float() but compares exactly.
     if not _is_int(value) and not math.isfinite(value):
         raise RequestValidationError(name, got, "finite_number", value)
@@ -154,7 +176,8 @@ def _check_seed(name: str, value: Any) -> int | None:
                       high_inclusive=False)
 
 
-def _validate(data: Any, max_tokens_limit: int, max_prompt_chars: int):
+def _validate(data: Any, max_tokens_limit: int, max_prompt_chars: int,
+              check_image_url: Callable[[str], None] | None = None):
     """Every error in reporting order, and the validated values (meaningful only without errors)."""
     if not isinstance(data, Mapping):
         return [RequestValidationError(
@@ -177,8 +200,17 @@ def _validate(data: Any, max_tokens_limit: int, max_prompt_chars: int):
         elif alias in data:
             names[canonical] = alias
 
+    def image_url(name: str, value: Any) -> str:
+        url = _check_str(name, value, None)
+        if check_image_url is not None:
+            try:
+                check_image_url(url)
+            except RequestValidationError as e:  # the caller's policy, reported under `name`
+                raise RequestValidationError(name, e.msg, e.type, value) from None
+        return url
+
     checks = {
-        "image_url": lambda n, v: _check_str(n, v, None),
+        "image_url": image_url,
         "prompt": lambda n, v: _check_str(n, v, max_prompt_chars),
         "max_tokens": lambda n, v: _check_int(
             n, v, f"must be an integer between 1 and {max_tokens_limit}", 1, max_tokens_limit),
@@ -201,13 +233,17 @@ def _validate(data: Any, max_tokens_limit: int, max_prompt_chars: int):
     return errors, values
 
 
-def validate_all(data: Any, *, max_tokens_limit: int = 4096,
-                 max_prompt_chars: int = 16384) -> list[RequestValidationError]:
+def validate_all(data: Any, *, max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
+                 check_image_url: Callable[[str], None] | None = None
+                 ) -> list[RequestValidationError]:
     """Every problem with `data`, in reporting order (body, unknown fields sorted, then FIELDS).
 
     Empty when `data` is valid. Unknown fields give one error each (FastAPI's shape).
+    `check_image_url(url)`: a caller's policy on the form of image_url (the HTTP server refuses
+    local paths and private hosts), run on a well-formed image_url; its RequestValidationError is
+    listed with the other fields' problems.
     """
-    return _validate(data, max_tokens_limit, max_prompt_chars)[0]
+    return _validate(data, max_tokens_limit, max_prompt_chars, check_image_url)[0]
 
 
 def parse_request(data: Mapping[str, Any], *, max_tokens_limit: int = 4096,

@@ -69,6 +69,8 @@ def test_boundary_values_accepted(field, value):
     ("prompt", " \n\t", "string_too_short", "whitespace"),
     ("prompt", ["hi"], "string_type", "got list"),
     ("prompt", "x" * 16385, "string_too_long", "at most 16384 characters, got 16385"),
+    ("prompt", "ok \ud800", "string_unicode", "lone UTF-16 surrogate at index 3"),  # tokenizer
+    ("image_url", "\udfff", "string_unicode", "at index 0"),
     ("max_tokens", 0, "greater_than_equal", "must be an integer between 1 and 4096, got 0"),
     ("max_tokens", -3, "greater_than_equal", "got -3"),
     ("max_tokens", 4097, "less_than_equal", "between 1 and 4096, got 4097"),
@@ -80,6 +82,8 @@ def test_boundary_values_accepted(field, value):
     ("temperature", -0.1, "greater_than_equal", "[0, 2]"),
     ("temperature", 2.01, "less_than_equal", "got 2.01"),
     ("temperature", 10**400, "less_than_equal", "..."),  # huge int: no float overflow, elided
+    pytest.param("seed", 10**5000, "less_than", "an integer of 16610 bits",  # past the digit
+                 id="seed-10**5000"),                                        # limit of repr()
     ("temperature", math.nan, "finite_number", "got nan"),
     ("temperature", math.inf, "finite_number", "got inf"),
     ("temperature", False, "float_type", "got bool False"),
@@ -107,6 +111,17 @@ def test_invalid_value_names_field_and_type(field, value, type_, says):
     assert says in str(e), str(e)
     assert len(str(e)) < 300, f"message not elided: {len(str(e))} chars"
     assert [(x.field, x.type) for x in validate_all(req(**{field: value}))] == [(field, type_)]
+
+
+def test_caller_image_url_check_is_listed_with_the_other_problems():
+    def refuse(url):
+        raise RequestValidationError("image_url", f"refused {url}", "image_url_refused")
+
+    errors = validate_all(req(prompt="", max_tokens=0, colour=1), check_image_url=refuse)
+    assert [(e.field, e.type) for e in errors] == [
+        ("colour", "extra_forbidden"), ("image_url", "image_url_refused"),
+        ("prompt", "string_too_short"), ("max_tokens", "greater_than_equal")], errors
+    assert validate_all(req(image_url=""), check_image_url=refuse)[0].type == "string_too_short"
 
 
 @pytest.mark.parametrize("missing", ["image_url", "prompt"])

@@ -32,7 +32,6 @@ import base64
 import binascii
 import http.client
 import io
-import ipaddress
 import os
 import re
 import socket
@@ -44,6 +43,8 @@ import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
+
+from .addresses import is_public_address
 
 __all__ = ["ImageError", "ImageFetchError", "ImageDecodeError", "ImageTooLargeError",
            "ImageLimits", "is_public_address", "load_image"]
@@ -258,22 +259,6 @@ class _Watchdog:
             pass
 
 
-def is_public_address(address: str) -> bool:
-    """True for a globally routable unicast IP. Refused: loopback, private (RFC 1918, ULA),
-    link-local, CGNAT, multicast, reserved, unspecified, and IPv6 forms that embed such an IPv4
-    address (IPv4-mapped, 6to4, Teredo, NAT64 64:ff9b::/96)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    except ValueError:
-        return False
-    embedded = []
-    if ip.version == 6:
-        embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
-        if ip in ipaddress.ip_network("64:ff9b::/96"):
-            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    return all(a.is_global and not a.is_multicast for a in [ip, *filter(None, embedded)])
-
-
 def _checked_create_connection(name: str):
     """socket.create_connection that connects only to public addresses of the host."""
 
@@ -283,12 +268,13 @@ def _checked_create_connection(name: str):
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as e:
             raise ImageFetchError(f"cannot resolve host {host!r} of image {name}: {e}") from e
-        refused = sorted({info[4][0] for info in infos if not is_public_address(info[4][0])})
-        if refused or not infos:
+        if not infos or not all(is_public_address(info[4][0]) for info in infos):
+            # The message names the host as given, never the address it resolved to: a client
+            # must not be able to map the server's internal DNS through refusals.
             raise ImageFetchError(
-                f"image host {host!r} of {name} resolves to a non-public address "
-                f"({', '.join(refused) or 'none'}): loopback, private, link-local, multicast and "
-                "reserved addresses are refused by the server's policy")
+                f"image host {host!r} of {name} resolves to a non-public address: loopback, "
+                "private, link-local, multicast and reserved addresses are refused by the "
+                "server's policy")
         error: OSError | None = None
         for family, type_, proto, _, sockaddr in infos:  # connect to the address just checked
             sock = socket.socket(family, type_, proto)

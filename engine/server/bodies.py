@@ -1,243 +1,157 @@
-"""Pydantic models of the wire bodies, for the OpenAPI document only (openapi.py).
+"""Untrusted request input, read into values the rest of the server can handle safely.
 
-The route handlers keep their own parsing (fastllava.schema, chat.py): these models describe what
-they accept and answer, they validate nothing at request time. The fal input is derived from
-`fastllava.schema.GenerationRequest` (fields, types, defaults) with the ranges schema.py enforces
-under this server's limits, so the document cannot drift from the validator.
+`read_json(request)` parses the body (in a worker thread: up to --max-body-bytes of JSON is
+request-sized work); `is_request_id(id)` and `checked_webhook_url(url)` check a path segment and
+a query parameter. What passes is bounded and valid Unicode, so validation, the tokenizer, the
+job store, response headers and error bodies never meet:
+
+- nesting deeper than MAX_JSON_DEPTH (json's recursive decoder raises RecursionError around
+  1000 levels; no request of either protocol nests past 6);
+- an integer over Python's int/str digit limit (4300 digits by default: json raises ValueError);
+- a lone UTF-16 surrogate ("\\ud800" escapes, or raw bytes ED A0 80 that json decodes with
+  surrogatepass) in any string or key: not Unicode text; UTF-8 encoding, the tokenizer and the
+  response encoder all fail on it. Every such string is reported, at its location;
+- a request id that is not 1-128 of [A-Za-z0-9_-] (the stores make uuid4 strings): ids are
+  echoed in the x-fal-request-id header and in URLs, where %00 or non-Latin-1 text cannot go.
+  Such an id is never looked up: the routes answer 404 as for any unknown id;
+- a fal_webhook that is not an http(s) URL with a host.
+
+The body and webhook problems are a 422 in FastAPI's shape {"detail": [{"loc", "msg", "type"}]}
+(OpenAI routes turn it into a 400 with `param` naming the location; errors.error_response).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from typing import Any, Literal, Union
-
-from pydantic import BaseModel, ConfigDict, Field, create_model
-
-from fastllava import schema
-
-_FAL_DOCS = {
-    "image_url": "http(s) URL or data: URI of the image (local paths are refused over HTTP)",
-    "prompt": "the question or instruction about the image",
-    "max_tokens": "most tokens to generate",
-    "temperature": "sampling temperature; 0 = greedy",
-    "top_p": "nucleus sampling mass",
-    "seed": "makes sampling reproducible",
-}
-
-
-def _drop_default(field_schema: dict) -> None:
-    field_schema.pop("default", None)
-
-
-def fal_input_model(max_tokens_limit: int, max_prompt_chars: int) -> type[BaseModel]:
-    """The fal model input: GenerationRequest's fields and defaults, schema.py's ranges."""
-    ranges = {  # what schema._validate checks, with the server's limits
-        "image_url": {"min_length": 1},
-        "prompt": {"min_length": 1, "max_length": max_prompt_chars},
-        "max_tokens": {"ge": 1, "le": max_tokens_limit},
-        "temperature": {"ge": 0, "le": schema.TEMPERATURE_MAX},
-        "top_p": {"gt": 0, "le": 1},
-        "seed": {"ge": 0, "lt": schema.SEED_LIMIT},
-    }
-    hints = typing.get_type_hints(schema.GenerationRequest)
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(schema.GenerationRequest):
-        default = ... if f.default is dataclasses.MISSING else f.default
-        fields[f.name] = (hints[f.name], Field(default, description=_FAL_DOCS.get(f.name),
-                                              **ranges[f.name]))
-    for alias, canonical in schema.ALIASES.items():
-        fields[alias] = (hints[canonical], Field(
-            None, description=f"alias of {canonical} (fal-ai/llavav15-13b spelling); give one",
-            json_schema_extra=_drop_default, **ranges[canonical]))
-    return create_model("FalInput", __config__=ConfigDict(extra="forbid"), **fields)
-
-
-# ---- fal ----------------------------------------------------------------------------------------
-class FalOutput(BaseModel):
-    output: str
-    partial: bool = Field(description="true for an in-progress snapshot (streaming)")
-
-
-class LogItem(BaseModel):
-    message: str
-    level: str
-    source: str
-    timestamp: str | None
-
-
-class QueueUrls(BaseModel):
-    request_id: str
-    response_url: str
-    status_url: str
-    cancel_url: str
-
-
-class QueueSubmitted(QueueUrls):
-    status: Literal["IN_QUEUE"]
-    queue_position: int
-    gateway_request_id: str | None = Field(None, description="= request_id, with fal_webhook")
-
-
-class InferenceMetrics(BaseModel):
-    inference_time: float
-
-
-class QueueStatus(QueueUrls):
-    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
-    logs: list[LogItem] | None = Field(description="always present; null unless ?logs=1")
-    queue_position: int | None = Field(None, description="only while IN_QUEUE")
-    metrics: InferenceMetrics | None = Field(None, description="only when COMPLETED")
-    error: str | None = Field(None, description="a failed or cancelled job")
-    error_type: str | None = None
-
-
-class CancelAnswer(BaseModel):
-    status: Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]
-    detail: str | None = None
-    error_type: str | None = None
-
-
-class ValidationItem(BaseModel):
-    loc: list[Union[str, int]]
-    msg: str
-    type: str
-    ctx: dict[str, Any] | None = None
-
-
-class FalValidationError(BaseModel):
-    detail: list[ValidationItem]
-    error_type: str | None = Field(None, description="set on a queued job's stored error")
-
-
-class FalError(BaseModel):
-    detail: str
-    error_type: str
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-    endpoint_id: str
-    queue: dict[str, int] = Field(description="job counts: IN_QUEUE, IN_PROGRESS")
-
-
-class Unhealthy(BaseModel):
-    status: Literal["unhealthy"]
-    detail: str
-
-
-# ---- OpenAI -------------------------------------------------------------------------------------
-class ImageUrl(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageUrl | str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | ImagePart]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """Exactly one image in the chat; other OpenAI fields (user, metadata, ...) are ignored;
-    logprobs, tools, penalties and logit_bias are refused with a 400."""
-    model: str = Field(description="the endpoint id (GET /v1/models)")
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="default --default-chat-max-tokens")
-    max_completion_tokens: int | None = Field(None, ge=1, description="wins over max_tokens")
-    temperature: float = Field(1.0, ge=0, le=schema.TEMPERATURE_MAX)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: Literal[1] = 1
-    stop: str | list[str] | None = Field(None, description="up to 4 strings")
-    seed: int | None = Field(None, ge=0, lt=schema.SEED_LIMIT)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: None
-    finish_reason: Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = Field(description="image tokens included")
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: Delta
-    logprobs: None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-
-
-class OpenAIErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class OpenAIError(BaseModel):
-    error: OpenAIErrorBody
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-RESPONSE_MODELS = (FalOutput, QueueSubmitted, QueueStatus, CancelAnswer, FalValidationError,
-                   FalError, Health, Unhealthy, ChatCompletion, ChatCompletionChunk, OpenAIError,
-                   ModelList)
+import json
+import re
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from fastllava.schema import lone_surrogate_at
+
+from .errors import ApiError
+
+MAX_JSON_DEPTH = 64
+MAX_REPORTED = 20               # lone-surrogate locations listed in one 422
+REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_CONTAINERS = (dict, list)
+
+
+def _invalid(problems: list[dict]) -> ApiError:
+    """A 422; for the OpenAI routes, `param` and `code` come from the first problem."""
+    first = problems[0]
+    param = _openai_param(first["loc"][1:]) if first["type"] != "json_invalid" else None
+    return ApiError(422, problems, "validation_error", param=param or None, code=first["type"])
+
+
+def _openai_param(path: list) -> str:
+    """A JSON location as OpenAI names parameters: messages[0].content[1].text."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _json_invalid(pos: int, error: str) -> ApiError:
+    return _invalid([{"loc": ["body", pos], "msg": "JSON decode error", "type": "json_invalid",
+                      "ctx": {"error": error}}])
+
+
+def _path(node) -> list:
+    out = []
+    while node is not None:
+        key, node = node
+        out.append(key)
+    return out[::-1]
+
+
+def _scan(data: Any) -> list[dict]:
+    """Depth and lone-surrogate problems of a parsed JSON value, as 422 detail items.
+
+    Iterative (a stack of (container, path, depth)); a container holding only numbers, bools
+    and nulls is passed over in C (set(map(type, ...))), so a body of millions of numbers costs
+    a fraction of its json.loads."""
+    problems: list[dict] = []
+
+    def surrogate(where, index: int, what: str) -> None:
+        if len(problems) < MAX_REPORTED:
+            problems.append({"loc": ["body", *_path(where)], "type": "string_unicode",
+                             "msg": f"{what} is not valid Unicode text: a lone UTF-16 surrogate "
+                                    f"at index {index}"})
+
+    if isinstance(data, str) and (i := lone_surrogate_at(data)) is not None:
+        surrogate(None, i, "the body")
+    stack = [(data, None, 1)] if isinstance(data, _CONTAINERS) else []
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return [{"loc": ["body", *_path(where)], "type": "json_invalid",
+                     "msg": f"JSON nested deeper than {MAX_JSON_DEPTH} levels"}]
+        if isinstance(value, dict):
+            for key in value:
+                if (i := lone_surrogate_at(key)) is not None:
+                    surrogate((key, where), i, "a field name")
+            children, kinds = value.items(), set(map(type, value.values()))
+        else:
+            children, kinds = enumerate(value), set(map(type, value))
+        if kinds.isdisjoint((str, dict, list)):
+            continue
+        for key, child in children:
+            if isinstance(child, str):
+                if (i := lone_surrogate_at(child)) is not None:
+                    surrogate((key, where), i, "the string")
+            elif isinstance(child, _CONTAINERS):
+                stack.append((child, (key, where), depth + 1))
+    return problems
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as a JSON value, or ApiError(422) naming the problem (see the module doc)."""
+    if not body.strip():
+        raise _invalid([{"loc": ["body"], "msg": "Field required", "type": "missing"}])
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise _invalid([{"loc": ["body"], "type": "json_invalid",
+                         "msg": f"JSON nested deeper than {MAX_JSON_DEPTH} levels"}]) from None
+    except json.JSONDecodeError as e:
+        raise _json_invalid(e.pos, str(e)) from None
+    except UnicodeDecodeError as e:
+        raise _json_invalid(e.start, f"the body is not valid {e.encoding} text") from None
+    except ValueError:  # int(): a number past the interpreter's digit limit
+        digits = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+        raise _json_invalid(0, f"a number has more than {digits} digits") from None
+    problems = _scan(data)
+    if problems:
+        raise _invalid(problems)
+    return data
+
+
+async def read_json(request: Request) -> Any:
+    return await run_in_threadpool(parse_json, await request.body())
+
+
+def checked_webhook_url(url: str) -> str:
+    """`url` (the fal_webhook query parameter) if it is an http(s) URL with a host; a 422
+    otherwise, so that a job is not queued with a webhook that can never be delivered."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0) and not _CONTROL.search(url)
+    except ValueError:  # bad brackets or port
+        ok = False
+    if not ok:
+        raise _invalid([{"loc": ["query", "fal_webhook"], "type": "url_parsing",
+                         "msg": "must be an http(s) URL with a host (no spaces or control "
+                                "characters)"}])
+    return url
+
+
+def is_request_id(request_id: str) -> bool:
+    """Whether `request_id` has the form of an id the stores hand out (see the module doc)."""
+    return REQUEST_ID.fullmatch(request_id) is not None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fastllava.schema import validate_all
+from fastllava.schema import short_repr, validate_all
 
 from .errors import ApiError, detail_message
 from .safety import precheck_image_url
@@ -65,8 +65,8 @@ def _content(i: int, role: str, content: Any, images: list[str]) -> list[dict]:
             images.append(url)
             parts.append({"type": "image"})
         else:
-            raise _bad(f"{where}[{j}]: unsupported content part (type {kind!r}); accepted: "
-                       "'text' with a string 'text', 'image_url'", where)
+            raise _bad(f"{where}[{j}]: unsupported content part (type {short_repr(kind)}); "
+                       "accepted: 'text' with a string 'text', 'image_url'", where)
     return parts
 
 
@@ -76,9 +76,10 @@ def _messages(raw: Any) -> tuple[list[dict], list[str]]:
     messages, images = [], []
     for i, m in enumerate(raw):
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in _ROLES:
-            raise _bad(f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r} "
-                       "(tool messages are not supported)", f"messages[{i}].role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise _bad(f"messages[{i}].role must be one of {sorted(_ROLES)}, got "
+                       f"{short_repr(role)} (tool messages are not supported)",
+                       f"messages[{i}].role")
         messages.append({"role": _ROLES[role], "content": _content(i, role, m.get("content"),
                                                                    images)})
     if len(images) != 1:
@@ -110,7 +111,7 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     if not isinstance(model, str) or not model:
         raise _bad("model is required (a string; see GET /v1/models)", "model")
     if model not in model_names:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+        raise ApiError(404, f"the model {short_repr(model)} does not exist; this server serves "
                        f"{model_names[0]!r}", "model_not_found", param="model",
                        code="model_not_found")
     for field, (off, what) in _UNSUPPORTED.items():
@@ -120,7 +121,7 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise _bad("response_format: only {'type': 'text'} is supported", "response_format")
     if body.get("n") not in (None, 1):
-        raise _bad(f"n must be 1 (one choice per request), got {body.get('n')!r}", "n")
+        raise _bad(f"n must be 1 (one choice per request), got {short_repr(body.get('n'))}", "n")
     messages, images = _messages(body.get("messages"))
     texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
@@ -137,12 +138,8 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     if request["max_tokens"] is None:
         request["max_tokens"] = min(settings.default_chat_max_tokens, settings.max_tokens_limit)
     errors = validate_all(request, max_tokens_limit=settings.max_tokens_limit,
-                          max_prompt_chars=settings.max_prompt_chars)
-    if not errors:
-        try:
-            precheck_image_url(images[0], settings)
-        except ValueError as e:
-            errors = [e]
+                          max_prompt_chars=settings.max_prompt_chars,
+                          check_image_url=lambda url: precheck_image_url(url, settings))
     if errors:
         # Name the OpenAI field in the message (the prompt is all message text together).
         names = {"image_url": "image_url", "prompt": "message text", "max_tokens": budget}

@@ -3,6 +3,9 @@
 fal:    422 {"detail": [{"loc", "msg", "type"}, ...]}                    (FastAPI's own shape)
         other {"detail": "message", "error_type": "..."} + header X-Fal-Error-Type
 OpenAI: {"error": {"message", "type", "param", "code"}}
+
+Error bodies echo client text (field names, paths, ids): `encodable` escapes what UTF-8 cannot
+carry (lone surrogates) so that an error answer can always be sent.
 """
 
 from __future__ import annotations
@@ -22,13 +25,32 @@ class ApiError(Exception):
         self.param, self.code, self.headers = param, code, headers or {}
 
 
+def escape_unencodable(text: str) -> str:
+    """`text`, with code points UTF-8 cannot encode (lone surrogates) written as \\udXXX."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def encodable(value: Any) -> Any:
+    """A JSON-able error body with every string (keys too) passed through escape_unencodable."""
+    if isinstance(value, str):
+        return escape_unencodable(value)
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encodable(v) for v in value]
+    return value
+
+
 def fal_error_response(status: int, detail: Any, error_type: str,
                        headers: dict[str, str] | None = None) -> JSONResponse:
     """fal's error answer; a 422 detail list keeps FastAPI's exact body {"detail": [...]}."""
     headers = {**(headers or {}), "X-Fal-Error-Type": error_type}
     if status == 422 and isinstance(detail, list):
-        return JSONResponse({"detail": detail}, status, headers=headers)
-    return JSONResponse({"detail": detail, "error_type": error_type}, status, headers=headers)
+        return JSONResponse(encodable({"detail": detail}), status, headers=headers)
+    return JSONResponse(encodable({"detail": detail, "error_type": error_type}), status,
+                        headers=headers)
 
 
 def openai_type(status: int) -> str:
@@ -45,7 +67,9 @@ def detail_message(detail: Any) -> str:
         parts = []
         for item in detail:
             loc = [str(x) for x in item.get("loc", []) if x != "body"]
-            parts.append(f"{'.'.join(loc) + ': ' if loc else ''}{item.get('msg', '')}")
+            why = (item.get("ctx") or {}).get("error")
+            parts.append(f"{'.'.join(loc) + ': ' if loc else ''}{item.get('msg', '')}"
+                         f"{f' ({why})' if why else ''}")
         return "; ".join(parts)
     return str(detail)
 
@@ -59,7 +83,8 @@ def openai_error_body(status: int, message: str, param: str | None = None,
 def openai_error_response(status: int, message: str, param: str | None = None,
                           code: str | None = None,
                           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(openai_error_body(status, message, param, code), status, headers=headers)
+    return JSONResponse(encodable(openai_error_body(status, message, param, code)), status,
+                        headers=headers)
 
 
 def is_openai_path(path: str) -> bool:

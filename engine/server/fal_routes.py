@@ -26,9 +26,10 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from fastllava.schema import validate_all
+from fastllava.schema import short_repr, validate_all
 
-from .errors import ApiError, detail_message
+from .bodies import checked_webhook_url, is_request_id, read_json
+from .errors import ApiError, detail_message, encodable
 from .jobs import COMPLETED, IN_QUEUE, Job
 from .safety import classify, precheck_image_url
 from .streaming import (SSE_HEADERS, ClosingStreamingResponse, engine_events, first_and_rest,
@@ -40,31 +41,12 @@ _LOG_KEYS = {"message": "", "level": "INFO", "source": "USER", "timestamp": None
 
 
 # ---- shared helpers ---------------------------------------------------------------------------
-async def read_json(request: Request) -> Any:
-    """The body as JSON, or a 422 in FastAPI's shape (json_invalid at the error's offset)."""
-    body = await request.body()
-    if not body.strip():
-        raise ApiError(422, [{"loc": ["body"], "msg": "Field required", "type": "missing"}],
-                       "validation_error")
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        pos = getattr(e, "pos", getattr(e, "start", 0))
-        raise ApiError(422, [{"loc": ["body", pos], "msg": "JSON decode error",
-                              "type": "json_invalid", "ctx": {"error": str(e)}}],
-                       "validation_error") from None
-
-
 def validated_input(request: Request, data: Any) -> dict:
     """The fal model input checked with the server's limits; all problems in one 422."""
     s = request.app.state.settings
     errors = validate_all(data, max_tokens_limit=s.max_tokens_limit,
-                          max_prompt_chars=s.max_prompt_chars)
-    if not errors:
-        try:
-            precheck_image_url(data.get("image_url"), s)
-        except ValueError as e:
-            errors = [e]
+                          max_prompt_chars=s.max_prompt_chars,
+                          check_image_url=lambda url: precheck_image_url(url, s))
     if errors:
         raise ApiError(422, [e.to_dict() for e in errors], "validation_error")
     return data
@@ -92,13 +74,32 @@ def job_urls(request: Request, job: Job) -> dict[str, str]:
     return {"response_url": url, "status_url": url + "/status", "cancel_url": url + "/cancel"}
 
 
-async def get_job(request: Request, owner: str, alias: str, request_id: str) -> Job:
-    endpoint = check_endpoint(request, owner, alias)
+async def find_job(request: Request, endpoint: str, request_id: str) -> Job | None:
+    """The endpoint's job `request_id`, or None; an id not of the stores' form is not looked up."""
+    if not is_request_id(request_id):
+        return None
     job = await run_in_threadpool(
         functools.partial(request.app.state.store.get, request_id, with_input=False))
-    if job is None or job.endpoint != endpoint:
-        raise ApiError(404, f"request {request_id!r} not found (unknown, or its result expired)",
-                       "not_found", headers={"x-fal-request-id": request_id})
+    return job if job is not None and job.endpoint == endpoint else None
+
+
+def id_header(request_id: str) -> dict[str, str]:
+    """x-fal-request-id for an answer about `request_id`: only an id of the stores' form is echoed
+    (the middleware's own id goes on the others)."""
+    return {"x-fal-request-id": request_id} if is_request_id(request_id) else {}
+
+
+def not_found_message(request_id: str) -> str:
+    why = "unknown, or its result expired" if is_request_id(request_id) else \
+        "not a request id: those are 1 to 128 letters, digits, '-' or '_'"
+    return f"request {short_repr(request_id)} not found ({why})"
+
+
+async def get_job(request: Request, owner: str, alias: str, request_id: str) -> Job:
+    job = await find_job(request, check_endpoint(request, owner, alias), request_id)
+    if job is None:
+        raise ApiError(404, not_found_message(request_id), "not_found",
+                       headers=id_header(request_id))
     return job
 
 
@@ -128,9 +129,8 @@ async def submit(request: Request, owner: str, alias: str, path: str = ""):
     endpoint = check_endpoint(request, owner, alias)
     data = validated_input(request, await read_json(request))
     webhook = request.query_params.get("fal_webhook")
-    if webhook is not None and not webhook.startswith(("http://", "https://")):
-        raise ApiError(422, [{"loc": ["query", "fal_webhook"], "msg": "must be an http(s) URL",
-                              "type": "url_parsing"}], "validation_error")
+    if webhook is not None:
+        checked_webhook_url(webhook)
     state = request.app.state
     key = request.headers.get("idempotency-key") or request.headers.get("x-idempotency-key")
     job = await run_in_threadpool(state.idempotency.submit, key, state.store, endpoint,
@@ -196,8 +196,8 @@ async def result(request: Request, owner: str, alias: str, request_id: str):
                        "request_not_completed", headers=headers)
     if job.error:
         error_type = job.error.get("error_type", "internal_error")
-        return JSONResponse({"detail": job.error.get("detail"), "error_type": error_type},
-                            int(job.error.get("status_code", 500)),
+        body = encodable({"detail": job.error.get("detail"), "error_type": error_type})
+        return JSONResponse(body, int(job.error.get("status_code", 500)),
                             headers={**headers, "X-Fal-Error-Type": error_type})
     return JSONResponse(job.result, headers=headers)
 
@@ -205,14 +205,13 @@ async def result(request: Request, owner: str, alias: str, request_id: str):
 @router.put("/{owner}/{alias}/requests/{request_id}/cancel")
 @router.put(QUEUE + "/{owner}/{alias}/requests/{request_id}/cancel")
 async def cancel(request: Request, owner: str, alias: str, request_id: str):
-    endpoint = check_endpoint(request, owner, alias)
-    store, headers = request.app.state.store, {"x-fal-request-id": request_id}
-    job = await run_in_threadpool(functools.partial(store.get, request_id, with_input=False))
-    outcome = "NOT_FOUND" if job is None or job.endpoint != endpoint else \
-        await run_in_threadpool(store.request_cancel, request_id)
+    job = await find_job(request, check_endpoint(request, owner, alias), request_id)
+    headers = id_header(request_id)
+    outcome = "NOT_FOUND" if job is None else \
+        await run_in_threadpool(request.app.state.store.request_cancel, request_id)
     if outcome == "NOT_FOUND":
-        return JSONResponse({"status": outcome, "detail": f"request {request_id!r} not found",
-                             "error_type": "not_found"}, 404, headers=headers)
+        return JSONResponse(encodable({"status": outcome, "detail": not_found_message(request_id),
+                                       "error_type": "not_found"}), 404, headers=headers)
     if outcome == "ALREADY_COMPLETED":
         return JSONResponse({"status": outcome, "detail": f"request {request_id!r} has already "
                              "completed", "error_type": "bad_request"}, 400, headers=headers)

@@ -3,7 +3,8 @@
 In order, for each HTTP request:
 1. fal JS proxy: a request carrying `x-fal-target-url` (the @fal-ai/client `proxyUrl` mode sends
    every call to the proxy with the original URL in that header) is routed by that URL's path; a
-   target host starting with "queue." is routed to the queue API (`/queue/...`).
+   target host starting with "queue." is routed to the queue API (`/queue/...`). A malformed
+   target is a 400 bad_request, answered after the auth check.
 2. A request id (uuid4 hex) in scope["state"]["request_id"]; every response, errors and 404s
    included, carries it as `x-fal-request-id` unless the route set its own (a job's id).
 3. Auth, when API keys are configured: `Authorization: Key <key>` or `Bearer <key>`; 401
@@ -20,11 +21,12 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote_from_bytes, unquote, urlsplit
 
 from .errors import ApiError, error_response
 
 OPEN_PATHS = ("/health",)
+_URL_SAFE = bytes(range(0x21, 0x7F))   # printable ASCII stays as sent (escapes included)
 log = logging.getLogger("fastllava.server")
 
 
@@ -42,15 +44,13 @@ class GatewayMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         scope = dict(scope)
         target = headers.get("x-fal-target-url")
+        target_error = None
         if target:
-            parts = urlsplit(target)
-            prefix = "/queue" if (parts.hostname or "").startswith("queue.") else ""
-            raw = prefix + (parts.path if parts.path.startswith("/") else "/" + parts.path)
-            # ASGI: raw_path keeps the URL's percent-escapes, path is decoded (as the server
-            # does for a direct request), so a proxied call routes exactly like a direct one.
-            scope["raw_path"] = raw.encode("latin-1")
-            scope["path"] = unquote(raw)
-            scope["query_string"] = parts.query.encode("latin-1")
+            try:
+                scope.update(_proxied(target))
+            except ValueError as e:  # answered after the auth check, like any other error
+                target_error = ApiError(400, f"x-fal-target-url is not a valid URL ({e})",
+                                        "bad_request", param="x-fal-target-url")
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})
         scope["state"] = {**scope["state"], "request_id": request_id}
@@ -65,8 +65,10 @@ class GatewayMiddleware:
 
         path = scope["path"]
         try:
-            if self.api_keys and path not in self.open_paths:
+            if self.api_keys and (path not in self.open_paths or target_error):
                 self._authorize(headers.get("authorization", ""))
+            if target_error:
+                raise target_error
             receive = await self._limit_body(headers, receive)
         except ApiError as e:
             return await error_response(path, e)(scope, receive, send_with_id)
@@ -108,7 +110,7 @@ class GatewayMiddleware:
                            "(--max-body-bytes)", "request_too_large", code="request_too_large")
         length = headers.get("content-length")
         if length is not None:
-            if length.strip().isdigit() and int(length) > limit:
+            if length.strip().isascii() and length.strip().isdigit() and int(length) > limit:
                 raise too_big
             return receive  # the server enforces Content-Length framing itself
         chunks, total, more = [], 0, True
@@ -124,6 +126,21 @@ class GatewayMiddleware:
             more = message.get("more_body", False)
         return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}],
                        receive)
+
+
+def _proxied(target: str) -> dict:
+    """The scope entries that route a JS-proxy request like a direct request to `target` (see
+    step 1); ValueError for a malformed URL."""
+    parts = urlsplit(target)
+    prefix = "/queue" if (parts.hostname or "").startswith("queue.") else ""
+    raw = prefix + (parts.path if parts.path.startswith("/") else "/" + parts.path)
+    # ASGI: raw_path and query_string keep the URL's percent-escapes, path is decoded, as the
+    # server does for a direct request, so a proxied call routes exactly like a direct one.
+    # A direct request line is ASCII (the HTTP server refuses other bytes); the header is not,
+    # so its other bytes are percent-encoded here as a client would have done.
+    raw, query = (quote_from_bytes(x.encode("latin-1"), safe=_URL_SAFE)
+                  for x in (raw, parts.query))
+    return {"raw_path": raw.encode(), "path": unquote(raw), "query_string": query.encode()}
 
 
 def _replay(messages: list[dict], receive):

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 
 from .chat import parse_chat
 from .errors import ApiError, detail_message, openai_error_body
-from .fal_routes import read_json
+from .bodies import read_json
 from .safety import classify
 from .stops import apply_stops
 from .streaming import (SSE_HEADERS, ClosingStreamingResponse, chained, engine_events,

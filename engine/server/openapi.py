@@ -4,7 +4,7 @@ body, answers and status codes.
 The handlers read raw requests (their own strict parsing, fal's and OpenAI's error shapes), so
 FastAPI's generated document would have no bodies. `install(app)` replaces `app.openapi` with
 one that takes FastAPI's document (paths, parameters) and fills each operation from OPERATIONS,
-with the pydantic models of bodies.py as components. A route with no entry in OPERATIONS is an
+with the pydantic models of openapi_models.py as components. A route with no entry in OPERATIONS is an
 error here, not a silently empty operation.
 """
 
@@ -18,7 +18,7 @@ from pydantic.json_schema import models_json_schema
 
 from fastllava.cli import _version
 
-from . import bodies
+from . import openapi_models
 
 REF = "#/components/schemas/{model}"
 JSON, SSE = "application/json", "text/event-stream"
@@ -148,8 +148,8 @@ def build_openapi(app) -> dict:
     doc = get_openapi(title="fastllava", version=_version(), routes=app.routes,
                       description=f"LLaVA served as fal endpoint `{app.state.endpoint_id}` "
                       "(queue + run protocol) and as an OpenAI-compatible chat model.")
-    fal_input = bodies.fal_input_model(s.max_tokens_limit, s.max_prompt_chars)
-    models = [fal_input, bodies.ChatCompletionRequest, *bodies.RESPONSE_MODELS]
+    fal_input = openapi_models.fal_input_model(s.max_tokens_limit, s.max_prompt_chars)
+    models = [fal_input, openapi_models.ChatCompletionRequest, *openapi_models.RESPONSE_MODELS]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     doc["components"] = {"schemas": defs["$defs"]}  # FastAPI's unused 422 models are dropped
     secured = bool(s.api_keys)

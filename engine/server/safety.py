@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,7 +40,8 @@ def image_limits(settings: ServerSettings) -> ImageLimits:
 def precheck_image_url(url: Any, settings: ServerSettings, field: str = "image_url") -> None:
     """Raise RequestValidationError(type "image_url_refused" / "image_too_large") for sources the
     loader would refuse anyway: local paths and other schemes, hosts that are literally a
-    non-public IP or "localhost" (names are resolved and checked at fetch time), data URIs whose
+    non-public IP (any form the resolver reads without DNS) or "localhost" (names are resolved
+    and checked at fetch time), data URIs whose
     payload is over max_image_bytes. Non-strings are left to the schema's own type check."""
     if not isinstance(url, str):
         return
@@ -64,16 +66,26 @@ def precheck_image_url(url: Any, settings: ServerSettings, field: str = "image_u
         raise RequestValidationError(field, "URL has no host", "image_url_refused")
     if settings.allow_private_image_hosts:
         return
-    try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
+    literal = _literal_address(host)
     if host.lower() == "localhost" or host.lower().endswith(".localhost") or (
-            literal is not None and not is_public_address(str(literal))):
+            literal is not None and not is_public_address(literal)):
         raise RequestValidationError(
             field, f"image host {host!r} is not a public address (loopback, private, link-local, "
             "multicast and reserved hosts are refused; see --allow-private-image-hosts)",
             "image_url_refused")
+
+
+def _literal_address(host: str) -> str | None:
+    """`host` as an IP address if it is one; also the short and numeric IPv4 forms the resolver
+    reads without DNS ("127.1", "2130706433", "0x7f.1"), so they are refused here too."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except (OSError, ValueError):  # not an IPv4 number form (ValueError: an embedded NUL)
+        return None
 
 
 def classify(exc: BaseException) -> tuple[int, Any, str]:

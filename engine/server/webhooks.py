@@ -121,10 +121,10 @@ def _pin_public(url: str) -> tuple[str, dict[str, str], dict[str, Any]]:
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     addrs = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-    bad = sorted(a for a in addrs if not is_public_address(a))
-    if not addrs or bad:
-        raise PermissionError(f"webhook host {host!r} resolves to non-public address(es) "
-                              f"{bad or 'none'}; private webhook targets are not allowed")
+    if not addrs or not all(is_public_address(a) for a in addrs):
+        # Never name the resolved address: the message reaches the job's logs.
+        raise PermissionError(f"webhook host {host!r} resolves to a non-public address; "
+                              "private webhook targets are not allowed")
     ip = sorted(addrs)[0].split("%", 1)[0]
     netloc_ip = f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip
     pinned = urlunsplit(parts._replace(netloc=f"{netloc_ip}:{port}"))

@@ -223,7 +223,11 @@ def test_input_limits(strict, req):
 @pytest.mark.parametrize("url", ["{host}/img.png", "http://localhost:9/x.png",
                                  "http://[::1]:9/x.png", "http://169.254.169.254/latest",
                                  "http://10.0.0.1/x.png", "/etc/hostname",
-                                 "file:///etc/hostname"])
+                                 "file:///etc/hostname", "http://[::127.0.0.1]/x.png",
+                                 "http://[::ffff:0:7f00:1]/x.png", "http://[64:ff9b:1::808:808]/",
+                                 "http://[fec0::1]/x.png", "http://[5f00::1]/x.png",
+                                 "http://[2002:7f00:1::1]/", "http://127.1/x.png",
+                                 "http://2130706433/x.png"])
 def test_private_hosts_and_local_paths_refused(strict, req, image_host, url):
     url = url.format(host=image_host.url)
     before = dict(image_host.hits)
@@ -254,6 +258,9 @@ def test_name_resolving_to_a_private_address_refused_at_connect(strict, req, ima
     assert wait_completed(strict, job["status_url"])["error_type"] == "image_load_error"
     r = strict.get(job["response_url"])
     assert r.status_code == 422 and "non-public" in json.dumps(r.json()), r.text
+    logs = strict.get(job["status_url"], params={"logs": 1}).text
+    for address in addresses:  # what the name resolved to is never told to the client
+        assert address not in json.dumps(detail) + r.text + logs, address
     assert image_host.hits == before, "the private host was contacted"
 
 
