@@ -11,16 +11,25 @@ Keys (`p` = the prefix, default "fastllava:"; one Redis database, not Redis Clus
     p+"done"             zset id -> finished_at: the COMPLETED jobs, for purge_expired
     p+"worker:"+wid      {"host", "proc"} of a live worker, expiring lease_s after its last
                          heartbeat (or claim)
+    p+"idem:"+sha256     hash {job_id, fingerprint} of an Idempotency-Key (sha256 of endpoint and
+                         key); set by the submit script itself, deleted when its job is purged
+    p+"hooks"            zset id -> due time (unix s): pending webhook deliveries; a claimed one
+                         is due again when its lease ends. Attempts: the job hash's hook_attempts
+    p+"hook_owners"      hash id -> claim token of a delivery being attempted now
+    p+"opened_at"        written by every open (a probe that the server accepts writes)
 
 Every state change is one Lua script, so it is atomic against every other client: claim pops the
 queue head, marks the job IN_PROGRESS and adds its lease in one step, so no job is handed out
-twice and none is lost between the pop and the lease. recover() takes back IN_PROGRESS jobs whose
-lease ran out or whose worker key expired, and (at once) those of workers registered on this
-host by a process that no longer exists. Times are the clients' clocks (keep the hosts in sync).
+twice and none is lost between the pop and the lease; finishing a job with a webhook_url adds
+its delivery to p+"hooks" in the same script. recover() takes back IN_PROGRESS jobs whose lease
+ran out or whose worker key expired, and (at once) those of workers registered on this host by a
+process that no longer exists, and frees webhook claims of such processes. Times are the
+clients' clocks (keep the hosts in sync).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -29,8 +38,9 @@ from typing import Any
 
 import redis
 
-from .jobs import (IN_PROGRESS, IN_QUEUE, Job, cancelled_error, job_error, log_item,
-                   process_host, process_is_dead, process_token)
+from .jobs import (IN_PROGRESS, IN_QUEUE, IdempotencyConflict, Job, StoreUnavailable,
+                   WebhookClaim, cancelled_error, claim_is_orphaned, claim_owner, job_error,
+                   log_item, process_host, process_is_dead, process_token, request_fingerprint)
 
 # finish(p, id, result_json, error_json, now) -> 1 if this call completed the job.
 _FINISH = """
@@ -43,20 +53,36 @@ local function finish(p, id, result, err, now)
   redis.call('ZREM', p .. 'leases', id)
   redis.call('ZREM', p .. 'queue', id)
   redis.call('ZADD', p .. 'done', now, id)
+  local hook = redis.call('HGET', key, 'webhook_url')
+  if hook and hook ~= '' then
+    redis.call('HSET', key, 'hook_attempts', 0)
+    redis.call('ZADD', p .. 'hooks', now, id)
+  end
   return 1
 end
 """
 # Job hash fields a status read needs (all but the input, which may be a multi-MB data URI).
 _FIELDS_NO_INPUT = ("id", "endpoint", "path", "status", "created_at", "started_at", "finished_at",
                     "result", "error", "webhook_url", "attempts", "cancel_requested")
+# ARGV: p, id, endpoint, path, input, created_at, webhook_url, idem key ('' for none),
+# fingerprint -> {seq} for a new job, {'same', id} / {'conflict', id} for a known key.
 _SUBMIT = """
 local p, id = ARGV[1], ARGV[2]
+if ARGV[8] ~= '' then
+  local known = redis.call('HMGET', ARGV[8], 'job_id', 'fingerprint')
+  if known[1] and redis.call('EXISTS', p .. 'job:' .. known[1]) == 1 then
+    if known[2] == ARGV[9] then return {'same', known[1]} end
+    return {'conflict', known[1]}
+  end
+  redis.call('HSET', ARGV[8], 'job_id', id, 'fingerprint', ARGV[9])
+end
 local seq = redis.call('INCR', p .. 'seq')
 redis.call('HSET', p .. 'job:' .. id, 'id', id, 'endpoint', ARGV[3], 'path', ARGV[4],
            'input', ARGV[5], 'status', 'IN_QUEUE', 'created_at', ARGV[6], 'webhook_url', ARGV[7],
-           'attempts', 0, 'cancel_requested', 0, 'seq', seq, 'result', '', 'error', '')
+           'attempts', 0, 'cancel_requested', 0, 'seq', seq, 'result', '', 'error', '',
+           'idem', ARGV[8])
 redis.call('ZADD', p .. 'queue', seq, id)
-return seq
+return {seq}
 """
 # ARGV: p, worker_id, now, lease_s, worker info JSON
 _CLAIM = """
@@ -157,10 +183,51 @@ _PURGE = """
 local p = ARGV[1]
 local ids = redis.call('ZRANGEBYSCORE', p .. 'done', '-inf', '(' .. ARGV[2], 'LIMIT', 0, 500)
 for _, id in ipairs(ids) do
+  local idem = redis.call('HGET', p .. 'job:' .. id, 'idem')
+  if idem and idem ~= '' and redis.call('HGET', idem, 'job_id') == id then
+    redis.call('DEL', idem)
+  end
   redis.call('DEL', p .. 'job:' .. id, p .. 'logs:' .. id)
   redis.call('ZREM', p .. 'done', id)
+  redis.call('ZREM', p .. 'hooks', id)
+  redis.call('HDEL', p .. 'hook_owners', id)
 end
 return #ids
+"""
+# ARGV: p, now, limit, lease end, owner -> {id, attempt, id, attempt, ...}
+_CLAIM_HOOKS = """
+local p = ARGV[1]
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. 'hooks', '-inf', ARGV[2], 'LIMIT', 0,
+                               tonumber(ARGV[3]))) do
+  local key = p .. 'job:' .. id
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('ZREM', p .. 'hooks', id)
+    redis.call('HDEL', p .. 'hook_owners', id)
+  else
+    table.insert(out, id)
+    table.insert(out, redis.call('HINCRBY', key, 'hook_attempts', 1))
+    redis.call('ZADD', p .. 'hooks', ARGV[4], id)
+    redis.call('HSET', p .. 'hook_owners', id, ARGV[5])
+  end
+end
+return out
+"""
+# ARGV: p, id, owner, retry_at ('' = done), log item ('' = none) -> 1 if the claim was still ours.
+# With retry_at = now and no log it frees an orphaned claim (recover).
+_HOOK_DONE = """
+local p, id = ARGV[1], ARGV[2]
+if redis.call('HGET', p .. 'hook_owners', id) ~= ARGV[3] then return 0 end
+redis.call('HDEL', p .. 'hook_owners', id)
+if ARGV[4] == '' then
+  redis.call('ZREM', p .. 'hooks', id)
+else
+  redis.call('ZADD', p .. 'hooks', ARGV[4], id)
+end
+if ARGV[5] ~= '' and redis.call('EXISTS', p .. 'job:' .. id) == 1 then
+  redis.call('RPUSH', p .. 'logs:' .. id, ARGV[5])
+end
+return 1
 """
 
 
@@ -183,17 +250,22 @@ class RedisJobStore:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
         self.url, self.prefix = url, prefix
         self.lease_s, self.max_attempts, self.poll_s = lease_s, max_attempts, poll_s
-        self._r = redis.Redis.from_url(url, decode_responses=True)
         try:
+            # The URL's own options win over these defaults (redis-py merges them on top).
+            self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
             self._r.ping()
-        except redis.RedisError as e:
-            raise ConnectionError(f"redis job store {url!r} is not reachable: {e}") from None
+            # A write: a read-only replica or a Redis out of memory fails here, at startup.
+            self._r.set(prefix + "opened_at", repr(time.time()))
+        except (redis.RedisError, ValueError, OSError) as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise StoreUnavailable(f"redis job store {url!r} cannot be used: {reason}") from None
         self._me = json.dumps({"host": process_host(), "proc": process_token()})
         self._arrived = threading.Condition(threading.Lock())
         self._s = {name: self._r.register_script(src) for name, src in (
             ("submit", _SUBMIT), ("claim", _CLAIM), ("heartbeat", _HEARTBEAT),
             ("log", _APPEND_LOG), ("complete", _COMPLETE), ("cancel", _CANCEL),
-            ("release", _RELEASE), ("recover", _RECOVER_ONE), ("purge", _PURGE))}
+            ("release", _RELEASE), ("recover", _RECOVER_ONE), ("purge", _PURGE),
+            ("claim_hooks", _CLAIM_HOOKS), ("hook_done", _HOOK_DONE))}
 
     def _run(self, name: str, *args: Any) -> Any:
         return self._s[name](args=[self.prefix, *args])
@@ -204,11 +276,24 @@ class RedisJobStore:
 
     # ---- JobStore --------------------------------------------------------------------------------
     def submit(self, endpoint: str, path: str, input: dict[str, Any],
-               webhook_url: str | None = None) -> Job:
+               webhook_url: str | None = None, *, idempotency_key: str | None = None) -> Job:
         job = Job(id=str(uuid.uuid4()), endpoint=endpoint, path=path, input=dict(input),
                   created_at=time.time(), webhook_url=webhook_url)
-        self._run("submit", job.id, endpoint, path, json.dumps(job.input), repr(job.created_at),
-                  webhook_url or "")
+        idem = fingerprint = ""
+        if idempotency_key is not None:
+            scope = json.dumps([endpoint, idempotency_key]).encode()
+            idem = self.prefix + "idem:" + hashlib.sha256(scope).hexdigest()
+            fingerprint = request_fingerprint(endpoint, path, job.input, webhook_url)
+        out = self._run("submit", job.id, endpoint, path, json.dumps(job.input),
+                        repr(job.created_at), webhook_url or "", idem, fingerprint)
+        if out[0] == "conflict":
+            raise IdempotencyConflict(out[1])
+        if out[0] == "same":
+            known = self.get(out[1], with_input=False)
+            if known is not None:
+                return known
+            return self.submit(endpoint, path, input, webhook_url,       # purged in between
+                               idempotency_key=idempotency_key)
         self._wake()
         return job
 
@@ -278,6 +363,7 @@ class RedisJobStore:
                          json.dumps(log_item("cancellation requested")))
 
     def recover(self) -> int:
+        self._free_orphaned_hooks()
         taken = 0
         for job_id in self._r.zrange(self.prefix + "leases", 0, -1):
             worker = self._r.hget(self.prefix + "job:" + job_id, "worker_id")
@@ -313,6 +399,33 @@ class RedisJobStore:
         pipe.zcard(self.prefix + "leases")
         queued, running = pipe.execute()
         return {IN_QUEUE: queued, IN_PROGRESS: running}
+
+    def claim_webhooks(self, limit: int, lease_s: float) -> list[WebhookClaim]:
+        now = time.time()
+        if limit < 1 or not self._r.zrangebyscore(self.prefix + "hooks", "-inf", now, 0, 1):
+            return []
+        owner = claim_owner()
+        out = self._run("claim_hooks", repr(now), limit, repr(now + lease_s), owner)
+        claims = []
+        for job_id, attempt in zip(out[::2], out[1::2]):
+            job = self.get(job_id, with_input=False)
+            if job is not None:
+                claims.append(WebhookClaim(job, int(attempt), owner))
+        return claims
+
+    def webhook_attempted(self, claim: WebhookClaim, retry_at: float | None,
+                          log: tuple[str, str] | None) -> bool:
+        return self._run("hook_done", claim.job.id, claim.owner,
+                         "" if retry_at is None else repr(retry_at),
+                         "" if log is None else json.dumps(log_item(*log))) == 1
+
+    def webhooks_pending(self) -> int:
+        return self._r.zcard(self.prefix + "hooks")
+
+    def _free_orphaned_hooks(self) -> None:
+        for job_id, owner in self._r.hgetall(self.prefix + "hook_owners").items():
+            if claim_is_orphaned(owner):
+                self._run("hook_done", job_id, owner, repr(time.time()), "")
 
     def close(self) -> None:
         self._r.close()

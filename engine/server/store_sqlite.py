@@ -15,6 +15,20 @@ original place at the head of the queue; one already asked to cancel is complete
 (499), and one that has been claimed `max_attempts` times (a request that kills its server) is
 completed with a 500 instead of being tried forever.
 
+Idempotency keys live in `idempotency` (primary key endpoint + key, with the request fingerprint
+and the job id), inserted in the submit's own write transaction, so the same key sent twice, to
+two processes, or after a restart gives one job; they go when their job is purged.
+
+Webhooks. Finishing a job that has a webhook_url inserts its delivery into `webhooks` in the same
+transaction (a crash cannot lose it). claim_webhooks() hands due deliveries out with
+`owner` = a claim token naming the process and `due_at` = the lease end; webhook_attempted()
+deletes the row or sets the next due time. recover() frees at once the claims of a process that
+is gone.
+
+Opening checks the file before anything else uses it (one line, StoreUnavailable): not a
+database, corrupt (PRAGMA quick_check), another program's tables, read-only, or a full disk (a
+probe write).
+
 Thread safety: one connection per store, used under a lock (SQLite serialises writers anyway).
 claim(timeout_s) waits on a condition that in-process submits signal and re-reads the table every
 `poll_s` for jobs submitted by other processes; it never spins.
@@ -24,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -31,8 +46,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from .jobs import (COMPLETED, IN_PROGRESS, IN_QUEUE, Job, cancelled_error, job_error, log_item,
-                   process_host, process_is_dead, process_token)
+from .jobs import (COMPLETED, IN_PROGRESS, IN_QUEUE, IdempotencyConflict, Job, StoreUnavailable,
+                   WebhookClaim, cancelled_error, claim_is_orphaned, claim_owner, job_error,
+                   log_item, process_host, process_is_dead, process_token, request_fingerprint)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -63,7 +79,37 @@ CREATE TABLE IF NOT EXISTS workers (
     proc TEXT NOT NULL,
     last_seen REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS idempotency (
+    endpoint TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (endpoint, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_job ON idempotency (job_id);
+CREATE TABLE IF NOT EXISTS webhooks (
+    job_id TEXT PRIMARY KEY,
+    due_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (due_at);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)
 """
+# Every column the store reads, compiled once at open: a file holding another program's tables of
+# the same names fails there, not at the first request.
+_SHAPE = ("SELECT seq, id, endpoint, path, input, status, created_at, started_at, finished_at, "
+          "result, error, logs, webhook_url, attempts, cancel_requested, worker_id, "
+          "lease_expires_at FROM jobs LIMIT 0",
+          "SELECT worker_id, host, proc, last_seen FROM workers LIMIT 0",
+          "SELECT endpoint, key, fingerprint, job_id FROM idempotency LIMIT 0",
+          "SELECT job_id, due_at, attempts, owner FROM webhooks LIMIT 0")
+# sqlite3's messages, and what they mean for someone starting the server.
+_HINTS = {"file is not a database": "not an SQLite database (another kind of file, or corrupt)",
+          "malformed": "corrupt; restore it or move it away",
+          "readonly": "read-only", "unable to open": "cannot be opened or created (read-only "
+          "folder? missing permission?)", "disk is full": "the disk is full",
+          "no such column": "another program's database, not a fastllava job store"}
 _COLUMNS = ("id, endpoint, path, input, status, created_at, started_at, finished_at, result, "
             "error, logs, webhook_url, attempts, cancel_requested")
 _COLUMNS_NO_INPUT = _COLUMNS.replace(" input,", " '{}',")
@@ -98,14 +144,32 @@ class SqliteJobStore:
         if self.path != ":memory:":
             parent = Path(self.path).expanduser().resolve().parent
             if not parent.is_dir():
-                raise ValueError(f"sqlite job store {self.path!r}: folder {parent} does not exist")
+                raise StoreUnavailable(f"sqlite job store {self.path!r}: folder {parent} does "
+                                       "not exist")
         self.lease_s, self.max_attempts, self.poll_s = lease_s, max_attempts, poll_s
         self._lock = threading.RLock()
         self._arrived = threading.Condition(threading.Lock())
         self._host, self._proc = process_host(), process_token()
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-        self._init_schema(busy_timeout_s)
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+            self._init_schema(busy_timeout_s)
+            self._check()
+        except sqlite3.Error as e:
+            self.close()
+            reason = " ".join(self._explain(e).split())    # one line, whatever sqlite said
+            raise StoreUnavailable(f"sqlite job store {self.path!r} cannot be used: {reason}"
+                                   ) from None
+
+    def _explain(self, e: sqlite3.Error) -> str:
+        hint = next((h for k, h in _HINTS.items() if k in str(e).lower()), None)
+        if self.path != ":memory:":
+            # A full disk often shows as a plain "disk I/O error" (creating the -wal file).
+            free = shutil.disk_usage(Path(self.path).expanduser().resolve().parent).free
+            if free < 1 << 20:
+                hint = f"the disk is full ({free} bytes free)"
+        return f"{hint} ({e})" if hint else str(e)
 
     def _init_schema(self, busy_timeout_s: float) -> None:
         # Switching a new file to WAL needs an exclusive moment that SQLite's busy handler does
@@ -120,11 +184,23 @@ class SqliteJobStore:
                         for stmt in _SCHEMA.split(";"):
                             if stmt.strip():
                                 db.execute(stmt)
+                        # A write that reaches the file: a read-only file or a full disk fails
+                        # here, at startup, instead of at the first submit.
+                        db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES "
+                                   "('opened_at', ?)", (repr(time.time()),))
                 return
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
+
+    def _check(self) -> None:
+        """Corruption and foreign tables are found now, before the server loads a model."""
+        problems = [row[0] for row in self._read("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}")
+        for sql in _SHAPE:
+            self._read(sql)
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -168,14 +244,32 @@ class SqliteJobStore:
             "lease_expires_at = NULL WHERE id = ? AND status != ?",
             (COMPLETED, None if result is None else json.dumps(result),
              None if error is None else json.dumps(error), now, job_id, COMPLETED))
-        return cur.rowcount == 1
+        if cur.rowcount != 1:
+            return False
+        db.execute("INSERT OR REPLACE INTO webhooks (job_id, due_at) SELECT id, ? FROM jobs "
+                   "WHERE id = ? AND webhook_url IS NOT NULL", (now, job_id))
+        return True
 
     # ---- JobStore --------------------------------------------------------------------------------
     def submit(self, endpoint: str, path: str, input: dict[str, Any],
-               webhook_url: str | None = None) -> Job:
+               webhook_url: str | None = None, *, idempotency_key: str | None = None) -> Job:
         job = Job(id=str(uuid.uuid4()), endpoint=endpoint, path=path, input=dict(input),
                   created_at=time.time(), webhook_url=webhook_url)
         with self._write() as db:
+            if idempotency_key is not None:
+                fingerprint = request_fingerprint(endpoint, path, job.input, webhook_url)
+                row = db.execute("SELECT k.fingerprint, k.job_id FROM idempotency k JOIN jobs j "
+                                 "ON j.id = k.job_id WHERE k.endpoint = ? AND k.key = ?",
+                                 (endpoint, idempotency_key)).fetchone()
+                if row is not None and row[0] != fingerprint:
+                    raise IdempotencyConflict(row[1])
+                if row is not None:
+                    return _row_to_job(db.execute(f"SELECT {_COLUMNS_NO_INPUT} FROM jobs "
+                                                  "WHERE id = ?", (row[1],)).fetchone())
+                # A key whose job was purged is free again.
+                db.execute("INSERT OR REPLACE INTO idempotency (endpoint, key, fingerprint, "
+                           "job_id) VALUES (?, ?, ?, ?)",
+                           (endpoint, idempotency_key, fingerprint, job.id))
             db.execute("INSERT INTO jobs (id, endpoint, path, input, status, created_at, "
                        "webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (job.id, endpoint, path, json.dumps(job.input), IN_QUEUE, job.created_at,
@@ -291,7 +385,10 @@ class SqliteJobStore:
                 lost.append((job_id, worker, crashed))
         gone = [w for w, host, proc in self._read("SELECT worker_id, host, proc FROM workers")
                 if process_is_dead(host, proc)]
-        if not lost and not gone:
+        orphaned = [(job_id, owner) for job_id, owner in self._read(
+            "SELECT job_id, owner FROM webhooks WHERE owner IS NOT NULL")
+            if claim_is_orphaned(owner)]
+        if not lost and not gone and not orphaned:
             return 0
         taken = 0
         with self._write() as db:
@@ -318,6 +415,8 @@ class SqliteJobStore:
                                (IN_QUEUE, job_id))
                     self._log(db, job_id, f"worker {worker} stopped ({why}); re-queued", "WARN")
             db.executemany("DELETE FROM workers WHERE worker_id = ?", [(w,) for w in gone])
+            db.executemany("UPDATE webhooks SET owner = NULL, due_at = ? WHERE job_id = ? AND "
+                           "owner = ?", [(now, job_id, owner) for job_id, owner in orphaned])
         if taken:
             with self._arrived:
                 self._arrived.notify_all()
@@ -326,6 +425,9 @@ class SqliteJobStore:
     def purge_expired(self, retention_s: float) -> int:
         now = time.time()
         with self._write() as db:
+            for table, column in (("idempotency", "job_id"), ("webhooks", "job_id")):
+                db.execute(f"DELETE FROM {table} WHERE {column} IN (SELECT id FROM jobs WHERE "
+                           "status = ? AND finished_at < ?)", (COMPLETED, now - retention_s))
             cur = db.execute("DELETE FROM jobs WHERE status = ? AND finished_at < ?",
                              (COMPLETED, now - retention_s))
             db.execute("DELETE FROM workers WHERE last_seen < ?", (now - _WORKER_FORGET_S,))
@@ -335,6 +437,43 @@ class SqliteJobStore:
         found = dict(self._read("SELECT status, COUNT(*) FROM jobs WHERE status IN (?, ?) "
                                 "GROUP BY status", (IN_QUEUE, IN_PROGRESS)))
         return {IN_QUEUE: found.get(IN_QUEUE, 0), IN_PROGRESS: found.get(IN_PROGRESS, 0)}
+
+    def claim_webhooks(self, limit: int, lease_s: float) -> list[WebhookClaim]:
+        now = time.time()
+        # A plain read first: idle polling never takes the write lock.
+        if limit < 1 or not self._read("SELECT 1 FROM webhooks WHERE due_at <= ? LIMIT 1", (now,)):
+            return []
+        owner, claims = claim_owner(), []
+        with self._write() as db:
+            rows = db.execute("SELECT w.job_id, w.attempts, j.id FROM webhooks w LEFT JOIN jobs j "
+                              "ON j.id = w.job_id WHERE w.due_at <= ? ORDER BY w.due_at LIMIT ?",
+                              (now, limit)).fetchall()
+            for job_id, attempts, exists in rows:
+                if exists is None:                    # its job was purged: nothing to send
+                    db.execute("DELETE FROM webhooks WHERE job_id = ?", (job_id,))
+                    continue
+                db.execute("UPDATE webhooks SET attempts = ?, owner = ?, due_at = ? WHERE "
+                           "job_id = ?", (attempts + 1, owner, now + lease_s, job_id))
+                job = _row_to_job(db.execute(f"SELECT {_COLUMNS_NO_INPUT} FROM jobs WHERE id = ?",
+                                             (job_id,)).fetchone())
+                claims.append(WebhookClaim(job, attempts + 1, owner))
+        return claims
+
+    def webhook_attempted(self, claim: WebhookClaim, retry_at: float | None,
+                          log: tuple[str, str] | None) -> bool:
+        with self._write() as db:
+            if retry_at is None:
+                cur = db.execute("DELETE FROM webhooks WHERE job_id = ? AND owner = ?",
+                                 (claim.job.id, claim.owner))
+            else:
+                cur = db.execute("UPDATE webhooks SET owner = NULL, due_at = ? WHERE job_id = ? "
+                                 "AND owner = ?", (retry_at, claim.job.id, claim.owner))
+            if cur.rowcount == 1 and log is not None:
+                self._log(db, claim.job.id, *log)
+            return cur.rowcount == 1
+
+    def webhooks_pending(self) -> int:
+        return self._read("SELECT COUNT(*) FROM webhooks")[0][0]
 
     def close(self) -> None:
         with self._lock:
