@@ -19,10 +19,11 @@ SECRET = "s3cret"
 
 
 class Receiver:
-    """Answers POSTs with the scripted status codes (then 200) and records each request."""
+    """Answers POSTs with the scripted status codes (then 200) and records each request (on
+    arrival). delay_s: answer that late; gate: an Event to wait for (up to 60 s) first."""
 
-    def __init__(self, statuses=(), delay_s=0.0):
-        self.statuses, self.delay_s = list(statuses), delay_s
+    def __init__(self, statuses=(), delay_s=0.0, gate=None):
+        self.statuses, self.delay_s, self.gate = list(statuses), delay_s, gate
         self.requests: list[tuple[float, dict, bytes]] = []
         outer = self
 
@@ -31,6 +32,8 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.requests.append((time.monotonic(), dict(self.headers), body))
                 time.sleep(outer.delay_s)
+                if outer.gate is not None:
+                    outer.gate.wait(60)
                 status = outer.statuses.pop(0) if outer.statuses else 200
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
