@@ -15,9 +15,22 @@ import sys
 
 import pytest
 
-from test_stores import _sqlite_file
-
+from fastllava.server.stores import open_store
 DB = "jobs.sqlite3"            # the default store's file name under --data-dir
+
+
+def sqlite_file(path, pages_to_corrupt=()):
+    """A job store file with some jobs in it; the given 4 KiB pages overwritten."""
+    store = open_store(f"sqlite:///{path}")
+    for i in range(100):
+        store.submit("o/a", "", {"prompt": "x" * 3000})
+    store.close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    for page in pages_to_corrupt:
+        data[page * 4096:(page + 1) * 4096] = b"\x5a" * 4096
+    path.write_bytes(data)
 
 
 def serve(tmp_path, *args, data_dir=None, mount=None):
@@ -57,7 +70,7 @@ def test_control_a_good_store_gets_as_far_as_the_missing_model(tmp_path):
 
 @pytest.mark.parametrize("make_file, expect", [
     (lambda p: p.write_bytes(os.urandom(8192)), "not an SQLite database"),
-    (lambda p: _sqlite_file(p, pages_to_corrupt=[5]), "corrupt"),        # header intact
+    (lambda p: sqlite_file(p, pages_to_corrupt=[5]), "corrupt"),        # header intact
     (lambda p: sqlite3.connect(p).execute("CREATE TABLE jobs (x)").connection.commit(),
      "not a fastllava job store"),
 ], ids=["garbage", "malformed", "foreign"])
@@ -77,7 +90,7 @@ def test_a_read_only_data_dir(tmp_path, can_mount, existing):
     data = tmp_path / "data"
     data.mkdir()
     if existing:
-        _sqlite_file(data / DB)
+        sqlite_file(data / DB)
     mount = f"mount --bind {data} {data} && mount -o remount,bind,ro {data}"
     line = assert_store_refused(*serve(tmp_path, mount=mount), str(data / DB))
     assert "read-only" in line or "cannot be opened" in line, line

@@ -24,6 +24,7 @@ import pytest
 from fastllava.server.jobs import (COMPLETED, IN_PROGRESS, IN_QUEUE, IdempotencyConflict,
                                    StoreUnavailable)
 from fastllava.server.stores import open_store
+from test_startup_checks import sqlite_file
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -433,22 +434,9 @@ def test_purge_drops_the_pending_delivery_with_its_job(make):
     assert store.webhooks_pending() == 0 and store.claim_webhooks(5, 60) == []
 
 
-def _sqlite_file(path, pages_to_corrupt=()):
-    store = open_store(f"sqlite:///{path}")
-    for i in range(100):
-        store.submit("o/a", "", {"prompt": "x" * 3000})
-    store.close()
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    data = bytearray(path.read_bytes())
-    for page in pages_to_corrupt:
-        data[page * 4096:(page + 1) * 4096] = b"\x5a" * 4096
-    path.write_bytes(data)
-
-
 @pytest.mark.parametrize("make_file, expect", [
     (lambda p: p.write_bytes(os.urandom(8192)), "not an SQLite database"),
-    (lambda p: _sqlite_file(p, pages_to_corrupt=[5]), "corrupt"),
+    (lambda p: sqlite_file(p, pages_to_corrupt=[5]), "corrupt"),
     (lambda p: sqlite3.connect(p).execute("CREATE TABLE jobs (name TEXT)").connection.commit(),
      "not a fastllava job store"),
     (lambda p: p.mkdir(), "cannot be opened"),
