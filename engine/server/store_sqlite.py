@@ -25,9 +25,8 @@ transaction (a crash cannot lose it). claim_webhooks() hands due deliveries out 
 deletes the row or sets the next due time. recover() frees at once the claims of a process that
 is gone.
 
-Opening checks the file before anything else uses it (one line, StoreUnavailable): not a
-database, corrupt (PRAGMA quick_check), another program's tables, read-only, or a full disk (a
-probe write).
+Opening (sqlite_file.open_checked) creates the tables and checks the file before anything else
+uses it: a corrupt, foreign, read-only or full one is a one-line StoreUnavailable.
 
 Thread safety: one connection per store, used under a lock (SQLite serialises writers anyway).
 claim(timeout_s) waits on a condition that in-process submits signal and re-reads the table every
@@ -38,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import sqlite3
 import threading
 import time
@@ -46,70 +44,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from .jobs import (COMPLETED, IN_PROGRESS, IN_QUEUE, IdempotencyConflict, Job, StoreUnavailable,
-                   WebhookClaim, cancelled_error, claim_is_orphaned, claim_owner, job_error,
-                   log_item, process_host, process_is_dead, process_token, request_fingerprint)
+from .jobs import (COMPLETED, IN_PROGRESS, IN_QUEUE, IdempotencyConflict, Job, WebhookClaim,
+                   cancelled_error, claim_is_orphaned, claim_owner, job_error, log_item,
+                   process_host, process_is_dead, process_token, request_fingerprint)
+from .sqlite_file import open_checked
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    endpoint TEXT NOT NULL,
-    path TEXT NOT NULL,
-    input TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    result TEXT,
-    error TEXT,
-    logs TEXT NOT NULL DEFAULT '[]',
-    webhook_url TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    worker_id TEXT,
-    lease_expires_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
-CREATE INDEX IF NOT EXISTS jobs_status_finished ON jobs (status, finished_at);
-CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker_id);
-CREATE TABLE IF NOT EXISTS workers (
-    worker_id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    proc TEXT NOT NULL,
-    last_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS idempotency (
-    endpoint TEXT NOT NULL,
-    key TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    PRIMARY KEY (endpoint, key)
-);
-CREATE INDEX IF NOT EXISTS idempotency_job ON idempotency (job_id);
-CREATE TABLE IF NOT EXISTS webhooks (
-    job_id TEXT PRIMARY KEY,
-    due_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    owner TEXT
-);
-CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (due_at);
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)
-"""
-# Every column the store reads, compiled once at open: a file holding another program's tables of
-# the same names fails there, not at the first request.
-_SHAPE = ("SELECT seq, id, endpoint, path, input, status, created_at, started_at, finished_at, "
-          "result, error, logs, webhook_url, attempts, cancel_requested, worker_id, "
-          "lease_expires_at FROM jobs LIMIT 0",
-          "SELECT worker_id, host, proc, last_seen FROM workers LIMIT 0",
-          "SELECT endpoint, key, fingerprint, job_id FROM idempotency LIMIT 0",
-          "SELECT job_id, due_at, attempts, owner FROM webhooks LIMIT 0")
-# sqlite3's messages, and what they mean for someone starting the server.
-_HINTS = {"file is not a database": "not an SQLite database (another kind of file, or corrupt)",
-          "malformed": "corrupt; restore it or move it away",
-          "readonly": "read-only", "unable to open": "cannot be opened or created (read-only "
-          "folder? missing permission?)", "disk is full": "the disk is full",
-          "no such column": "another program's database, not a fastllava job store"}
 _COLUMNS = ("id, endpoint, path, input, status, created_at, started_at, finished_at, result, "
             "error, logs, webhook_url, attempts, cancel_requested")
 _COLUMNS_NO_INPUT = _COLUMNS.replace(" input,", " '{}',")
@@ -141,66 +80,11 @@ class SqliteJobStore:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
         self.path = str(path)
-        if self.path != ":memory:":
-            parent = Path(self.path).expanduser().resolve().parent
-            if not parent.is_dir():
-                raise StoreUnavailable(f"sqlite job store {self.path!r}: folder {parent} does "
-                                       "not exist")
         self.lease_s, self.max_attempts, self.poll_s = lease_s, max_attempts, poll_s
         self._lock = threading.RLock()
         self._arrived = threading.Condition(threading.Lock())
         self._host, self._proc = process_host(), process_token()
-        self._db: sqlite3.Connection | None = None
-        try:
-            self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
-                                       check_same_thread=False)
-            self._init_schema(busy_timeout_s)
-            self._check()
-        except sqlite3.Error as e:
-            self.close()
-            reason = " ".join(self._explain(e).split())    # one line, whatever sqlite said
-            raise StoreUnavailable(f"sqlite job store {self.path!r} cannot be used: {reason}"
-                                   ) from None
-
-    def _explain(self, e: sqlite3.Error) -> str:
-        hint = next((h for k, h in _HINTS.items() if k in str(e).lower()), None)
-        if self.path != ":memory:":
-            # A full disk often shows as a plain "disk I/O error" (creating the -wal file).
-            free = shutil.disk_usage(Path(self.path).expanduser().resolve().parent).free
-            if free < 1 << 20:
-                hint = f"the disk is full ({free} bytes free)"
-        return f"{hint} ({e})" if hint else str(e)
-
-    def _init_schema(self, busy_timeout_s: float) -> None:
-        # Switching a new file to WAL needs an exclusive moment that SQLite's busy handler does
-        # not wait for, so processes opening the same new file at once retry here.
-        deadline = time.monotonic() + busy_timeout_s
-        while True:
-            try:
-                with self._lock:
-                    self._conn().execute("PRAGMA journal_mode=WAL")
-                    self._conn().execute("PRAGMA synchronous=FULL")
-                    with self._write() as db:
-                        for stmt in _SCHEMA.split(";"):
-                            if stmt.strip():
-                                db.execute(stmt)
-                        # A write that reaches the file: a read-only file or a full disk fails
-                        # here, at startup, instead of at the first submit.
-                        db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES "
-                                   "('opened_at', ?)", (repr(time.time()),))
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-
-    def _check(self) -> None:
-        """Corruption and foreign tables are found now, before the server loads a model."""
-        problems = [row[0] for row in self._read("PRAGMA quick_check")]
-        if problems != ["ok"]:
-            raise sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}")
-        for sql in _SHAPE:
-            self._read(sql)
+        self._db: sqlite3.Connection | None = open_checked(self.path, busy_timeout_s)
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
