@@ -216,7 +216,10 @@ class WebhookSender:
             with self._cond:
                 self._busy += len(claims)
             for claim in claims:
-                self._pool.submit(self._deliver, claim)
+                try:
+                    self._pool.submit(self._deliver, claim)
+                except RuntimeError:      # closed meanwhile: _deliver hands the claim back
+                    self._deliver(claim)
             if len(claims) < free:        # nothing more due now: wait for a poll or a wake
                 with self._cond:
                     self._cond.wait_for(lambda: self._closed or self._woken, self.poll_s)

@@ -81,6 +81,8 @@ def test_slow_receiver_does_not_delay_another_and_logs_keep_no_error_text(
             slow_id = submit(client, body, slow.url)
             wait_until(lambda: slow.requests, 30, "the slow receiver to be called")
             fast_id = submit(client, body, fast.url)
+            wait_until(lambda: status(client, EP, fast_id)["status"] == "COMPLETED", 60,
+                       "the second job")
             t0 = time.monotonic()
             wait_until(lambda: fast.requests, 5, "the other receiver's webhook (not queued "
                        "behind the slow one)")
