@@ -70,9 +70,10 @@ class RedisJobStore:
         try:
             # The URL's own options win over these defaults (redis-py merges them on top).
             self._r = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
-            self._r.ping()
-            # A write: a read-only replica or a Redis out of memory fails here, at startup.
-            self._r.set(prefix + "opened_at", repr(time.time()))
+            # The probe has a read timeout too: something listening that never answers (not a
+            # Redis) fails in seconds. A write: a read-only replica or a full Redis fails now.
+            with redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5) as probe:
+                probe.set(prefix + "opened_at", repr(time.time()))
         except (redis.RedisError, ValueError, OSError) as e:
             reason = " ".join(str(e).split()) or type(e).__name__
             raise StoreUnavailable(f"redis job store {url!r} cannot be used: {reason}") from None

@@ -119,8 +119,13 @@ def test_bad_queue_urls_and_an_unreachable_redis(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"      # nothing listens there
-    for url in (dead, "redis://127.0.0.1:notaport/0", "postgres://db/x", "sqlite://host/x.db",
-                f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}", "jobs.db"):
-        named = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
-        line = assert_store_refused(*serve(tmp_path, "--queue", url), named)
-        assert "queue URL" in line or "job store" in line, line
+    with socket.socket() as mute:                   # accepts connections, never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        silent = f"redis://127.0.0.1:{mute.getsockname()[1]}/0"
+        for url in (dead, silent, "redis://127.0.0.1:notaport/0", "redis://127.0.0.1:1/x",
+                    "postgres://db/x", "sqlite://host/x.db",
+                    f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}", "jobs.db"):
+            named = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+            line = assert_store_refused(*serve(tmp_path, "--queue", url), named)
+            assert "queue URL" in line or "job store" in line, line
