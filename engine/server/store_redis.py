@@ -21,10 +21,10 @@ Keys (`p` = the prefix, default "fastllava:"; one Redis database, not Redis Clus
 Every state change is one Lua script (redis_scripts.py), atomic against every other client:
 claim pops the queue head, marks the job IN_PROGRESS and adds its lease in one step, so no job
 is handed out twice and none is lost between the pop and the lease; finishing a job with a
-webhook_url adds its delivery to p+"hooks" in the same script. recover() takes back IN_PROGRESS jobs whose lease
-ran out or whose worker key expired, and (at once) those of workers registered on this host by a
-process that no longer exists, and frees webhook claims of such processes. Times are the
-clients' clocks (keep the hosts in sync).
+webhook_url adds its delivery to p+"hooks" in the same script. recover() takes back IN_PROGRESS
+jobs whose lease ran out or whose worker key expired, and (at once) those of workers registered
+on this host by a process that no longer exists, and frees webhook claims of such processes.
+Times are the clients' clocks (keep the hosts in sync).
 """
 
 from __future__ import annotations
