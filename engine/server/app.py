@@ -42,12 +42,12 @@ class Idempotency:
     def submit(self, key, store, endpoint, path, data, webhook):
         try:
             return store.submit(endpoint, path, data, webhook, idempotency_key=key or None)
-        except IdempotencyConflict:
+        except IdempotencyConflict as e:
             raise ApiError(422, [{
                 "loc": ["header", "idempotency-key"],
-                "msg": "this Idempotency-Key was already used for a different request (another "
-                       "body, path or fal_webhook); send the same request to get its job, or "
-                       "use a new key",
+                "msg": f"this Idempotency-Key was already used for a request with another "
+                       f"{' and '.join(e.differs)}; send that same request again to get its "
+                       "job, or use a new key",
                 "type": "idempotency_key_reused"}], "idempotency_key_reused") from None
 
 

@@ -65,19 +65,35 @@ class StoreUnavailable(ValueError):
 
 
 class IdempotencyConflict(Exception):
-    """submit() got an idempotency key that an earlier, different request already used."""
+    """submit() got an idempotency key that an earlier, different request already used.
+    `differs`: what is different ("path", "body", "fal_webhook"), see fingerprint_differs."""
 
-    def __init__(self, job_id: str):
-        super().__init__(f"the idempotency key was used for job {job_id} with another request")
-        self.job_id = job_id
+    def __init__(self, job_id: str, differs: list[str]):
+        super().__init__(f"the idempotency key was used for job {job_id} with another "
+                         f"{', '.join(differs)}")
+        self.job_id, self.differs = job_id, differs
+
+
+# The parts of a submit an idempotency key is bound to (the endpoint scopes the key itself).
+_FINGERPRINT_PARTS = ("path", "body", "fal_webhook")
 
 
 def request_fingerprint(endpoint: str, path: str, input: dict[str, Any],
                         webhook_url: str | None) -> str:
-    """What makes two submits the same request (endpoint, path, body, webhook), as a sha256 hex.
-    The body is compared as canonical JSON, so key order and whitespace do not matter."""
-    text = json.dumps([endpoint, path, input, webhook_url], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    """What makes two submits to one endpoint the same request: a sha256 per part (path, body,
+    webhook), so a conflict can say which differs. The body is hashed as canonical JSON: key
+    order and whitespace do not matter."""
+    parts = (f"{endpoint}\n{path}", input, webhook_url)
+    return ",".join(hashlib.sha256(json.dumps(part, sort_keys=True, separators=(",", ":"))
+                                   .encode()).hexdigest() for part in parts)
+
+
+def fingerprint_differs(stored: str, new: str) -> list[str]:
+    """The parts (of _FINGERPRINT_PARTS) in which two request_fingerprints differ."""
+    a, b = stored.split(","), new.split(",")
+    if len(a) != len(_FINGERPRINT_PARTS) or len(b) != len(_FINGERPRINT_PARTS):
+        return ["request"]
+    return [name for name, x, y in zip(_FINGERPRINT_PARTS, a, b) if x != y] or ["request"]
 
 
 @dataclasses.dataclass(frozen=True)

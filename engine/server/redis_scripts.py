@@ -22,14 +22,15 @@ local function finish(p, id, result, err, now)
 end
 """
 # ARGV: p, id, endpoint, path, input, created_at, webhook_url, idem key ('' for none),
-# fingerprint -> {seq} for a new job, {'same', id} / {'conflict', id} for a known key.
+# fingerprint -> {seq} for a new job, {'same', id} / {'conflict', id, its fingerprint} for a
+# known key.
 SUBMIT = """
 local p, id = ARGV[1], ARGV[2]
 if ARGV[8] ~= '' then
   local known = redis.call('HMGET', ARGV[8], 'job_id', 'fingerprint')
   if known[1] and redis.call('EXISTS', p .. 'job:' .. known[1]) == 1 then
     if known[2] == ARGV[9] then return {'same', known[1]} end
-    return {'conflict', known[1]}
+    return {'conflict', known[1], known[2]}
   end
   redis.call('HSET', ARGV[8], 'job_id', id, 'fingerprint', ARGV[9])
 end

@@ -40,8 +40,9 @@ import redis
 
 from . import redis_scripts as lua
 from .jobs import (IN_PROGRESS, IN_QUEUE, IdempotencyConflict, Job, StoreUnavailable,
-                   WebhookClaim, cancelled_error, claim_is_orphaned, claim_owner, job_error,
-                   log_item, process_host, process_is_dead, process_token, request_fingerprint)
+                   WebhookClaim, cancelled_error, claim_is_orphaned, claim_owner,
+                   fingerprint_differs, job_error, log_item, process_host, process_is_dead,
+                   process_token, request_fingerprint)
 
 # Job hash fields a status read needs (all but the input, which may be a multi-MB data URI).
 _FIELDS_NO_INPUT = ("id", "endpoint", "path", "status", "created_at", "started_at", "finished_at",
@@ -105,7 +106,7 @@ class RedisJobStore:
         out = self._run("submit", job.id, endpoint, path, json.dumps(job.input),
                         repr(job.created_at), webhook_url or "", idem, fingerprint)
         if out[0] == "conflict":
-            raise IdempotencyConflict(out[1])
+            raise IdempotencyConflict(out[1], fingerprint_differs(out[2], fingerprint))
         if out[0] == "same":
             known = self.get(out[1], with_input=False)
             if known is not None:

@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .jobs import (COMPLETED, IN_PROGRESS, IN_QUEUE, IdempotencyConflict, Job, WebhookClaim,
-                   cancelled_error, claim_is_orphaned, claim_owner, job_error, log_item,
-                   process_host, process_is_dead, process_token, request_fingerprint)
+                   cancelled_error, claim_is_orphaned, claim_owner, fingerprint_differs,
+                   job_error, log_item, process_host, process_is_dead, process_token,
+                   request_fingerprint)
 from .sqlite_file import open_checked
 
 _COLUMNS = ("id, endpoint, path, input, status, created_at, started_at, finished_at, result, "
@@ -146,7 +147,7 @@ class SqliteJobStore:
                                  "ON j.id = k.job_id WHERE k.endpoint = ? AND k.key = ?",
                                  (endpoint, idempotency_key)).fetchone()
                 if row is not None and row[0] != fingerprint:
-                    raise IdempotencyConflict(row[1])
+                    raise IdempotencyConflict(row[1], fingerprint_differs(row[0], fingerprint))
                 if row is not None:
                     return _row_to_job(db.execute(f"SELECT {_COLUMNS_NO_INPUT} FROM jobs "
                                                   "WHERE id = ?", (row[1],)).fetchone())

@@ -16,11 +16,12 @@ def submit(client, body, key, *, path="", webhook=None, header="Idempotency-Key"
     return client.post(f"/queue/{EP}{path}", json=body, params=params, headers={header: key})
 
 
-def assert_conflict(r):
+def assert_conflict(r, differs):
     assert r.status_code == 422, (r.status_code, r.text)
     (item,) = r.json()["detail"]
     assert item["loc"] == ["header", "idempotency-key"], item
     assert item["type"] == "idempotency_key_reused" and "Idempotency-Key" in item["msg"], item
+    assert f"another {differs};" in item["msg"], item          # names what differs
     assert r.headers["x-fal-error-type"] == "idempotency_key_reused"
 
 
@@ -39,9 +40,10 @@ def test_one_job_per_key_across_processes_and_restarts(server_factory, tiny_llav
         other = submit(b, body, "key-1", header="x-idempotency-key").json()
         assert other["request_id"] == job["request_id"], (job, other)
         # Same key, different request: body, path or webhook.
-        assert_conflict(submit(a, body | {"max_tokens": 5}, "key-1"))
-        assert_conflict(submit(b, body, "key-1", path="/sub"))
-        assert_conflict(submit(a, body, "key-1", webhook="http://127.0.0.1:9/hook"))
+        assert_conflict(submit(a, body | {"max_tokens": 5}, "key-1"), "body")
+        assert_conflict(submit(b, body, "key-1", path="/sub"), "path")
+        assert_conflict(submit(a, body, "key-1", webhook="http://127.0.0.1:9/hook"),
+                        "fal_webhook")
         # Many clients racing with one new key on two processes: one job.
         ids, lock = [], threading.Lock()
 
@@ -65,6 +67,6 @@ def test_one_job_per_key_across_processes_and_restarts(server_factory, tiny_llav
     with restarted.client() as c:
         assert submit(c, body, "key-1").json()["request_id"] == job["request_id"]
         assert submit(c, body, "key-race").json()["request_id"] == race_id
-        assert_conflict(submit(c, body | {"prompt": "Another question."}, "key-1"))
+        assert_conflict(submit(c, body | {"prompt": "Another question."}, "key-1"), "body")
         fresh = submit(c, body, "key-2").json()["request_id"]
         assert fresh not in (job["request_id"], race_id)

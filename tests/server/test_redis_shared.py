@@ -67,6 +67,6 @@ def test_idempotency_key_holds_across_servers_sharing_redis(server_factory, tiny
         t.join(60)
     assert len(ids) == 16 and len(set(ids)) == 1, set(ids)
     with servers[1].client() as client:
-        assert_conflict(submit(client, body | {"max_tokens": 5}, "shared-key"))
+        assert_conflict(submit(client, body | {"max_tokens": 5}, "shared-key"), "body")
         wait_until(lambda: status(client, EP, ids[0])["status"] == "COMPLETED", 60, "the job")
         assert client.get("/health").json()["queue"] == {"IN_QUEUE": 0, "IN_PROGRESS": 0}

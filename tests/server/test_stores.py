@@ -310,13 +310,14 @@ def test_idempotency_key_gives_one_job_per_request(make):
     again = other.submit("o/a", "sub", dict(reversed(body.items())), "http://hook/1",
                          idempotency_key="k1")             # same request, keys in another order
     assert again.id == first.id and store.counts()[IN_QUEUE] == 1, (first, again)
-    for path, changed, hook in (("sub", {**body, "max_tokens": 4}, "http://hook/1"),
-                                ("other", body, "http://hook/1"),
-                                ("sub", body, "http://hook/2"),
-                                ("sub", body, None)):
+    for path, changed, hook, differs in (
+            ("sub", {**body, "max_tokens": 4}, "http://hook/1", ["body"]),
+            ("other", body, "http://hook/1", ["path"]),
+            ("sub", body, "http://hook/2", ["fal_webhook"]),
+            ("other", {}, None, ["path", "body", "fal_webhook"])):
         with pytest.raises(IdempotencyConflict) as info:
             other.submit("o/a", path, changed, hook, idempotency_key="k1")
-        assert info.value.job_id == first.id
+        assert (info.value.job_id, info.value.differs) == (first.id, differs)
     assert store.submit("o/b", "sub", body, "http://hook/1", idempotency_key="k1").id != first.id
     assert store.submit("o/a", "sub", body, "http://hook/1").id != first.id   # no key: new job
     assert store.counts()[IN_QUEUE] == 3
