@@ -93,6 +93,8 @@ def _add_serve(commands) -> None:
     a("--refuse-private-webhook-hosts", action="store_true",
       help="refuse fal_webhook URLs on loopback/private/link-local hosts (allowed by default: "
       "a self-hosted server often calls back into its own network)")
+    a("--webhook-concurrency", type=int, default=d["webhook_concurrency"], metavar="N",
+      help=f"webhook deliveries attempted at once (default {d['webhook_concurrency']})")
     for name, kind, help_ in (
             ("max_body_bytes", int, "largest request body (413 above)"),
             ("max_image_bytes", int, "largest image download / decoded data URI"),
@@ -178,19 +180,23 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from fastllava.api import LLaVA
-    from fastllava.server.app import create_app
-    from fastllava.server.connection import header_timeout_protocol
-    from fastllava.server.safety import image_limits
     from fastllava.server.serverlog import configure_logging
     from fastllava.server.stores import open_store
 
     settings = settings_from_args(args)  # ValueError → exit 2 before loading
     configure_logging(args.log_level)
-    store = open_store(settings.resolved_queue_url)  # a bad --queue fails before the model load
+    # The job store is opened and checked first (a bad --queue URL, an unreachable Redis, a
+    # corrupt, read-only or full SQLite file: one `error:` line, exit 2), before torch is even
+    # imported, let alone the weights loaded.
+    store = open_store(settings.resolved_queue_url)
     try:
+        import uvicorn
+
+        from fastllava.api import LLaVA
+        from fastllava.server.app import create_app
+        from fastllava.server.connection import header_timeout_protocol
+        from fastllava.server.safety import image_limits
+
         llava = LLaVA.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
                                       backend=settings.backend, progress=True,
                                       runtime=settings.runtime,

@@ -17,9 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 import time
-from collections import OrderedDict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError as FastAPIValidationError
@@ -31,6 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from . import fal_routes, openai_routes, openapi, serverlog
 from .connection import BodyTimeoutMiddleware
 from .errors import ApiError, error_response
+from .jobs import IdempotencyConflict
 from .metrics import Metrics
 from .middleware import OPEN_PATHS, GatewayMiddleware
 from .settings import DEFAULT_ENDPOINTS, ServerSettings
@@ -39,27 +38,21 @@ log = logging.getLogger("fastllava.server")
 
 
 class Idempotency:
-    """Submit deduplication by an `Idempotency-Key` / `x-idempotency-key` header: the same key
-    (per endpoint) returns the job the first submit created, while that job is still stored.
-    In memory, per process, the newest `size` keys."""
-
-    def __init__(self, size: int = 10_000):
-        self._lock = threading.Lock()
-        self._ids: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self.size = size
+    """Submit deduplication by an `Idempotency-Key` / `x-idempotency-key` header, kept in the job
+    store (so it holds across restarts and across servers sharing a queue): the same key (per
+    endpoint) returns the job the first submit created while that job is stored; the same key
+    with another request (path, body or webhook) is a 422 naming the conflict."""
 
     def submit(self, key, store, endpoint, path, data, webhook):
-        if not key:
-            return store.submit(endpoint, path, data, webhook)
-        with self._lock:  # one submit at a time per process for keyed requests
-            job_id = self._ids.get((endpoint, key))
-            job = store.get(job_id, with_input=False) if job_id else None
-            if job is None:
-                job = store.submit(endpoint, path, data, webhook)
-                self._ids[(endpoint, key)] = job.id
-                while len(self._ids) > self.size:
-                    self._ids.popitem(last=False)
-            return job
+        try:
+            return store.submit(endpoint, path, data, webhook, idempotency_key=key or None)
+        except IdempotencyConflict as e:
+            raise ApiError(422, [{
+                "loc": ["header", "idempotency-key"],
+                "msg": f"this Idempotency-Key was already used for a request with another "
+                       f"{' and '.join(e.differs)}; send that same request again to get its "
+                       "job, or use a new key",
+                "type": "idempotency_key_reused"}], "idempotency_key_reused") from None
 
 
 def default_endpoint(llava) -> str:
@@ -92,7 +85,8 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
                                    max_tokens_limit=settings.max_tokens_limit,
                                    max_prompt_chars=settings.max_prompt_chars,
                                    concurrency=settings.queue_concurrency,
-                                   image_fetch_concurrency=settings.image_fetch_concurrency)
+                                   image_fetch_concurrency=settings.image_fetch_concurrency,
+                                   webhook_concurrency=settings.webhook_concurrency)
                 worker.start()
             serverlog.log_startup(app)
             if settings.stats_interval_s > 0:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import json
 import os
 import socket
 import time
+import uuid
 from typing import Any, Protocol
 
 IN_QUEUE, IN_PROGRESS, COMPLETED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
@@ -56,9 +59,58 @@ class Job:
     cancel_requested: bool = False
 
 
+class StoreUnavailable(ValueError):
+    """The job store cannot be opened or used as one: a bad URL, an unreachable server, a corrupt,
+    foreign, read-only or full database. The message is one line naming the store."""
+
+
+class IdempotencyConflict(Exception):
+    """submit() got an idempotency key that an earlier, different request already used.
+    `differs`: what is different ("path", "body", "fal_webhook"), see fingerprint_differs."""
+
+    def __init__(self, job_id: str, differs: list[str]):
+        super().__init__(f"the idempotency key was used for job {job_id} with another "
+                         f"{', '.join(differs)}")
+        self.job_id, self.differs = job_id, differs
+
+
+# The parts of a submit an idempotency key is bound to (the endpoint scopes the key itself).
+_FINGERPRINT_PARTS = ("path", "body", "fal_webhook")
+
+
+def request_fingerprint(endpoint: str, path: str, input: dict[str, Any],
+                        webhook_url: str | None) -> str:
+    """What makes two submits to one endpoint the same request: a sha256 per part (path, body,
+    webhook), so a conflict can say which differs. The body is hashed as canonical JSON: key
+    order and whitespace do not matter."""
+    parts = (f"{endpoint}\n{path}", input, webhook_url)
+    return ",".join(hashlib.sha256(json.dumps(part, sort_keys=True, separators=(",", ":"))
+                                   .encode()).hexdigest() for part in parts)
+
+
+def fingerprint_differs(stored: str, new: str) -> list[str]:
+    """The parts (of _FINGERPRINT_PARTS) in which two request_fingerprints differ."""
+    a, b = stored.split(","), new.split(",")
+    if len(a) != len(_FINGERPRINT_PARTS) or len(b) != len(_FINGERPRINT_PARTS):
+        return ["request"]
+    return [name for name, x, y in zip(_FINGERPRINT_PARTS, a, b) if x != y] or ["request"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookClaim:
+    """One webhook attempt handed to a sender by JobStore.claim_webhooks."""
+    job: Job            # the COMPLETED job (input left out)
+    attempt: int        # 1-based, counted across processes and restarts
+    owner: str          # this claim's token (see claim_owner); webhook_attempted checks it
+
+
 class JobStore(Protocol):
     def submit(self, endpoint: str, path: str, input: dict[str, Any],
-               webhook_url: str | None = None) -> Job: ...
+               webhook_url: str | None = None, *, idempotency_key: str | None = None) -> Job:
+        """Queue a new job. With idempotency_key: while the job an earlier submit with the same
+        (endpoint, key) created is stored, return that job instead if the request_fingerprint
+        matches, else raise IdempotencyConflict. Insert-or-get is one atomic step, across
+        processes sharing the store."""
     def get(self, job_id: str, *, with_input: bool = True) -> Job | None:
         """The job, or None. with_input=False leaves Job.input empty ({}) without reading it: status
         polls and status streams never need a data-URI input that may be megabytes."""
@@ -76,7 +128,9 @@ class JobStore(Protocol):
         it; False if it was already COMPLETED or is unknown (the first completion wins, so a job
         re-run after a lost lease never gets two results or two webhooks). `log` (message,
         level) is appended in the same transaction, only when this call finishes the job: a
-        crash can never leave a "done" line on a job that is then run again."""
+        crash can never leave a "done" line on a job that is then run again. Every way a job
+        with a webhook_url completes (here, cancel, recover giving up) queues its webhook
+        delivery in that same transaction, due at once."""
     def release(self, job_id: str, worker_id: str) -> bool:
         """Give a job this worker holds back to the queue, unfinished (graceful shutdown): it is
         IN_QUEUE again at its original place, and the interrupted attempt is not counted."""
@@ -96,6 +150,17 @@ class JobStore(Protocol):
         """Delete COMPLETED jobs finished more than retention_s ago; returns how many."""
     def counts(self) -> dict[str, int]:
         """{"IN_QUEUE": n, "IN_PROGRESS": m}."""
+    def claim_webhooks(self, limit: int, lease_s: float) -> list[WebhookClaim]:
+        """Take up to `limit` due webhook deliveries (attempts += 1) for this process. A claim is
+        due again after lease_s (its sender hung or died) or, once recover() sees this process
+        is gone, at once. Deliveries of purged jobs are dropped."""
+    def webhook_attempted(self, claim: WebhookClaim, retry_at: float | None,
+                          log: tuple[str, str] | None) -> bool:
+        """Record an attempt's outcome: retry_at None → the delivery is done (delivered or given
+        up), else due again at retry_at (unix s). `log` (message, level) goes on the job in the
+        same transaction. False (and nothing written) when the claim was taken over meanwhile."""
+    def webhooks_pending(self) -> int:
+        """Webhook deliveries not finished yet (due, in backoff or being attempted)."""
     def close(self) -> None: ...
 
 
@@ -136,6 +201,20 @@ def process_host() -> str:
 def process_token(pid: int | None = None) -> str:
     pid = os.getpid() if pid is None else pid
     return f"{pid}:{_start_time(pid) or ''}"
+
+
+def claim_owner() -> str:
+    """A fresh claim token that also names this process (for claim_is_orphaned)."""
+    return json.dumps([uuid.uuid4().hex, process_host(), process_token()])
+
+
+def claim_is_orphaned(owner: str) -> bool:
+    """True when the process that made this claim_owner() token is certainly gone."""
+    try:
+        _, host, token = json.loads(owner)
+    except (ValueError, TypeError):
+        return False
+    return process_is_dead(host, token)
 
 
 def process_is_dead(host: str, token: str) -> bool:

@@ -33,6 +33,7 @@ class ServerSettings:
     webhook_secret: str | None = None           # HMAC-SHA256 key for webhook signatures
     allow_private_image_hosts: bool = False
     refuse_private_webhook_hosts: bool = False  # webhooks may call back into the own network
+    webhook_concurrency: int = 8                # webhook deliveries attempted at once
     max_body_bytes: int = 32 * 1024 * 1024      # whole request body (413 above)
     max_image_bytes: int = 20 * 1024 * 1024     # download / decoded data URI
     max_image_pixels: int = 40_000_000          # width * height, checked before decoding
@@ -55,10 +56,11 @@ class ServerSettings:
     runtime: RuntimeConfig = RuntimeConfig()    # batching, KV pool, caches, CUDA graphs
 
     def __post_init__(self):
-        for name in ("queue_concurrency", "image_fetch_concurrency", "max_body_bytes",
-                     "max_image_bytes", "max_image_pixels", "max_prompt_chars", "max_tokens_limit",
-                     "image_timeout_s", "retention_s", "sse_ping_s", "default_chat_max_tokens",
-                     "max_stop_chars", "header_timeout_s", "body_timeout_s"):
+        for name in ("queue_concurrency", "image_fetch_concurrency", "webhook_concurrency",
+                     "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_chars",
+                     "max_tokens_limit", "image_timeout_s", "retention_s", "sse_ping_s",
+                     "default_chat_max_tokens", "max_stop_chars", "header_timeout_s",
+                     "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.stats_interval_s < float("inf"):
@@ -84,7 +86,11 @@ class ServerSettings:
         if self.queue_url:
             return self.queue_url
         path = Path(self.data_dir).expanduser().resolve() / "jobs.sqlite3"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"data dir {str(path.parent)!r} cannot be created: "
+                             f"{e.strerror or e}") from None
         return f"sqlite:///{path}"
 
 

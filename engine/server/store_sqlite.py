@@ -15,6 +15,19 @@ original place at the head of the queue; one already asked to cancel is complete
 (499), and one that has been claimed `max_attempts` times (a request that kills its server) is
 completed with a 500 instead of being tried forever.
 
+Idempotency keys live in `idempotency` (primary key endpoint + key, with the request fingerprint
+and the job id), inserted in the submit's own write transaction, so the same key sent twice, to
+two processes, or after a restart gives one job; they go when their job is purged.
+
+Webhooks. Finishing a job that has a webhook_url inserts its delivery into `webhooks` in the same
+transaction (a crash cannot lose it). claim_webhooks() hands due deliveries out with
+`owner` = a claim token naming the process and `due_at` = the lease end; webhook_attempted()
+deletes the row or sets the next due time. recover() frees at once the claims of a process that
+is gone.
+
+Opening (sqlite_file.open_checked) creates the tables and checks the file before anything else
+uses it: a corrupt, foreign, read-only or full one is a one-line StoreUnavailable.
+
 Thread safety: one connection per store, used under a lock (SQLite serialises writers anyway).
 claim(timeout_s) waits on a condition that in-process submits signal and re-reads the table every
 `poll_s` for jobs submitted by other processes; it never spins.
@@ -31,39 +44,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from .jobs import (COMPLETED, IN_PROGRESS, IN_QUEUE, Job, cancelled_error, job_error, log_item,
-                   process_host, process_is_dead, process_token)
+from .jobs import (COMPLETED, IN_PROGRESS, IN_QUEUE, IdempotencyConflict, Job, WebhookClaim,
+                   cancelled_error, claim_is_orphaned, claim_owner, fingerprint_differs,
+                   job_error, log_item, process_host, process_is_dead, process_token,
+                   request_fingerprint)
+from .sqlite_file import open_checked
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    endpoint TEXT NOT NULL,
-    path TEXT NOT NULL,
-    input TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    result TEXT,
-    error TEXT,
-    logs TEXT NOT NULL DEFAULT '[]',
-    webhook_url TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    worker_id TEXT,
-    lease_expires_at REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
-CREATE INDEX IF NOT EXISTS jobs_status_finished ON jobs (status, finished_at);
-CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker_id);
-CREATE TABLE IF NOT EXISTS workers (
-    worker_id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    proc TEXT NOT NULL,
-    last_seen REAL NOT NULL
-);
-"""
 _COLUMNS = ("id, endpoint, path, input, status, created_at, started_at, finished_at, result, "
             "error, logs, webhook_url, attempts, cancel_requested")
 _COLUMNS_NO_INPUT = _COLUMNS.replace(" input,", " '{}',")
@@ -95,36 +81,11 @@ class SqliteJobStore:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
         self.path = str(path)
-        if self.path != ":memory:":
-            parent = Path(self.path).expanduser().resolve().parent
-            if not parent.is_dir():
-                raise ValueError(f"sqlite job store {self.path!r}: folder {parent} does not exist")
         self.lease_s, self.max_attempts, self.poll_s = lease_s, max_attempts, poll_s
         self._lock = threading.RLock()
         self._arrived = threading.Condition(threading.Lock())
         self._host, self._proc = process_host(), process_token()
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-        self._init_schema(busy_timeout_s)
-
-    def _init_schema(self, busy_timeout_s: float) -> None:
-        # Switching a new file to WAL needs an exclusive moment that SQLite's busy handler does
-        # not wait for, so processes opening the same new file at once retry here.
-        deadline = time.monotonic() + busy_timeout_s
-        while True:
-            try:
-                with self._lock:
-                    self._conn().execute("PRAGMA journal_mode=WAL")
-                    self._conn().execute("PRAGMA synchronous=FULL")
-                    with self._write() as db:
-                        for stmt in _SCHEMA.split(";"):
-                            if stmt.strip():
-                                db.execute(stmt)
-                return
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        self._db: sqlite3.Connection | None = open_checked(self.path, busy_timeout_s)
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -168,14 +129,32 @@ class SqliteJobStore:
             "lease_expires_at = NULL WHERE id = ? AND status != ?",
             (COMPLETED, None if result is None else json.dumps(result),
              None if error is None else json.dumps(error), now, job_id, COMPLETED))
-        return cur.rowcount == 1
+        if cur.rowcount != 1:
+            return False
+        db.execute("INSERT OR REPLACE INTO webhooks (job_id, due_at) SELECT id, ? FROM jobs "
+                   "WHERE id = ? AND webhook_url IS NOT NULL", (now, job_id))
+        return True
 
     # ---- JobStore --------------------------------------------------------------------------------
     def submit(self, endpoint: str, path: str, input: dict[str, Any],
-               webhook_url: str | None = None) -> Job:
+               webhook_url: str | None = None, *, idempotency_key: str | None = None) -> Job:
         job = Job(id=str(uuid.uuid4()), endpoint=endpoint, path=path, input=dict(input),
                   created_at=time.time(), webhook_url=webhook_url)
         with self._write() as db:
+            if idempotency_key is not None:
+                fingerprint = request_fingerprint(endpoint, path, job.input, webhook_url)
+                row = db.execute("SELECT k.fingerprint, k.job_id FROM idempotency k JOIN jobs j "
+                                 "ON j.id = k.job_id WHERE k.endpoint = ? AND k.key = ?",
+                                 (endpoint, idempotency_key)).fetchone()
+                if row is not None and row[0] != fingerprint:
+                    raise IdempotencyConflict(row[1], fingerprint_differs(row[0], fingerprint))
+                if row is not None:
+                    return _row_to_job(db.execute(f"SELECT {_COLUMNS_NO_INPUT} FROM jobs "
+                                                  "WHERE id = ?", (row[1],)).fetchone())
+                # A key whose job was purged is free again.
+                db.execute("INSERT OR REPLACE INTO idempotency (endpoint, key, fingerprint, "
+                           "job_id) VALUES (?, ?, ?, ?)",
+                           (endpoint, idempotency_key, fingerprint, job.id))
             db.execute("INSERT INTO jobs (id, endpoint, path, input, status, created_at, "
                        "webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (job.id, endpoint, path, json.dumps(job.input), IN_QUEUE, job.created_at,
@@ -291,7 +270,10 @@ class SqliteJobStore:
                 lost.append((job_id, worker, crashed))
         gone = [w for w, host, proc in self._read("SELECT worker_id, host, proc FROM workers")
                 if process_is_dead(host, proc)]
-        if not lost and not gone:
+        orphaned = [(job_id, owner) for job_id, owner in self._read(
+            "SELECT job_id, owner FROM webhooks WHERE owner IS NOT NULL")
+            if claim_is_orphaned(owner)]
+        if not lost and not gone and not orphaned:
             return 0
         taken = 0
         with self._write() as db:
@@ -318,6 +300,8 @@ class SqliteJobStore:
                                (IN_QUEUE, job_id))
                     self._log(db, job_id, f"worker {worker} stopped ({why}); re-queued", "WARN")
             db.executemany("DELETE FROM workers WHERE worker_id = ?", [(w,) for w in gone])
+            db.executemany("UPDATE webhooks SET owner = NULL, due_at = ? WHERE job_id = ? AND "
+                           "owner = ?", [(now, job_id, owner) for job_id, owner in orphaned])
         if taken:
             with self._arrived:
                 self._arrived.notify_all()
@@ -326,6 +310,9 @@ class SqliteJobStore:
     def purge_expired(self, retention_s: float) -> int:
         now = time.time()
         with self._write() as db:
+            for table, column in (("idempotency", "job_id"), ("webhooks", "job_id")):
+                db.execute(f"DELETE FROM {table} WHERE {column} IN (SELECT id FROM jobs WHERE "
+                           "status = ? AND finished_at < ?)", (COMPLETED, now - retention_s))
             cur = db.execute("DELETE FROM jobs WHERE status = ? AND finished_at < ?",
                              (COMPLETED, now - retention_s))
             db.execute("DELETE FROM workers WHERE last_seen < ?", (now - _WORKER_FORGET_S,))
@@ -335,6 +322,43 @@ class SqliteJobStore:
         found = dict(self._read("SELECT status, COUNT(*) FROM jobs WHERE status IN (?, ?) "
                                 "GROUP BY status", (IN_QUEUE, IN_PROGRESS)))
         return {IN_QUEUE: found.get(IN_QUEUE, 0), IN_PROGRESS: found.get(IN_PROGRESS, 0)}
+
+    def claim_webhooks(self, limit: int, lease_s: float) -> list[WebhookClaim]:
+        now = time.time()
+        # A plain read first: idle polling never takes the write lock.
+        if limit < 1 or not self._read("SELECT 1 FROM webhooks WHERE due_at <= ? LIMIT 1", (now,)):
+            return []
+        owner, claims = claim_owner(), []
+        with self._write() as db:
+            rows = db.execute("SELECT w.job_id, w.attempts, j.id FROM webhooks w LEFT JOIN jobs j "
+                              "ON j.id = w.job_id WHERE w.due_at <= ? ORDER BY w.due_at LIMIT ?",
+                              (now, limit)).fetchall()
+            for job_id, attempts, exists in rows:
+                if exists is None:                    # its job was purged: nothing to send
+                    db.execute("DELETE FROM webhooks WHERE job_id = ?", (job_id,))
+                    continue
+                db.execute("UPDATE webhooks SET attempts = ?, owner = ?, due_at = ? WHERE "
+                           "job_id = ?", (attempts + 1, owner, now + lease_s, job_id))
+                job = _row_to_job(db.execute(f"SELECT {_COLUMNS_NO_INPUT} FROM jobs WHERE id = ?",
+                                             (job_id,)).fetchone())
+                claims.append(WebhookClaim(job, attempts + 1, owner))
+        return claims
+
+    def webhook_attempted(self, claim: WebhookClaim, retry_at: float | None,
+                          log: tuple[str, str] | None) -> bool:
+        with self._write() as db:
+            if retry_at is None:
+                cur = db.execute("DELETE FROM webhooks WHERE job_id = ? AND owner = ?",
+                                 (claim.job.id, claim.owner))
+            else:
+                cur = db.execute("UPDATE webhooks SET owner = NULL, due_at = ? WHERE job_id = ? "
+                                 "AND owner = ?", (retry_at, claim.job.id, claim.owner))
+            if cur.rowcount == 1 and log is not None:
+                self._log(db, claim.job.id, *log)
+            return cur.rowcount == 1
+
+    def webhooks_pending(self) -> int:
+        return self._read("SELECT COUNT(*) FROM webhooks")[0][0]
 
     def close(self) -> None:
         with self._lock:

@@ -20,9 +20,14 @@ random; a Retry-After of whole seconds on 429/503 is honoured up to max_delay_s)
 max_attempts attempts were made. Any other status (2xx success; 3xx — redirects are not
 followed — and other 4xx) is final. Each attempt is re-signed with a fresh timestamp.
 
-Deliveries run on one background thread, ordered by due time, so a slow receiver never blocks
-the job worker. They are kept in memory only: deliveries pending when the process stops are lost
-(the job's result itself is durable and stays retrievable).
+Durable, concurrent. The job store queues a job's delivery in the transaction that completes
+the job, and keeps its attempt count and next due time, so a crash or restart loses none: the
+restarted server (or a sibling on a shared store) resumes them. Delivery is at least once: an
+attempt cut off by a crash is made again, with the same X-Fastllava-Request-Id (receivers
+dedupe on it). Up to `concurrency` attempts run at once, on their own threads, so one slow
+receiver never delays another's delivery nor the job worker. Each attempt is logged on the job
+as "webhook delivered (attempt n/5)" or "webhook delivery failed (attempt n/5)", never with the
+receiver's error (that text would make webhooks a port scanner); the server log has it.
 
 Private addresses. A self-hosted server often calls back into its own network, so webhooks to
 loopback/private hosts are allowed by default; with allow_private=False every address the host
@@ -34,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import heapq
 import hmac
 import ipaddress
 import json
@@ -43,6 +47,7 @@ import random
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -50,7 +55,7 @@ import httpx
 
 from fastllava.preprocess.image_io import is_public_address
 
-from .jobs import Job
+from .jobs import Job, WebhookClaim
 
 log = logging.getLogger("fastllava.webhooks")
 SIGNATURE_HEADER, TIMESTAMP_HEADER = "X-Fastllava-Signature", "X-Fastllava-Timestamp"
@@ -101,17 +106,18 @@ def verify_signature(secret: str | bytes, timestamp: str | int, body: bytes | st
     return isinstance(header, str) and hmac.compare_digest(sign(secret, ts, body), header)
 
 
-@dataclasses.dataclass(order=True)
+@dataclasses.dataclass
 class Delivery:
-    due: float                                   # time.monotonic() of the next attempt
-    seq: int                                     # FIFO among equal due times
-    url: str = dataclasses.field(compare=False)
-    request_id: str = dataclasses.field(compare=False)
-    body: bytes = dataclasses.field(compare=False)
-    attempts: int = dataclasses.field(default=0, compare=False)
-    last_status: int | None = dataclasses.field(default=None, compare=False)
-    last_error: str | None = dataclasses.field(default=None, compare=False)
-    delivered: bool = dataclasses.field(default=False, compare=False)
+    """What one attempt gave (on_result gets the final one). last_error: the transport error or
+    policy refusal, for the server log only, never for the job log (a receiver's error text
+    would make webhooks a port scanner)."""
+    request_id: str
+    url: str
+    attempts: int                       # this attempt's number, counted across restarts
+    last_status: int | None = None      # the receiver's HTTP status
+    last_error: str | None = None
+    delivered: bool = False
+    refused: bool = False               # not sent: the host is private and that is refused
 
 
 def _pin_public(url: str) -> tuple[str, dict[str, str], dict[str, Any]]:
@@ -133,122 +139,167 @@ def _pin_public(url: str) -> tuple[str, dict[str, str], dict[str, Any]]:
 
 
 class WebhookSender:
-    """Queues deliveries and sends them from one background thread (started on first send).
+    """Delivers the webhooks the job store queues (JobStore.claim_webhooks) on up to
+    `concurrency` threads, so a slow receiver holds one thread and never delays the others.
 
-    on_result(delivery) is called (on that thread) once per delivery when it succeeds or is given
-    up; delivery.delivered tells which."""
+    start() begins claiming (pending deliveries of earlier runs included); wake() after a job
+    finished in this process skips the poll delay; close() waits for attempts in flight.
+    on_result(delivery) is called once per delivery this process finishes (sent or given up)."""
 
-    def __init__(self, secret: str | None, max_attempts: int = 5, base_delay_s: float = 1.0, *,
-                 max_delay_s: float = 60.0, timeout_s: float = 10.0, allow_private: bool = True,
+    def __init__(self, store, secret: str | None, max_attempts: int = 5,
+                 base_delay_s: float = 1.0, *, max_delay_s: float = 60.0, timeout_s: float = 10.0,
+                 allow_private: bool = True, concurrency: int = 8, poll_s: float = 0.2,
                  on_result: Callable[[Delivery], None] | None = None):
-        if max_attempts < 1 or base_delay_s < 0 or max_delay_s < 0 or not timeout_s > 0:
-            raise ValueError(f"bad webhook settings: max_attempts={max_attempts!r} (>= 1), "
-                             f"base_delay_s={base_delay_s!r}, max_delay_s={max_delay_s!r} (>= 0), "
-                             f"timeout_s={timeout_s!r} (> 0)")
-        self.secret, self.max_attempts = secret, max_attempts
+        if (max_attempts < 1 or base_delay_s < 0 or max_delay_s < 0 or not timeout_s > 0
+                or concurrency < 1 or not poll_s > 0):
+            raise ValueError(f"bad webhook settings: max_attempts={max_attempts!r}, "
+                             f"concurrency={concurrency!r} (>= 1), base_delay_s={base_delay_s!r}, "
+                             f"max_delay_s={max_delay_s!r} (>= 0), timeout_s={timeout_s!r}, "
+                             f"poll_s={poll_s!r} (> 0)")
+        self.store, self.secret, self.max_attempts = store, secret, max_attempts
         self.base_delay_s, self.max_delay_s = base_delay_s, max_delay_s
         self.allow_private, self.on_result = allow_private, on_result
+        self.concurrency, self.poll_s = concurrency, poll_s
+        # httpx's timeout bounds each connect / write / read, not the whole attempt: a claim
+        # outlives a few of them before another process may take the delivery over.
+        self.lease_s = 4 * timeout_s + 5.0
         self._client = httpx.Client(timeout=timeout_s, follow_redirects=False,
                                     trust_env=allow_private)
-        self._heap: list[Delivery] = []
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="fastllava-webhook")
         self._cond = threading.Condition()
-        self._seq = 0
-        self._busy = 0                     # deliveries taken off the heap, being attempted
-        self._closed = False
+        self._busy = 0                     # claims handed to the pool, not finished
+        self._woken = self._closed = False
         self._thread: threading.Thread | None = None
 
-    def send(self, url: str, body: dict[str, Any], request_id: str) -> None:
-        """Queue one delivery; returns at once."""
-        raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._dispatch, name="fastllava-webhooks",
+                                            daemon=True)
+            self._thread.start()
+
+    def wake(self) -> None:
+        """A delivery was just queued by this process: claim it now, not at the next poll."""
         with self._cond:
-            if self._closed:
-                raise RuntimeError("WebhookSender is closed")
-            self._seq += 1
-            heapq.heappush(self._heap, Delivery(time.monotonic(), self._seq, url, request_id, raw))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="fastllava-webhooks",
-                                                daemon=True)
-                self._thread.start()
+            self._woken = True
             self._cond.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Block until no delivery is pending (tests, graceful shutdown); False on timeout."""
+        """Block until no delivery is pending in the store or in flight here; False on timeout."""
         deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while self._heap or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread; deliveries still pending are dropped (and logged)."""
-        with self._cond:
-            self._closed = True
-            dropped, self._heap = self._heap, []
-            self._cond.notify_all()
-        for d in dropped:
-            log.warning("webhook for %s to %s dropped at shutdown after %d attempt(s)",
-                        d.request_id, d.url, d.attempts)
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        self._client.close()
-
-    # ---- delivery thread -------------------------------------------------------------------------
-    def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and (not self._heap or
-                                            self._heap[0].due > time.monotonic()):
-                    self._cond.wait(self._heap[0].due - time.monotonic() if self._heap else None)
+                idle = self._busy == 0
+            if idle and self.store.webhooks_pending() == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop claiming; wait up to timeout_s for attempts in flight. Deliveries not finished
+        stay in the store for the next start (or a sibling server sharing it)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            self._cond.wait_for(lambda: self._busy == 0, max(0.0, deadline - time.monotonic()))
+            idle = self._busy == 0
+        self._pool.shutdown(wait=False)
+        if idle:          # else an attempt still runs on a daemon thread and needs the client
+            self._client.close()
+
+    # ---- threads ---------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._busy < self.concurrency)
                 if self._closed:
                     return
-                d = heapq.heappop(self._heap)
-                self._busy += 1
-            retry_in = self._attempt(d)
+                free, self._woken = self.concurrency - self._busy, False
+            try:
+                claims = self.store.claim_webhooks(free, self.lease_s)
+            except Exception:
+                log.exception("claiming webhook deliveries failed; retrying")
+                claims = []
+            with self._cond:
+                self._busy += len(claims)
+            for claim in claims:
+                try:
+                    self._pool.submit(self._deliver, claim)
+                except RuntimeError:      # closed meanwhile: _deliver hands the claim back
+                    self._deliver(claim)
+            if len(claims) < free:        # nothing more due now: wait for a poll or a wake
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closed or self._woken, self.poll_s)
+
+    def _deliver(self, claim: WebhookClaim) -> None:
+        try:
+            if self._closed:              # stopping: hand the claim back untried
+                self.store.webhook_attempted(claim, time.time(), None)
+                return
+            d, retry_in = self._attempt(claim)
+            tried = f"attempt {min(d.attempts, self.max_attempts)}/{self.max_attempts}"
+            if d.delivered:
+                line = (f"webhook delivered ({tried})", "INFO")
+            elif d.refused:
+                line = ("webhook delivery refused: this server does not call private hosts",
+                        "WARN")
+            else:
+                final = "" if retry_in is not None else "; giving up"
+                line = (f"webhook delivery failed ({tried}){final}", "WARN")
+            retry_at = None if retry_in is None else time.time() + retry_in
+            if self.store.webhook_attempted(claim, retry_at, line) and retry_at is None \
+                    and self.on_result is not None:
+                self.on_result(d)
+        except Exception:
+            log.exception("webhook delivery for %s failed", claim.job.id)
+        finally:
             with self._cond:
                 self._busy -= 1
-                if retry_in is not None and not self._closed:
-                    d.due = time.monotonic() + retry_in
-                    heapq.heappush(self._heap, d)
                 self._cond.notify_all()
-            if retry_in is None and self.on_result is not None:
-                try:
-                    self.on_result(d)
-                except Exception:
-                    log.exception("webhook on_result callback failed")
 
-    def _attempt(self, d: Delivery) -> float | None:
-        """One POST. Returns the delay before the next attempt, or None when final."""
-        d.attempts += 1
+    def _attempt(self, claim: WebhookClaim) -> tuple[Delivery, float | None]:
+        """One POST → (what happened, the delay before the next attempt or None when final)."""
+        job = claim.job
+        d = Delivery(job.id, job.webhook_url or "", claim.attempt)
+        if d.attempts > self.max_attempts:    # its last attempts died with their process
+            d.last_error = "no attempts left"
+            return d, None
+        body = json.dumps(webhook_body(job), separators=(",", ":"), ensure_ascii=False).encode()
         ts = str(int(time.time()))
-        headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: d.request_id,
+        headers = {"Content-Type": "application/json", REQUEST_ID_HEADER: job.id,
                    TIMESTAMP_HEADER: ts}
         if self.secret:
-            headers[SIGNATURE_HEADER] = sign(self.secret, ts, d.body)
+            headers[SIGNATURE_HEADER] = sign(self.secret, ts, body)
         retry_after = None
         try:
             url, extensions = d.url, {}
             if not self.allow_private:
                 url, host, extensions = _pin_public(d.url)
                 headers.update(host)
-            resp = self._client.post(url, content=d.body, headers=headers, extensions=extensions)
-            d.last_status, d.last_error = resp.status_code, None
-            if resp.status_code < 300:
+            # The response body is never read: a receiver cannot make it cost memory or time.
+            with self._client.stream("POST", url, content=body, headers=headers,
+                                     extensions=extensions) as resp:
+                d.last_status = resp.status_code
+                retry_header = resp.headers.get("retry-after", "")
+            if d.last_status < 300:
                 d.delivered = True
-                return None
-            retryable = resp.status_code >= 500 or resp.status_code in _RETRY_STATUS
-            if resp.status_code in (429, 503) and resp.headers.get("retry-after", "").isdigit():
-                retry_after = float(resp.headers["retry-after"])
+                return d, None
+            retryable = d.last_status >= 500 or d.last_status in _RETRY_STATUS
+            if d.last_status in (429, 503) and retry_header.isdigit():
+                retry_after = float(retry_header)
         except PermissionError as e:            # refused by policy: final
-            d.last_status, d.last_error, retryable = None, str(e), False
+            d.last_error, d.refused, retryable = str(e), True, False
         except (httpx.HTTPError, OSError, ValueError) as e:
-            d.last_status, d.last_error, retryable = None, f"{type(e).__name__}: {e}", True
+            d.last_error, retryable = f"{type(e).__name__}: {e}", True
         if not retryable or d.attempts >= self.max_attempts:
-            log.warning("webhook for %s to %s failed after %d attempt(s): %s", d.request_id,
-                        d.url, d.attempts, d.last_error or f"HTTP {d.last_status}")
-            return None
+            log.warning("webhook for %s to %s failed after %d attempt(s): %s", job.id, d.url,
+                        d.attempts, d.last_error or f"HTTP {d.last_status}")
+            return d, None
         delay = min(self.max_delay_s, self.base_delay_s * 2 ** (d.attempts - 1))
         delay = delay / 2 + random.uniform(0, delay / 2)
-        return delay if retry_after is None else min(self.max_delay_s, max(delay, retry_after))
+        return d, (delay if retry_after is None else min(self.max_delay_s,
+                                                          max(delay, retry_after)))

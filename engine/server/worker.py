@@ -51,9 +51,9 @@ from typing import Any
 
 from fastllava.schema import parse_request
 
-from .jobs import COMPLETED, Job, JobStore, cancelled_error, job_error
+from .jobs import Job, JobStore, cancelled_error, job_error
 from .safety import classify
-from .webhooks import Delivery, WebhookSender, webhook_body
+from .webhooks import WebhookSender
 
 log = logging.getLogger("fastllava.worker")
 
@@ -85,7 +85,7 @@ class JobWorker:
                  max_prompt_chars: int = 16384, heartbeat_s: float | None = None,
                  purge_interval_s: float = 60.0, claim_timeout_s: float = 0.5,
                  cancel_poll_s: float = 0.1, concurrency: int = 1,
-                 image_fetch_concurrency: int = 32):
+                 image_fetch_concurrency: int = 32, webhook_concurrency: int = 8):
         """worker_id None → "<host>-<pid>-<random>": unique per process, so a restarted server
         never mistakes its predecessor's jobs for its own. heartbeat_s None → a quarter of the
         store's lease_s. max_tokens_limit / max_prompt_chars: the server's request limits (the
@@ -104,9 +104,9 @@ class JobWorker:
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(0.05, lease_s / 4)
         self.claim_timeout_s, self.cancel_poll_s = claim_timeout_s, cancel_poll_s
         self.limits = {"max_tokens_limit": max_tokens_limit, "max_prompt_chars": max_prompt_chars}
-        self.webhooks = WebhookSender(webhook_secret, webhook_max_attempts, webhook_base_delay_s,
-                                      allow_private=webhook_allow_private,
-                                      on_result=self._webhook_done)
+        self.webhooks = WebhookSender(store, webhook_secret, webhook_max_attempts,
+                                      webhook_base_delay_s, allow_private=webhook_allow_private,
+                                      concurrency=webhook_concurrency)
         self._stop = threading.Event()
         self._claiming_over = threading.Event()     # set when the claimer has ended for good
         self._to_load: queue.SimpleQueue = queue.SimpleQueue()    # claimer → image threads
@@ -132,6 +132,7 @@ class JobWorker:
                 t = threading.Thread(target=target, name=f"fastllava-{name}", daemon=True)
                 t.start()
                 group.append(t)
+        self.webhooks.start()   # also resumes deliveries left pending by an earlier process
 
     def stop(self, timeout_s: float = 10.0) -> bool:
         """Stop the threads (see the module docstring for the jobs they hold); flush pending
@@ -341,15 +342,8 @@ class JobWorker:
         finished = self.store.complete(job.id, result=result, error=error, log=final)
         if self.metrics is not None:
             self.metrics.record(ttft, latency, tokens, error is None)
-        if finished and job.webhook_url:
-            done = dataclasses.replace(job, status=COMPLETED, result=result, error=error)
-            self.webhooks.send(job.webhook_url, webhook_body(done), job.id)
-
-    def _webhook_done(self, d: Delivery) -> None:
-        outcome = (f"delivered (HTTP {d.last_status})" if d.delivered else
-                   f"failed ({d.last_error or f'HTTP {d.last_status}'})")
-        self.store.append_log(d.request_id, f"webhook {outcome} after {d.attempts} attempt(s)",
-                              "INFO" if d.delivered else "WARN")
+        if finished and job.webhook_url:   # complete() queued its delivery in the store
+            self.webhooks.wake()
 
 
 def _error(job: Job, exc: Exception) -> dict[str, Any]:

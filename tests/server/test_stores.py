@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,8 +21,10 @@ import uuid
 
 import pytest
 
-from fastllava.server.jobs import COMPLETED, IN_PROGRESS, IN_QUEUE
+from fastllava.server.jobs import (COMPLETED, IN_PROGRESS, IN_QUEUE, IdempotencyConflict,
+                                   StoreUnavailable)
 from fastllava.server.stores import open_store
+from test_startup_checks import sqlite_file
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -296,3 +301,160 @@ def test_open_store_urls(tmp_path, monkeypatch):
             open_store(bad)
     with pytest.raises(ValueError, match="does not exist"):
         open_store(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
+
+
+def test_idempotency_key_gives_one_job_per_request(make):
+    store, other = make(), make()
+    body = {"prompt": "p", "image_url": "u", "max_tokens": 3}
+    first = store.submit("o/a", "sub", body, "http://hook/1", idempotency_key="k1")
+    again = other.submit("o/a", "sub", dict(reversed(body.items())), "http://hook/1",
+                         idempotency_key="k1")             # same request, keys in another order
+    assert again.id == first.id and store.counts()[IN_QUEUE] == 1, (first, again)
+    for path, changed, hook, differs in (
+            ("sub", {**body, "max_tokens": 4}, "http://hook/1", ["body"]),
+            ("other", body, "http://hook/1", ["path"]),
+            ("sub", body, "http://hook/2", ["fal_webhook"]),
+            ("other", {}, None, ["path", "body", "fal_webhook"])):
+        with pytest.raises(IdempotencyConflict) as info:
+            other.submit("o/a", path, changed, hook, idempotency_key="k1")
+        assert (info.value.job_id, info.value.differs) == (first.id, differs)
+    assert store.submit("o/b", "sub", body, "http://hook/1", idempotency_key="k1").id != first.id
+    assert store.submit("o/a", "sub", body, "http://hook/1").id != first.id   # no key: new job
+    assert store.counts()[IN_QUEUE] == 3
+
+
+def test_idempotency_key_is_free_again_once_its_job_is_purged(make):
+    store = make()
+    first = store.submit("o/a", "", {"prompt": "p"}, idempotency_key="k")
+    store.claim("w", 0)
+    store.complete(first.id, result={"output": "", "partial": False})
+    assert store.submit("o/a", "", {"prompt": "p"}, idempotency_key="k").id == first.id
+    time.sleep(0.05)
+    assert store.purge_expired(0.01) == 1
+    fresh = store.submit("o/a", "", {"prompt": "other"}, idempotency_key="k")  # no conflict
+    assert fresh.id != first.id and store.get(fresh.id).status == IN_QUEUE
+
+
+def test_concurrent_submits_with_one_key_make_one_job(make):
+    ids, lock = [], threading.Lock()
+
+    def submit(store):
+        for _ in range(5):
+            job = store.submit("o/a", "", {"prompt": "p"}, idempotency_key="race")
+            with lock:
+                ids.append(job.id)
+
+    threads = [threading.Thread(target=submit, args=(make(),)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(ids) == 30 and len(set(ids)) == 1, set(ids)
+    assert make().counts()[IN_QUEUE] == 1
+
+
+def test_every_completion_of_a_webhook_job_queues_one_delivery(make):
+    store = make(lease_s=0.2, max_attempts=1)
+    done, cancelled, crashed, plain = (
+        store.submit("o/a", "", {"n": i}, webhook_url=None if i == 3 else f"http://h/{i}").id
+        for i in range(4))
+    store.claim("w", 0)
+    assert store.complete(done, result={"output": "x", "partial": False})
+    assert not store.complete(done, result={"output": "y", "partial": False})   # not twice
+    store.request_cancel(cancelled)                      # cancelled while queued
+    store.claim("w", 0)                                  # lease runs out, attempts used up
+    time.sleep(0.3)
+    assert store.recover() == 1 and store.get(crashed).error["status_code"] == 500
+    store.claim("w", 0)
+    store.complete(plain, result={"output": "", "partial": False})
+    assert store.webhooks_pending() == 3
+    claims = make().claim_webhooks(10, lease_s=60)
+    assert sorted(c.job.id for c in claims) == sorted([done, cancelled, crashed])
+    assert all(c.attempt == 1 and c.job.status == COMPLETED and c.job.input == {}
+               for c in claims), claims
+    assert {c.job.id: c.job.webhook_url for c in claims}[cancelled] == "http://h/1"
+    assert store.claim_webhooks(10, lease_s=60) == [], "a claimed delivery was handed out twice"
+
+
+def test_webhook_claims_lease_retry_and_take_over(make):
+    store = make()
+    (job_id,) = [store.submit("o/a", "", {}, webhook_url="http://h/").id]
+    store.claim("w", 0)
+    store.complete(job_id, result={"output": "", "partial": False})
+    (claim,) = store.claim_webhooks(5, lease_s=0.2)
+    assert store.webhook_attempted(claim, time.time() + 0.2, ("webhook delivery failed", "WARN"))
+    assert store.claim_webhooks(5, lease_s=0.2) == []            # backing off
+    time.sleep(0.25)
+    (second,) = store.claim_webhooks(5, lease_s=0.2)
+    assert second.attempt == 2 and second.owner != claim.owner
+    time.sleep(0.25)                                              # its sender hung: lease over
+    (third,) = make().claim_webhooks(5, lease_s=60)
+    assert third.attempt == 3
+    assert not store.webhook_attempted(second, None, ("late", "INFO"))   # taken over: ignored
+    assert store.webhooks_pending() == 1
+    assert store.webhook_attempted(third, None, ("webhook delivered", "INFO"))
+    assert store.webhooks_pending() == 0
+    lines = [x["message"] for x in store.get(job_id).logs]
+    assert lines[-2:] == ["webhook delivery failed", "webhook delivered"], lines
+
+
+_HOOK_HOLDER = """
+import sys, time
+from fastllava.server.stores import open_store
+store = open_store(sys.argv[1], **({"prefix": sys.argv[2]} if sys.argv[2] else {}))
+(claim,) = store.claim_webhooks(1, lease_s=600)
+print(claim.job.id, flush=True)
+time.sleep(60)
+"""
+
+
+def test_recover_frees_the_webhook_claims_of_a_dead_process_at_once(make):
+    store = make()
+    job_id = store.submit("o/a", "", {}, webhook_url="http://h/").id
+    store.claim("w", 0)
+    store.complete(job_id, result={"output": "", "partial": False})
+    proc = subprocess.Popen([sys.executable, "-c", _HOOK_HOLDER, make.url,
+                             make.extra.get("prefix", "")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == job_id
+    store.recover()
+    assert store.claim_webhooks(5, lease_s=60) == [], "a live process's claim was freed"
+    proc.kill()
+    proc.wait()
+    store.recover()
+    (claim,) = store.claim_webhooks(5, lease_s=60)            # long before the 600 s lease
+    assert (claim.job.id, claim.attempt) == (job_id, 2), claim
+
+
+def test_purge_drops_the_pending_delivery_with_its_job(make):
+    store = make()
+    job_id = store.submit("o/a", "", {}, webhook_url="http://h/").id
+    store.claim("w", 0)
+    store.complete(job_id, result={"output": "", "partial": False})
+    time.sleep(0.05)
+    assert store.purge_expired(0.01) == 1
+    assert store.webhooks_pending() == 0 and store.claim_webhooks(5, 60) == []
+
+
+@pytest.mark.parametrize("make_file, expect", [
+    (lambda p: p.write_bytes(os.urandom(8192)), "not an SQLite database"),
+    (lambda p: sqlite_file(p, pages_to_corrupt=[5]), "corrupt"),
+    (lambda p: sqlite3.connect(p).execute("CREATE TABLE jobs (name TEXT)").connection.commit(),
+     "not a fastllava job store"),
+    (lambda p: p.mkdir(), "cannot be opened"),
+])
+def test_a_file_that_is_no_job_store_is_refused_at_open(tmp_path, make_file, expect):
+    path = tmp_path / "jobs.db"
+    make_file(path)
+    with pytest.raises(StoreUnavailable, match=expect) as info:
+        open_store(f"sqlite:///{path}")
+    assert str(path) in str(info.value) and "\n" not in str(info.value), info.value
+
+
+def test_an_unreachable_redis_is_refused_at_open():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"     # nothing listens there
+    for bad in (url, "redis://127.0.0.1:notaport/0"):
+        with pytest.raises(StoreUnavailable, match="redis job store") as info:
+            open_store(bad)
+        assert bad in str(info.value), info.value
