@@ -170,3 +170,28 @@ def test_image_url_problem_listed_with_the_other_fields(strict_server):
     message = openai_message(post(strict_server, "/v1/chat/completions",
                                   json.dumps(chat).encode()))["message"]
     assert "image_url: must be an http(s)" in message and "max_tokens: must be" in message
+
+
+def test_bodies_of_very_many_values_are_refused_before_parsing(strict_server, png_request):
+    """json.loads holds the GIL for the whole parse, so a worker thread can't keep the loop free:
+    a body of millions of tiny values is refused by counting its separators first."""
+    many = b"[" + b"0," * 120_000 + b"0]"                  # 240 kB, within --max-body-bytes
+    for path in FAL_BODY_ROUTES:
+        detail = fal_detail(post(strict_server, path, many))
+        assert detail[0]["type"] == "json_invalid" and "separators" in detail[0]["ctx"]["error"]
+    assert "separators" in openai_message(post(strict_server, "/v1/chat/completions",
+                                               many))["message"]
+    # A prompt full of commas and colons is still an ordinary request.
+    busy = dict(png_request, prompt=",:" * 900)          # under --max-prompt-chars 2000
+    r = post(strict_server, f"/{EP}", json.dumps(busy).encode())
+    assert r.status == 200, (r.status, r.body[:300])
+
+
+def test_separator_limit_is_exact():
+    from fastllava.server.bodies import MAX_JSON_SEPARATORS, parse_json
+    from fastllava.server.errors import ApiError
+
+    at_limit = b"[" + b"0," * MAX_JSON_SEPARATORS + b"0]"
+    assert len(parse_json(at_limit)) == MAX_JSON_SEPARATORS + 1
+    with pytest.raises(ApiError, match="separators"):
+        parse_json(b"[" + b"0," * (MAX_JSON_SEPARATORS + 1) + b"0]")
