@@ -26,7 +26,6 @@ from fastllava.preprocess.image_io import ImageLimits, load_image
 from fastllava.preprocess.processor import ProcessedImage, preprocess
 from fastllava.runtime.build import build_engine
 from fastllava.runtime.config import RuntimeConfig
-from fastllava.runtime.model_runner import image_content_hash
 from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
 from fastllava.schema import GenerationRequest, parse_request
 from fastllava.snapshots import Snapshots
@@ -126,7 +125,8 @@ class LLaVA:
     def prepare(self, request: GenerationRequest, rendered: str | None = None) -> PreparedPrompt:
         """Load and preprocess the image, render the prompt (or take `rendered`, a chat already
         rendered by `render_chat`) and expand its one <image> into the image's token count."""
-        image = preprocess(load_image(request.image_url, self.image_limits), self.image_config)
+        image = preprocess(load_image(request.image_url, self.image_limits), self.image_config,
+                           self.device)
         n = self.num_image_tokens(image)
         if rendered is None:
             rendered = render_prompt(self.template, request.prompt, self.tokenizer)
@@ -160,7 +160,7 @@ class LLaVA:
         params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids)
         ids = prepared.input_ids
         start = ids.index(prepared.image_token_id)
-        span = ImageSpan(start, prepared.num_image_tokens, image_content_hash(prepared.image))
+        span = ImageSpan(start, prepared.num_image_tokens, prepared.image.key)
         if ids[span.start:span.end] != [prepared.image_token_id] * span.length:
             raise ValueError("the image placeholder tokens are not contiguous in the prompt")
         return Sequence(ids, params, self.max_len, (span,), payload=(prepared.image,))

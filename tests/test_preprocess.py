@@ -20,7 +20,8 @@ import tiny
 from fastllava.preprocess.anyres import (anyres_grid, anyres_num_tokens, select_best_resolution,
                                          unpad_window)
 from fastllava.preprocess.processor import (CLIP_MEAN, CLIP_STD, NEXT_PINPOINTS, ImageProcessorConfig,
-                                            expand2square, normalize_table, preprocess)
+                                            normalize_table, preprocess)
+from pil_reference import expand2square
 
 # (width, height): extremes, 1-pixel sides, odd sizes, exact tile multiples and near misses.
 SIZES = [(1, 1), (1, 2), (2, 1), (1, 500), (500, 1), (3, 1000), (1000, 3), (1, 57), (57, 1), (7, 7),
