@@ -24,6 +24,8 @@ from fastllava.preprocess.processor import (CLIP_MEAN, CLIP_STD, NEXT_PINPOINTS,
                                             normalize_table, preprocess)
 from pil_reference import expand2square, reference_preprocess
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # (width, height): extremes, 1-pixel sides, odd sizes, exact tile multiples and near misses.
 SIZES = [(1, 1), (1, 2), (2, 1), (1, 500), (500, 1), (3, 1000), (1000, 3), (1, 57), (57, 1), (7, 7),
          (13, 29), (29, 13), (55, 56), (56, 55), (56, 56), (57, 57), (111, 56), (56, 111), (112, 112),

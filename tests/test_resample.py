@@ -20,6 +20,8 @@ FILTERS = [0, 1, 2, 3, 4, 5]    # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMM
 SOURCES = [(1, 1), (1, 7), (9, 1), (2, 3), (13, 29), (57, 55), (101, 203), (333, 77), (5, 400), (640, 480)]
 TARGETS = [(1, 1), (1, 5), (4, 1), (3, 2), (56, 56), (57, 111), (111, 57), (336, 336), (672, 504), (7, 300)]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def noise(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))

@@ -80,11 +80,9 @@ class TorchPixels:
         self.device = device
 
     def source(self, rgb: Image.Image, pixels: np.ndarray) -> torch.Tensor:
-        # from a writable copy: torch may not alias numpy's read-only view of PIL's bytes
-        src = torch.from_numpy(np.array(pixels))
-        if self.device.type == "cuda":
-            src = src.pin_memory()
-        return src.to(self.device, non_blocking=True)[None]
+        # from a writable copy: torch may not alias numpy's read-only view of PIL's bytes.
+        # (No pin_memory: allocating pinned memory per image costs more than the staged copy.)
+        return torch.from_numpy(np.array(pixels)).to(self.device)[None]
 
     def full(self, shape, fill) -> torch.Tensor:
         fill = torch.tensor(fill, dtype=torch.uint8, device=self.device)

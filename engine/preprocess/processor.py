@@ -230,9 +230,13 @@ def image_key(pixels: np.ndarray, cfg: ImageProcessorConfig) -> bytes:
     crafted image cannot collide with another user's and be served its features) over the RGB
     uint8 pixels, their size and the processor config, i.e. everything the tower's input
     depends on. ~0.4 ms for a 1024x768 image, against ~8 ms to hash the float32 tiles."""
-    h = blake3.blake3(f"fastllava-image-v1 {pixels.shape} {cfg!r}".encode())
+    h = blake3.blake3(f"fastllava-image-v1 {pixels.shape} {cfg!r}".encode(),
+                      max_threads=blake3.blake3.AUTO if pixels.size > _HASH_THREADS_FROM else 1)
     h.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
     return h.digest(16)
+
+
+_HASH_THREADS_FROM = 8 << 20     # bytes; below this BLAKE3's thread hand-off costs more than it saves
 
 
 def _finish(px, x, cfg: ImageProcessorConfig):

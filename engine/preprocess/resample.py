@@ -126,13 +126,18 @@ def coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray
 _CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 29}
 
 
+@functools.lru_cache(maxsize=256)
+def _device_coefficients(in_size: int, out_size: int, resample: int, device: torch.device):
+    """`coefficients` as tensors on `device`, uploaded once per (sizes, filter, device)."""
+    index, weight = coefficients(in_size, out_size, resample)
+    return torch.from_numpy(index).to(device), torch.from_numpy(weight).to(device)
+
+
 def _pass(x: torch.Tensor, in_size: int, out_size: int, resample: int) -> torch.Tensor:
     """uint8 [A, in_size, B] -> uint8 [A, out_size, B] along dim 1 (one Pillow pass)."""
-    index, weight = coefficients(in_size, out_size, resample)
-    index = torch.from_numpy(index).to(x.device)
+    index, weight = _device_coefficients(in_size, out_size, resample, x.device)
     if resample == 0:
         return x.index_select(1, index[:, 0])
-    weight = torch.from_numpy(weight).to(x.device)
     a, _, b = x.shape
     k = index.shape[1]
     step = max(1, _CHUNK_BYTES.get(x.device.type, 1 << 28) // max(1, a * k * b * 4))
