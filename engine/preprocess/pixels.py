@@ -14,6 +14,7 @@ memory-bound copies when cores are shared); the device path is the same steps in
 from __future__ import annotations
 
 import functools
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,12 +23,18 @@ from PIL import Image
 
 from fastllava.preprocess.resample import resize_pil, resize_torch
 
-__all__ = ["NumpyPixels", "TorchPixels", "shortest_edge_size", "center_crop", "pad_into"]
+__all__ = ["NumpyPixels", "TorchPixels", "background", "shortest_edge_size", "center_crop", "pad_into"]
 
 
 @functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastllava-resize")
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastllava-preprocess")
+
+
+def background(fn, *args):
+    """Run fn(*args) on a helper thread; returns a callable that waits for its result. For work
+    that releases the GIL (Pillow's resampler, BLAKE3) so it overlaps the caller's."""
+    return _pool().submit(fn, *args).result
 
 
 class NumpyPixels:
@@ -35,7 +42,7 @@ class NumpyPixels:
     whole source each; `resize_async` runs one of them on a helper thread (Pillow releases the
     GIL while it resamples)."""
 
-    def source(self, rgb: Image.Image, pixels: np.ndarray):
+    def source(self, rgb: Image.Image, pixels: np.ndarray | None):
         return rgb
 
     def full(self, shape, fill) -> np.ndarray:
@@ -52,7 +59,7 @@ class NumpyPixels:
         return np.stack([resize_pil(i, size_hw, resample) for i in x])
 
     def resize_async(self, x, size_hw, resample):
-        return _pool().submit(self.resize, x, size_hw, resample).result
+        return background(self.resize, x, size_hw, resample)
 
     def to_array(self, x) -> np.ndarray:
         return np.asarray(x)[None] if isinstance(x, Image.Image) else x
@@ -80,9 +87,11 @@ class TorchPixels:
         self.device = device
 
     def source(self, rgb: Image.Image, pixels: np.ndarray) -> torch.Tensor:
-        # from a writable copy: torch may not alias numpy's read-only view of PIL's bytes.
-        # (No pin_memory: allocating pinned memory per image costs more than the staged copy.)
-        return torch.from_numpy(np.array(pixels)).to(self.device)[None]
+        # `pixels` views PIL's bytes read-only; torch only reads it here, on the way to the device
+        # (no pin_memory: allocating pinned memory per image costs more than the staged copy).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(pixels).to(self.device, copy=True)[None]
 
     def full(self, shape, fill) -> torch.Tensor:
         fill = torch.tensor(fill, dtype=torch.uint8, device=self.device)

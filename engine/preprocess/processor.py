@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from fastllava.preprocess.anyres import pad_offsets, resize_within, select_best_resolution
-from fastllava.preprocess.pixels import (NumpyPixels, TorchPixels, center_crop, pad_into,
+from fastllava.preprocess.pixels import (NumpyPixels, TorchPixels, background, center_crop, pad_into,
                                          shortest_edge_size)
 
 __all__ = ["ImageProcessorConfig", "ProcessedImage", "preprocess", "convert_to_rgb",
@@ -290,10 +290,15 @@ def preprocess(image: Image.Image, cfg: ImageProcessorConfig, device: torch.devi
     else:
         raise ValueError(f"do_convert_rgb is False but the image has mode {image.mode!r}; "
                          "only RGB images can skip the conversion")
-    pixels = np.asarray(rgb)
-    image_hw = pixels.shape[:2]
-    px = NumpyPixels() if backend == "pil" else TorchPixels(device)
-    src = px.source(rgb, pixels)
+    rgb.load()             # decode a lazily opened file now, before two threads read it
+    image_hw = (rgb.height, rgb.width)
+    if backend == "pil":   # the key (a full copy of the pixels + a hash) overlaps the resizes
+        px, key = NumpyPixels(), background(lambda: image_key(np.asarray(rgb), cfg))
+        src = px.source(rgb, None)
+    else:
+        pixels = np.asarray(rgb)
+        px, key = TorchPixels(device), (lambda: image_key(pixels, cfg))
+        src = px.source(rgb, pixels)
     grid = None
     if cfg.pinpoints is not None:
         batch, grid = _anyres(px, src, image_hw, cfg)
@@ -304,5 +309,4 @@ def preprocess(image: Image.Image, cfg: ImageProcessorConfig, device: torch.devi
             src = pad_into(px, px.to_array(src), (side, side), offset, cfg.pad_color)
         batch = _finish(px, src, cfg)
     pixel_values = px.normalize(batch, normalize_table(cfg)).to(device)
-    return ProcessedImage(pixel_values=pixel_values, image_size=image_hw, grid=grid,
-                          key=image_key(pixels, cfg))
+    return ProcessedImage(pixel_values=pixel_values, image_size=image_hw, grid=grid, key=key())
