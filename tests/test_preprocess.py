@@ -190,6 +190,18 @@ def test_real_geometry_torch_path_matches_todays_pil_path():
             assert_same(ours.pixel_values, ref.pixel_values, f"{w}x{h} {mode} {cfg.pinpoints is not None}")
 
 
+@pytest.mark.gpu
+def test_cuda_path_matches_todays_pil_path():
+    """The engine's GPU path: every step on the device (side stream), the same bits."""
+    for name in ("next", "llava", "next-edge40", "pad", "nearest-next"):
+        for n, (w, h) in enumerate([(1, 1), (101, 203), (3, 2000), (640, 480), (2000, 1500)]):
+            img = make_image(w, h, MODES[n % len(MODES)], seed=n)
+            cfg = SWEEP_CONFIGS[name]
+            ours = preprocess(img, cfg, device="cuda")
+            assert ours.pixel_values.device.type == "cuda" and ours.key == preprocess(img, cfg).key
+            assert_same(ours.pixel_values.cpu(), reference_preprocess(img, cfg).pixel_values, f"cuda {name} {w}x{h}")
+
+
 def test_backend_is_checked():
     with pytest.raises(ValueError, match="backend"):
         preprocess(make_image(4, 4, "RGB"), ImageProcessorConfig(56, 56, 56, CLIP_MEAN, CLIP_STD), backend="cv2")

@@ -13,6 +13,7 @@ memory-bound copies when cores are shared); the device path is the same steps in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,12 @@ class NumpyPixels:
 
     def source(self, rgb: Image.Image, pixels: np.ndarray | None):
         return rgb
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def done(self, out: torch.Tensor) -> torch.Tensor:
+        return out
 
     def full(self, shape, fill) -> np.ndarray:
         out = np.empty(shape, np.uint8)
@@ -80,11 +87,30 @@ class NumpyPixels:
         return torch.from_numpy(out)
 
 
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)
+
+
 class TorchPixels:
-    """Any torch device (the GPU path): the source goes to the device once as uint8."""
+    """Any torch device (the GPU path): the source goes to the device once as uint8.
+
+    On CUDA the work runs on a side stream, so an image is preprocessed while the engine's
+    forward pass occupies the default stream; `done` waits for that stream only and hands the
+    result over to the default stream (where the vision tower reads it)."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.stream = _side_stream(device) if device.type == "cuda" else None
+
+    def context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def done(self, out: torch.Tensor) -> torch.Tensor:
+        if self.stream is not None:
+            self.stream.synchronize()
+            out.record_stream(torch.cuda.default_stream(self.device))  # freed later on that stream
+        return out
 
     def source(self, rgb: Image.Image, pixels: np.ndarray) -> torch.Tensor:
         # `pixels` views PIL's bytes read-only; torch only reads it here, on the way to the device

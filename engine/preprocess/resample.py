@@ -130,7 +130,10 @@ _CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 29}
 def _device_coefficients(in_size: int, out_size: int, resample: int, device: torch.device):
     """`coefficients` as tensors on `device`, uploaded once per (sizes, filter, device)."""
     index, weight = coefficients(in_size, out_size, resample)
-    return torch.from_numpy(index).to(device), torch.from_numpy(weight).to(device)
+    out = torch.from_numpy(index).to(device), torch.from_numpy(weight).to(device)
+    if device.type == "cuda":   # cached for every stream: the upload must be complete, not queued
+        torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 def _pass(x: torch.Tensor, in_size: int, out_size: int, resample: int) -> torch.Tensor:
