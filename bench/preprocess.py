@@ -142,14 +142,16 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
     errors: list[str] = []
+    load_before = os.getloadavg()[0]     # other processes on the cores make every row slower
     rows = [r for w, h in sizes for r in bench_size(w, h, args.repeats, errors)]
+    load = f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     header = run_header(argv, device.type)
     del header["gpu"], header["commit"]
     import PIL
     header = {"device": device_name(device), "commit": short_commit(), **header,
               "pillow": PIL.__version__, "torch threads": str(torch.get_num_threads()),
-              "cpu cores": str(os.cpu_count()), "repeats": str(args.repeats)}
+              "cpu cores": str(os.cpu_count()), "load average (1 min)": load, "repeats": str(args.repeats)}
     meta = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     text = (f"# Preprocessing benchmark\n\n{meta}\n\nDecoded RGB noise image in, pixel_values out "
             f"(median of {args.repeats} interleaved repeats). `vs today` = today's PIL path / this row.\n\n"
