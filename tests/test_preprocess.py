@@ -21,7 +21,7 @@ import tiny
 from fastllava.preprocess.anyres import (anyres_grid, anyres_num_tokens, select_best_resolution,
                                          unpad_window)
 from fastllava.preprocess.processor import (CLIP_MEAN, CLIP_STD, NEXT_PINPOINTS, ImageProcessorConfig,
-                                            normalize_table, preprocess)
+                                            normalize_table, preprocess, rgb_bytes)
 from pil_reference import expand2square, reference_preprocess
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -234,6 +234,12 @@ def test_key_is_equal_for_equal_images_and_differs_for_any_change():
     for other in (SWEEP_CONFIGS["llava"], SWEEP_CONFIGS["next-edge40"],
                   dataclasses.replace(cfg, rescale_factor=1 / 256)):
         assert preprocess(img, other).key != key, other
+
+
+def test_rgb_bytes_is_tobytes():
+    big = Image.fromarray(np.random.default_rng(6).integers(0, 256, (2100, 3000, 3), dtype=np.uint8))
+    for img in (big, make_image(7, 5, "RGB"), make_image(1, 1, "RGB")):   # big: several memory blocks
+        assert rgb_bytes(img) == img.tobytes(), img.size
 
 
 def test_key_differs_for_the_same_bytes_at_another_size():
