@@ -5,8 +5,9 @@
 
 Per image size (W x H, random RGB noise, already decoded), for the LLaVA-NeXT anyres config
 (336 px tiles, the v1.6 pinpoints) and the LLaVA-1.5 config (336 px center crop):
-- `today (PIL)`: the pre-torch pipeline (tests/pil_reference.py): Pillow geometry per tile and a
-  torch table lookup per tile;
+- `today (PIL + fp32-tile hash)`: what main's engine did per image: the pre-torch pipeline
+  (tests/pil_reference.py: Pillow geometry per tile, a torch table lookup per tile), then its cache
+  key, BLAKE2b over the fp32 tiles (every fastllava row includes its own key, `image_key`);
 - `fastllava cpu`: `preprocess(image, cfg)` (Pillow resizes, numpy geometry and lookup);
 - `fastllava torch-cpu`: the device pipeline (exact int32 resampling in torch) run on the CPU
   (up to 1024x768 only: it is several times slower than Pillow there);
@@ -24,6 +25,7 @@ figure is the median over repeats. `vs today` = today's median / this row's medi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import statistics
@@ -38,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from common import fmt, run_header, write_outputs  # noqa: E402
 from serving import device_name, short_commit  # noqa: E402
 
+TODAY = "today (PIL + fp32-tile hash)"
 TORCH_CPU_MAX_PIXELS = 1024 * 768   # the torch path on a CPU is slow; it is there for reference
 COLUMNS = ("size", "config", "impl", "median_ms", "min_ms", "vs_today", "note")
 
@@ -67,6 +70,23 @@ def transformers_impls(name: str, img: Image.Image) -> dict:
     return out
 
 
+def _today(img: Image.Image, cfg):
+    """What main's engine did per image: the PIL pipeline, then BLAKE2b over the fp32 tiles (the
+    old cache key, `image_content_hash`). fastllava's rows include their key (`image_key`)."""
+    from pil_reference import reference_preprocess
+
+    out = reference_preprocess(img, cfg)
+    return dataclasses.replace(out, key=_old_key(out))
+
+
+def _old_key(out) -> bytes:
+    """main's `image_content_hash`: BLAKE2b over the fp32 tiles, their shape, size and grid."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(out.pixel_values.shape), out.image_size, out.grid)).encode())
+    h.update(out.pixel_values.contiguous().numpy().tobytes())
+    return h.digest()
+
+
 def cuda_ms(fn) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -92,17 +112,17 @@ def bench_size(w: int, h: int, repeats: int, errors: list[str]) -> list[dict]:
     pixels = np.asarray(img)
     rows = []
     for name, cfg in configs().items():
-        impls = {"today (PIL)": (lambda c=cfg: reference_preprocess(img, c), wall_ms),
+        impls = {TODAY: (lambda c=cfg: _today(img, c), wall_ms),
                  "fastllava cpu": (lambda c=cfg: preprocess(img, c), wall_ms)}
         if w * h <= TORCH_CPU_MAX_PIXELS:
             impls["fastllava torch-cpu"] = (lambda c=cfg: preprocess(img, c, backend="torch"), wall_ms)
         if torch.cuda.is_available():
             impls["fastllava cuda"] = (lambda c=cfg: preprocess(img, c, device="cuda"), cuda_ms)
         impls.update({k: (v, wall_ms) for k, v in transformers_impls(name, img).items()})
-        ref = reference_preprocess(img, cfg).pixel_values
+        ref_out = reference_preprocess(img, cfg)
+        ref = ref_out.pixel_values
         impls["key: image_key (BLAKE3, uint8 pixels)"] = (lambda c=cfg: image_key(pixels, c), wall_ms)
-        impls["key: old BLAKE2b of fp32 tiles"] = (
-            lambda: hashlib.blake2b(ref.numpy().tobytes(), digest_size=16).digest(), wall_ms)
+        impls["key: old BLAKE2b of fp32 tiles"] = (lambda o=ref_out: _old_key(o), wall_ms)
         for label, (fn, _) in impls.items():   # warm-up, and bit-exactness of our rows
             out = fn()
             if label.startswith("fastllava") and not torch.equal(out.pixel_values.cpu(), ref):
@@ -111,7 +131,7 @@ def bench_size(w: int, h: int, repeats: int, errors: list[str]) -> list[dict]:
         for _ in range(repeats):
             for label, (fn, clock) in impls.items():
                 times[label].append(clock(fn))
-        today = statistics.median(times["today (PIL)"])
+        today = statistics.median(times[TODAY])
         for label, ts in times.items():
             med = statistics.median(ts)
             rows.append(dict(size=f"{w}x{h}", config=name, impl=label, median_ms=med, min_ms=min(ts),
@@ -154,7 +174,8 @@ def main(argv: list[str]) -> int:
               "cpu cores": str(os.cpu_count()), "load average (1 min)": load, "repeats": str(args.repeats)}
     meta = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     text = (f"# Preprocessing benchmark\n\n{meta}\n\nDecoded RGB noise image in, pixel_values out "
-            f"(median of {args.repeats} interleaved repeats). `vs today` = today's PIL path / this row.\n\n"
+            f"(median of {args.repeats} interleaved repeats). `vs today` = today's median / this row's "
+            f"(today = main's PIL pipeline + its fp32-tile hash; fastllava rows include their key).\n\n"
             f"{markdown(rows)}\n" + "".join(f"\n{e}" for e in errors))
     print(text)
     if args.out:

@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "preprocess.py"
 COLUMNS = 7
-IMPLS = {"today (PIL)", "fastllava cpu", "fastllava torch-cpu", "key: image_key (BLAKE3, uint8 pixels)",
+IMPLS = {"today (PIL + fp32-tile hash)", "fastllava cpu", "fastllava torch-cpu", "key: image_key (BLAKE3, uint8 pixels)",
          "key: old BLAKE2b of fp32 tiles"}
 PEERS = {"next-336": "transformers LlavaNextImageProcessorPil", "llava-336": "transformers CLIPImageProcessorPil"}
 SIZES = {"64x48", "37x101"}
