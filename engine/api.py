@@ -27,7 +27,6 @@ from fastllava.preprocess.image_io import ImageLimits, load_image
 from fastllava.preprocess.processor import ProcessedImage, preprocess
 from fastllava.runtime.build import build_engine
 from fastllava.runtime.config import RuntimeConfig
-from fastllava.runtime.model_runner import image_content_hash
 from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
 from fastllava.schema import GenerationRequest, RequestValidationError, parse_request
 from fastllava.snapshots import Snapshots
@@ -133,7 +132,7 @@ class LLaVA:
         expand its one <image> into the image's token count."""
         if image is None:
             image = load_image(request.image_url, self.image_limits)
-        image = preprocess(image, self.image_config)
+        image = preprocess(image, self.image_config, self.device)
         n = self.num_image_tokens(image)
         if rendered is None:
             rendered = render_prompt(self.template, request.prompt, self.tokenizer)
@@ -192,7 +191,7 @@ class LLaVA:
         params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids)
         ids = prepared.input_ids
         start = ids.index(prepared.image_token_id)
-        span = ImageSpan(start, prepared.num_image_tokens, image_content_hash(prepared.image))
+        span = ImageSpan(start, prepared.num_image_tokens, prepared.image.key)
         if ids[span.start:span.end] != [prepared.image_token_id] * span.length:
             raise ValueError("the image placeholder tokens are not contiguous in the prompt")
         return Sequence(ids, params, self.max_len, (span,), payload=(prepared.image,))

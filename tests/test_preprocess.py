@@ -7,6 +7,7 @@ hub-style preprocessor_config.json files loaded by both sides.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -20,7 +21,10 @@ import tiny
 from fastllava.preprocess.anyres import (anyres_grid, anyres_num_tokens, select_best_resolution,
                                          unpad_window)
 from fastllava.preprocess.processor import (CLIP_MEAN, CLIP_STD, NEXT_PINPOINTS, ImageProcessorConfig,
-                                            expand2square, normalize_table, preprocess)
+                                            normalize_table, preprocess, rgb_bytes)
+from pil_reference import expand2square, reference_preprocess
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # (width, height): extremes, 1-pixel sides, odd sizes, exact tile multiples and near misses.
 SIZES = [(1, 1), (1, 2), (2, 1), (1, 500), (500, 1), (3, 1000), (1000, 3), (1, 57), (57, 1), (7, 7),
@@ -105,8 +109,9 @@ def test_config_from_tiny_checkpoints(tiny_llava, tiny_next):
 
 # --- pixel parity ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["pil", "torch"])
 @pytest.mark.parametrize("kind", ["llava", "next"])
-def test_pixels_sizes_and_tokens_match_transformers(kind, ref_llava, ref_next, tiny_llava, tiny_next):
+def test_pixels_sizes_and_tokens_match_transformers(kind, backend, ref_llava, ref_next, tiny_llava, tiny_next):
     proc = ref_llava if kind == "llava" else ref_next
     cfg = ImageProcessorConfig.from_dir(tiny_llava if kind == "llava" else tiny_next)
     grids_hit = set()
@@ -117,7 +122,7 @@ def test_pixels_sizes_and_tokens_match_transformers(kind, ref_llava, ref_next, t
             img = make_image(w, h, mode, seed=n)
             what = f"{kind} {w}x{h} {mode}"
             ref = proc(images=img, text="<image>", return_tensors="pt")
-            ours = preprocess(img, cfg)
+            ours = preprocess(img, cfg, backend=backend)
             num_tokens = int((ref["input_ids"] == proc.image_token_id).sum())
             if kind == "llava":
                 assert_same(ours.pixel_values, ref["pixel_values"], what)
@@ -140,7 +145,108 @@ def test_every_mode_matches_transformers(mode, ref_llava, tiny_llava):
     for w, h in [(13, 29), (100, 75), (1, 1)]:
         img = make_image(w, h, mode, seed=w)
         ref = ref_llava.image_processor(img, return_tensors="pt")["pixel_values"]
-        assert_same(preprocess(img, cfg).pixel_values, ref, f"{w}x{h} {mode}")
+        for backend in ("pil", "torch"):
+            assert_same(preprocess(img, cfg, backend=backend).pixel_values, ref, f"{w}x{h} {mode} {backend}")
+
+
+# --- the device (torch) and CPU (Pillow + numpy) paths vs today's PIL pipeline ---------------
+
+SWEEP_CONFIGS = {
+    "llava": ImageProcessorConfig(56, 56, 56, CLIP_MEAN, CLIP_STD),
+    "next": ImageProcessorConfig(56, 56, 56, CLIP_MEAN, CLIP_STD, pinpoints=tuple(map(tuple, tiny.PINPOINTS))),
+    "next-edge40": ImageProcessorConfig(40, 56, 56, CLIP_MEAN, CLIP_STD, pinpoints=((56, 112), (112, 56))),
+    "llava-edge64-crop48x56": ImageProcessorConfig(64, 48, 56, CLIP_MEAN, CLIP_STD),
+    "pad": ImageProcessorConfig(56, 56, 56, CLIP_MEAN, CLIP_STD, pad_to_square=True),
+    "no-crop-bilinear": ImageProcessorConfig(56, 56, 56, CLIP_MEAN, CLIP_STD, do_center_crop=False, resample=2),
+    "lanczos-no-normalize": ImageProcessorConfig(56, 56, 56, CLIP_MEAN, CLIP_STD, resample=1, do_normalize=False),
+    "nearest-next": ImageProcessorConfig(56, 56, 56, CLIP_MEAN, CLIP_STD, resample=0, pinpoints=((56, 112), (112, 56))),
+}
+# Beyond SIZES: extreme aspect ratios both ways, where the height shrinks far more than the width
+# (Pillow's vertical-first order) and big downscales (wide filters).
+EXTRA_SIZES = [(2000, 3), (3, 2000), (40, 900), (900, 40), (150, 151), (57, 300), (700, 500)]
+
+
+@pytest.mark.parametrize("backend", ["pil", "torch"])
+@pytest.mark.parametrize("name", sorted(SWEEP_CONFIGS))
+def test_both_paths_match_todays_pil_path(name, backend):
+    cfg = SWEEP_CONFIGS[name]
+    for n, (w, h) in enumerate(SIZES + EXTRA_SIZES):
+        for mode in sorted({"RGB", MODES[n % len(MODES)]}):
+            img = make_image(w, h, mode, seed=n)
+            ref, ours = reference_preprocess(img, cfg), preprocess(img, cfg, backend=backend)
+            what = f"{name} {backend} {w}x{h} {mode}"
+            assert_same(ours.pixel_values, ref.pixel_values, what)
+            assert (ours.image_size, ours.grid) == (ref.image_size, ref.grid), what
+
+
+def test_real_geometry_torch_path_matches_todays_pil_path():
+    nxt = ImageProcessorConfig(336, 336, 336, CLIP_MEAN, CLIP_STD, pinpoints=NEXT_PINPOINTS)
+    clip = ImageProcessorConfig(336, 336, 336, CLIP_MEAN, CLIP_STD)
+    for (w, h), mode in [((1024, 768), "RGB"), ((768, 1024), "RGBA"), ((1920, 1080), "P"), ((300, 300), "L")]:
+        img = make_image(w, h, mode, seed=w)
+        for cfg in (nxt, clip):
+            ref = reference_preprocess(img, cfg)
+            ours = preprocess(img, cfg, device="cpu", backend="torch")
+            assert_same(ours.pixel_values, ref.pixel_values, f"{w}x{h} {mode} {cfg.pinpoints is not None}")
+
+
+@pytest.mark.gpu
+def test_cuda_path_matches_todays_pil_path():
+    """The engine's GPU path: every step on the device (side stream), the same bits."""
+    for name in ("next", "llava", "next-edge40", "pad", "nearest-next"):
+        for n, (w, h) in enumerate([(1, 1), (101, 203), (3, 2000), (640, 480), (2000, 1500)]):
+            img = make_image(w, h, MODES[n % len(MODES)], seed=n)
+            cfg = SWEEP_CONFIGS[name]
+            ours = preprocess(img, cfg, device="cuda")
+            assert ours.pixel_values.device.type == "cuda" and ours.key == preprocess(img, cfg).key
+            assert_same(ours.pixel_values.cpu(), reference_preprocess(img, cfg).pixel_values, f"cuda {name} {w}x{h}")
+
+
+def test_backend_is_checked():
+    with pytest.raises(ValueError, match="backend"):
+        preprocess(make_image(4, 4, "RGB"), ImageProcessorConfig(56, 56, 56, CLIP_MEAN, CLIP_STD), backend="cv2")
+
+
+# --- image identity (the prefix and feature caches' key) -------------------------------------
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_key_is_equal_for_equal_images_and_differs_for_any_change():
+    cfg = SWEEP_CONFIGS["next"]
+    img = make_image(97, 61, "RGB", seed=11)
+    data = _png(img)
+    key = preprocess(Image.open(io.BytesIO(data)), cfg).key
+    assert len(key) == 16
+    assert preprocess(Image.open(io.BytesIO(data)), cfg).key == key, "same file decoded twice"
+    assert preprocess(Image.open(io.BytesIO(data)), cfg, backend="torch").key == key, "key depends on the path"
+    # RGBA with alpha 255 everywhere composites to the same RGB: the tower sees the same input
+    opaque = img.convert("RGBA")
+    assert preprocess(opaque, cfg).key == key
+    pixels = np.array(img)
+    for n, (y, x, c) in enumerate([(0, 0, 0), (60, 96, 2), (30, 50, 1)]):
+        changed = pixels.copy()
+        changed[y, x, c] ^= 1 << (n % 8)            # one bit of one pixel
+        assert preprocess(Image.fromarray(changed), cfg).key != key, (y, x, c)
+    for other in (SWEEP_CONFIGS["llava"], SWEEP_CONFIGS["next-edge40"],
+                  dataclasses.replace(cfg, rescale_factor=1 / 256)):
+        assert preprocess(img, other).key != key, other
+
+
+def test_rgb_bytes_is_tobytes():
+    big = Image.fromarray(np.random.default_rng(6).integers(0, 256, (2100, 3000, 3), dtype=np.uint8))
+    for img in (big, make_image(7, 5, "RGB"), make_image(1, 1, "RGB")):   # big: several memory blocks
+        assert rgb_bytes(img) == img.tobytes(), img.size
+
+
+def test_key_differs_for_the_same_bytes_at_another_size():
+    flat = np.random.default_rng(5).integers(0, 256, 24 * 3, dtype=np.uint8)
+    cfg = SWEEP_CONFIGS["llava"]
+    keys = {preprocess(Image.fromarray(flat.reshape(h, w, 3)), cfg).key for w, h in [(6, 4), (4, 6), (8, 3), (24, 1)]}
+    assert len(keys) == 4
 
 
 def test_real_336_configs_match_transformers():

@@ -2,8 +2,11 @@
 
 - `image_io`: `load_image(src, limits)` for URLs, data URIs and local paths, with byte, pixel and
   time limits and typed errors (`ImageError` and subclasses).
-- `processor`: `ImageProcessorConfig` + `preprocess(image, cfg)`, bit-identical to transformers'
-  CLIPImageProcessorPil / LlavaNextImageProcessorPil.
+- `processor`: `ImageProcessorConfig` + `preprocess(image, cfg, device)`, bit-identical to
+  transformers' CLIPImageProcessorPil / LlavaNextImageProcessorPil, and `image_key` (the caches'
+  image identity).
+- `pixels`: the uint8 geometry + normalization, in numpy (CPU) or torch (the model's device).
+- `resample`: Pillow's fixed-point resampler reproduced exactly in torch int32 passes.
 - `anyres`: pure geometry of LLaVA-NeXT tiling and its image-token count (no torch, no PIL).
 
 Names are re-exported lazily so that importing `fastllava.preprocess.anyres` (for token

@@ -13,8 +13,6 @@ the device; the only host sync per step is reading the B sampled ids back.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from fastllava.kv_cache import KVCache
@@ -25,14 +23,6 @@ from fastllava.runtime.image_cache import ImageFeatureCache
 from fastllava.runtime.sampler import SamplingBatch, sample
 from fastllava.runtime.scheduler import Batch
 from fastllava.runtime.sequence import Sequence
-
-
-def image_content_hash(image: ProcessedImage) -> bytes:
-    """Identifies the tower's input exactly: pixels (fp32 tiles), original size and anyres grid."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((tuple(image.pixel_values.shape), image.image_size, image.grid)).encode())
-    h.update(image.pixel_values.contiguous().numpy().tobytes())
-    return h.digest()
 
 
 class ModelRunner:

@@ -1,0 +1,179 @@
+"""The pixel pipeline of `preprocess`: geometry on uint8 arrays, then one table lookup.
+
+Every step reproduces what transformers' PIL processors do to the uint8 image (llava-reference.md
+§4), on a batch of NHWC uint8 arrays:
+- resize: Pillow's resampler (`resample.py`): Pillow itself on the CPU, exact int32 passes in
+  torch on a GPU;
+- pad (anyres canvas, black; LLaVA-1.5 "pad" mode, the mean colour) and tile: array copies;
+- center crop (`image_transforms.center_crop`, zero-padded when the image is smaller);
+- rescale + normalize: the per-channel float32 table of `normalize_table`, gathered into NCHW.
+The CPU path stays in numpy (torch's multi-threaded CPU kernels lose to numpy on these small,
+memory-bound copies when cores are shared); the device path is the same steps in torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastllava.preprocess.resample import resize_pil, resize_torch
+
+__all__ = ["NumpyPixels", "TorchPixels", "background", "shortest_edge_size", "center_crop", "pad_into"]
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastllava-preprocess")
+
+
+def background(fn, *args):
+    """Run fn(*args) on a helper thread; returns a callable that waits for its result. For work
+    that releases the GIL (Pillow's resampler, BLAKE3) so it overlaps the caller's."""
+    return _pool().submit(fn, *args).result
+
+
+class NumpyPixels:
+    """CPU: numpy arrays, Pillow resizes. The anyres grid and base resizes of one image read the
+    whole source each; `resize_async` runs one of them on a helper thread (Pillow releases the
+    GIL while it resamples)."""
+
+    def source(self, rgb: Image.Image, pixels: np.ndarray | None):
+        return rgb
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def done(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def full(self, shape, fill) -> np.ndarray:
+        out = np.empty(shape, np.uint8)
+        out[...] = np.asarray(fill, np.uint8)
+        return out
+
+    def resize(self, x, size_hw, resample) -> np.ndarray:
+        """A PIL image or NHWC array -> NHWC array."""
+        if isinstance(x, Image.Image):
+            return resize_pil(x, size_hw, resample)[None]
+        if x.shape[1:3] == tuple(size_hw):
+            return x
+        return np.stack([resize_pil(i, size_hw, resample) for i in x])
+
+    def resize_async(self, x, size_hw, resample):
+        return background(self.resize, x, size_hw, resample)
+
+    def to_array(self, x) -> np.ndarray:
+        return np.asarray(x)[None] if isinstance(x, Image.Image) else x
+
+    def permute(self, x, dims):
+        return x.transpose(dims)
+
+    def cat(self, xs):
+        return np.concatenate(xs)
+
+    def normalize(self, x: np.ndarray, table: torch.Tensor) -> torch.Tensor:
+        """NHWC uint8 -> float32 NCHW table[c, x]."""
+        n, h, w, c = x.shape
+        table = table.numpy()
+        out = np.empty((n, c, h, w), np.float32)
+        for ch in range(c):
+            np.take(table[ch], x[..., ch], out=out[:, ch])
+        return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)
+
+
+class TorchPixels:
+    """Any torch device (the GPU path): the source goes to the device once as uint8.
+
+    On CUDA the work runs on a side stream, so an image is preprocessed while the engine's
+    forward pass occupies the default stream; `done` waits for that stream only and hands the
+    result over to the default stream (where the vision tower reads it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = _side_stream(device) if device.type == "cuda" else None
+
+    def context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def done(self, out: torch.Tensor) -> torch.Tensor:
+        if self.stream is not None:
+            self.stream.synchronize()
+            out.record_stream(torch.cuda.default_stream(self.device))  # freed later on that stream
+        return out
+
+    def source(self, rgb: Image.Image, pixels: np.ndarray) -> torch.Tensor:
+        # `pixels` views PIL's bytes read-only; torch only reads it here, on the way to the device
+        # (no pin_memory: allocating pinned memory per image costs more than the staged copy).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.from_numpy(pixels).to(self.device, copy=True)[None]
+
+    def full(self, shape, fill) -> torch.Tensor:
+        fill = torch.tensor(fill, dtype=torch.uint8, device=self.device)
+        return fill.expand(*shape).clone()
+
+    def resize(self, x, size_hw, resample) -> torch.Tensor:
+        return resize_torch(x, size_hw, resample)
+
+    def resize_async(self, x, size_hw, resample):
+        out = self.resize(x, size_hw, resample)   # already asynchronous on a GPU stream
+        return lambda: out
+
+    def to_array(self, x):
+        return x
+
+    def permute(self, x, dims):
+        return x.permute(*dims)
+
+    def cat(self, xs):
+        return torch.cat(xs)
+
+    def normalize(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = x.shape
+        offsets = torch.arange(c, device=self.device, dtype=torch.int64) * table.shape[1]
+        flat = x.permute(0, 3, 1, 2).to(torch.int64) + offsets.view(1, c, 1, 1)
+        return table.to(self.device).reshape(-1)[flat]
+
+
+def shortest_edge_size(h: int, w: int, shortest_edge: int) -> tuple[int, int]:
+    """transformers' `get_resize_output_image_size(default_to_square=False)`: the short side
+    becomes `shortest_edge`, the long side `int(shortest_edge * long / short)` (truncated)."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(shortest_edge * long / short)
+    return (new_long, shortest_edge) if w <= h else (shortest_edge, new_long)
+
+
+def center_crop(px, x, crop_h: int, crop_w: int):
+    """NHWC [n, h, w, c] -> [n, crop_h, crop_w, c], as `image_transforms.center_crop`.
+
+    Offset `(h - crop_h) // 2`; an image smaller than the crop is first placed on a zero canvas
+    at `ceil(slack / 2)` (the odd pixel goes top/left here, unlike the anyres padding)."""
+    n, h, w, c = x.shape
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return x[:, top:top + crop_h, left:left + crop_w]
+    new_h, new_w = max(crop_h, h), max(crop_w, w)
+    pad_top, pad_left = -(-(new_h - h) // 2), -(-(new_w - w) // 2)
+    canvas = pad_into(px, x, (new_h, new_w), (pad_top, pad_left), 0)
+    top, left = top + pad_top, left + pad_left
+    return canvas[:, max(0, top):min(new_h, top + crop_h), max(0, left):min(new_w, left + crop_w)]
+
+
+def pad_into(px, x, canvas_hw: tuple[int, int], top_left: tuple[int, int], fill):
+    """NHWC x placed at top_left on a canvas of canvas_hw filled with `fill` (int or RGB)."""
+    n, h, w, c = x.shape
+    top, left = top_left
+    canvas = px.full((n, *canvas_hw, c), fill)
+    canvas[:, top:top + h, left:left + w] = x
+    return canvas
