@@ -203,10 +203,11 @@ def test_gpu_model_shapes(H, KVH, D, S, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay_with_new_context_lens():
+@pytest.mark.parametrize("width", [None, 512])   # 512 pages: a max_context-wide graph table
+def test_gpu_cuda_graph_replay_with_new_context_lens(width):
     """Captured once, replayed with other context lengths: the grid depends on shapes only."""
     q, k_cache, v_cache, tables, lens = make_case([900, 5, 300, 64], 32, 8, 128, 16,
-                                                  torch.bfloat16, seed=9)
+                                                  torch.bfloat16, seed=9, width=width)
     paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=0.1)  # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
