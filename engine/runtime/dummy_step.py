@@ -18,7 +18,10 @@ from fastllava.runtime.config import RuntimeConfig
 from fastllava.runtime.sampler import SamplingBatch, sample
 
 
-def image_shapes(config: LlavaConfig) -> list[tuple[int, tuple[int, int] | None, tuple[int, int], int]]:
+ImageShape = tuple[int, "tuple[int, int] | None", tuple[int, int], int]
+
+
+def image_shapes(config: LlavaConfig) -> list[ImageShape]:
     """(tiles, grid, image (h, w), image tokens) for every tile count the checkpoint's
     preprocessing can produce, fewest tiles first: one for LLaVA-1.5; for anyres the base tile plus
     each pinpoint's grid, at an image the size of the pinpoint (no unpadding: the most tokens)."""

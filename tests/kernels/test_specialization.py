@@ -100,7 +100,8 @@ def test_decode_two_variants_at_most_for_every_batch_and_width(monkeypatch):
         for B in STEPS + [64]:
             for width in (1, 7, 16, 33, 512):
                 q = fused_qkv(B, H, KVH, D)[0]
-                mod.paged_decode_attention(q, cache, cache, torch.zeros(B, width, dtype=torch.int32),
+                tables = torch.zeros(B, width, dtype=torch.int32)
+                mod.paged_decode_attention(q, cache, cache, tables,
                                            torch.ones(B, dtype=torch.int32), scale=0.1)
 
     merge = keys(mod._decode_merge_kernel, monkeypatch, launches, mod._decode_split_kernel)
