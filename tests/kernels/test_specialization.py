@@ -4,41 +4,28 @@ Triton compiles one variant per specialization key: every int argument that equa
 multiple of 16 (and every pointer's 16-byte alignment) is part of it unless the kernel marks the
 argument `do_not_specialize`. The batch size, the block-table width and the token count change
 from step to step, so each launcher below is called with many of them; the arguments it passes
-are captured and run through Triton's own binder for a Hopper target, the very function
-`JITFunction.run` keys its kernel cache with. One key per launcher variant is the proof: the
-interpreter (CPU) never compiles, so its own cache cannot be counted. The GPU test in
-tests/runtime/test_warmup.py counts real compilations after the engine's warm-up.
+are keyed by Triton's own binder for a Hopper target (specialization.py). One key per launcher
+variant is the proof. The GPU test in
+tests/runtime/test_warmup_gpu.py counts real compilations after the engine's warm-up.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from specialization import recording
 
 from fastllava.kernels import gelu, paged_decode_attention, prefill_attention
 
-HOPPER = GPUTarget("cuda", 90, 32)
 
-
-def keys(kernel, monkeypatch, launches, *others) -> set[str]:
-    """The specialization keys of `kernel` over the launches `launches()` makes (`others`: more
-    kernels the launcher calls, kept from running too)."""
-    calls = []
-    monkeypatch.setattr(kernel, "run", lambda *a, grid, warmup, **kw: calls.append((a, kw)),
-                        raising=False)
-    for other in others:
-        monkeypatch.setattr(other, "run", lambda *a, **kw: None, raising=False)
-    launches()
-    assert calls, "the launcher never reached the kernel"
-    dns = getattr(kernel, "do_not_specialize", None)
-    if dns is None:                                   # interpreter: InterpretedFunction
-        dns = kernel.kwargs.get("do_not_specialize")
-    jit = JITFunction(kernel.fn, do_not_specialize=dns)
-    binder = create_function_from_signature(jit.signature, jit.params, make_backend(HOPPER))
-    return {repr(binder(*a, **kw)[1:]) for a, kw in calls}
+def keys(kernel, launches) -> set[str]:
+    """The specialization keys of `kernel` over the launches `launches()` makes (no kernel runs)."""
+    found: set[str] = set()
+    with recording(found, launch=False):
+        launches()
+    mine = {k for k in found if k.startswith(kernel.fn.__name__ + "(")}
+    assert mine, "the launcher never reached the kernel"
+    return mine
 
 
 def fused_qkv(N, H, KVH, D):
@@ -51,7 +38,7 @@ STEPS = [1, 2, 3, 16, 17, 32, 48]   # sequences per step: 1, odd, multiples of 1
 
 
 @pytest.mark.parametrize("with_prefix", [False, True])
-def test_prefill_one_variant_for_every_batch_and_table_width(monkeypatch, with_prefix):
+def test_prefill_one_variant_for_every_batch_and_table_width(with_prefix):
     H, KVH, D, S = 8, 2, 64, 16
     cache = torch.zeros(64, S, KVH, D, dtype=torch.bfloat16)
 
@@ -68,28 +55,28 @@ def test_prefill_one_variant_for_every_batch_and_table_width(monkeypatch, with_p
                              prefix_lens=torch.ones(B, dtype=torch.int32))
             prefill_attention.prefill_attention(q, k, v, cu, causal=True, scale=0.1, **extra)
 
-    assert len(keys(prefill_attention._prefill_attention_kernel, monkeypatch, launches)) == 1
+    assert len(keys(prefill_attention._prefill_attention_kernel, launches)) == 1
 
 
-def test_vision_tower_one_variant_for_every_tile_count(monkeypatch):
+def test_vision_tower_one_variant_for_every_tile_count():
     def launches():
         for tiles in (1, 2, 3, 5, 16, 17):
             q, k, v = fused_qkv(tiles * 577, 4, 4, 64)
             cu = torch.arange(0, (tiles + 1) * 577, 577, dtype=torch.int32)
             prefill_attention.prefill_attention(q, k, v, cu, causal=False, scale=0.125)
 
-    assert len(keys(prefill_attention._prefill_attention_kernel, monkeypatch, launches)) == 1
+    assert len(keys(prefill_attention._prefill_attention_kernel, launches)) == 1
 
 
-def test_gelu_one_variant_for_every_token_count(monkeypatch):
+def test_gelu_one_variant_for_every_token_count():
     def launches():
         for n in (1, 577, 1154, 2885, 16):
             gelu.gelu(torch.randn(n, 48, dtype=torch.bfloat16), "quick")
 
-    assert len(keys(gelu._gelu_kernel, monkeypatch, launches)) == 1
+    assert len(keys(gelu._gelu_kernel, launches)) == 1
 
 
-def test_decode_two_variants_at_most_for_every_batch_and_width(monkeypatch):
+def test_decode_two_variants_at_most_for_every_batch_and_width():
     """Without CUDA graphs the table is as wide as the longest sequence of the step and the split
     count follows the shapes: still only the one-split and the split + merge builds."""
     H, KVH, D, S = 8, 2, 64, 16
@@ -104,7 +91,7 @@ def test_decode_two_variants_at_most_for_every_batch_and_width(monkeypatch):
                 mod.paged_decode_attention(q, cache, cache, tables,
                                            torch.ones(B, dtype=torch.int32), scale=0.1)
 
-    merge = keys(mod._decode_merge_kernel, monkeypatch, launches, mod._decode_split_kernel)
+    merge = keys(mod._decode_merge_kernel, launches)
     assert len(merge) == 1, merge
-    split = keys(mod._decode_split_kernel, monkeypatch, launches, mod._decode_merge_kernel)
+    split = keys(mod._decode_split_kernel, launches)
     assert len(split) == 2, split                     # SINGLE_SPLIT True / False
