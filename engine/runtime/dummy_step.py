@@ -43,6 +43,7 @@ class DummySteps:
         self.model, self.ops, self.rc = model, ops, rc
         self.config: LlavaConfig = model.config
         self.dtype, self.device = dtype, torch.device(device)
+        self.max_positions = min(rc.max_context, self.config.text.max_position_embeddings)
 
     def scratch_kv(self) -> KVCache:
         """Pages for one full prefill step plus one page per decoding sequence."""
@@ -62,7 +63,10 @@ class DummySteps:
         """num_tokens new tokens split over num_seqs sequences (each after `prefix` cached
         tokens), the first rows taking `features` as image embeddings → logits (num_seqs, V)."""
         S = kv.page_size
-        num_seqs = max(1, min(num_seqs, num_tokens))
+        # No position past what a request may reach (rotary tables end there): more, shorter
+        # sequences when one would not fit.
+        room = self.max_positions - prefix
+        num_seqs = max(1, min(max(num_seqs, -(-num_tokens // room)), num_tokens))
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         width = -(-(prefix + max(lens)) // S)
         tables = [[(b * width + j) % kv.num_pages for j in range(width)] for b in range(num_seqs)]
@@ -131,10 +135,10 @@ def warm_up(steps: DummySteps, kv: KVCache, decode_batches: list[int]) -> None:
         steps.images(tiles, grid, hw)
     S, rc = kv.page_size, steps.rc
     for n in sorted({1, min(17, rc.max_num_batched_tokens), rc.max_num_batched_tokens}):
-        for prefix in (0, S + 1):
+        for prefix in (0, min(S + 1, steps.max_positions - 1)):
             steps.prefill(kv, n, min(n, rc.max_num_seqs), prefix=prefix)
     for B in decode_batches:
-        for context in (1, max(1, min(kv.num_pages * S // B, 64 * S))):
+        for context in (1, max(1, min(kv.num_pages * S // B, 64 * S, steps.max_positions))):
             steps.decode(kv, B, context)
     for B in sorted({1, rc.max_num_seqs}):
         logits = torch.randn(B, steps.config.text.vocab_size, device=steps.device)

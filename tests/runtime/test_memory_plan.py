@@ -256,3 +256,22 @@ def test_vision_tower_keeps_only_the_selected_hidden_states(next_model, layers):
             h.remove()
     assert len(states) == len(tower.layers) + 1 >= 5
     assert not leaks, f"(state being made, earlier state still alive): {leaks}"
+
+
+def test_dummy_positions_stay_below_what_a_request_reaches(next_model, monkeypatch):
+    """A full step longer than max_context is spread over more sequences: no position past it
+    (a rotary table by position would be read out of bounds)."""
+    rc = RuntimeConfig(max_num_seqs=1, max_num_batched_tokens=200, max_context=64)
+    steps = DummySteps(next_model.model, next_model.ops, rc, torch.float32, "cpu")
+    seen = []
+    forward = type(next_model.model).forward
+
+    def spy(self, ops, embeds, ctx, kv):
+        seen.append(ctx)
+        return forward(self, ops, embeds, ctx, kv)
+    monkeypatch.setattr(type(next_model.model), "__call__", spy)
+    kv = steps.scratch_kv()
+    steps.worst_case(kv)
+    warm_up(steps, kv, [1])
+    assert seen and max(int(c.positions.max()) for c in seen) < 64
+    assert max(int(c.cu_seqlens[-1]) for c in seen) == 200      # the full step still ran
