@@ -51,3 +51,31 @@ def test_mixed_workload_compiles_nothing_after_build(tiny_next, tmp_path, cuda_g
         triton.knobs.runtime.jit_cache_hook = previous
         llava.close()
     assert not compiled, f"{len(compiled)} kernels compiled after ready: {compiled[:5]}"
+
+
+@pytest.mark.gpu
+def test_measured_plan_holds_the_served_peak(tiny_next, tmp_path):
+    """The pool the plan sizes plus what serving then allocates stays within the fraction."""
+    import torch
+
+    path = str(tmp_path / "img.png")
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (300, 100, 3), dtype=np.uint8)
+                    ).save(path)
+    rc = RuntimeConfig(max_num_seqs=4, max_num_batched_tokens=256, max_context=1024,
+                       gpu_memory_fraction=0.25)
+    torch.cuda.empty_cache()
+    llava = LLaVA.from_pretrained(tiny_next, device="cuda", dtype="bfloat16", backend="triton",
+                                  runtime=rc)
+    try:
+        plan = llava.stats()["memory_plan"]
+        assert plan["source"] == "measured" and plan["activations_gb"] > 0, plan
+        total = torch.cuda.mem_get_info()[1]
+        assert abs(plan["total_gb"] * (1 << 30) - total) < 1 << 21
+        torch.cuda.reset_peak_memory_stats()
+        run_threads([lambda i=i: llava.generate({
+            "image_url": path, "prompt": "describe " * (5 + 50 * i), "max_tokens": 8})
+            for i in range(6)])
+        used = torch.cuda.max_memory_reserved() + plan["outside_torch_gb"] * (1 << 30)
+        assert used <= total * rc.gpu_memory_fraction, (used / (1 << 30), plan)
+    finally:
+        llava.close()
