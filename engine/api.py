@@ -345,7 +345,8 @@ class LLaVA:
                 "prompt_tokens": scheduler.num_prompt_tokens,
                 "generation_tokens": scheduler.num_generation_tokens,
                 "prefix_query_tokens": scheduler.num_prefix_query_tokens,
-                "prefix_hit_tokens": scheduler.num_prefix_hit_tokens}
+                "prefix_hit_tokens": scheduler.num_prefix_hit_tokens,
+                "memory_plan": runner.memory_plan.as_dict() if runner.memory_plan else None}
 
     def reset_prefix_cache(self) -> None:
         """Empty the prefix (KV page) cache and the image-feature cache, e.g. between benchmark

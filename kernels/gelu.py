@@ -26,7 +26,8 @@ VARIANTS = ("quick", "tanh", "erf")  # the kernel's VARIANT constexpr is an inde
 BLOCK = 1024  # elements per program: 2 KB of bf16, 8 per thread at 4 warps (16-byte accesses)
 
 
-@triton.jit
+# numel (tokens x width) changes per step: specialized, it would compile new variants mid-traffic.
+@triton.jit(do_not_specialize=["numel"])
 def _gelu_kernel(x_ptr, out_ptr, numel, VARIANT: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < numel

@@ -9,15 +9,22 @@ context_lens (B,) int; out (B, H, D).
 Kernel: flash-decoding (split-K), two launches.
 - Stage 1, grid (B, KVH, num_splits): one program takes all `group = H // KVH` query heads that
   share KV head kvh (padded to BLOCK_H >= 16 rows so `tl.dot` maps onto tensor cores; pad rows are
-  masked) over one contiguous chunk of `chunk` tokens (a multiple of BLOCK_N) of sequence b. It walks
-  the chunk BLOCK_N tokens at a time, gathering each token's slot through the block table, so any
-  page size works and unused slots, pages and block-table entries past context_lens[b] are never
-  read. Scores q.k accumulate in fp32 (IEEE fp32 dot for fp32 inputs, not tf32) and are scaled by
-  scale * log2(e), so the online softmax runs in fp32 with exp2. Each program writes its normalised
-  partial output (fp32) and its log-sum-exp (base 2) per (b, h, split) to fp32 scratch.
+  masked) over one contiguous chunk of sequence b. The chunk follows b's own context, not the table
+  width: chunk = cdiv(ctx, num_splits) rounded up to whole BLOCK_N tiles (`_split_bounds`), so a
+  short context is still spread over the splits instead of filling the first one and leaving the
+  rest idle (13B batch 1 at 800 tokens in an 8192-token table: 7 chunks of 128, not 640 + 160 in 2).
+  It walks the chunk BLOCK_N tokens at a time, gathering each token's slot through the block
+  table, so any page size works and unused slots, pages and block-table entries past
+  context_lens[b] are never read. Scores q.k accumulate in fp32 (IEEE fp32 dot for fp32 inputs,
+  not tf32) and are scaled by scale * log2(e), so the online softmax runs in fp32 with exp2. Each
+  program writes its normalised partial output (fp32) and its log-sum-exp (base 2) per
+  (b, h, split) to fp32 scratch.
 - Stage 2, grid (B, H): merges the splits, out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) with
   M = max_s lse_s, and writes q's dtype. A split past the context has lse = -inf and weight 0.
   With one split, stage 1 writes out directly and stage 2 is skipped.
+Compile variants: the split count, the table width and max_ctx are runtime ints that Triton must
+not specialize (`do_not_specialize`), so a new batch size or table width never compiles a kernel
+while serving; only SINGLE_SPLIT (and dtype/model shapes) select a variant.
 Unlike the reference, scores and softmax are never rounded to the input dtype (only P before the
 P @ V dot is): held to the FlashAttention bound (tests/tolerances.py), not to bit-equality.
 
@@ -46,10 +53,21 @@ MAX_SPLITS = 64  # bounds stage-2 work and scratch at B * H * 64 * D fp32.
 
 
 @triton.jit
+def _split_bounds(ctx, split, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens [lo, hi) of a ctx-token context that split `split` of num_splits reduces: chunks of
+    cdiv(ctx, num_splits) tokens rounded up to whole BLOCK_N tiles (only the last tile of a chunk
+    is ragged). Splits past the context get lo >= hi (empty)."""
+    per_split = (ctx + num_splits - 1) // num_splits
+    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    lo = split * chunk
+    return lo, tl.minimum(lo + chunk, ctx)
+
+
+@triton.jit(do_not_specialize=["stride_btb", "max_ctx", "num_splits"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_ptr, out_ptr, part_ptr,
-                         lse_ptr, qk_scale, stride_qb, stride_qh, stride_btb, chunk, max_ctx,
+                         lse_ptr, qk_scale, stride_qb, stride_qh, stride_btb, max_ctx, num_splits,
                          H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-                         GROUP: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
+                         GROUP: tl.constexpr, SINGLE_SPLIT: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
@@ -64,8 +82,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_ptr, out_p
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)   # (BLOCK_H, BLOCK_D)
 
     ctx = tl.minimum(tl.load(ctx_ptr + b).to(tl.int32), max_ctx)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, ctx)
+    lo, hi = _split_bounds(ctx, split, num_splits, BLOCK_N)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)   # running max of log2-scaled scores
     l_i = tl.zeros([BLOCK_H], tl.float32)                 # running sum of 2^(s - m_i)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -94,32 +111,35 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_ptr, out_p
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_mask = mask_h[:, None] & mask_d[None, :]
     row = b.to(tl.int64) * H + heads                  # (b, h) row of contiguous (B, H, ...)
-    if NUM_SPLITS == 1:
+    if SINGLE_SPLIT:
         tl.store(out_ptr + row[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
     else:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + row * NUM_SPLITS + split, lse, mask=mask_h)
-        tl.store(part_ptr + (row[:, None] * NUM_SPLITS + split) * D + d[None, :], o,
+        tl.store(lse_ptr + row * num_splits + split, lse, mask=mask_h)
+        tl.store(part_ptr + (row[:, None] * num_splits + split) * D + d[None, :], o,
                  mask=out_mask)
 
 
-@triton.jit
-def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, H: tl.constexpr, D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, num_splits, H: tl.constexpr, D: tl.constexpr,
+                         BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """num_splits is a runtime int (one build for every split count): the weights come from one
+    masked BLOCK_SPLITS-wide load of the log-sum-exps, the partials are summed one split at a
+    time (a (BLOCK_SPLITS, D) fp32 tile would cost 64 registers per thread)."""
     row = tl.program_id(0).to(tl.int64) * H + tl.program_id(1)
     sp = tl.arange(0, BLOCK_SPLITS)
     d = tl.arange(0, BLOCK_D)
-    mask_s = sp < NUM_SPLITS
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + sp, mask=mask_s, other=float("-inf"))
+    lse_row = lse_ptr + row * num_splits
+    lse = tl.load(lse_row + sp, mask=sp < num_splits, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)          # all splits empty (context 0): weights 0
-    w = tl.exp2(lse - m)                               # (BLOCK_SPLITS,) fp32, 0 for empty splits
-    part = tl.load(part_ptr + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :],
-                   mask=mask_s[:, None] & (d[None, :] < D), other=0.0)
-    total = tl.sum(w, 0)
-    o = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
+    total = tl.sum(tl.exp2(lse - m), 0)                # empty splits (lse -inf) weigh 0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        w = tl.exp2(tl.load(lse_row + s) - m)
+        acc += w * tl.load(part_ptr + (row * num_splits + s) * D + d, mask=d < D, other=0.0)
+    o = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
@@ -127,8 +147,9 @@ def choose_num_splits(B: int, KVH: int, max_ctx: int) -> int:
     """Splits per sequence from shapes only: enough (b, kvh, split) programs to fill the GPU.
 
     B * KVH programs already saturate the SMs at large batch (one split, no merge launch); a
-    small batch over a long cache splits the max context (max_pages * S) into up to MAX_SPLITS
-    chunks of whole BLOCK_N tiles. Splits past a shorter real context exit after one load.
+    small batch over a long cache splits it into up to MAX_SPLITS chunks. The count is sized by
+    the table (max_pages * S) so it stays fixed per CUDA graph; each sequence then cuts its own
+    context into that many chunks (`_split_bounds`), so short contexts keep every split busy.
     """
     num_blocks = max(1, triton.cdiv(max_ctx, BLOCK_N))
     want = triton.cdiv(TARGET_PROGRAMS, max(1, B * KVH))
@@ -149,9 +170,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_ctx = block_tables.shape[1] * S
     if num_splits is None:
         num_splits = choose_num_splits(B, KVH, max_ctx)
-    elif not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
-    chunk = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), BLOCK_N) * BLOCK_N
+    elif not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be an int in [1, {MAX_SPLITS}] or None, "
+                         f"got {num_splits!r}")
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
@@ -164,14 +185,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     BLOCK_D = triton.next_power_of_2(max(D, 16))
     _decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
-        scale * math.log2(math.e), q.stride(0), q.stride(1), block_tables.stride(0), chunk, max_ctx,
-        H=H, KVH=KVH, D=D, S=S, GROUP=group, NUM_SPLITS=num_splits,
+        scale * math.log2(math.e), q.stride(0), q.stride(1), block_tables.stride(0), max_ctx,
+        num_splits, H=H, KVH=KVH, D=D, S=S, GROUP=group, SINGLE_SPLIT=num_splits == 1,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
         enable_fp_fusion=FP_FUSION)
     if num_splits > 1:
-        _decode_merge_kernel[(B, H)](part, lse, out, H=H, D=D, NUM_SPLITS=num_splits,
-                                     BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        _decode_merge_kernel[(B, H)](part, lse, out, num_splits, H=H, D=D,
+                                     BLOCK_SPLITS=MAX_SPLITS,
                                      BLOCK_D=BLOCK_D, num_warps=4,
                                      enable_fp_fusion=FP_FUSION)
     return out

@@ -71,7 +71,15 @@ def _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr,
     return acc, m_new, l_i
 
 
-@triton.jit
+# Ints Triton would specialize (== 1, % 16) and that change from step to step compile a new
+# variant mid-traffic: B, the block-table width, and the row strides, which a 1-token step's
+# views report differently. The strides' alignment is the constexpr ALIGN's job (_stride_units),
+# so no stride is specialized.
+_STEP_INTS = ["B", "stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
+              "stride_on", "stride_oh", "stride_cp", "stride_cs", "stride_ch", "stride_bt"]
+
+
+@triton.jit(do_not_specialize=_STEP_INTS)
 def _prefill_attention_kernel(
         Q, K, V, O, cu_seqlens, KC, VC, block_tables, prefix_lens,
         B, qk_scale,
@@ -213,8 +221,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:  # unused pointers: any tensor will do
         kc = vc = bt = pl = cu_seqlens
         S, cache_strides = 1, (0, 0, 0, 0)
-    align, strides = _stride_units(q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                                   v.stride(1), out.stride(0), out.stride(1), *cache_strides[:3])
+    # A dim of size 1 is only ever indexed at 0: its stride (which torch reports differently for
+    # one-token views) must not lower ALIGN, or a 1-token step would build its own variant.
+    strided = [(t.stride(i) if t.shape[i] > 1 else 0) for t in (q, k, v, out) for i in (0, 1)]
+    align, strides = _stride_units(*strided, *cache_strides[:3])
     grid = (N // BLOCK_M + B, H)
     _prefill_attention_kernel[grid](
         q, k, v, out, cu_seqlens, kc, vc, bt, pl, B, scale * _LOG2E, *strides, cache_strides[3],

@@ -92,9 +92,12 @@ class VisionTower(nn.Module):
         x = self.embeddings(pixels)
         if hasattr(self, "pre_layrnorm"):
             x = self.pre_layrnorm(x)
-        states = [x]
-        for layer in self.layers:
+        # Only the selected hidden states are kept: holding every layer's output would pin
+        # layers x tiles x tokens x width activations (142 MB for 5 CLIP-L tiles in bf16).
+        kept = {0: x} if 0 in self.selected else {}
+        for i, layer in enumerate(self.layers, start=1):
             x = layer(ops, x)
-            states.append(x)
-        feats = torch.cat([states[i] for i in self.selected], dim=-1)
+            if i in self.selected:
+                kept[i] = x
+        feats = torch.cat([kept[i] for i in self.selected], dim=-1)
         return feats[:, 1:] if self.drop_cls else feats

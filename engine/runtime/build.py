@@ -1,9 +1,11 @@
-"""Wire a loaded model into a running engine: size the KV pool, then build the block manager,
-scheduler, model runner (with CUDA graphs where they apply) and the engine loop."""
+"""Wire a loaded model into a running engine: plan the memory and size the KV pool, build the
+block manager, scheduler, model runner (with CUDA graphs where they apply), warm every kernel
+variant up, then the engine loop."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -12,55 +14,70 @@ from fastllava.kv_cache import KVCache
 from fastllava.runtime.block_manager import BlockManager
 from fastllava.runtime.config import RuntimeConfig
 from fastllava.runtime.cuda_graphs import DecodeGraphs
+from fastllava.runtime.dummy_step import DummySteps, image_shapes, warm_up
 from fastllava.runtime.engine import Engine
 from fastllava.runtime.image_cache import ImageFeatureCache
+from fastllava.runtime.memory_plan import (CudaMemory, MemoryPlan, fixed_plan, measure,
+                                           plan_kv_pool)
 from fastllava.runtime.model_runner import ModelRunner
-from fastllava.runtime.scheduler import Scheduler, SchedulerConfig
+from fastllava.runtime.scheduler import Scheduler
 
 log = logging.getLogger("fastllava.runtime")
 
 
-def kv_cache_pages(text: TextConfig, rc: RuntimeConfig, dtype: torch.dtype, device) -> int:
-    """The KV pool in pages: rc.kv_cache_tokens if given; on CPU max_context; on CUDA what is left
-    of gpu_memory_fraction of the GPU after the weights (already loaded) and a working reserve
-    for one step's activations and the image-feature cache."""
-    per_page = KVCache.bytes_per_page(text.num_hidden_layers, rc.page_size,
-                                      text.num_key_value_heads, text.head_dim, dtype)
-    if rc.kv_cache_tokens is not None:
-        return -(-rc.kv_cache_tokens // rc.page_size)
-    if torch.device(device).type != "cuda":
-        return -(-rc.max_context // rc.page_size)
-    free, total = torch.cuda.mem_get_info(device)
-    e = dtype.itemsize
-    # One step's live activations (residual, norm out, qkv, attention out, gate_up, act) plus the
-    # fp32 logits of every decoding row, with 2x slack for allocator fragmentation.
-    step = rc.max_num_batched_tokens * (5 * text.hidden_size + 3 * text.intermediate_size) * e * 2
-    step += rc.max_num_seqs * text.vocab_size * 4 * 2
-    images = rc.image_cache_rows * text.hidden_size * e
-    budget = free - (1 - rc.gpu_memory_fraction) * total - step - images - (512 << 20)
-    pages = int(budget // per_page)
-    need = -(-min(rc.max_context, text.max_position_embeddings) // rc.page_size)
-    if pages < need:
-        raise ValueError(f"not enough GPU memory for the KV cache: {max(pages, 0)} pages of "
-                         f"{rc.page_size} tokens fit, one {rc.max_context}-token request needs "
-                         f"{need}; lower max_context or image_cache_rows, or raise "
-                         "gpu_memory_fraction")
-    return pages
+def memory_plan(steps: DummySteps, text: TextConfig, rc: RuntimeConfig, graphs: bool) -> MemoryPlan:
+    """rc.kv_cache_tokens if given; on CPU max_context (nothing is measured there); on CUDA the
+    pool that gpu_memory_fraction leaves beside the measured worst-case step (memory_plan.py)."""
+    dtype, device = steps.dtype, steps.device
+    page_bytes = KVCache.bytes_per_page(text.num_hidden_layers, rc.page_size,
+                                        text.num_key_value_heads, text.head_dim, dtype)
+    image_tokens = max(shape[3] for shape in image_shapes(steps.config))
+    if rc.kv_cache_tokens is not None or device.type != "cuda":
+        weights = sum(t.numel() * t.element_size()
+                      for t in (*steps.model.parameters(), *steps.model.buffers()))
+        source, tokens = (("kv_cache_tokens", rc.kv_cache_tokens) if rc.kv_cache_tokens
+                          is not None else ("max_context", rc.max_context))
+        return fixed_plan(source, tokens, page_bytes=page_bytes, page_size=rc.page_size,
+                          weights=weights, image_tokens=image_tokens)
+    mem = CudaMemory(device)
+    decode = (lambda kv: steps.decode(kv, rc.max_num_seqs)) if graphs else None
+    measured = measure(mem, steps.scratch_kv, steps.worst_case, decode)
+    return plan_kv_pool(total=mem.total(), fraction=rc.gpu_memory_fraction, measured=measured,
+                        image_cache=rc.image_cache_rows * text.hidden_size * dtype.itemsize,
+                        page_bytes=page_bytes, page_size=rc.page_size,
+                        need_tokens=min(rc.max_context, text.max_position_embeddings),
+                        image_tokens=image_tokens)
 
 
 def build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device,
                  rc: RuntimeConfig) -> tuple[Engine, int]:
-    """(engine, max_len): max_len caps every request's prompt + output tokens."""
-    num_pages = kv_cache_pages(text, rc, dtype, device)
-    kv = KVCache(text.num_hidden_layers, num_pages, rc.page_size, text.num_key_value_heads,
+    """(engine, max_len): max_len caps every request's prompt + output tokens. The memory plan
+    is on engine.runner.memory_plan."""
+    device = torch.device(device)
+    steps = DummySteps(model, ops, rc, dtype, device)
+    # Only compiled Triton kernels have variants to build: the torch ops and the CPU interpreter
+    # compile nothing, so there the warm-up is skipped (and so are the graphs).
+    compiled = device.type == "cuda" and ops.name == "triton"
+    use_graphs = rc.cuda_graphs and compiled
+    with torch.inference_mode():
+        plan = memory_plan(steps, text, rc, use_graphs)
+    log.info(plan.summary())
+    kv = KVCache(text.num_hidden_layers, plan.kv_pages, rc.page_size, text.num_key_value_heads,
                  text.head_dim, dtype, device)
-    max_len = min(rc.max_context, text.max_position_embeddings, num_pages * rc.page_size)
+    max_len = min(rc.max_context, text.max_position_embeddings, plan.kv_pages * rc.page_size)
     graphs = None
-    if rc.cuda_graphs and torch.device(device).type == "cuda" and ops.name == "triton":
+    if use_graphs:
         # The torch reference ops sync with the host, so only the Triton kernels are captured.
         graphs = DecodeGraphs(model, ops, kv, rc.max_num_seqs, -(-max_len // rc.page_size))
         log.info("captured decode CUDA graphs for batch sizes %s", graphs.buckets)
-    runner = ModelRunner(model, ops, kv, ImageFeatureCache(rc.image_cache_rows), graphs)
+    if compiled:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            warm_up(steps, kv, [] if graphs else sorted({1, rc.max_num_seqs}))
+        torch.cuda.synchronize(device)
+        log.info("warmed up every kernel variant in %.1f s", time.perf_counter() - start)
+    runner = ModelRunner(model, ops, kv, ImageFeatureCache(rc.image_cache_rows), graphs,
+                         memory_plan=plan)
     scheduler = Scheduler(rc.scheduler_config(),
-                          BlockManager(num_pages, rc.page_size, rc.prefix_caching))
+                          BlockManager(plan.kv_pages, rc.page_size, rc.prefix_caching))
     return Engine(scheduler, runner), max_len

@@ -8,7 +8,10 @@ whose KV slot is -1 (the KV-write kernel skips them) and whose context length is
 returns zeros for them), so padding never touches real pages.
 
 The block-table buffer is (max_batch_size, max_pages_per_seq): the decode kernel picks its split
-count from shapes only, so a captured graph stays valid for every context length.
+count from shapes only, so a captured graph stays valid for every context length, and each
+sequence cuts its own context into that many chunks, so a short context in the max_context-wide
+table still spreads over every split. Capturing also compiles the decode kernels: the engine's
+warm-up (runtime/dummy_step.py) covers the other steps.
 
 `capture=False` runs the same padded static-buffer path eagerly (CPU tests of the padding logic).
 """

@@ -20,6 +20,7 @@ from fastllava.models.context import ForwardContext
 from fastllava.preprocess.processor import ProcessedImage
 from fastllava.runtime.cuda_graphs import DecodeGraphs
 from fastllava.runtime.image_cache import ImageFeatureCache
+from fastllava.runtime.memory_plan import MemoryPlan
 from fastllava.runtime.sampler import SamplingBatch, sample
 from fastllava.runtime.scheduler import Batch
 from fastllava.runtime.sequence import Sequence
@@ -27,8 +28,9 @@ from fastllava.runtime.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model, ops, kv: KVCache, image_cache: ImageFeatureCache,
-                 graphs: DecodeGraphs | None = None):
+                 graphs: DecodeGraphs | None = None, memory_plan: MemoryPlan | None = None):
         self.model, self.ops, self.kv = model, ops, kv
+        self.memory_plan = memory_plan     # how the KV pool was sized (stats())
         self.device = kv.k[0].device
         self.image_cache = image_cache
         self.graphs = graphs

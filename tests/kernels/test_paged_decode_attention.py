@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from kernel_device import DEVICE
 from tolerances import assert_flash_bound
 
-from fastllava.kernels.paged_decode_attention import (BLOCK_N, MAX_SPLITS, choose_num_splits,
-                                                      paged_decode_attention,
+from fastllava.kernels.paged_decode_attention import (BLOCK_N, MAX_SPLITS, _split_bounds,
+                                                      choose_num_splits, paged_decode_attention,
                                                       paged_decode_attention_ref)
 
 LENS = [1, 7, 113, 239]  # one token, mid-page, and contexts crossing several pages
 
 
-def make_case(lens, H, KVH, D, S, dtype, seed, *, table_dtype=torch.int32, spare_pages=3):
-    """Random q and a NaN-poisoned paged cache holding len tokens per sequence at shuffled pages."""
+def make_case(lens, H, KVH, D, S, dtype, seed, *, table_dtype=torch.int32, spare_pages=3,
+              width=None):
+    """Random q and a NaN-poisoned paged cache holding len tokens per sequence at shuffled pages.
+    width: block-table columns (default: the longest sequence's pages + 2), as in a CUDA graph
+    whose table is as wide as max_context whatever the real contexts are."""
     gen = torch.Generator().manual_seed(seed)
     pages_per_seq = [-(-n // S) for n in lens]
     P = sum(pages_per_seq) + spare_pages + 1
@@ -30,7 +35,7 @@ def make_case(lens, H, KVH, D, S, dtype, seed, *, table_dtype=torch.int32, spare
     v_cache = torch.full((P, S, KVH, D), float("nan"), dtype=dtype)
     perm = torch.randperm(P, generator=gen).tolist()
     nan_page = perm.pop()  # never written: every unused block-table entry points here
-    width = max(pages_per_seq) + 2
+    width = width or max(pages_per_seq) + 2
     tables = torch.full((len(lens), width), nan_page, dtype=table_dtype)
     for b, (n, num_pages) in enumerate(zip(lens, pages_per_seq)):
         pages = [perm.pop() for _ in range(num_pages)]
@@ -63,7 +68,7 @@ def test_gqa_page_sizes(H, KVH, S, dtype):
     check(*make_case(LENS, H, KVH, 80, S, dtype, seed=H * 10 + S))
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5, 24])
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 24, MAX_SPLITS])
 def test_forced_splits_with_long_context(num_splits):
     """1 split (direct write), several, and more splits than 64-token tiles (empty splits, -inf)."""
     lens = [1023, 1, 7, 239]
@@ -95,6 +100,48 @@ def test_zero_context_rows_give_zeros(num_splits):
     out = check(q, k_cache, v_cache, tables, lens, num_splits=num_splits)
     zero_rows = out[[0, 2]]
     assert not zero_rows.any(), f"context 0 rows not zero: max |x| {zero_rows.abs().max().item()}"
+
+
+@pytest.mark.parametrize("H,KVH,dtype", [(8, 2, torch.float16), (8, 2, torch.float32),
+                                          (7, 1, torch.float16)])
+def test_contexts_far_below_the_table_width(H, KVH, dtype):
+    """A 512-page table (8192 tokens, a CUDA graph's width) over contexts of 1..800 tokens, odd
+    lengths included, at the split count the heuristic picks for that width and at forced ones:
+    each sequence cuts its own context, so every split reduces real tokens (see the bounds test)."""
+    lens = [1, 17, 100, 800, 333]
+    case = make_case(lens, H, KVH, 32, 16, dtype, seed=H + KVH, width=512)
+    assert case[3].shape[1] == 512
+    for num_splits in (None, 7, MAX_SPLITS):
+        check(*case, num_splits=num_splits)
+
+
+@triton.jit
+def _split_bounds_probe(ctx_ptr, out_ptr, num_splits, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    lo, hi = _split_bounds(tl.load(ctx_ptr + b), split, num_splits, BLOCK_N)
+    tl.store(out_ptr + (b * num_splits + split) * 2, lo)
+    tl.store(out_ptr + (b * num_splits + split) * 2 + 1, hi)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 7, MAX_SPLITS])
+def test_split_chunks_follow_each_context(num_splits):
+    """The kernel's own chunking (run on device): chunks tile [0, ctx) in order, are whole
+    BLOCK_N tiles except the last, and as many splits as ctx's tiles allow hold tokens: a
+    short context is not parked in the first split of a table-sized chunk."""
+    lens = [0, 1, 17, 63, 64, 65, 100, 800, 8191, 8192]
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = torch.full((len(lens), num_splits, 2), -7, dtype=torch.int32, device=DEVICE)
+    _split_bounds_probe[(len(lens), num_splits)](ctx, out, num_splits, BLOCK_N=BLOCK_N)
+    for n, bounds in zip(lens, out.cpu().tolist()):
+        spans = [(lo, hi) for lo, hi in bounds if lo < hi]
+        ends = [0] + [hi for _, hi in spans]
+        assert [lo for lo, _ in spans] == ends[:-1] and ends[-1] == n, (n, bounds)
+        assert all(lo % BLOCK_N == 0 for lo, _ in spans), (n, bounds)
+        tiles = -(-n // BLOCK_N)
+        busy = len(spans)
+        # ceil(tiles / ceil(tiles / splits)) splits hold tokens: all of them once tiles >= splits.
+        assert busy == (-(-tiles // -(-tiles // num_splits)) if tiles else 0), (n, bounds)
 
 
 def test_split_count_never_changes_the_math():
@@ -139,8 +186,10 @@ def test_rejects_bad_inputs():
         args = {**base, **change}
         with pytest.raises(ValueError, match=message):
             paged_decode_attention(args.pop("q"), *args.values(), scale=0.25)
-    with pytest.raises(ValueError, match="num_splits"):
-        paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=0.25, num_splits=0)
+    for bad_splits in (0, MAX_SPLITS + 1):
+        with pytest.raises(ValueError, match="num_splits"):
+            paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=0.25,
+                                   num_splits=bad_splits)
 
 
 @pytest.mark.gpu
@@ -154,10 +203,11 @@ def test_gpu_model_shapes(H, KVH, D, S, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay_with_new_context_lens():
+@pytest.mark.parametrize("width", [None, 512])   # 512 pages: a max_context-wide graph table
+def test_gpu_cuda_graph_replay_with_new_context_lens(width):
     """Captured once, replayed with other context lengths: the grid depends on shapes only."""
     q, k_cache, v_cache, tables, lens = make_case([900, 5, 300, 64], 32, 8, 128, 16,
-                                                  torch.bfloat16, seed=9)
+                                                  torch.bfloat16, seed=9, width=width)
     paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=0.1)  # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
