@@ -11,6 +11,11 @@ drops it: peak host memory is one tensor, never the model.
 Fused parameters (qkv_proj, gate_up_proj) live on a module with `output_sizes`; checkpoint shard j
 fills rows [sum(sizes[:j]), sum(sizes[:j+1])). A model may define `is_unused_weight(name) -> bool`
 for canonical names it deliberately does not hold (vision layers after the feature layer).
+
+FP8 parameters (float8_e4m3fn `…weight` with its fp32 `…weight_scale` (out, 1), see
+kernels/fp8_linear) are filled either from a floating checkpoint tensor, quantized per row as it
+streams in (one tensor's fp32 temporaries at a time, never the model), or from a pre-quantized
+F8_E4M3 tensor plus its `weight_scale` tensor; an F8_E4M3 tensor anywhere else is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
+
+from fastllava.kernels.fp8_linear import FP8_DTYPE, quantize_fp8_rows
 
 from .discover import read_shards
 from .keymaps import FUSED, UnknownKeyError, canonical_name
@@ -40,6 +47,7 @@ class _Copy:
     key: str                    # checkpoint tensor name
     param: str                  # canonical (prefixed) parameter name
     rows: tuple[int, int] | None  # row slice of a fused parameter, None = whole tensor
+    scale: str | None = None    # quantize to FP8 while copying; the scale parameter (same rows)
 
 
 def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, str]], *,
@@ -69,6 +77,8 @@ def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, 
                     dst = planner.params[item.param]
                     if item.rows is not None:
                         dst = dst[item.rows[0]:item.rows[1]]
+                    if item.scale is not None:
+                        tensor = _quantize(tensor, dst.device, planner.params[item.scale], item.rows)
                     if tensor.dtype != dst.dtype and dst.device.type != "cpu":
                         # A host → device copy_ with a dtype change casts on the host (an extra
                         # host temporary, single pass on the CPU): move the stored bytes first,
@@ -79,6 +89,15 @@ def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, 
                     done += 1
                     if progress is not None:
                         progress(done, total)
+
+
+def _quantize(tensor: torch.Tensor, device: torch.device, scale: torch.Tensor,
+              rows: tuple[int, int] | None) -> torch.Tensor:
+    """A floating checkpoint tensor quantized per row on `device` (the stored bytes move, the
+    fp32 temporaries live there): its FP8 rows are returned, its scales written into `scale`."""
+    q, s = quantize_fp8_rows(tensor.to(device))
+    (scale if rows is None else scale[rows[0]:rows[1]]).copy_(s)
+    return q
 
 
 _Slot = tuple[str, "int | None"]  # (parameter, fused shard index or None)
@@ -96,8 +115,13 @@ class _Planner:
         self.plan: list[_Copy] = []
         self.assigned: dict[_Slot, str] = {}   # slot → where it came from
         self.reported: set[str] = set()        # parameters already in an error: not "missing"
+        # FP8 weight → its scale parameter; both keep their own dtypes (e4m3, fp32).
+        self.fp8_scale = {name: name.removesuffix("weight") + "weight_scale"
+                          for name, p in self.params.items() if p.dtype == FP8_DTYPE}
+        own_dtype = {**{w: FP8_DTYPE for w in self.fp8_scale},
+                     **{s: torch.float32 for s in self.fp8_scale.values()}}
         for name, p in self.params.items():
-            if p.is_floating_point() and p.dtype != dtype:
+            if p.is_floating_point() and p.dtype != own_dtype.get(name, dtype):
                 self._fail("dtype", f"{name} is {p.dtype}, but loading in {dtype}", name)
             elif not _same_device(p.device, device):
                 self._fail("dtype", f"{name} is on {p.device}, but loading to {device} (allocate "
@@ -130,10 +154,11 @@ class _Planner:
         if name in self.reported:
             return  # the parameter itself is wrong (dtype/device): said once already
         param, sizes = self.params[name], self.fused.get(name)
-        if param.is_floating_point() and st_dtype not in FLOAT_DTYPES:
+        if param.is_floating_point() and st_dtype not in FLOAT_DTYPES + (
+                ("F8_E4M3",) if param.dtype == FP8_DTYPE else ()):
             # An integer tensor where a weight belongs: the file, not the model, is wrong.
             raise unloadable_dtype(item.file, item.key, st_dtype)
-        if param.is_floating_point() != (st_dtype in FLOAT_DTYPES):
+        if param.is_floating_point() != (st_dtype in FLOAT_DTYPES + ("F8_E4M3",)):
             return self._fail("dtype", f"{where} → {name}: checkpoint dtype {st_dtype}, "
                               f"parameter {param.dtype}", name)
         expected = tuple(param.shape)
@@ -151,6 +176,9 @@ class _Planner:
         # A pre-fused checkpoint tensor (shard None on a fused parameter) fills every shard.
         slots = [(name, shard)] if sizes is None or shard is not None else \
             [(name, j) for j in range(len(sizes))]
+        if name in self.fp8_scale and st_dtype != "F8_E4M3":  # quantized here: fills the scale too
+            item = dataclasses.replace(item, scale=self.fp8_scale[name])
+            slots += [(item.scale, j) for _, j in slots]
         for slot in slots:
             if slot in self.assigned:
                 self._fail("twice", f"{_slot(slot)} from {self.assigned[slot]} and {where}")
