@@ -48,8 +48,8 @@ def fake(monkeypatch):
     model = FakeLLaVA(["", "Hel", "Hello", "Hello", "Hello, wörld"])
     calls = []
 
-    def load(name, device, dtype, runtime, backend):
-        calls.append((name, device, dtype))
+    def load(name, device, dtype, runtime, backend, quantization=None):
+        calls.append((name, device, dtype) + ((quantization,) if quantization else ()))
         assert runtime.max_num_seqs >= 1 and backend in cli_run.BACKENDS
         return model
 

@@ -1,0 +1,246 @@
+"""quantization="fp8": what is quantized, how it streams in, and pre-quantized checkpoints
+(compressed-tensors FP8-dynamic) loaded strictly. Accuracy is tests/test_fp8_accuracy.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fp8_checkpoint as ck
+from fastllava import LLaVA
+from fastllava.config import ConfigError
+from fastllava.models.layers import Fp8Linear
+from fastllava.weights import CheckpointError, WeightLoadError, convert_checkpoint, loader
+
+PROMPT = {"prompt": "what is in this image", "max_tokens": 8, "temperature": 0}
+NUM_DECODER_LINEARS = 2 * 4          # tiny: 2 layers x (qkv, o, gate_up, down)
+LINEAR_KEYS_PER_LAYER = 7            # q, k, v, o, gate, up, down
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "image.png"
+    Image.new("RGB", (60, 40), (200, 10, 10)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prequantized(tiny_next, tmp_path_factory):
+    return ck.fp8_dynamic(tiny_next, tmp_path_factory.mktemp("fp8") / "ckpt")
+
+
+def _load(path, **kwargs) -> LLaVA:
+    return LLaVA.from_pretrained(path, device="cpu", dtype="float32", **kwargs)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _expected_fp8_rows(tensors: dict, layer: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fused parameter → (FP8 weight, scales) the checkpoint's own tensors quantize to."""
+    pre = f"language_model.model.layers.{layer}."
+    parts = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+             "self_attn.o_proj": ["self_attn.o_proj"], "mlp.down_proj": ["mlp.down_proj"],
+             "mlp.gate_up_proj": ["mlp.gate_proj", "mlp.up_proj"]}
+    out = {}
+    for fused, names in parts.items():
+        q = [ck.quantize_channels(tensors[pre + n + ".weight"]) for n in names]
+        out[fused] = torch.cat([w for w, _ in q]), torch.cat([s for _, s in q])
+    return out
+
+
+def test_dynamic_fp8_quantizes_decoder_linears_only(tiny_next):
+    llava = _load(tiny_next, quantization="fp8")
+    try:
+        model, tensors = llava.model, ck.read_tensors(tiny_next)
+        fp8 = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+        assert len(fp8) == NUM_DECODER_LINEARS and all(
+            n.startswith("language_model.layers.") for n in fp8), sorted(fp8)
+        kept = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        assert any(n.startswith("vision_tower.") for n in kept) and "lm_head" in kept
+        assert "multi_modal_projector.linear_1" in kept
+        others = {p.dtype for n, p in model.named_parameters()
+                  if n.rsplit(".", 1)[0] not in fp8}
+        assert others == {torch.float32}
+        for layer in range(2):
+            for fused, (w, s) in _expected_fp8_rows(tensors, layer).items():
+                mod = fp8[f"language_model.layers.{layer}.{fused}"]
+                assert torch.equal(_bits(mod.weight), _bits(w)), fused
+                assert torch.equal(mod.weight_scale, s), fused
+        assert llava.quantization == "fp8"
+        llava.generate({"image_url": _image_data(), **PROMPT})
+    finally:
+        llava.close()
+
+
+def _image_data() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), (0, 90, 200)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_weights_are_quantized_one_checkpoint_tensor_at_a_time(tiny_next, monkeypatch):
+    """Streaming: each floating decoder tensor is quantized alone, as it is read (never a fused
+    or whole-model float copy): one call per checkpoint tensor, with that tensor's shape."""
+    seen, quantize = [], loader.quantize_fp8_rows
+    monkeypatch.setattr(loader, "quantize_fp8_rows",
+                        lambda t: seen.append(tuple(t.shape)) or quantize(t))
+    _load(tiny_next, quantization="fp8").close()
+    tensors = ck.read_tensors(tiny_next)
+    expected = sorted(tuple(t.shape) for k, t in tensors.items() if ck.DECODER_LINEAR.fullmatch(k))
+    assert len(seen) == 2 * LINEAR_KEYS_PER_LAYER and sorted(seen) == expected
+
+
+@pytest.mark.parametrize("layout", ["hf5", "hf4", "hf5_modules"])
+def test_prequantized_checkpoint_loads_as_its_dynamic_twin(tiny_next, prequantized, image,
+                                                           tmp_path, layout):
+    """The FP8-dynamic checkpoint loads as FP8 without being asked (its config says so), holds
+    exactly the stored FP8 bytes and scales, and generates what quantizing at load gives."""
+    path = prequantized if layout == "hf5" else convert_checkpoint(prequantized, layout,
+                                                                   tmp_path / layout)
+    stored = ck.read_tensors(prequantized)
+    pre, dyn = _load(path), _load(tiny_next, quantization="fp8")
+    try:
+        assert pre.quantization == "fp8"
+        qkv = pre.model.language_model.layers[1].self_attn.qkv_proj
+        k = stored["language_model.model.layers.1.self_attn.k_proj.weight"]
+        assert torch.equal(_bits(qkv.weight[64:96]), _bits(k))
+        assert torch.equal(qkv.weight_scale[64:96],
+                           stored["language_model.model.layers.1.self_attn.k_proj.weight_scale"])
+        for (name, a), b in zip(pre.model.named_parameters(), dyn.model.parameters()):
+            assert torch.equal(_bits(a), _bits(b)), name
+        request = {"image_url": image, **PROMPT}
+        assert pre.generate_ids(request) == dyn.generate_ids(request)
+    finally:
+        pre.close()
+        dyn.close()
+
+
+def test_prequantized_bf16_scales_load_exactly(tiny_next, tmp_path):
+    path = ck.fp8_dynamic(tiny_next, tmp_path / "ckpt", scale_dtype=torch.bfloat16)
+    llava = _load(path, quantization="fp8")
+    try:
+        scale = llava.model.language_model.layers[0].mlp.down_proj.weight_scale
+        stored = ck.read_tensors(path)["language_model.model.layers.0.mlp.down_proj.weight_scale"]
+        assert scale.dtype == torch.float32 and torch.equal(scale, stored.float())
+    finally:
+        llava.close()
+
+
+L0 = "language_model.model.layers.0."
+
+
+def _drop(key):
+    return lambda tensors, qc: tensors.pop(key)
+
+
+def _set(key, fn):
+    return lambda tensors, qc: tensors.__setitem__(key, fn(tensors[key]))
+
+
+# damage → (error class, patterns the message must contain)
+WEIGHT_CASES = {
+    "missing_scale": (_drop(L0 + "self_attn.k_proj.weight_scale"), WeightLoadError,
+                      ["never assigned", "layers.0.self_attn.qkv_proj.weight_scale[k_proj]"]),
+    "scale_not_per_channel_shape": (
+        _set(L0 + "mlp.down_proj.weight_scale", lambda s: s.reshape(-1)), WeightLoadError,
+        ["shape mismatches", f"'{L0}mlp.down_proj.weight_scale' (model.safetensors)",
+         "expected [64, 1], got [64]"]),
+    "scale_rows": (_set(L0 + "mlp.up_proj.weight_scale", lambda s: s[:-1]), WeightLoadError,
+                   ["'language_model.model.layers.0.mlp.up_proj.weight_scale'",
+                    "expected [128, 1], got [127, 1]"]),
+    "float_weight_with_a_scale": (
+        _set(L0 + "self_attn.o_proj.weight", lambda w: w.float()), WeightLoadError,
+        ["assigned twice", "self_attn.o_proj.weight_scale"]),
+    "fp8_vision_tower": (
+        _set("vision_tower.encoder.layers.0.mlp.fc1.weight", lambda w: w.to(torch.float8_e4m3fn)),
+        CheckpointError, ["'vision_tower.encoder.layers.0.mlp.fc1.weight'", "model.safetensors",
+                          "F8_E4M3", "decoder's linear layers"]),
+    "fp8_scale": (_set(L0 + "mlp.down_proj.weight_scale", lambda s: s.to(torch.float8_e4m3fn)),
+                  CheckpointError, [f"'{L0}mlp.down_proj.weight_scale'", "F8_E4M3"]),
+}
+
+
+@pytest.mark.parametrize("case", list(WEIGHT_CASES))
+def test_damaged_prequantized_tensors_are_named(tiny_next, tmp_path, case):
+    damage, error, patterns = WEIGHT_CASES[case]
+    path = ck.fp8_dynamic(tiny_next, tmp_path / "ckpt", damage=damage)
+    with pytest.raises(error) as info:
+        _load(path)
+    for pattern in patterns:
+        assert pattern in str(info.value), (pattern, str(info.value))
+
+
+def _group(part, key, value):
+    def damage(tensors, qc):
+        qc["config_groups"]["group_0"][part][key] = value
+    return damage
+
+
+def _config(key, value):
+    return lambda tensors, qc: qc.__setitem__(key, value)
+
+
+CONFIG_CASES = {
+    "quant_method": (_config("quant_method", "gptq"), "quant_method is 'gptq'"),
+    "format": (_config("format", "pack-quantized"), "format is 'pack-quantized'"),
+    "kv_cache_scheme": (_config("kv_cache_scheme", {"num_bits": 8, "type": "float"}),
+                        "kv_cache_scheme"),
+    "no_groups": (_config("config_groups", {}), "config_groups is {}"),
+    "per_tensor_weights": (_group("weights", "strategy", "tensor"),
+                           "group_0.weights.strategy is 'tensor'"),
+    "int8_weights": (_group("weights", "type", "int"), "group_0.weights.type is 'int'"),
+    "static_activations": (_group("input_activations", "dynamic", False),
+                           "input_activations.dynamic is False"),
+    "grouped_weights": (_group("weights", "group_size", 128), "weights.group_size is 128"),
+    "weight_only": (lambda t, qc: qc["config_groups"]["group_0"].__setitem__(
+        "input_activations", None), "group_0.input_activations is None"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_unsupported_quantization_config_is_refused_by_field(tiny_next, tmp_path, case,
+                                                            monkeypatch):
+    damage, pattern = CONFIG_CASES[case]
+    path = ck.fp8_dynamic(tiny_next, tmp_path / "ckpt", damage=damage)
+    monkeypatch.setattr(loader, "safe_open", lambda *a, **k: pytest.fail("a tensor was read"))
+    with pytest.raises(ConfigError, match="compressed-tensors FP8-dynamic") as info:
+        _load(path)
+    assert pattern in str(info.value), str(info.value)
+
+
+def test_unknown_quantization_is_refused_before_loading(tiny_next, monkeypatch):
+    monkeypatch.setattr(loader, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ValueError, match=r"quantization must be one of \('fp8',\)"):
+        _load(tiny_next, quantization="int4")
+
+
+def test_cli_and_server_flags(monkeypatch, tmp_path):
+    from fastllava import cli, cli_run
+
+    class Model:
+        def stream(self, request, image=None):
+            return iter([])
+
+    calls = []
+    monkeypatch.setattr(cli_run, "_fetch_image", lambda src: None)
+    monkeypatch.setattr(cli_run, "_load_model", lambda *a: calls.append(a) or Model())
+    assert cli.main(["run", "--model", "m", "--image", "x.png", "--prompt", "hi",
+                     "--quantization", "fp8"]) == 0
+    assert calls[0][-1] == "fp8"
+    parser = cli.build_parser()
+    serve = parser.parse_args(["serve", "--model", "m", "--quantization", "fp8"])
+    assert cli.settings_from_args(serve).quantization == "fp8"
+    assert cli.settings_from_args(parser.parse_args(["serve", "--model", "m"])).quantization \
+        is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--model", "m", "--quantization", "int8"])
