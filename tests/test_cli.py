@@ -433,7 +433,7 @@ def test_backend_flag(monkeypatch, capsys):
     assert cli_run.BACKENDS == BACKENDS
     backends = []
     monkeypatch.setattr(cli_run, "_load_model",
-                        lambda *a: backends.append(a[-1]) or FakeLLaVA(["x"]))
+                        lambda *a: backends.append(a[4]) or FakeLLaVA(["x"]))
     monkeypatch.setattr(cli_run, "_fetch_image", lambda src: FETCHED)
     for backend in BACKENDS:
         assert run("--backend", backend) == 0
