@@ -8,10 +8,11 @@ error ≤ u = 2^-4; below 2^-6 (scaled units) values are subnormal with spacing 
 
     |ŷ - y| ≤ Σ_k (Δx_k |w_k| + |x_k| Δw_k + Δx_k Δw_k) + K·2^-24 Σ_k |x̂_k| |ŵ_k|
 
-(the last term: the fp32 accumulation of the FP8 GEMM; y itself is taken in float64). For normal
-values this is ≈ (2u + u²) = 12.9 % of Σ|x_k w_k| per output element: a bound relative to the
-absolute products, since y can cancel to ~0. Against the reference (same quantized operands)
-only accumulation order and the output rounding remain.
+(the last term: the fp32 accumulation of the FP8 GEMM; y itself is taken in float64): see
+tolerances.fp8_linear_error_bound. For normal values this is ≈ (2u + u²) = 12.9 % of
+Σ|x_k w_k| per output element: a bound relative to the absolute products, since y can cancel
+to ~0. Against the reference (same quantized operands) only accumulation order and the output
+rounding remain.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import torch
 from fastllava.kernels.fp8_linear import (FP8_DTYPE, FP8_MAX, fp8_linear, fp8_linear_ref,
                                           quantize_fp8_rows)
 from kernel_device import DEVICE
-from tolerances import describe_mismatch
+from tolerances import FP8_ETA, FP8_U, assert_within, fp8_linear_error_bound
 
-U, ETA, EPS32 = 2.0 ** -4, 2.0 ** -10, 2.0 ** -24
+EPS32 = 2.0 ** -24
 # cuBLAS / CUTLASS FP8 GEMMs need K and M multiples of 16: odd shapes are CPU-only.
 SHAPES = [(1, 64, 48), (5, 128, 96), (33, 64, 256)]
 ODD = [pytest.param(*s, marks=pytest.mark.skipif(DEVICE == "cuda", reason="K, M % 16 on CUDA"))
@@ -38,11 +39,6 @@ def _operands(N, K, M, dtype, seed):
     w = torch.randn(M, K, generator=gen) * torch.rand(M, 1, generator=gen) * 0.2
     wq, ws = quantize_fp8_rows(w.to(DEVICE))
     return x.to(dtype).to(DEVICE), w.to(DEVICE), wq, ws
-
-
-def _assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> None:
-    bad = (actual.double() - expected.double()).abs() > bound
-    assert not bad.any(), describe_mismatch(actual, expected, bad)
 
 
 def test_quantize_rows_scales_maps_amax_to_448_and_zero_rows_to_zero():
@@ -59,7 +55,7 @@ def test_quantize_rows_error_within_e4m3_rounding():
     t = (torch.randn(64, 300, generator=gen) * torch.logspace(-3, 3, 64)[:, None]).to(DEVICE)
     q, s = quantize_fp8_rows(t)
     err = (q.double() * s.double() - t.double()).abs()
-    _assert_within(q.double() * s.double(), t.double(), U * t.double().abs() + ETA * s.double())
+    assert_within(q.double() * s.double(), t.double(), FP8_U * t.double().abs() + FP8_ETA * s.double())
     assert err.max() > 0  # it does round
 
 
@@ -75,7 +71,7 @@ def test_matches_dequantized_reference(dtype, N, K, M):
     absolute = (xq.double() * xs).abs() @ (wq.double() * ws).abs().t()
     gemm_dtype = torch.bfloat16 if DEVICE == "cuda" else dtype
     rounding = sum(torch.finfo(d).eps for d in {gemm_dtype, dtype}) * ref.double().abs()
-    _assert_within(out, ref, 2 * K * EPS32 * absolute + rounding)
+    assert_within(out, ref, 2 * K * EPS32 * absolute + rounding)
 
 
 def test_leading_dims_and_a_padding_row():
@@ -91,14 +87,8 @@ def test_leading_dims_and_a_padding_row():
 def test_error_against_unquantized_within_derived_bound(N, K, M):
     x, w, wq, ws = _operands(N, K, M, torch.float32, seed=7 * N + K)
     out = fp8_linear(x, wq, ws)
-    xd, wd = x.double(), w.double()
-    xs = x.abs().amax(dim=1, keepdim=True).double() / FP8_MAX
-    dx, dw = U * xd.abs() + ETA * xs, U * wd.abs() + ETA * ws.double()
-    bound = dx @ wd.abs().t() + xd.abs() @ dw.t() + dx @ dw.t() \
-        + K * EPS32 * (xd.abs() + dx) @ (wd.abs() + dw).t()
-    if DEVICE == "cuda":  # the bf16 GEMM output
-        bound += torch.finfo(torch.bfloat16).eps * (xd @ wd.t()).abs()
-    _assert_within(out, xd @ wd.t(), bound)
+    out_eps = torch.finfo(torch.bfloat16).eps if DEVICE == "cuda" else 0.0  # bf16 GEMM output
+    assert_within(out, x.double() @ w.double().t(), fp8_linear_error_bound(x, w, ws, out_eps))
 
 
 def test_rejects_unquantized_weights_and_bad_scale_shapes():
