@@ -180,7 +180,8 @@ class LlavaConfig:
         if self.kind == "next" and not self.pinpoints:
             raise ConfigError("LLaVA-NeXT needs image_grid_pinpoints")
         if self.quantization not in (None, *QUANTIZATIONS):
-            raise ConfigError(f"quantization {self.quantization!r} is not supported {QUANTIZATIONS}")
+            raise ConfigError(f"quantization {self.quantization!r} is not supported "
+                              f"{QUANTIZATIONS}")
         n = self.vision.num_hidden_layers
         if any(not -n - 1 <= i <= n for i in self.vision_feature_layers):
             raise ConfigError(f"vision_feature_layer {self.vision_feature_layers} out of range")

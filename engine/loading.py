@@ -38,7 +38,7 @@ class LoadedCheckpoint:
     device: torch.device
     dtype: torch.dtype
     eos_ids: tuple[int, ...]        # generation_config.json's (else config.json's) eos_token_id
-    quantization: str | None = None  # "fp8": decoder linear layers in FP8 (asked, or the checkpoint's)
+    quantization: str | None = None  # "fp8": decoder linears in FP8 (asked, or the checkpoint's)
 
 
 def _has_processor_config(path: Path) -> bool:

@@ -26,8 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-DECODER_LINEAR = re.compile(
-    r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+DECODER_LINEAR = re.compile(r"language_model\.model\.layers\.\d+\."
+                            r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 _OTHER_LINEAR = re.compile(
     r"(vision_tower\..*(_proj|fc\d)|multi_modal_projector\.linear_\d|language_model\.lm_head)"
     r"\.weight")

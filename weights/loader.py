@@ -78,7 +78,8 @@ def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, 
                     if item.rows is not None:
                         dst = dst[item.rows[0]:item.rows[1]]
                     if item.scale is not None:
-                        tensor = _quantize(tensor, dst.device, planner.params[item.scale], item.rows)
+                        tensor = _quantize(tensor, dst.device, planner.params[item.scale],
+                                           item.rows)
                     if tensor.dtype != dst.dtype and dst.device.type != "cpu":
                         # A host → device copy_ with a dtype change casts on the host (an extra
                         # host temporary, single pass on the CPU): move the stored bytes first,
