@@ -84,6 +84,16 @@ def _vision_tower_folder(path: Path, names: dict) -> tuple[Path | None, bool]:
         return None, False
 
 
+def _check_fp8_device(device: torch.device) -> None:
+    """FP8 GEMMs need FP8 tensor cores (sm_89: L4, H100, H200...); say so before loading rather
+    than fail in the first forward. The CPU runs them (slowly) everywhere."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"quantization 'fp8' needs a GPU with FP8 support (compute capability "
+                         f">= 8.9: L4, H100, H200); {torch.cuda.get_device_name(device)} is "
+                         f"{major}.{minor}")
+
+
 def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
                     revision: str | None = None, progress: bool = False,
                     quantization: str | None = None) -> LoadedCheckpoint:
@@ -103,11 +113,13 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
     if tower_weights:
         sources.append((tower, "clip", "vision_tower."))
 
+    quantization = quantization or config.quantization
+    if quantization == "fp8":
+        _check_fp8_device(device)
     with torch.device("meta"):
         llava = LlavaModel(config)
     # Cast on the meta device (free), then allocate once in the final dtype: never an fp32 copy.
     llava = llava.to(dtype)
-    quantization = quantization or config.quantization
     if quantization == "fp8":  # after the cast, which would cast FP8 weights and scales too
         use_fp8_linears(llava.language_model)
     llava = llava.to_empty(device=device)

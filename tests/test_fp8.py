@@ -71,6 +71,9 @@ def test_dynamic_fp8_quantizes_decoder_linears_only(tiny_next):
                 mod = fp8[f"language_model.layers.{layer}.{fused}"]
                 assert torch.equal(_bits(mod.weight), _bits(w)), fused
                 assert torch.equal(mod.weight_scale, s), fused
+        # One byte per decoder weight (+ one fp32 scale per output channel), allocated as such.
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in fp8.values())
+        assert nbytes == sum(t.numel() for k, t in tensors.items() if ck.DECODER_LINEAR.fullmatch(k))
         assert llava.quantization == "fp8"
         llava.generate({"image_url": _image_data(), **PROMPT})
     finally:
@@ -244,3 +247,14 @@ def test_cli_and_server_flags(monkeypatch, tmp_path):
         is None
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--model", "m", "--quantization", "int8"])
+
+
+def test_a_gpu_without_fp8_is_refused_before_loading(tiny_next, monkeypatch):
+    from fastllava import loading
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(loading, "load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ValueError, match=r"compute capability >= 8.9.*A100 is 8.0"):
+        loading.load_checkpoint(str(tiny_next), device=torch.device("cuda"), dtype=torch.bfloat16,
+                                quantization="fp8")
