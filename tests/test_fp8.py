@@ -258,3 +258,19 @@ def test_a_gpu_without_fp8_is_refused_before_loading(tiny_next, monkeypatch):
     with pytest.raises(ValueError, match=r"compute capability >= 8.9.*A100 is 8.0"):
         loading.load_checkpoint(str(tiny_next), device=torch.device("cuda"), dtype=torch.bfloat16,
                                 quantization="fp8")
+
+
+def test_random_fp8_model_for_benchmarks(tiny_next):
+    """weights/random.py (bench/decode.py --quantization fp8): FP8 weights drawn like the others
+    (N(0, 0.02), then quantized per row), scales set with them, the rest untouched."""
+    from fastllava.config import load_config
+    from fastllava.weights.random import INIT_STD, random_model
+
+    model = random_model(load_config(tiny_next), "cpu", torch.float32, quantization="fp8")
+    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert len(fp8) == NUM_DECODER_LINEARS
+    for m in fp8:
+        w = m.weight.float() * m.weight_scale
+        assert (m.weight_scale > 0).all() and abs(w.std().item() - INIT_STD) < 0.2 * INIT_STD
+        assert m.weight.float().abs().amax(dim=1).eq(448).all()
+    assert model.lm_head.weight.dtype == torch.float32
