@@ -274,3 +274,17 @@ def test_random_fp8_model_for_benchmarks(tiny_next):
         assert (m.weight_scale > 0).all() and abs(w.std().item() - INIT_STD) < 0.2 * INIT_STD
         assert m.weight.float().abs().amax(dim=1).eq(448).all()
     assert model.lm_head.weight.dtype == torch.float32
+
+
+def test_chunked_quantization_changes_no_bit(tiny_next, monkeypatch):
+    """Large tensors are quantized a chunk of rows at a time (bounded device temporaries); rows
+    are independent, so 3-row chunks give exactly the one-chunk result."""
+    whole = _load(tiny_next, quantization="fp8")
+    monkeypatch.setattr(loader, "_QUANT_CHUNK_ELEMENTS", 3 * 128)
+    chunked = _load(tiny_next, quantization="fp8")
+    try:
+        for (name, a), b in zip(whole.model.named_parameters(), chunked.model.parameters()):
+            assert torch.equal(_bits(a), _bits(b)), name
+    finally:
+        whole.close()
+        chunked.close()

@@ -92,12 +92,22 @@ def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, 
                         progress(done, total)
 
 
+# Rows quantized at once: bounds the fp32 temporaries on the device to ~2 x 64 MiB per chunk
+# (a 34B gate_proj is 20480 x 7168) so they do not linger in the allocator's cache and shrink
+# the KV pool planned after loading. Rows are independent, so chunking changes no bit.
+_QUANT_CHUNK_ELEMENTS = 1 << 24
+
+
 def _quantize(tensor: torch.Tensor, device: torch.device, scale: torch.Tensor,
               rows: tuple[int, int] | None) -> torch.Tensor:
-    """A floating checkpoint tensor quantized per row on `device` (the stored bytes move, the
-    fp32 temporaries live there): its FP8 rows are returned, its scales written into `scale`."""
-    q, s = quantize_fp8_rows(tensor.to(device))
-    (scale if rows is None else scale[rows[0]:rows[1]]).copy_(s)
+    """A floating checkpoint tensor (R, C) quantized per row on `device`, a chunk of rows at a
+    time (the stored bytes move, the fp32 math runs there): returns its FP8 rows, writes its
+    scales into `scale` (rows `rows` of it)."""
+    scale = scale if rows is None else scale[rows[0]:rows[1]]
+    q = torch.empty(tensor.shape, dtype=FP8_DTYPE, device=device)
+    step = max(1, _QUANT_CHUNK_ELEMENTS // max(1, tensor.shape[1]))
+    for i in range(0, tensor.shape[0], step):
+        q[i:i + step], scale[i:i + step] = quantize_fp8_rows(tensor[i:i + step].to(device))
     return q
 
 
