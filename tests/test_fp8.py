@@ -288,3 +288,23 @@ def test_chunked_quantization_changes_no_bit(tiny_next, monkeypatch):
     finally:
         whole.close()
         chunked.close()
+
+
+def test_older_compression_config_key_is_read(prequantized, tmp_path):
+    """Older compressed-tensors exports name the block `compression_config` (as
+    nm-testing/llava-1.5-7b-hf-FP8-dynamic once did): same meaning, same strictness."""
+    import json
+    import shutil
+
+    from fastllava.config import load_config
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(prequantized, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["compression_config"] = config.pop("quantization_config")
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_config(folder).quantization == "fp8"
+    config["compression_config"]["format"] = "int-quantized"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"compression_config.format is 'int-quantized'"):
+        load_config(folder)
