@@ -200,3 +200,24 @@ def test_chunked_quantization_changes_no_bit(tiny_next, monkeypatch):
     finally:
         whole.close()
         chunked.close()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_replay_the_fp8_decoder(tiny_next, image):
+    """On an FP8 GPU (bf16 model, Triton kernels): decode steps replayed from CUDA graphs give the
+    tokens the same engine gives without graphs (the per-token activation quantization is all
+    on-device, no host sync)."""
+    from fastllava.runtime.config import RuntimeConfig
+
+    outs = []
+    for graphs in (True, False):
+        llava = LLaVA.from_pretrained(tiny_next, device="cuda", dtype="bfloat16",
+                                      quantization="fp8",
+                                      runtime=RuntimeConfig(kv_cache_tokens=8192,
+                                                            cuda_graphs=graphs))
+        try:
+            assert (llava.engine.runner.graphs is not None) == graphs
+            outs.append(llava.generate_ids({"image_url": image, **PROMPT}))
+        finally:
+            llava.close()
+    assert outs[0] == outs[1] and len(outs[0]) > 0

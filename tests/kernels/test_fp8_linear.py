@@ -92,6 +92,21 @@ def test_error_against_unquantized_within_derived_bound(N, K, M):
     assert_within(out, x.double() @ w.double().t(), fp8_linear_error_bound(x, w, ws, out_eps))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K,M", [(1, 7168, 15360), (37, 5120, 5120), (300, 4096, 22016)])
+def test_real_shapes_bf16_on_gpu(N, K, M):
+    """cuBLAS/CUTLASS row-wise FP8 at LLaVA shapes (34B qkv, 13B o, 7B gate_up), bf16 model."""
+    x, w, wq, ws = _operands(N, K, M, torch.bfloat16, seed=N + K + M)
+    out = fp8_linear(x, wq, ws)
+    assert out.dtype == torch.bfloat16
+    bf16 = torch.finfo(torch.bfloat16).eps
+    assert_within(out, x.double() @ w.double().t(), fp8_linear_error_bound(x, w, ws, bf16))
+    ref = fp8_linear_ref(x, wq, ws)
+    xq, xs = quantize_fp8_rows(x)
+    absolute = (xq.double() * xs).abs() @ (wq.double() * ws).abs().t()
+    assert_within(out, ref, 2 * K * EPS32 * absolute + 2 * bf16 * ref.double().abs())
+
+
 def test_rejects_unquantized_weights_and_bad_scale_shapes():
     x, w, wq, ws = _operands(2, 16, 16, torch.float32, seed=1)
     with pytest.raises(ValueError, match="float8_e4m3fn weight"):
