@@ -57,8 +57,9 @@ def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, 
 
     sources: (checkpoint folder, layout, prefix) triples; prefix is prepended to that source's
     canonical names (e.g. "vision_tower." for a stand-alone CLIP checkpoint).
-    Floating parameters must already be `dtype` on `device` (built there or via `to_empty`);
-    checkpoint tensors are converted to them. progress(done, total) is called after each tensor.
+    Floating parameters must already be `dtype` on `device` (built there or via `to_empty`;
+    FP8 weights float8_e4m3fn, their `weight_scale` fp32); checkpoint tensors are converted to
+    them. progress(done, total) is called after each tensor.
     """
     planner = _Planner(model, dtype, torch.device(device))
     for folder, layout, prefix in sources:
