@@ -3,6 +3,7 @@ weights), batch 1 / 8 / 32 at a ~600-token context, next to transformers on the 
 
     python bench/decode.py [--model llava-1.5-13b] [--batches 1,8,32] [--context 600] [--out DIR]
     python bench/decode.py --smoke        # tiny config on the CPU (CI: tests/test_bench_decode.py)
+    python bench/decode.py --quantization fp8   # fastllava's decoder linears in FP8 (README "FP8")
 
 Rows per batch size B (wall clock, torch.cuda.synchronize, median ms/step over --windows windows
 of --steps steps, after --warmup steps):
@@ -52,6 +53,7 @@ class Plan:
     steps: int                   # decode steps per timed window
     windows: int
     peers: tuple[str, ...]       # "eager", "compiled"
+    quantization: str | None = None  # "fp8": fastllava's decoder linears in FP8 (peers stay dtype)
 
     @property
     def timed(self) -> int:
@@ -76,12 +78,14 @@ class Row:
     note: str = ""
 
 
-def step_bytes(t, B: int, ctx: float, e: int) -> float:
-    """Minimum bytes one decode step reads: weights once + KV of B sequences at ctx tokens."""
+def step_bytes(t, B: int, ctx: float, e: int, linear_e: int | None = None) -> float:
+    """Minimum bytes one decode step reads: weights once + KV of B sequences at ctx tokens.
+    linear_e: bytes per decoder linear weight when not e (1 for FP8; its fp32 per-channel
+    scales, < 0.1 % of those bytes, are left out)."""
     h, L = t.hidden_size, t.num_hidden_layers
-    layer = h * (t.q_size + 2 * t.kv_size) + t.q_size * h + 3 * h * t.intermediate_size + 2 * h
-    weights = L * layer + h + t.vocab_size * h + B * h      # + final norm, lm_head, embed rows
-    return (weights + 2 * L * t.kv_size * ctx * B) * e
+    linears = h * (t.q_size + 2 * t.kv_size) + t.q_size * h + 3 * h * t.intermediate_size
+    rest = L * 2 * h + h + t.vocab_size * h + B * h   # norms, final norm, lm_head, embed rows
+    return L * linears * (linear_e or e) + (rest + 2 * L * t.kv_size * ctx * B) * e
 
 
 def time_steps(step, plan: Plan) -> float:
@@ -126,7 +130,7 @@ def fastllava_rows(config, plan: Plan) -> list[Row]:
     from fastllava.runtime.config import RuntimeConfig
     from fastllava.weights.random import random_model
 
-    model = random_model(config, plan.device, plan.dtype)
+    model = random_model(config, plan.device, plan.dtype, quantization=plan.quantization)
     batches, rows = fitting_batches(config.text, plan)
     if not batches:
         return rows
@@ -274,7 +278,8 @@ def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]
         if r.ms is None:
             continue
         r.tok_s = r.B * 1e3 / r.ms
-        r.gb_s = step_bytes(t, r.B, r.ctx, plan.dtype.itemsize) / r.ms / 1e6
+        fp8 = plan.quantization == "fp8" and r.impl in (ENGINE, REPLAY)
+        r.gb_s = step_bytes(t, r.B, r.ctx, plan.dtype.itemsize, 1 if fp8 else None) / r.ms / 1e6
         r.pct = r.gb_s / copy_gb_s if copy_gb_s else None
         r.vs = r.ms / engine[r.B].ms if r.B in engine else None
         if r.impl == ENGINE and r.pct is not None and r.B in BW_BARS:
@@ -318,13 +323,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peers", default="eager,compiled", help="transformers peers, or 'none'")
     p.add_argument("--out", help="folder for the .md and .csv (GPU default: bench/results/)")
+    p.add_argument("--quantization", choices=("fp8",), help="fastllava's decoder linear layers "
+                   "in FP8 (the transformers peers stay in the model dtype)")
     p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, 2-3 steps")
     args = p.parse_args(argv[1:])
     peers = tuple(x for x in args.peers.split(",") if x and x != "none")
     if set(peers) - {"eager", "compiled"}:
         fail(f"--peers takes eager, compiled or none, got {args.peers!r}")
     if args.smoke:
-        plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers)
+        plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers, args.quantization)
         config, name = llava_config(TINY_CONFIG), "tiny (smoke)"
     else:
         require_compiled_gpu("decode.py", "tiny config")
@@ -332,7 +339,7 @@ def main(argv: list[str]) -> int:
         if min(batches) < 1 or min(args.context, args.steps, args.windows) < 1:
             fail("--batches, --context, --steps and --windows must be >= 1")
         plan = Plan("cuda", torch.bfloat16, batches, args.context, args.warmup, args.steps,
-                    args.windows, peers)
+                    args.windows, peers, args.quantization)
         config, name = llava_config(REAL_CONFIGS[args.model]), args.model
     if plan.max_len > config.text.max_position_embeddings:
         fail(f"--context {plan.context} + {plan.max_len - plan.context} decode tokens exceeds "
@@ -341,7 +348,8 @@ def main(argv: list[str]) -> int:
     header = run_header(argv, plan.device)
     if args.smoke:   # the smoke run uses the torch ops, not the interpreted kernels
         header["gpu"] = "cpu (--smoke, torch ops)"
-    header.update(model=f"{name}, random weights (seed 0)", dtype=str(plan.dtype)[6:])
+    header.update(model=f"{name}, random weights (seed 0)", dtype=str(plan.dtype)[6:],
+                  quantization=f"{plan.quantization or 'none'} (fastllava rows)")
     ceilings = [copy_ceiling()] if plan.device == "cuda" else []
     rows = fastllava_rows(config, plan)
     free_memory(plan.device)

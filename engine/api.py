@@ -25,6 +25,7 @@ from fastllava.loading import LoadedCheckpoint, load_checkpoint
 from fastllava.preprocess.anyres import anyres_num_tokens
 from fastllava.preprocess.image_io import ImageLimits, load_image
 from fastllava.preprocess.processor import ProcessedImage, preprocess
+from fastllava.quant_config import QUANTIZATIONS
 from fastllava.runtime.build import build_engine
 from fastllava.runtime.config import RuntimeConfig
 from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
@@ -86,6 +87,7 @@ class LLaVA:
         self.device = ckpt.device
         self.ops = get_ops(backend, self.device.type)
         self.dtype = ckpt.dtype
+        self.quantization = ckpt.quantization
         self.stop_ids = ckpt.eos_ids
         if not self.stop_ids and self.tokenizer.eos_id is not None:
             self.stop_ids = (self.tokenizer.eos_id,)
@@ -104,17 +106,26 @@ class LLaVA:
     def from_pretrained(cls, model: str | Path, device=None, dtype=None, *, progress: bool = False,
                         backend: str = "auto", revision: str | None = None,
                         runtime: RuntimeConfig = RuntimeConfig(),
-                        image_limits: ImageLimits = ImageLimits()) -> LLaVA:
+                        image_limits: ImageLimits = ImageLimits(),
+                        quantization: str | None = None) -> LLaVA:
         """Load a LLaVA-1.5 / LLaVA-NeXT checkpoint from a local folder or a hub id.
 
         device None → CUDA when available, else CPU; dtype None → bf16 on CUDA, fp32 on CPU.
         progress=True shows a progress bar while the weights load. `runtime` sizes the KV pool,
         batching, caches and CUDA graphs (see RuntimeConfig); a request's prompt (image included)
-        plus output is capped at min(max_context, max_position_embeddings, the KV pool)."""
+        plus output is capped at min(max_context, max_position_embeddings, the KV pool).
+        quantization="fp8" runs the decoder's linear layers in FP8 e4m3 (per-channel weight
+        scales, per-token activation scales), quantizing a bf16/fp16/fp32 checkpoint as it
+        loads; None keeps the model dtype unless the checkpoint is stored pre-quantized
+        (compressed-tensors FP8-dynamic), which loads as FP8. FP8 output is close to, but no
+        longer token-exact with, the unquantized model (README "FP8")."""
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got "
+                             f"{quantization!r}")
         device, dtype = _resolve_device_dtype(device, dtype)
         get_ops(backend, device.type)  # fail fast on a bad backend, before reading any weights
         ckpt = load_checkpoint(str(model), device=device, dtype=dtype, revision=revision,
-                               progress=progress)
+                               progress=progress, quantization=quantization)
         return cls(ckpt, backend, runtime, image_limits)
 
     # ---- request → inputs -----------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The `fastllava` command line.
 
     fastllava run --model M --image URL_OR_PATH --prompt TEXT [--max-tokens N] [--temperature T]
-                  [--top-p P] [--seed S] [--device D] [--dtype D] [--backend B]
+                  [--top-p P] [--seed S] [--device D] [--dtype D] [--quantization fp8]
+                  [--backend B]
     fastllava serve --model M [--host H] [--port P] [--api-key K ...] [--queue URL]
                   [--tls-cert PEM --tls-key PEM] ...   (fastllava serve --help lists all flags)
 
@@ -24,6 +25,7 @@ import os
 import sys
 
 from fastllava import cli_run
+from fastllava.quant_config import QUANTIZATIONS
 
 # Spellings accepted by --dtype -> the names LLaVA.from_pretrained accepts.
 DTYPES = {
@@ -114,6 +116,9 @@ def _add_serve(commands) -> None:
           help=f"{help_} (default {d[name]})")
     a("--device", help="torch device (default: cuda if available)")
     a("--dtype", type=_dtype, help="float32|fp32, float16|fp16, bfloat16|bf16")
+    a("--quantization", choices=QUANTIZATIONS, default=d["quantization"],
+      help="fp8: decoder linear layers in FP8 e4m3, quantized while loading (default: none, "
+      "or the checkpoint's own FP8-dynamic quantization)")
     a("--backend", default=d["backend"], help=f"kernel backend (default {d['backend']})")
     a("--queue-concurrency", type=int, default=d["queue_concurrency"], metavar="N",
       help=f"queued jobs run at once, sharing batches (default {d['queue_concurrency']})")
@@ -198,6 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
         from fastllava.server.safety import image_limits
 
         llava = LLaVA.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
+                                      quantization=settings.quantization,
                                       backend=settings.backend, progress=True,
                                       runtime=settings.runtime,
                                       image_limits=image_limits(settings))

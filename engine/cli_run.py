@@ -17,6 +17,7 @@ import dataclasses
 import sys
 from typing import Any, Iterable, TextIO
 
+from fastllava.quant_config import QUANTIZATIONS
 from fastllava.schema import GenerationRequest, RequestValidationError, parse_request
 
 # fastllava.kernels.ops.BACKENDS (that module imports torch; a test keeps the two equal).
@@ -47,6 +48,9 @@ def add_run_command(commands) -> None:
     run.add_argument("--dtype", type=cli._dtype, metavar="D",
                      help="float32|fp32, float16|fp16, bfloat16|bf16 "
                           "(default: bf16 on CUDA, fp32 on CPU)")
+    run.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                     help="fp8: decoder linear layers in FP8 e4m3, quantized while loading "
+                          "(default: none, or the checkpoint's own FP8-dynamic quantization)")
     run.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="ops: auto = Triton kernels on CUDA, torch references on CPU; torch; "
                           "triton (on CPU: under the Triton interpreter, slow) (default: auto)")
@@ -72,12 +76,13 @@ def _fetch_image(src: str):
     return load_image(src, ImageLimits())
 
 
-def _load_model(model: str, device: str | None, dtype: str | None, runtime, backend: str):
+def _load_model(model: str, device: str | None, dtype: str | None, runtime, backend: str,
+                quantization: str | None = None):
     """Seam for tests: the one place the CLI touches the (torch-importing) API."""
     from fastllava.api import LLaVA
 
     return LLaVA.from_pretrained(model, device=device, dtype=dtype, backend=backend,
-                                 progress=True, runtime=runtime)
+                                 progress=True, runtime=runtime, quantization=quantization)
 
 
 def end_lines_after_interrupt(out: TextIO, answer_started: bool) -> None:
@@ -132,7 +137,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         # A 404 or a slow image host is reported before minutes of weight loading.
         image = _fetch_image(args.image)
-        llava = _load_model(args.model, args.device, args.dtype, runtime, args.backend)
+        llava = _load_model(args.model, args.device, args.dtype, runtime, args.backend,
+                            args.quantization)
     except KeyboardInterrupt:
         end_lines_after_interrupt(sys.stdout, answer_started=False)
         raise

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastllava import checkpoint_files
+from fastllava.quant_config import QUANTIZATIONS, parse_quantization_config
 
 # transformers 5.23 class defaults for fields a hub config may omit.
 _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -165,6 +166,7 @@ class LlavaConfig:
     pinpoints: tuple[tuple[int, int], ...] | None = None   # (h, w), NeXT only
     pad_to_square: bool = False            # original v1.5 image_aspect_ratio "pad"
     mm_vision_tower: str | None = None     # original v1.5: separate CLIP checkpoint
+    quantization: str | None = None        # "fp8": the checkpoint stores FP8-dynamic weights
 
     def __post_init__(self):
         if self.kind not in ("llava", "next"):
@@ -177,6 +179,9 @@ class LlavaConfig:
             raise ConfigError("anyres with CLS tokens kept ('full') is not supported")
         if self.kind == "next" and not self.pinpoints:
             raise ConfigError("LLaVA-NeXT needs image_grid_pinpoints")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ConfigError(f"quantization {self.quantization!r} is not supported "
+                              f"{QUANTIZATIONS}")
         n = self.vision.num_hidden_layers
         if any(not -n - 1 <= i <= n for i in self.vision_feature_layers):
             raise ConfigError(f"vision_feature_layer {self.vision_feature_layers} out of range")
@@ -249,10 +254,12 @@ def load_config(path: Path, vision_tower_config: dict | None = None) -> LlavaCon
     """Parse `path/config.json`. For original checkpoints whose tower is separate (v1.5), pass the
     tower's config.json as `vision_tower_config`; `needs_separate_tower` says when."""
     d = read_json(Path(path) / "config.json")
+    quantization = parse_quantization_config(d, ConfigError)
     if d.get("model_type") in ("llava", "llava_next") and "text_config" in d:
-        return _from_hf(d)
+        return dataclasses.replace(_from_hf(d), quantization=quantization)
     if "mm_vision_tower" in d or "mm_projector_type" in d:
-        return _from_original(d, vision_tower_config)
+        return dataclasses.replace(_from_original(d, vision_tower_config),
+                                   quantization=quantization)
     raise ConfigError(f"{path}/config.json is not a LLaVA config "
                       f"(model_type={d.get('model_type')!r}, no text_config or mm_* fields)")
 

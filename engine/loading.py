@@ -1,5 +1,9 @@
 """Checkpoint folder (or hub id) → config, model with weights, tokenizer, chat template, image config.
 
+quantization="fp8" (or a checkpoint whose config.json declares compressed-tensors FP8-dynamic)
+builds the decoder's linear layers as Fp8Linear (models/layers.py); the loader quantizes floating
+checkpoint weights into them as they stream in, or copies pre-quantized ones.
+
 Original liuhaotian v1.5 checkpoints ship no vision weights: the tower (and its image processor
 config) come from the CLIP checkpoint named by `mm_vision_tower`, a local folder or a hub id.
 """
@@ -12,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastllava.config import LlavaConfig, eos_token_ids, is_original_layout, load_config, read_json
+from fastllava.models.layers import use_fp8_linears
 from fastllava.models.llava import LlavaModel
 from fastllava.preprocess.processor import CLIP_MEAN, CLIP_STD, ImageProcessorConfig
 from fastllava.text.template import BUILTIN_TEMPLATES, load_chat_template, template_family
@@ -33,6 +38,7 @@ class LoadedCheckpoint:
     device: torch.device
     dtype: torch.dtype
     eos_ids: tuple[int, ...]        # generation_config.json's (else config.json's) eos_token_id
+    quantization: str | None = None  # "fp8": decoder linears in FP8 (asked, or the checkpoint's)
 
 
 def _has_processor_config(path: Path) -> bool:
@@ -78,9 +84,21 @@ def _vision_tower_folder(path: Path, names: dict) -> tuple[Path | None, bool]:
         return None, False
 
 
+def _check_fp8_device(device: torch.device) -> None:
+    """FP8 GEMMs need FP8 tensor cores (sm_89: L4, H100, H200...); say so before loading rather
+    than fail in the first forward. The CPU runs them (slowly) everywhere."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"quantization 'fp8' needs a GPU with FP8 support (compute capability "
+                         f">= 8.9: L4, H100, H200); {torch.cuda.get_device_name(device)} is "
+                         f"{major}.{minor}")
+
+
 def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
-                    revision: str | None = None, progress: bool = False) -> LoadedCheckpoint:
-    """Every file is read and checked (shard headers included) before any weight is: a damaged
+                    revision: str | None = None, progress: bool = False,
+                    quantization: str | None = None) -> LoadedCheckpoint:
+    """quantization None takes the checkpoint's own (config.json quantization_config), if any.
+    Every file is read and checked (shard headers included) before any weight is: a damaged
     or missing one fails in milliseconds, with nothing printed before its one-line error."""
     path = resolve_model_path(model, revision=revision, progress=progress)
     names = list_safetensors(path)
@@ -95,10 +113,16 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
     if tower_weights:
         sources.append((tower, "clip", "vision_tower."))
 
+    quantization = quantization or config.quantization
+    if quantization == "fp8":
+        _check_fp8_device(device)
     with torch.device("meta"):
         llava = LlavaModel(config)
     # Cast on the meta device (free), then allocate once in the final dtype: never an fp32 copy.
-    llava = llava.to(dtype).to_empty(device=device)
+    llava = llava.to(dtype)
+    if quantization == "fp8":  # after the cast, which would cast FP8 weights and scales too
+        use_fp8_linears(llava.language_model)
+    llava = llava.to_empty(device=device)
     llava.reset_buffers()
     llava.eval().requires_grad_(False)
 
@@ -109,4 +133,4 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
         if bar is not None:
             bar.close()
     return LoadedCheckpoint(path, config, llava, tokenizer, template, image_config, device, dtype,
-                            eos_ids)
+                            eos_ids, quantization)

@@ -84,3 +84,22 @@ def test_real_shapes_refuse_to_start_without_cuda():
 def test_bad_peer_name_is_refused():
     proc = run_bench("--smoke", "--peers", "vllm")
     assert proc.returncode == 2 and "vllm" in proc.stderr, describe(proc)
+
+
+def test_smoke_with_fp8_counts_one_byte_per_decoder_weight(tmp_path, bench_script):
+    """--quantization fp8: fastllava's rows run FP8 decoder linears and their GB/s counts them at
+    one byte; the transformers peer (fp32 here) keeps the full bytes."""
+    from fastllava.weights.random import TINY_CONFIG, llava_config
+
+    proc = run_bench("--smoke", "--quantization", "fp8", "--peers", "eager", "--out",
+                     str(tmp_path))
+    assert proc.returncode == 0, describe(proc)
+    assert "- quantization: `fp8 (fastllava rows)`" in proc.stdout
+    rows = {(r[1], r[3]): r for r in table_rows(proc.stdout)}
+    step_bytes, t = bench_script("decode").step_bytes, llava_config(TINY_CONFIG).text
+    for B in SMOKE_BATCHES:
+        for impl, linear_e in (("fastllava engine", 1), ("hf eager (DynamicCache)", None)):
+            r = rows[(B, impl)]
+            expected = step_bytes(t, int(B), float(r[4]), 4, linear_e) / float(r[5]) / 1e6
+            assert abs(float(r[7]) - expected) <= 0.01 * expected, (r, expected)
+        assert step_bytes(t, int(B), 30.0, 4, 1) < 0.8 * step_bytes(t, int(B), 30.0, 4)

@@ -48,8 +48,8 @@ def fake(monkeypatch):
     model = FakeLLaVA(["", "Hel", "Hello", "Hello", "Hello, wörld"])
     calls = []
 
-    def load(name, device, dtype, runtime, backend):
-        calls.append((name, device, dtype))
+    def load(name, device, dtype, runtime, backend, quantization=None):
+        calls.append((name, device, dtype) + ((quantization,) if quantization else ()))
         assert runtime.max_num_seqs >= 1 and backend in cli_run.BACKENDS
         return model
 
@@ -433,7 +433,7 @@ def test_backend_flag(monkeypatch, capsys):
     assert cli_run.BACKENDS == BACKENDS
     backends = []
     monkeypatch.setattr(cli_run, "_load_model",
-                        lambda *a: backends.append(a[-1]) or FakeLLaVA(["x"]))
+                        lambda *a: backends.append(a[4]) or FakeLLaVA(["x"]))
     monkeypatch.setattr(cli_run, "_fetch_image", lambda src: FETCHED)
     for backend in BACKENDS:
         assert run("--backend", backend) == 0

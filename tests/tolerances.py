@@ -73,3 +73,32 @@ def assert_flash_bound(out: torch.Tensor, ref_same_dtype: torch.Tensor, ref_fp64
         f"kernel max error {kernel_err:.3e} > {FLASH_FACTOR} x torch {out.dtype} error "
         f"{torch_err:.3e} + {FLASH_ATOL[out.dtype]:.0e}; "
         + describe_mismatch(out.double(), ref_fp64, (out.double() - ref_fp64).abs() > bound))
+
+
+# FP8 e4m3 (3 mantissa bits): round-to-nearest of a normal value has relative error <= 2^-4;
+# subnormals (below 2^-6 in scaled units, spacing 2^-9) have absolute error <= 2^-10 * scale.
+FP8_U, FP8_ETA = 2.0 ** -4, 2.0 ** -10
+
+
+def fp8_linear_error_bound(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                           out_eps: float = 0.0) -> torch.Tensor:
+    """Elementwise bound on |fp8_linear(x, Wq, sw) - x @ Wᵀ| (float64; x (N, K), w (M, K) the
+    unquantized weight, w_scale (M, 1)). Each operand becomes a + Δa, |Δa| <= u|a| + η·s (s its
+    row's scale), so |x̂ŵ - xw| <= Δx|w| + |x|Δw + ΔxΔw summed over K, plus the FP8 GEMM's fp32
+    accumulation K·2^-24·Σ|x̂||ŵ| and `out_eps`·|y| for a rounded output. For normal values that
+    is ≈ (2u + u²) = 12.9 % of Σ_k |x_k w_k| per output element (relative to the absolute
+    products: y itself may cancel to ~0)."""
+    xd, wd = x.double(), w.double()
+    x_scale = x.abs().amax(dim=-1, keepdim=True).double() / 448.0
+    dx = FP8_U * xd.abs() + FP8_ETA * x_scale
+    dw = FP8_U * wd.abs() + FP8_ETA * w_scale.double()
+    K = x.shape[-1]
+    return (dx @ wd.abs().t() + xd.abs() @ dw.t() + dx @ dw.t()
+            + K * 2.0 ** -24 * (xd.abs() + dx) @ (wd.abs() + dw).t()
+            + out_eps * (xd @ wd.t()).abs())
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> None:
+    """|actual - expected| <= bound elementwise (in float64)."""
+    bad = (actual.double() - expected.double()).abs() > bound
+    assert not bad.any(), describe_mismatch(actual, expected, bad)

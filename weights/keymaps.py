@@ -5,6 +5,7 @@ This module is data plus two small functions. A *canonical* name is the engine's
 
     language_model.layers.{i}.self_attn.qkv_proj.weight     (q, k, v fused: shards 0, 1, 2)
     language_model.layers.{i}.mlp.gate_up_proj.weight       (gate, up fused: shards 0, 1)
+    language_model.layers.{i}.*.weight_scale                 (FP8 checkpoints; fused alike)
     vision_tower.layers.{i}.self_attn.qkv_proj.{weight,bias}
     vision_tower.embeddings.*, vision_tower.pre_layrnorm.*, multi_modal_projector.linear_{1,2}.*,
     image_newline, lm_head.weight, language_model.{embed_tokens,norm}.weight
@@ -98,6 +99,10 @@ FUSED: dict[str, tuple[str, int]] = {
     "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0),
     "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", 1),
 }
+# FP8 checkpoints (compressed-tensors) store one scale row per output channel next to each weight:
+# the scales of fused projections fuse the same way.
+FUSED.update({k + "_scale": (v + "_scale", j) for k, (v, j) in list(FUSED.items())
+              if k.endswith(".weight")})
 
 _COMPILED = {
     layout: ([(re.compile(p), r) for p, r in m["rules"]], [re.compile(p) for p in m["ignored"]])

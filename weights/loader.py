@@ -11,6 +11,11 @@ drops it: peak host memory is one tensor, never the model.
 Fused parameters (qkv_proj, gate_up_proj) live on a module with `output_sizes`; checkpoint shard j
 fills rows [sum(sizes[:j]), sum(sizes[:j+1])). A model may define `is_unused_weight(name) -> bool`
 for canonical names it deliberately does not hold (vision layers after the feature layer).
+
+FP8 parameters (float8_e4m3fn `…weight` with its fp32 `…weight_scale` (out, 1), see
+kernels/fp8_linear) are filled either from a floating checkpoint tensor, quantized per row as it
+streams in (one tensor's fp32 temporaries at a time, never the model), or from a pre-quantized
+F8_E4M3 tensor plus its `weight_scale` tensor; an F8_E4M3 tensor anywhere else is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
+
+from fastllava.kernels.fp8_linear import FP8_DTYPE, quantize_fp8_rows
 
 from .discover import read_shards
 from .keymaps import FUSED, UnknownKeyError, canonical_name
@@ -40,6 +47,7 @@ class _Copy:
     key: str                    # checkpoint tensor name
     param: str                  # canonical (prefixed) parameter name
     rows: tuple[int, int] | None  # row slice of a fused parameter, None = whole tensor
+    scale: str | None = None    # quantize to FP8 while copying; the scale parameter (same rows)
 
 
 def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, str]], *,
@@ -49,8 +57,9 @@ def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, 
 
     sources: (checkpoint folder, layout, prefix) triples; prefix is prepended to that source's
     canonical names (e.g. "vision_tower." for a stand-alone CLIP checkpoint).
-    Floating parameters must already be `dtype` on `device` (built there or via `to_empty`);
-    checkpoint tensors are converted to them. progress(done, total) is called after each tensor.
+    Floating parameters must already be `dtype` on `device` (built there or via `to_empty`;
+    FP8 weights float8_e4m3fn, their `weight_scale` fp32); checkpoint tensors are converted to
+    them. progress(done, total) is called after each tensor.
     """
     planner = _Planner(model, dtype, torch.device(device))
     for folder, layout, prefix in sources:
@@ -69,6 +78,9 @@ def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, 
                     dst = planner.params[item.param]
                     if item.rows is not None:
                         dst = dst[item.rows[0]:item.rows[1]]
+                    if item.scale is not None:
+                        tensor = _quantize(tensor, dst.device, planner.params[item.scale],
+                                           item.rows)
                     if tensor.dtype != dst.dtype and dst.device.type != "cpu":
                         # A host → device copy_ with a dtype change casts on the host (an extra
                         # host temporary, single pass on the CPU): move the stored bytes first,
@@ -83,6 +95,25 @@ def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, 
         # The device-side casts above leave their largest stored-dtype temporary (up to ~0.9 GB
         # for a 34B embedding) cached by the allocator: hand it back before the memory plan.
         torch.cuda.empty_cache()
+
+
+# Rows quantized at once: bounds the fp32 temporaries on the device to ~2 x 64 MiB per chunk
+# (a 34B gate_proj is 20480 x 7168) so they do not linger in the allocator's cache and shrink
+# the KV pool planned after loading. Rows are independent, so chunking changes no bit.
+_QUANT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _quantize(tensor: torch.Tensor, device: torch.device, scale: torch.Tensor,
+              rows: tuple[int, int] | None) -> torch.Tensor:
+    """A floating checkpoint tensor (R, C) quantized per row on `device`, a chunk of rows at a
+    time (the stored bytes move, the fp32 math runs there): returns its FP8 rows, writes its
+    scales into `scale` (rows `rows` of it)."""
+    scale = scale if rows is None else scale[rows[0]:rows[1]]
+    q = torch.empty(tensor.shape, dtype=FP8_DTYPE, device=device)
+    step = max(1, _QUANT_CHUNK_ELEMENTS // max(1, tensor.shape[1]))
+    for i in range(0, tensor.shape[0], step):
+        q[i:i + step], scale[i:i + step] = quantize_fp8_rows(tensor[i:i + step].to(device))
+    return q
 
 
 _Slot = tuple[str, "int | None"]  # (parameter, fused shard index or None)
@@ -100,8 +131,13 @@ class _Planner:
         self.plan: list[_Copy] = []
         self.assigned: dict[_Slot, str] = {}   # slot → where it came from
         self.reported: set[str] = set()        # parameters already in an error: not "missing"
+        # FP8 weight → its scale parameter; both keep their own dtypes (e4m3, fp32).
+        self.fp8_scale = {name: name.removesuffix("weight") + "weight_scale"
+                          for name, p in self.params.items() if p.dtype == FP8_DTYPE}
+        own_dtype = {**{w: FP8_DTYPE for w in self.fp8_scale},
+                     **{s: torch.float32 for s in self.fp8_scale.values()}}
         for name, p in self.params.items():
-            if p.is_floating_point() and p.dtype != dtype:
+            if p.is_floating_point() and p.dtype != own_dtype.get(name, dtype):
                 self._fail("dtype", f"{name} is {p.dtype}, but loading in {dtype}", name)
             elif not _same_device(p.device, device):
                 self._fail("dtype", f"{name} is on {p.device}, but loading to {device} (allocate "
@@ -134,10 +170,11 @@ class _Planner:
         if name in self.reported:
             return  # the parameter itself is wrong (dtype/device): said once already
         param, sizes = self.params[name], self.fused.get(name)
-        if param.is_floating_point() and st_dtype not in FLOAT_DTYPES:
+        if param.is_floating_point() and st_dtype not in FLOAT_DTYPES + (
+                ("F8_E4M3",) if param.dtype == FP8_DTYPE else ()):
             # An integer tensor where a weight belongs: the file, not the model, is wrong.
             raise unloadable_dtype(item.file, item.key, st_dtype)
-        if param.is_floating_point() != (st_dtype in FLOAT_DTYPES):
+        if param.is_floating_point() != (st_dtype in FLOAT_DTYPES + ("F8_E4M3",)):
             return self._fail("dtype", f"{where} → {name}: checkpoint dtype {st_dtype}, "
                               f"parameter {param.dtype}", name)
         expected = tuple(param.shape)
@@ -155,6 +192,9 @@ class _Planner:
         # A pre-fused checkpoint tensor (shard None on a fused parameter) fills every shard.
         slots = [(name, shard)] if sizes is None or shard is not None else \
             [(name, j) for j in range(len(sizes))]
+        if name in self.fp8_scale and st_dtype != "F8_E4M3":  # quantized here: fills the scale too
+            item = dataclasses.replace(item, scale=self.fp8_scale[name])
+            slots += [(item.scale, j) for _, j in slots]
         for slot in slots:
             if slot in self.assigned:
                 self._fail("twice", f"{_slot(slot)} from {self.assigned[slot]} and {where}")

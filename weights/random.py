@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fastllava.config import LlavaConfig, _from_hf
+from fastllava.kernels.fp8_linear import FP8_DTYPE, quantize_fp8_rows
 
 INIT_STD = 0.02
 
@@ -112,7 +113,9 @@ def fill_random_(module: nn.Module, seed: int = 0) -> nn.Module:
     host or fp32 copy): Linear / Embedding / Conv weights and loose parameters ~ N(0, INIT_STD),
     biases 0, weights of norm layers (class name ending in "Norm": RMSNorm, LayerNorm,
     LlamaRMSNorm) 1. Draws come from one torch.Generator seeded with `seed` on that device, in
-    named_modules order, so the same module tree and seed give the same weights."""
+    named_modules order, so the same module tree and seed give the same weights. FP8 weights
+    (Fp8Linear) are drawn the same way in fp32, one tensor at a time, and quantized per row,
+    which also sets their `weight_scale`."""
     gens: dict[torch.device, torch.Generator] = {}
 
     def gen(device: torch.device) -> torch.Generator:
@@ -129,6 +132,14 @@ def fill_random_(module: nn.Module, seed: int = 0) -> nn.Module:
                                      "device: call to_empty(device=...) first")
                 if name == "bias":
                     p.zero_()
+                elif p.dtype == FP8_DTYPE:
+                    w = torch.empty(p.shape, device=p.device).normal_(0.0, INIT_STD,
+                                                                     generator=gen(p.device))
+                    q, scale = quantize_fp8_rows(w)
+                    p.copy_(q)
+                    mod.weight_scale.copy_(scale)
+                elif name == "weight_scale":
+                    continue  # set with its FP8 weight
                 elif is_norm and name == "weight":
                     p.fill_(1.0)
                 else:
@@ -136,15 +147,21 @@ def fill_random_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
-def random_model(config: LlavaConfig, device, dtype: torch.dtype, seed: int = 0):
+def random_model(config: LlavaConfig, device, dtype: torch.dtype, seed: int = 0,
+                 quantization: str | None = None):
     """A LlavaModel with random weights, allocated once on `device` in `dtype` (built on the meta
     device, cast there for free, then `to_empty`), filled by `fill_random_`, non-checkpoint
-    buffers (RoPE inv_freq) recomputed; eval mode, no grad. Peak memory = the model in dtype."""
+    buffers (RoPE inv_freq) recomputed; eval mode, no grad. Peak memory = the model in dtype.
+    quantization="fp8": the decoder's linear layers in FP8, as `LLaVA.from_pretrained` builds."""
+    from fastllava.models.layers import use_fp8_linears
     from fastllava.models.llava import LlavaModel
 
     with torch.device("meta"):
         model = LlavaModel(config)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if quantization == "fp8":
+        use_fp8_linears(model.language_model)
+    model = model.to_empty(device=device)
     fill_random_(model, seed)
     model.reset_buffers()
     return model.eval().requires_grad_(False)

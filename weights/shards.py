@@ -20,7 +20,8 @@ from fastllava.checkpoint_files import CheckpointError, damaged
 
 # Bytes per element of the dtypes fastllava can load. Floating weights are converted to the
 # engine's dtype; integer/bool tensors are only ever index buffers the key maps ignore.
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+# F8_E4M3 (float8_e4m3fn) is loaded only into FP8 parameters (weights/loader.py).
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1,
             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 _MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
@@ -85,9 +86,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 def unloadable_dtype(path: Path, name: str, dtype: str) -> CheckpointError:
     """Tensor `name` of `path` is stored in a dtype fastllava cannot load as a weight."""
+    fp8 = (" into this parameter (FP8 loads only into the decoder's linear layers, with "
+           "quantization='fp8' or a compressed-tensors quantization_config in config.json)"
+           if dtype == "F8_E4M3" else "")
     return CheckpointError(
-        f"checkpoint file {path}: tensor {name!r} has dtype {dtype}, which fastllava cannot load "
-        f"(weights must be {', '.join(FLOAT_DTYPES)}); re-download this file, or use a "
+        f"checkpoint file {path}: tensor {name!r} has dtype {dtype}, which fastllava cannot load"
+        f"{fp8} (weights must be {', '.join(FLOAT_DTYPES)}); re-download this file, or use a "
         "checkpoint saved in one of those dtypes")
 
 

@@ -94,7 +94,8 @@ def startup_lines(app) -> list[str]:
         f"model: {s.model} (LLaVA-{'NeXT' if llava.config.kind == 'next' else '1.5'})",
         f"endpoint id: {app.state.endpoint_id}",
         f"device: {_device(llava)}",
-        f"dtype: {str(llava.dtype).removeprefix('torch.')}",
+        f"dtype: {str(llava.dtype).removeprefix('torch.')}"
+        + (" (decoder linear layers fp8)" if llava.quantization == "fp8" else ""),
         f"backend: {llava.ops.name}",
         f"weights: {_size(weights)}",
         f"KV cache: {kv.num_pages * kv.page_size} tokens ({kv.num_pages} pages of "

@@ -48,6 +48,7 @@ class ServerSettings:
     body_timeout_s: float = 60.0                # whole request body (408 above)
     device: str | None = None
     dtype: str | None = None
+    quantization: str | None = None             # "fp8"; None → the checkpoint's own (if any)
     backend: str = "auto"
     queue_concurrency: int = 16                 # queued jobs run at once (they share batches)
     image_fetch_concurrency: int = 32           # queued jobs loading their image before a slot
