@@ -46,6 +46,20 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Copy k[n], v[n] (KVH, D) into cache slot slot_mapping[n] (skipped when -1). In place."""
+    check_write_kv_inputs(k, v, k_cache, v_cache, slot_mapping)
+    N, KVH, D = k.shape
+    if N == 0:
+        return
+    BLOCK_H, BLOCK_D = triton.next_power_of_2(KVH), triton.next_power_of_2(D)
+    # Pure bandwidth: ~8 elements per thread per tensor (16-byte vectors in half precision).
+    _write_kv_kernel[(N,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        KVH=KVH, D=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+        num_warps=max(1, min(8, BLOCK_H * BLOCK_D // 256)), enable_fp_fusion=FP_FUSION)
+
+
+def check_write_kv_inputs(k, v, k_cache, v_cache, slot_mapping) -> None:
     if k.dim() != 3:
         raise ValueError(f"k must be (N, KVH, D), got shape {tuple(k.shape)}")
     if v.shape != k.shape:
@@ -77,15 +91,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError("k_cache and v_cache must be contiguous (P, S, KVH, D)")
     if slot_mapping.stride(0) != 1 and N > 1:
         raise ValueError(f"slot_mapping must be contiguous, got stride {slot_mapping.stride()}")
-    if N == 0:
-        return
-    BLOCK_H, BLOCK_D = triton.next_power_of_2(KVH), triton.next_power_of_2(D)
-    # Pure bandwidth: ~8 elements per thread per tensor (16-byte vectors in half precision).
-    _write_kv_kernel[(N,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        KVH=KVH, D=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
-        num_warps=max(1, min(8, BLOCK_H * BLOCK_D // 256)), enable_fp_fusion=FP_FUSION)
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

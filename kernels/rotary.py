@@ -27,7 +27,9 @@ from fastllava.kernels.common import check_last_dim_contiguous
 @triton.jit
 def _rotate_heads(x_ptr, stride_h, num_heads, head0, c1, c2, s1, s2, half,
                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotates heads [head0, head0 + BLOCK_H) of one token in place; x_ptr points at the token."""
+    """Rotates heads [head0, head0 + BLOCK_H) of one token in place; x_ptr points at the token.
+    Returns the rotated halves (BLOCK_H, BLOCK_HALF) in x's dtype (rotary_write_kv stores them
+    into the cache too)."""
     heads = head0 + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     mask = (heads[:, None] < num_heads) & (cols[None, :] < half)
@@ -42,8 +44,10 @@ def _rotate_heads(x_ptr, stride_h, num_heads, head0, c1, c2, s1, s2, half,
     b1 = (-x2f * s1[None, :]).to(dt).to(tl.float32)
     a2 = (x2f * c2[None, :]).to(dt).to(tl.float32)
     b2 = (x1f * s2[None, :]).to(dt).to(tl.float32)
-    tl.store(p1, (a1 + b1).to(dt), mask=mask)
-    tl.store(p1 + half, (a2 + b2).to(dt), mask=mask)
+    o1, o2 = (a1 + b1).to(dt), (a2 + b2).to(dt)
+    tl.store(p1, o1, mask=mask)
+    tl.store(p1 + half, o2, mask=mask)
+    return o1, o2
 
 
 @triton.jit
@@ -74,30 +78,13 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     q and k may be strided views (e.g. of a fused qkv output): any token and head strides, last
     dim contiguous; cos/sin (N, D) with any row stride. All in one dtype on one device; D even.
     """
-    check_last_dim_contiguous("q", q, 3)
-    check_last_dim_contiguous("k", k, 3)
-    check_last_dim_contiguous("cos", cos, 2)
-    check_last_dim_contiguous("sin", sin, 2)
+    check_rotary_inputs(q, k, cos, sin, rows=q.shape[0])
     N, H, D = q.shape
     KVH = k.shape[1]
-    if k.shape[0] != N or k.shape[2] != D:
-        raise ValueError(f"k must be ({N}, KVH, {D}) to match q, got {tuple(k.shape)}")
-    if cos.shape != (N, D) or sin.shape != (N, D):
-        raise ValueError(f"cos and sin must be ({N}, {D}), got {tuple(cos.shape)} and "
-                         f"{tuple(sin.shape)}")
-    if D % 2:
-        raise ValueError(f"head dim D must be even for rotate-half, got {D}")
-    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must be {q.dtype} on {q.device} like q, got {t.dtype} on "
-                             f"{t.device}")
     if N == 0 or D == 0 or H + KVH == 0:
         return q, k
     half = D // 2
-    BLOCK_HALF = triton.next_power_of_2(max(half, 8))
-    # About 2K elements per half per program: big enough to amortise the cos/sin loads, small
-    # enough that a decode step (N = 1) still spreads 64 heads of D = 128 over several SMs.
-    BLOCK_H = min(triton.next_power_of_2(max(H, KVH)), max(1, 2048 // BLOCK_HALF))
+    BLOCK_H, BLOCK_HALF = rotary_blocks(H, KVH, D)
     grid = (N, triton.cdiv(H, BLOCK_H) + triton.cdiv(KVH, BLOCK_H))
     _rotary_kernel[grid](q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                          cos.stride(0), sin.stride(0), H, KVH, half,
@@ -106,6 +93,36 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                          # like torch's separate mul and add kernels.
                          enable_fp_fusion=False)
     return q, k
+
+
+def check_rotary_inputs(q, k, cos, sin, rows: int | None) -> None:
+    """q (N, H, D), k (N, KVH, D) and cos/sin (rows, D) (any rows when None) in one dtype on one
+    device, last dims contiguous, D even."""
+    check_last_dim_contiguous("q", q, 3)
+    check_last_dim_contiguous("k", k, 3)
+    check_last_dim_contiguous("cos", cos, 2)
+    check_last_dim_contiguous("sin", sin, 2)
+    N, H, D = q.shape
+    if k.shape[0] != N or k.shape[2] != D:
+        raise ValueError(f"k must be ({N}, KVH, {D}) to match q, got {tuple(k.shape)}")
+    want = (cos.shape[0] if rows is None else rows, D)
+    if cos.shape != want or sin.shape != want:
+        raise ValueError(f"cos and sin must be ({'L' if rows is None else rows}, {D}), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    if D % 2:
+        raise ValueError(f"head dim D must be even for rotate-half, got {D}")
+    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must be {q.dtype} on {q.device} like q, got {t.dtype} on "
+                             f"{t.device}")
+
+
+def rotary_blocks(H: int, KVH: int, D: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_HALF): about 2K elements per half per program, big enough to amortise the
+    cos/sin loads, small enough that a decode step (N = 1) still spreads 64 heads of D = 128 over
+    several SMs."""
+    BLOCK_HALF = triton.next_power_of_2(max(D // 2, 8))
+    return min(triton.next_power_of_2(max(H, KVH)), max(1, 2048 // BLOCK_HALF)), BLOCK_HALF
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:

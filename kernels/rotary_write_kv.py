@@ -1,0 +1,108 @@
+"""Rotary embedding of q and k fused with the paged KV-cache write: one launch per decoder layer
+where there were two (kernels/rotary then kernels/kv_cache_write), plus no per-step cos/sin ops.
+
+    cos, sin = cos_table[positions[n]], sin_table[positions[n]]      (rows of D, model dtype)
+    q[n], k[n] = rotary(q[n], k[n], cos, sin)                       in place (kernels/rotary)
+    k_cache[slot[n]], v_cache[slot[n]] = k[n], v[n]                 unless slot[n] == -1
+
+The tables hold cos/sin of every position, built once per model (fp32 math, cast to the model
+dtype: transformers' rounding points, see layers.RotaryTable); the kernel gathers its row by
+position, so nothing about rotary is computed per step. Numerics are kernels/rotary's
+(bit-identical to rotary_ref) and kernels/kv_cache_write's (an exact cast to the cache dtype), so
+the result matches `rotary_write_kv_ref` bit for bit. k is rotated in place as well as written:
+prefill attention reads the step's new keys from k, not from the cache.
+
+Grid (N, q head blocks + KV head blocks), as kernels/rotary: a q program rotates BLOCK_H query
+heads of one token; a KV program rotates BLOCK_H key heads, stores them into k and, unless the
+token's slot is -1 (CUDA-graph padding, chunk tails), into the cache, then copies the same heads of
+v. Shapes: q (N, H, D), k and v (N, KVH, D), strided views of the fused qkv output allowed (last
+dim contiguous); positions and slot_mapping (N,) int; tables (L, D); caches (P, S, KVH, D).
+Positions must lie in [0, L) and slots in [-1, P * S): not checked on the host (a sync; the
+launcher must stay CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastllava.kernels.kv_cache_write import check_write_kv_inputs, write_kv_ref
+from fastllava.kernels.rotary import _rotate_heads, check_rotary_inputs, rotary_blocks, rotary_ref
+
+
+@triton.jit
+def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr,
+                            k_cache_ptr, v_cache_ptr, slot_ptr,
+                            stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                            stride_cos, stride_sin, H, half,
+                            KVH: tl.constexpr, D: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)  # token; int64 so n * stride cannot overflow
+    hb = tl.program_id(1)              # head block: q's blocks first, then KV's
+    pos = tl.load(pos_ptr + n).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)
+    cmask = cols < half
+    c1 = tl.load(cos_ptr + pos * stride_cos + cols, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + pos * stride_cos + half + cols, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + pos * stride_sin + cols, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + pos * stride_sin + half + cols, mask=cmask, other=0.0).to(tl.float32)
+    num_q_blocks = tl.cdiv(H, BLOCK_H)
+    if hb < num_q_blocks:
+        _rotate_heads(q_ptr + n * stride_qn, stride_qh, H, hb * BLOCK_H,
+                      c1, c2, s1, s2, half, BLOCK_H, BLOCK_HALF)
+    else:
+        head0 = (hb - num_q_blocks) * BLOCK_H
+        k1, k2 = _rotate_heads(k_ptr + n * stride_kn, stride_kh, KVH, head0,
+                               c1, c2, s1, s2, half, BLOCK_H, BLOCK_HALF)
+        slot = tl.load(slot_ptr + n).to(tl.int64)
+        if slot >= 0:  # a padding row writes nothing and reads no v
+            heads = head0 + tl.arange(0, BLOCK_H)
+            mask = (heads[:, None] < KVH) & cmask[None, :]
+            dst = slot * (KVH * D) + heads[:, None] * D + cols[None, :]  # first half of each head
+            cache_dt = k_cache_ptr.dtype.element_ty
+            tl.store(k_cache_ptr + dst, k1.to(cache_dt), mask=mask)
+            tl.store(k_cache_ptr + dst + half, k2.to(cache_dt), mask=mask)
+            src = v_ptr + n * stride_vn + heads[:, None] * stride_vh + cols[None, :]
+            tl.store(v_cache_ptr + dst, tl.load(src, mask=mask).to(cache_dt), mask=mask)
+            tl.store(v_cache_ptr + dst + half, tl.load(src + half, mask=mask).to(cache_dt),
+                     mask=mask)
+
+
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_table: torch.Tensor, sin_table: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """Triton version of `rotary_write_kv_ref`: rotates q and k in place, writes k and v into the
+    cache at slot_mapping (skipping -1); returns (q, k)."""
+    check_rotary_inputs(q, k, cos_table, sin_table, rows=None)
+    check_write_kv_inputs(k, v, k_cache, v_cache, slot_mapping)
+    N, H, D = q.shape
+    if positions.shape != (N,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be ({N},) int32 or int64, got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
+    if positions.device != q.device:
+        raise ValueError(f"positions is on {positions.device}, q on {q.device}")
+    if positions.stride(0) != 1 and N > 1:
+        raise ValueError(f"positions must be contiguous, got stride {positions.stride()}")
+    KVH = k.shape[1]
+    if N == 0 or D == 0:
+        return q, k
+    BLOCK_H, BLOCK_HALF = rotary_blocks(H, KVH, D)
+    grid = (N, triton.cdiv(H, BLOCK_H) + triton.cdiv(KVH, BLOCK_H))
+    _rotary_write_kv_kernel[grid](
+        q, k, v, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_table.stride(0), sin_table.stride(0), H, D // 2,
+        KVH=KVH, D=D, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF, num_warps=4,
+        # Products rounded separately, like torch's separate mul and add (see kernels/rotary).
+        enable_fp_fusion=False)
+    return q, k
+
+
+def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """The two unfused references in sequence, cos/sin gathered from the tables by position."""
+    rotary_ref(q, k, cos_table[positions], sin_table[positions])
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
