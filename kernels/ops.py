@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from fastllava.kernels import gelu, kv_cache_write, paged_decode_attention, prefill_attention
-from fastllava.kernels import rms_norm, rotary, silu_and_mul
+from fastllava.kernels import gelu, paged_decode_attention, prefill_attention, rms_norm
+from fastllava.kernels import rotary_write_kv, silu_and_mul
 from fastllava.kernels.common import interpreted
 
 BACKENDS = ("auto", "torch", "triton")
@@ -21,23 +21,22 @@ BACKENDS = ("auto", "torch", "triton")
 class Ops:
     name: str
     rms_norm: Callable
-    rotary: Callable
+    rotary_write_kv: Callable
     silu_and_mul: Callable
     gelu: Callable
-    write_kv: Callable
     prefill_attention: Callable
     paged_decode_attention: Callable
 
 
-TORCH_OPS = Ops(name="torch", rms_norm=rms_norm.rms_norm_ref, rotary=rotary.rotary_ref,
+TORCH_OPS = Ops(name="torch", rms_norm=rms_norm.rms_norm_ref,
+                rotary_write_kv=rotary_write_kv.rotary_write_kv_ref,
                 silu_and_mul=silu_and_mul.silu_and_mul_ref, gelu=gelu.gelu_ref,
-                write_kv=kv_cache_write.write_kv_ref,
                 prefill_attention=prefill_attention.prefill_attention_ref,
                 paged_decode_attention=paged_decode_attention.paged_decode_attention_ref)
 
-TRITON_OPS = Ops(name="triton", rms_norm=rms_norm.rms_norm, rotary=rotary.rotary,
+TRITON_OPS = Ops(name="triton", rms_norm=rms_norm.rms_norm,
+                 rotary_write_kv=rotary_write_kv.rotary_write_kv,
                  silu_and_mul=silu_and_mul.silu_and_mul, gelu=gelu.gelu,
-                 write_kv=kv_cache_write.write_kv,
                  prefill_attention=prefill_attention.prefill_attention,
                  paged_decode_attention=paged_decode_attention.paged_decode_attention)
 

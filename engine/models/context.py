@@ -21,3 +21,6 @@ class ForwardContext:
     prefix_lens: torch.Tensor      # (B,) int32, prefill: tokens already cached before this step
     context_lens: torch.Tensor     # (B,) int32, decode: cached tokens incl. the new one
     logits_rows: torch.Tensor      # (B,) int64, rows of the step whose logits are wanted
+    # prefill: some prefix_lens > 0. Known on the host from the sequences (reading prefix_lens
+    # would sync); False runs the prefill attention variant without the cached-prefix loop.
+    has_prefix: bool = True

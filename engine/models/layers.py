@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastllava.kernels.fp8_linear import FP8_DTYPE, fp8_linear
+from fastllava.kernels.rotary import rope_cos_sin, rope_inv_freq
 
 
 class MergedLinear(nn.Linear):
@@ -29,6 +30,29 @@ class RMSNorm(nn.Module):
     def forward(self, ops, x: torch.Tensor, residual: torch.Tensor | None = None):
         """(normed, residual_out): the residual add is fused into the norm (see kernels/rms_norm)."""
         return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class RotaryTable(nn.Module):
+    """cos and sin (max_positions, D) of every position, in the model dtype, built once at load;
+    the decoder's rotary kernel gathers rows by position (kernels/rotary_write_kv).
+
+    Built with transformers' LlamaRotaryEmbedding rounding points: inv_freq in fp32 on the CPU,
+    pos * inv_freq and cos/sin in fp32 on the model's device, one cast to the model dtype. Each
+    element depends only on its own position, so a row of the table has the bits a per-step
+    computation at that position would have."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self):
+        """Fill the tables on their device in their dtype (after `to(dtype)` and `to_empty`)."""
+        positions = torch.arange(self.cos.shape[0], device=self.cos.device)
+        inv_freq = rope_inv_freq(self.head_dim, self.theta).to(self.cos.device)
+        self.cos, self.sin = rope_cos_sin(positions, inv_freq, self.cos.dtype)
 
 
 class Fp8Linear(nn.Module):

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from fastllava.config import TextConfig
-from fastllava.kernels.rotary import rope_cos_sin, rope_inv_freq
 from fastllava.models.context import ForwardContext
-from fastllava.models.layers import MergedLinear, RMSNorm
+from fastllava.models.layers import MergedLinear, RMSNorm, RotaryTable
 
 
 class LlamaAttention(nn.Module):
@@ -26,19 +25,22 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=False)
         self.splits = (c.q_size, c.kv_size, c.kv_size)
 
-    def forward(self, ops, x, ctx: ForwardContext, cos, sin, k_cache, v_cache):
+    def forward(self, ops, x, ctx: ForwardContext, rope: RotaryTable, k_cache, v_cache):
         N = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         q = q.reshape(N, self.num_heads, self.head_dim)      # (N, H, D)
         k = k.reshape(N, self.num_kv_heads, self.head_dim)   # (N, KVH, D)
         v = v.reshape(N, self.num_kv_heads, self.head_dim)
-        ops.rotary(q, k, cos, sin)
-        ops.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        # q and k rotated in place (cos/sin rows by position), k and v written to their slots.
+        ops.rotary_write_kv(q, k, v, ctx.positions, rope.cos, rope.sin, k_cache, v_cache,
+                            ctx.slot_mapping)
         scale = self.head_dim ** -0.5
-        if ctx.is_prefill:
+        if ctx.is_prefill and ctx.has_prefix:   # some sequence attends to cached tokens too
             o = ops.prefill_attention(q, k, v, ctx.cu_seqlens, causal=True, scale=scale,
                                       k_cache=k_cache, v_cache=v_cache,
                                       block_tables=ctx.block_tables, prefix_lens=ctx.prefix_lens)
+        elif ctx.is_prefill:                    # the cheaper kernel variant: new tokens only
+            o = ops.prefill_attention(q, k, v, ctx.cu_seqlens, causal=True, scale=scale)
         else:
             o = ops.paged_decode_attention(q, k_cache, v_cache, ctx.block_tables,
                                            ctx.context_lens, scale=scale)
@@ -63,9 +65,9 @@ class LlamaLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = LlamaMLP(c)
 
-    def forward(self, ops, x, residual, ctx, cos, sin, k_cache, v_cache):
+    def forward(self, ops, x, residual, ctx, rope, k_cache, v_cache):
         h, residual = self.input_layernorm(ops, x, residual)
-        x = self.self_attn(ops, h, ctx, cos, sin, k_cache, v_cache)
+        x = self.self_attn(ops, h, ctx, rope, k_cache, v_cache)
         h, residual = self.post_attention_layernorm(ops, x, residual)
         return self.mlp(ops, h), residual
 
@@ -77,17 +79,16 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(LlamaLayer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta), persistent=False)
+        # Positions never pass max_position_embeddings (runtime/build.py caps max_len there).
+        self.rope = RotaryTable(c.head_dim, c.rope_theta, c.max_position_embeddings)
 
     def reset_buffers(self):
         """Recompute non-checkpoint buffers after `to_empty` (the model is built on the meta device)."""
-        self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta).to(
-            self.embed_tokens.weight.device)
+        self.rope.reset_buffers()
 
     def forward(self, ops, embeds: torch.Tensor, ctx: ForwardContext, kv_cache) -> torch.Tensor:
         """embeds (N, hidden) → final hidden states (N, hidden)."""
-        cos, sin = rope_cos_sin(ctx.positions, self.inv_freq, embeds.dtype)  # (N, D) each
         x, residual = embeds, None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(ops, x, residual, ctx, cos, sin, kv_cache.k[i], kv_cache.v[i])
+            x, residual = layer(ops, x, residual, ctx, self.rope, kv_cache.k[i], kv_cache.v[i])
         return self.norm(ops, x, residual)[0]

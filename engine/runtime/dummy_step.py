@@ -121,7 +121,7 @@ class DummySteps:
             slot_mapping=torch.tensor(slots, **i64), block_tables=torch.tensor(tables, **i32),
             cu_seqlens=torch.tensor(cu, **i32), prefix_lens=torch.tensor(prefix_lens, **i32),
             context_lens=torch.tensor(context_lens, **i32),
-            logits_rows=torch.tensor(logits_rows, **i64))
+            logits_rows=torch.tensor(logits_rows, **i64), has_prefix=any(prefix_lens))
 
 
 def warm_up(steps: DummySteps, kv: KVCache, decode_batches: list[int]) -> None:

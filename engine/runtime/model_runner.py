@@ -149,4 +149,5 @@ class ModelRunner:
             prefix_lens=torch.tensor(prefix_lens, **i32),
             context_lens=torch.tensor(context_lens, **i32),
             logits_rows=torch.tensor(logits_rows, **i64),
+            has_prefix=any(prefix_lens),   # host ints: picks the prefill kernel variant, no sync
         )

@@ -65,7 +65,7 @@ def _cases():
     """(label, thunk): each thunk calls one launcher at a real shape on CPU tensors. Every case
     must build, fit an SM and not spill."""
     from fastllava.kernels import gelu, kv_cache_write, paged_decode_attention, prefill_attention
-    from fastllava.kernels import rms_norm, rotary, silu_and_mul
+    from fastllava.kernels import rms_norm, rotary, rotary_write_kv, silu_and_mul
 
     def qkv(N, H, KVH, D, dt):
         t = torch.empty(N, (H + 2 * KVH) * D, dtype=dt)
@@ -121,6 +121,12 @@ def _cases():
             x, torch.empty(x.shape[1], dtype=bf16), 1e-5, x)
     yield "rotary 34B bf16", lambda: rotary.rotary(
         q34, k34, torch.empty(3000, 128, dtype=bf16), torch.empty(3000, 128, dtype=bf16))
+    for label, (q, k, v, c, N) in {"34B": (q34, k34, v34, c34, 3000),
+                                    "13B decode 32": (q13[:32], k13[:32], v13[:32], c13, 32)}.items():
+        yield f"rotary + kv write {label} bf16", (
+            lambda q=q, k=k, v=v, c=c, N=N: rotary_write_kv.rotary_write_kv(
+                q, k, v, torch.zeros(N, dtype=torch.int64), torch.empty(4096, 128, dtype=bf16),
+                torch.empty(4096, 128, dtype=bf16), c, c, torch.zeros(N, dtype=torch.int64)))
     yield "silu_and_mul 34B bf16", lambda: silu_and_mul.silu_and_mul(
         torch.empty(32, 2 * 20480, dtype=bf16))
     for variant in ("quick", "tanh", "erf"):
