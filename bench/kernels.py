@@ -161,6 +161,30 @@ def rotary_cases(sh: Shapes, gen) -> Iterator[Case]:
                    {"triton": mod.rotary, "torch ref": mod.rotary_ref}, make=make)
 
 
+def rotary_write_kv_cases(sh: Shapes, gen) -> Iterator[Case]:
+    """The decoder's fused op: rotary of q and k from the position table + the KV write."""
+    from fastllava.kernels import rotary as rot
+    from fastllava.kernels import rotary_write_kv as mod
+    S, dt, e = sh.page_size, sh.dtype, sh.dtype.itemsize
+    for m, N, tag in _token_rows(sh):
+        P, L = -(-N // S) + 1, 4096
+        cos, sin = rot.rope_cos_sin(torch.arange(L, device=gen.device),
+                                    rot.rope_inv_freq(m.D, m.rope_theta).to(gen.device), dt)
+
+        def build(g, m=m, N=N, P=P, cos=cos, sin=sin):
+            q, k, v = _qkv(g, N, m.H, m.KVH, m.D, dt)
+            caches = [_randn(g, P, S, m.KVH, m.D, dtype=dt) for _ in range(2)]
+            pos = torch.randint(0, L, (N,), generator=g, device=g.device)
+            return (q, k, v, pos, cos, sin, *caches,
+                    torch.randperm(P * S, generator=g, device=g.device)[:N])
+        make = _fresh(gen, build)
+        # q, k read and written; v read; k, v written to the cache; N rows of cos and sin read
+        nbytes = (2 * N * (m.H + m.KVH) + N * m.KVH + 2 * N * m.KVH + 2 * N) * m.D * e + 16 * N
+        yield Case("rotary_write_kv", tag, nbytes, "GB/s", make(),
+                   {"triton": mod.rotary_write_kv, "torch ref": mod.rotary_write_kv_ref},
+                   make=make, outputs=lambda ret, a: (*ret, a[6], a[7]))
+
+
 def silu_and_mul_cases(sh: Shapes, gen) -> Iterator[Case]:
     from fastllava.kernels import silu_and_mul as mod
     for m, N, tag in _token_rows(sh):
@@ -179,7 +203,8 @@ def gelu_cases(sh: Shapes, gen) -> Iterator[Case]:
 
 BUILDERS = {"paged_decode_attention": decode_cases, "prefill_attention": prefill_cases,
             "kv_cache_write": kv_write_cases, "rms_norm": rms_norm_cases,
-            "rotary": rotary_cases, "silu_and_mul": silu_and_mul_cases, "gelu": gelu_cases}
+            "rotary": rotary_cases, "rotary_write_kv": rotary_write_kv_cases,
+            "silu_and_mul": silu_and_mul_cases, "gelu": gelu_cases}
 KERNELS = tuple(BUILDERS)
 
 
