@@ -51,7 +51,7 @@ class Part:
 SMOKE_BUDGET_S = 60
 PARTS = (
     Part("gpu-tests", 110,
-         ["-m", "pytest", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider", "tests",
+         ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
           "--junitxml={out}/gpu-tests.xml"],
          ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
           "tests/kernels/test_rotary_write_kv.py", "--junitxml={out}/gpu-tests.xml"]),
