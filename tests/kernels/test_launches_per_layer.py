@@ -99,3 +99,17 @@ def test_prefill_picks_the_no_prefix_variant_unless_a_prefix_is_cached(steps):
             steps.prefill(kv, 9, 2, prefix=prefix)
         assert has_prefix == [want] * LAYERS, f"prefix {prefix}: HAS_PREFIX {has_prefix}"
         assert counts["_rotary_write_kv_kernel"] == LAYERS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_table_is_built_at_load_in_the_model_dtype(dtype):
+    """Built on the meta device, cast, allocated, then filled (as the loader does): every row has
+    the bits transformers' per-step computation gives at that position (fp32 math, one cast)."""
+    from fastllava.kernels.rotary import rope_cos_sin, rope_inv_freq
+    cfg = llava_config(TINY_CONFIG)
+    rope = random_model(cfg, "cpu", dtype).language_model.rope
+    t = cfg.text
+    assert rope.cos.shape == (t.max_position_embeddings, t.head_dim) and rope.cos.dtype == dtype
+    positions = torch.tensor([0, 1, 17, 511, t.max_position_embeddings - 1])
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(t.head_dim, t.rope_theta), dtype)
+    assert torch.equal(rope.cos[positions], cos) and torch.equal(rope.sin[positions], sin)
