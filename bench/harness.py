@@ -33,7 +33,8 @@ MAX_COPIES = 128   # input copies to rotate through; 2x L2 needs ~80 at the smal
 class Case:
     """One shape: the same inputs for every implementation.
 
-    impls: label -> callable(*args, **kwargs); "triton" first, then "torch ref", then peers.
+    impls: label -> callable(*args, **kwargs); the launcher first ("triton", or the torch op it
+    calls, e.g. "scaled_mm"), then "torch ref", then peers.
     Peers (labels starting "sdpa") take `prep(args)` instead of args (e.g. the paged KV gathered
     into a dense tensor, built outside the timed call) and their raw output goes through `view`
     to the reference's layout. Kernels that write into their inputs (KV write, rotary) carry

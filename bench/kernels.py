@@ -201,10 +201,22 @@ def gelu_cases(sh: Shapes, gen) -> Iterator[Case]:
                {"triton": mod.gelu, "torch ref": mod.gelu_ref})
 
 
+def fp8_linear_cases(sh: Shapes, gen) -> Iterator[Case]:
+    """FP8 decoder GEMMs (--quantization fp8): per-token activation scales computed in the call,
+    per-channel weight scales; the launcher is torch._scaled_mm, not a Triton kernel."""
+    from fastllava.kernels import fp8_linear as mod
+    for m, N, tag in _token_rows(sh):
+        for name, M, K in (("gate_up", 2 * m.mlp, m.hidden), ("down", m.hidden, m.mlp)):
+            w, w_scale = mod.quantize_fp8_rows(_randn(gen, M, K, dtype=torch.float32) * K ** -0.5)
+            yield Case("fp8_linear", f"{tag} {name} {M}x{K}", 2 * N * M * K, "TFLOP/s",
+                       (_randn(gen, N, K, dtype=sh.dtype), w, w_scale),
+                       {"scaled_mm": mod.fp8_linear, "torch ref": mod.fp8_linear_ref})
+
+
 BUILDERS = {"paged_decode_attention": decode_cases, "prefill_attention": prefill_cases,
             "kv_cache_write": kv_write_cases, "rms_norm": rms_norm_cases,
             "rotary": rotary_cases, "rotary_write_kv": rotary_write_kv_cases,
-            "silu_and_mul": silu_and_mul_cases, "gelu": gelu_cases}
+            "silu_and_mul": silu_and_mul_cases, "gelu": gelu_cases, "fp8_linear": fp8_linear_cases}
 KERNELS = tuple(BUILDERS)
 
 
