@@ -74,6 +74,9 @@ class Spec:
     feature_layer: int | tuple[int, ...] | None = None  # None: -2 (CLIP) / -1 (SigLIP)
     strategy: str | None = None                          # None: "default" (CLIP) / "full" (SigLIP)
     head_dim: int | None = None                          # None: hidden / heads
+    hidden_size: int = 64       # text model width (benchmarks build larger ones, e.g. 512)
+    intermediate_size: int = 128
+    num_layers: int = 2
 
 
 def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
@@ -135,8 +138,9 @@ def _configs(spec: Spec):
         spec.feature_layer if spec.feature_layer is not None else layer)
     strategy = spec.strategy or strategy
     text_cls = MistralConfig if spec.text_model == "mistral" else LlamaConfig
-    text = text_cls(vocab_size=MODEL_VOCAB, hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=spec.num_heads,
+    text = text_cls(vocab_size=MODEL_VOCAB, hidden_size=spec.hidden_size,
+                    intermediate_size=spec.intermediate_size,
+                    num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
                     num_key_value_heads=spec.num_kv_heads, rms_norm_eps=1e-5,
                     pad_token_id=PAD_TOKEN_ID, max_position_embeddings=4096,
                     **({"head_dim": spec.head_dim} if spec.head_dim else {}),
