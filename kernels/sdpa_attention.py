@@ -137,8 +137,10 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             kb = torch.cat((gather_context(k_cache, block_tables[b:b + 1], prefix)[0].to(k.dtype), kb))
             vb = torch.cat((gather_context(v_cache, block_tables[b:b + 1], prefix)[0].to(v.dtype), vb))
         mask = _causal_from(hi - lo, kb.shape[0], q.device) if causal and prefix else None
+        # 4-D inputs: CPU SDPA runs its flash kernel only on (B, H, T, D), else eager math.
         o = F.scaled_dot_product_attention(
-            q[lo:hi].transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), attn_mask=mask,
-            is_causal=causal and not prefix, scale=scale, enable_gqa=True)   # (H, T, D)
-        out[lo:hi] = o.transpose(0, 1)
+            q[lo:hi].transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=causal and not prefix, scale=scale,
+            enable_gqa=True)                                           # (1, H, T, D)
+        out[lo:hi] = o[0].transpose(0, 1)
     return out
