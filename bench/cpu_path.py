@@ -2,7 +2,8 @@
 plain references (the old CPU path) and transformers batched.
 
     python bench/cpu_path.py [--model PATH] [--requests 64] [--max-tokens 64] [--peer-batch 16]
-                             [--idle 8] [--threads T] [--out DIR] [--smoke]
+                             [--idle 8] [--kv-cache-tokens 65536] [--threads T] [--out DIR]
+                             [--smoke]
 
 Workload: N greedy requests, each a random-RGB PNG (24..480 px a side) and a 3..30-word prompt,
 max_tokens M. Per engine:
@@ -34,8 +35,9 @@ from common import REPO, fmt, run_header, write_outputs
 from serving import WORDS, device_name, run_one, run_threads, short_commit, write_image
 
 TINY = dict(kind="llava", num_heads=8, num_kv_heads=8, hidden_size=512, intermediate_size=1376,
-            num_layers=4, seed=5)
-TINY_NAME = "tiny random LLaVA-1.5, Llama 512 wide x 4 layers, 8 heads (tests/tiny.py)"
+            num_layers=4, image_size=336, seed=5)
+TINY_NAME = ("tiny random LLaVA-1.5 at real geometry (336 px tile, 576 image tokens; CLIP 32 wide "
+             "x 3 layers), Llama 512 wide x 4 layers, 8 heads (tests/tiny.py)")
 COLUMNS = ("engine", "requests", "idle_ttft_p50_ms", "wall_s", "req_per_s", "out_tok_per_s")
 HEADS = ("engine", "requests", "idle TTFT p50 ms", "wall s", "req/s", "out tok/s")
 
@@ -51,9 +53,12 @@ def build_workload(seed: int, n: int, max_tokens: int, img_dir: Path) -> list[di
     return reqs
 
 
-def run_fastllava(path, backend: str, workload: list[dict], idle: int) -> tuple[dict, list]:
+def run_fastllava(path, backend: str, workload: list[dict], idle: int,
+                  kv_cache_tokens: int) -> tuple[dict, list]:
     from fastllava import LLaVA
-    llava = LLaVA.from_pretrained(path, "cpu", "float32", backend=backend)
+    from fastllava.runtime.config import RuntimeConfig
+    llava = LLaVA.from_pretrained(path, "cpu", "float32", backend=backend,
+                                  runtime=RuntimeConfig(kv_cache_tokens=kv_cache_tokens))
     try:
         warm = dict(workload[0], max_tokens=4)
         run_one(llava, warm)
@@ -90,9 +95,10 @@ def run_transformers(path, workload: list[dict], batch: int, idle: int) -> dict:
     processor.tokenizer.padding_side = "left"
 
     def generate(reqs: list[dict], max_new_tokens: int) -> int:
-        texts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["prompt"]}]}],
-            add_generation_prompt=True) for r in reqs]
+        chats = [[{"role": "user", "content": [{"type": "image"},
+                                               {"type": "text", "text": r["prompt"]}]}]
+                 for r in reqs]
+        texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
         images = [Image.open(r["image_url"]).convert("RGB") for r in reqs]
         inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
         with torch.inference_mode():
@@ -124,6 +130,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--peer-batch", type=int, default=16)
     parser.add_argument("--idle", type=int, default=8, help="requests timed alone for idle TTFT")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--kv-cache-tokens", type=int, default=65536,
+                        help="fastllava's KV pool (the CPU default, max_context = 8192, holds "
+                             "about 12 such requests; transformers holds a whole batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="folder for cpu_path-<device>-<date>.md and .csv")
     parser.add_argument("--smoke", action="store_true", help="6 requests x 4 tokens (CI plumbing)")
@@ -143,7 +152,8 @@ def main(argv: list[str]) -> int:
         workload = build_workload(args.seed, args.requests, args.max_tokens, tmp / "img")
         rows, outputs = [], {}
         for backend in ("torch", "reference"):
-            row, outputs[backend] = run_fastllava(path, backend, workload, args.idle)
+            row, outputs[backend] = run_fastllava(path, backend, workload, args.idle,
+                                                  args.kv_cache_tokens)
             rows.append(row)
         rows.append(run_transformers(path, workload, args.peer_batch, args.idle))
     bad = [f"MISMATCH request {i}: torch {a!r} vs reference {b!r}"
@@ -152,12 +162,12 @@ def main(argv: list[str]) -> int:
     del header["gpu"], header["commit"]
     header = {"device": device_name(torch.device("cpu")), "commit": short_commit(), **header,
               "threads": str(torch.get_num_threads()), "model": args.model or TINY_NAME,
-              "dtype": "float32"}
+              "dtype": "float32", "kv_cache_tokens": str(args.kv_cache_tokens)}
     table = ["| " + " | ".join(HEADS) + " |", "|" + "---|" * len(HEADS)]
     table += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     peer = rows[-1]
-    ratios = (f"torch backend vs transformers: throughput {rows[0]['req_per_s'] / peer['req_per_s']:.2f}x, "
-              f"idle TTFT {rows[0]['idle_ttft_p50_ms'] / peer['idle_ttft_p50_ms']:.2f}x "
+    ratios = (f"torch backend vs transformers: throughput "
+              f"{rows[0]['req_per_s'] / peer['req_per_s']:.2f}x, idle TTFT {rows[0]['idle_ttft_p50_ms'] / peer['idle_ttft_p50_ms']:.2f}x "
               f"(< 1 is faster); vs the references: throughput "
               f"{rows[0]['req_per_s'] / rows[1]['req_per_s']:.2f}x")
     notes = bad or [f"torch and reference backends: all {len(workload)} outputs identical"]

@@ -21,6 +21,9 @@ Shapes: q (N, H, D); k, v (N, KVH, D); caches (P, S, KVH, D); block_tables (B, m
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -34,12 +37,33 @@ def context_bucket(n: int) -> int:
     return max(step, -(-n // step) * step)
 
 
-def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, T: int) -> torch.Tensor:
+# Gathered K/V land in scratch buffers reused from call to call, one set per thread (each engine
+# runs its steps on one thread). A fresh 100 MB tensor costs more in first-touch page faults than
+# the copy itself (glibc serves big allocations from new mmaps): reusing one makes the gather ~3x
+# faster on CPU. A buffer grows to the largest gather seen and is held for the thread's life.
+_scratch = threading.local()
+
+
+def _scratch_buffer(slot: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    key = (slot, like.dtype, like.device)
+    numel = math.prod(shape)
+    if key not in bufs or bufs[key].numel() < numel:
+        bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return bufs[key][:numel].view(shape)
+
+
+def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, T: int,
+                   slot: str) -> torch.Tensor:
     """The first T token slots of each row's pages, (P, S, KVH, D) → (b, T, KVH, D), in one
-    indexing op; slots past the block table's width come back as zeros."""
+    index_select into the `slot` scratch buffer (valid until the next gather into that slot);
+    slots past the block table's width come back as zeros."""
     S = cache.shape[1]
     num_pages = min(-(-T // S), block_tables.shape[1])
-    x = cache[block_tables[:, :num_pages].long()].flatten(1, 2)   # (b, num_pages*S, KVH, D)
+    pages = block_tables[:, :num_pages].reshape(-1).long()
+    x = _scratch_buffer(slot, (pages.numel(), *cache.shape[1:]), cache)
+    torch.index_select(cache, 0, pages, out=x)
+    x = x.view(block_tables.shape[0], num_pages * S, *cache.shape[2:])   # (b, pages*S, KVH, D)
     if x.shape[1] >= T:
         return x[:, :T]
     return torch.cat((x, x.new_zeros(x.shape[0], T - x.shape[1], *x.shape[2:])), dim=1)
@@ -75,15 +99,16 @@ def paged_decode_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     groups = _by_bucket(lens.tolist())
     if len(groups) == 1:   # the common case: no row indexing at all
         (T, _), = groups.items()
-        return attend_one_token(q, gather_context(k_cache, block_tables, T).to(q.dtype),
-                                gather_context(v_cache, block_tables, T).to(q.dtype), lens, scale)
+        k = gather_context(k_cache, block_tables, T, "k").to(q.dtype)
+        v = gather_context(v_cache, block_tables, T, "v").to(q.dtype)
+        return attend_one_token(q, k, v, lens, scale)
     out = torch.empty_like(q)
     for T, rows in groups.items():
         idx = torch.tensor(rows, device=q.device)
         tables = block_tables[idx]
-        out[idx] = attend_one_token(q[idx], gather_context(k_cache, tables, T).to(q.dtype),
-                                    gather_context(v_cache, tables, T).to(q.dtype), lens[idx],
-                                    scale)
+        k = gather_context(k_cache, tables, T, "k").to(q.dtype)
+        v = gather_context(v_cache, tables, T, "v").to(q.dtype)
+        out[idx] = attend_one_token(q[idx], k, v, lens[idx], scale)
     return out
 
 
@@ -97,8 +122,8 @@ def _one_token_rows(q, k, v, rows, starts, prefixes, k_cache, v_cache, block_tab
         idx = torch.tensor(seqs, device=q.device)
         tok = torch.tensor([starts[b] for b in seqs], device=q.device)
         pos = torch.tensor([prefixes[b] for b in seqs], device=q.device)
-        keys = gather_context(k_cache, block_tables[idx], T).to(q.dtype)
-        vals = gather_context(v_cache, block_tables[idx], T).to(q.dtype)
+        keys = gather_context(k_cache, block_tables[idx], T, "k").to(q.dtype)
+        vals = gather_context(v_cache, block_tables[idx], T, "v").to(q.dtype)
         ar = torch.arange(len(seqs), device=q.device)
         keys[ar, pos], vals[ar, pos] = k[tok], v[tok]
         out[tok] = attend_one_token(q[tok], keys, vals, pos + 1, scale)
@@ -134,8 +159,9 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         kb, vb = k[lo:hi], v[lo:hi]                                    # (T, KVH, D)
         if prefix:
-            kb = torch.cat((gather_context(k_cache, block_tables[b:b + 1], prefix)[0].to(k.dtype), kb))
-            vb = torch.cat((gather_context(v_cache, block_tables[b:b + 1], prefix)[0].to(v.dtype), vb))
+            table = block_tables[b:b + 1]
+            kb = torch.cat((gather_context(k_cache, table, prefix, "k")[0].to(k.dtype), kb))
+            vb = torch.cat((gather_context(v_cache, table, prefix, "v")[0].to(v.dtype), vb))
         mask = _causal_from(hi - lo, kb.shape[0], q.device) if causal and prefix else None
         # 4-D inputs: CPU SDPA runs its flash kernel only on (B, H, T, D), else eager math.
         o = F.scaled_dot_product_attention(
