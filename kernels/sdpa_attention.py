@@ -49,7 +49,8 @@ def _scratch_buffer(slot: str, shape: tuple[int, ...], like: torch.Tensor) -> to
     key = (slot, like.dtype, like.device)
     numel = math.prod(shape)
     if key not in bufs or bufs[key].numel() < numel:
-        bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):   # a normal tensor: writable in and out of inference mode
+            bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return bufs[key][:numel].view(shape)
 
 

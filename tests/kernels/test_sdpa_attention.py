@@ -187,3 +187,12 @@ def test_every_call_takes_the_fused_kernel():
         prefill_attention_sdpa(q, k, v, cu, causal=True, scale=0.2, **cache)
         prefill_attention_sdpa(tq, tk, tv, tcu, causal=False, scale=0.25)
         paged_decode_attention_sdpa(dq, k_cache, v_cache, tables, ctx, scale=0.2)
+
+
+def test_scratch_buffers_serve_calls_in_and_out_of_inference_mode():
+    """The engine decodes under inference_mode, tests and tools without it, on one thread."""
+    q, k_cache, v_cache, tables, ctx = poisoned_cache([300, 9], 4, 2, 16, 16, torch.float32, 4)
+    with torch.inference_mode():
+        first = paged_decode_attention_sdpa(q, k_cache, v_cache, tables, ctx, scale=0.25)
+    again = paged_decode_attention_sdpa(q, k_cache, v_cache, tables, ctx, scale=0.25)
+    assert_bits_equal(again, first, "outside inference mode")
