@@ -11,7 +11,8 @@ max_tokens M. Per engine:
   preprocessing, prefill, first token), median;
 - throughput: all N submitted at once (fastllava: N threads through the public API, continuous
   batching; transformers: `generate` on batches of `--peer-batch` requests in order, left-padded,
-  sdpa attention, fp32), requests/s and output tokens/s over the wall time.
+  sdpa attention, fp32), requests/s and output tokens/s over the wall time, the process's CPU
+  seconds over that phase, output tokens per CPU second, and the 1-minute load average after it.
 transformers' idle TTFT is `generate(max_new_tokens=1)` after the same image load and its own
 processor. fastllava's outputs must be identical on both backends (greedy, fp32): a MISMATCH line
 and exit 1 otherwise. Without --model a tiny random LLaVA-1.5 with a 512-wide, 4-layer Llama is
@@ -38,8 +39,19 @@ TINY = dict(kind="llava", num_heads=8, num_kv_heads=8, hidden_size=512, intermed
             num_layers=4, image_size=336, seed=5)
 TINY_NAME = ("tiny random LLaVA-1.5 at real geometry (336 px tile, 576 image tokens; CLIP 32 wide "
              "x 3 layers), Llama 512 wide x 4 layers, 8 heads (tests/tiny.py)")
-COLUMNS = ("engine", "requests", "idle_ttft_p50_ms", "wall_s", "req_per_s", "out_tok_per_s")
-HEADS = ("engine", "requests", "idle TTFT p50 ms", "wall s", "req/s", "out tok/s")
+COLUMNS = ("engine", "requests", "idle_ttft_p50_ms", "wall_s", "req_per_s", "out_tok_per_s",
+           "cpu_s", "out_tok_per_cpu_s", "load_avg")
+HEADS = ("engine", "requests", "idle TTFT p50 ms", "wall s", "req/s", "out tok/s", "CPU s",
+         "out tok / CPU s", "load avg")
+
+
+def throughput_row(engine: str, n: int, ttft: list[float], wall: float, cpu: float,
+                   tokens: int) -> dict:
+    """cpu = process CPU seconds over the throughput phase: on a shared machine, where wall
+    time depends on what else runs, tokens per CPU second compare the engines' work."""
+    return {"engine": engine, "requests": n, "idle_ttft_p50_ms": 1e3 * statistics.median(ttft),
+            "wall_s": wall, "req_per_s": n / wall, "out_tok_per_s": tokens / wall, "cpu_s": cpu,
+            "out_tok_per_cpu_s": tokens / cpu, "load_avg": os.getloadavg()[0]}
 
 
 def build_workload(seed: int, n: int, max_tokens: int, img_dir: Path) -> list[dict]:
@@ -69,18 +81,16 @@ def run_fastllava(path, backend: str, workload: list[dict], idle: int,
             trace = run_one(llava, req)
             ttft.append(next(ts for ts, c in trace.events if c >= 1) - trace.submit)
         llava.reset_prefix_cache()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         traces = run_threads(llava, workload, [0.0] * len(workload))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         llava.close()
     errors = [t.error for t in traces if t.error]
     if errors:
         raise RuntimeError(f"{backend}: {len(errors)} requests failed, first: {errors[0]}")
     tokens = sum(t.final["completion_tokens"] for t in traces)
-    row = {"engine": f"fastllava backend={backend}", "requests": len(workload),
-           "idle_ttft_p50_ms": 1e3 * statistics.median(ttft), "wall_s": wall,
-           "req_per_s": len(workload) / wall, "out_tok_per_s": tokens / wall}
+    row = throughput_row(f"fastllava backend={backend}", len(workload), ttft, wall, cpu, tokens)
     return row, [t.final["output"] for t in traces]
 
 
@@ -112,14 +122,13 @@ def run_transformers(path, workload: list[dict], batch: int, idle: int) -> dict:
         t0 = time.perf_counter()
         generate([req], 1)
         ttft.append(time.perf_counter() - t0)
-    t0, tokens = time.perf_counter(), 0
+    t0, c0, tokens = time.perf_counter(), time.process_time(), 0
     for i in range(0, len(workload), batch):
         chunk = workload[i:i + batch]
         tokens += generate(chunk, max(r["max_tokens"] for r in chunk))
-    wall = time.perf_counter() - t0
-    return {"engine": f"transformers batched by {batch} (sdpa)", "requests": len(workload),
-            "idle_ttft_p50_ms": 1e3 * statistics.median(ttft), "wall_s": wall,
-            "req_per_s": len(workload) / wall, "out_tok_per_s": tokens / wall}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return throughput_row(f"transformers batched by {batch} (sdpa)", len(workload), ttft, wall,
+                          cpu, tokens)
 
 
 def main(argv: list[str]) -> int:
@@ -167,7 +176,8 @@ def main(argv: list[str]) -> int:
     table += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     new, old, peer = rows
     ratios = (f"torch backend vs transformers: throughput "
-              f"{new['req_per_s'] / peer['req_per_s']:.2f}x, idle TTFT "
+              f"{new['req_per_s'] / peer['req_per_s']:.2f}x (per CPU second "
+              f"{new['out_tok_per_cpu_s'] / peer['out_tok_per_cpu_s']:.2f}x), idle TTFT "
               f"{new['idle_ttft_p50_ms'] / peer['idle_ttft_p50_ms']:.2f}x (< 1 is faster); vs "
               f"the references: throughput {new['req_per_s'] / old['req_per_s']:.2f}x, idle TTFT "
               f"{new['idle_ttft_p50_ms'] / old['idle_ttft_p50_ms']:.2f}x")
