@@ -101,9 +101,11 @@ def test_next_chatml_eos_list(tiny_chatml_next, tmp_path):
 def test_bf16_keeps_transformers_rounding_points(request, tmp_path, fixture):
     """In bf16 every rounding point (RMSNorm before the weight multiply, cos/sin cast, eager
     attention's rounded scores, bf16 logits) matches transformers' eager run: the logits are
-    bit-identical, not merely close."""
+    bit-identical, not merely close. Through the references: the torch backend's fused SDPA keeps
+    scores in fp32 (FlashAttention numerics, held to that bound in tests/kernels)."""
     path = request.getfixturevalue(fixture)
-    check_parity(path, path, _image(tmp_path / "img.png", 75, 100), dtype=torch.bfloat16, atol=0.0)
+    check_parity(path, path, _image(tmp_path / "img.png", 75, 100), dtype=torch.bfloat16, atol=0.0,
+                 backend="reference")
 
 
 @pytest.mark.parametrize("layout", ["hf4", "hf5_modules", "original"])

@@ -74,6 +74,10 @@ class Spec:
     feature_layer: int | tuple[int, ...] | None = None  # None: -2 (CLIP) / -1 (SigLIP)
     strategy: str | None = None                          # None: "default" (CLIP) / "full" (SigLIP)
     head_dim: int | None = None                          # None: hidden / heads
+    hidden_size: int = 64       # text model width (benchmarks build larger ones, e.g. 512)
+    intermediate_size: int = 128
+    num_layers: int = 2
+    image_size: int = 56        # vision tile side (LLaVA-1.5 only; 336 = the real 576 image tokens)
 
 
 def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
@@ -123,9 +127,12 @@ def _configs(spec: Spec):
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig,
                               MistralConfig, SiglipVisionConfig)
 
+    if spec.kind == "next" and spec.image_size != 56:
+        raise ValueError("tiny LLaVA-NeXT checkpoints use 56 px tiles (PINPOINTS are in them)")
     if spec.vision == "clip":
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                  num_attention_heads=4, image_size=56, patch_size=14)
+                                  num_attention_heads=4, image_size=spec.image_size,
+                                  patch_size=14)
         layer, strategy = -2, "default"
     else:  # SigLIP: head_dim 12, no CLS, last layer's output, all tokens kept
         vision = SiglipVisionConfig(hidden_size=36, intermediate_size=64, num_hidden_layers=2,
@@ -135,8 +142,9 @@ def _configs(spec: Spec):
         spec.feature_layer if spec.feature_layer is not None else layer)
     strategy = spec.strategy or strategy
     text_cls = MistralConfig if spec.text_model == "mistral" else LlamaConfig
-    text = text_cls(vocab_size=MODEL_VOCAB, hidden_size=64, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=spec.num_heads,
+    text = text_cls(vocab_size=MODEL_VOCAB, hidden_size=spec.hidden_size,
+                    intermediate_size=spec.intermediate_size,
+                    num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
                     num_key_value_heads=spec.num_kv_heads, rms_norm_eps=1e-5,
                     pad_token_id=PAD_TOKEN_ID, max_position_embeddings=4096,
                     **({"head_dim": spec.head_dim} if spec.head_dim else {}),
@@ -145,7 +153,7 @@ def _configs(spec: Spec):
     common = dict(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
                   vision_feature_layer=layer, vision_feature_select_strategy=strategy)
     if spec.kind == "llava":
-        return LlavaConfig(image_seq_length=16, **common)
+        return LlavaConfig(image_seq_length=(spec.image_size // 14) ** 2, **common)
     return LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common)
 
 
@@ -155,8 +163,8 @@ def _processor(spec: Spec, tokenizer):
 
     siglip = spec.vision == "siglip"
     norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if siglip else {}
-    size = {"shortest_edge": 56}
-    crop = {"height": 56, "width": 56}
+    size = {"shortest_edge": spec.image_size}
+    crop = {"height": spec.image_size, "width": spec.image_size}
     template = TEMPLATES[spec.template] if spec.template else None
     strategy = spec.strategy or ("full" if siglip else "default")
     if spec.kind == "llava":

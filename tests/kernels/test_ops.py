@@ -9,13 +9,14 @@ import pytest
 from fastllava.kernels import ops
 
 
-def test_auto_picks_compiled_triton_on_cuda_and_references_elsewhere(monkeypatch):
+def test_auto_picks_compiled_triton_on_cuda_and_torch_ops_elsewhere(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert ops.get_ops("auto", "cuda") is ops.TRITON_OPS
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ops.get_ops("auto", "cuda") is ops.TORCH_OPS
     assert ops.get_ops("auto", "cpu") is ops.TORCH_OPS
     assert ops.get_ops("torch", "cuda") is ops.TORCH_OPS
+    assert ops.get_ops("reference", "cpu") is ops.REFERENCE_OPS
 
 
 @pytest.mark.interpreter
@@ -40,7 +41,16 @@ def test_every_reference_has_a_triton_launcher_with_its_signature():
     for field in dataclasses.fields(ops.Ops):
         if field.name == "name":
             continue
-        ref, kernel = getattr(ops.TORCH_OPS, field.name), getattr(ops.TRITON_OPS, field.name)
+        ref = getattr(ops.REFERENCE_OPS, field.name)
+        kernel, fast = getattr(ops.TRITON_OPS, field.name), getattr(ops.TORCH_OPS, field.name)
         assert kernel is not ref and ref.__name__ == kernel.__name__ + "_ref"
         ref_params = list(inspect.signature(ref).parameters)
         assert list(inspect.signature(kernel).parameters)[:len(ref_params)] == ref_params
+        assert list(inspect.signature(fast).parameters) == ref_params, field.name
+
+
+def test_torch_backend_attention_is_fused_sdpa():
+    """The CPU default must not fall back to the per-sequence eager references."""
+    for name in ("prefill_attention", "paged_decode_attention"):
+        fast, ref = getattr(ops.TORCH_OPS, name), getattr(ops.REFERENCE_OPS, name)
+        assert fast is not ref and fast.__name__ == name + "_sdpa"
