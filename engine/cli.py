@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_run.add_run_command(commands)
     _add_serve(commands)
+    from fastllava.benchmarks.cli import add_bench_command
+    add_bench_command(commands)  # `fastllava bench ...` (README "Benchmarks")
     return parser
 
 
