@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors (argparse printed them)
         return exit_.code if isinstance(exit_.code, int) else 2
+    args.argv = sys.argv[1:] if argv is None else list(argv)   # the run record's command
     try:
         if args.command == "serve":
             missing = missing_server_modules(args.queue_url)

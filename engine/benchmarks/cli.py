@@ -56,6 +56,7 @@ def run_suite(args) -> int:
         print(f"=== bench {' '.join(argv)}", flush=True)
         try:
             step = args.parser.parse_args([*argv, "--out", str(out / name)])
+            step.argv = ["bench", *argv, "--out", str(out / name)]
             code = step.handler(step)
         except SystemExit as e:       # argparse rejected the step's flags
             code = e.code if isinstance(e.code, int) else 2

@@ -45,7 +45,7 @@ def run(args) -> int:
         with open(found[0], newline="") as f:
             raw = list(csv.DictReader(f))
     rows = [{c: _number(r.get(c)) for c in COLUMNS} for r in raw]
-    results = Results(args.out or default_out("kernels"), "Kernel benchmark", provenance())
+    results = Results(args.out or default_out("kernels"), "Kernel benchmark", provenance(args.argv))
     results.record["kernel script"] = " ".join(["python", "bench/kernels.py", *cmd[4:]])
     results.add("Ceilings", [r for r in rows if r["kernel"] == "ceiling"], COLUMNS)
     results.add("Kernels", [r for r in rows if r["kernel"] != "ceiling"], COLUMNS)

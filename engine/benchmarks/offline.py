@@ -176,7 +176,7 @@ def run(args) -> int:
     engine = ApiEngine(args) if args.model else RandomEngine(args)
     rng = random.Random(args.seed)
     results = Results(args.out or default_out(args.mode), f"{args.mode.capitalize()} benchmark",
-                      provenance())
+                      provenance(args.argv))
     results.record.update(model=engine.name, dtype=str(engine.dtype).removeprefix("torch."),
                           input_len=str(args.input_len), output_len=str(args.output_len))
     if args.mode == "latency":

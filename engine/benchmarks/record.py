@@ -12,7 +12,6 @@ import os
 import platform
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -46,8 +45,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(argv: Sequence[str] | None = None) -> dict[str, str]:
-    """The run record. Imports torch lazily (absent torch: the serve driver still runs)."""
+def provenance(argv: Sequence[str]) -> dict[str, str]:
+    """The run record; argv: the command line after `fastllava`. Imports torch lazily."""
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(name: str) -> str:
@@ -63,7 +62,6 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, str]:
         cuda = torch.version.cuda or "none"
     except ImportError:
         pass
-    argv = list(sys.argv[1:] if argv is None else argv)
     return {"machine": f"{platform.node()} ({cpu_name()}, {os.cpu_count()} cores)",
             "gpu": gpu, "commit": commit() or "not a git checkout",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from fastllava.benchmarks import clients, plots, stats, workload
 from fastllava.benchmarks.record import Results, default_out, provenance
 
-COLUMNS = ("point", "requests", "ok", "errors", "wall_s", "req_per_s", "out_tok_per_s",
+COLUMNS = ("point", "requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens", "out_tok_per_s",
            *(f"{m}_p{q}_ms" for m in ("ttft", "itl", "tpot", "e2e") for q in stats.QUANTILES),
            "slo_met", "goodput_req_per_s")
 
@@ -159,7 +159,7 @@ def run(args) -> int:
                                                          else "uniform:32-128"))
     points = ([("rate", r) for r in args.request_rate] if args.request_rate else
               [("concurrency", c) for c in (args.concurrency or [4])])
-    results = Results(args.out or default_out("serve"), "Serving benchmark", provenance())
+    results = Results(args.out or default_out("serve"), "Serving benchmark", provenance(args.argv))
     target, traces = asyncio.run(_drive(args, reqs, points))
     rows = [{"point": label, **stats.summarize(ts, args.slo)} for label, ts in traces.items()]
     for (kind, value), row in zip(points, rows):
