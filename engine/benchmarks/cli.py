@@ -34,6 +34,7 @@ def add_bench_command(commands) -> None:
     p.add_argument("--base-url", help="also run `bench serve` against this server")
     p.add_argument("--protocol", choices=("openai", "fal"), default="openai",
                    help="serve protocol (default openai)")
+    p.add_argument("--kernel", help="the kernels step on this kernel only (its --only)")
     p.add_argument("--out", type=Path, help="results folder (default ./bench-results/suite-<UTC time>)")
     p.set_defaults(handler=run_suite, parser=bench)
 
@@ -42,7 +43,8 @@ def suite_steps(args) -> list[tuple[str, list[str]]]:
     model = ["--model", args.model] if args.model else ["--config", args.config]
     tiny = ["--tiny"] if args.smoke else []
     steps = [("latency", ["latency", *model, *tiny]), ("throughput", ["throughput", *model, *tiny]),
-             ("kernels", ["kernels", *(["--smoke"] if args.smoke else [])])]
+             ("kernels", ["kernels", *(["--smoke"] if args.smoke else []),
+                          *(["--only", args.kernel] if args.kernel else [])])]
     if args.base_url:
         steps.append(("serve", ["serve", "--base-url", args.base_url, "--protocol", args.protocol,
                                 *(["--smoke"] if args.smoke else [])]))

@@ -43,7 +43,7 @@ def add_parsers(sub) -> None:
         a("--input-len", type=int, default=600, help="prompt tokens (default 600 ≈ LLaVA-1.5 image "
           "+ question; --tiny 24)")
         a("--output-len", type=int, default=128, help="generated tokens (default 128; --tiny 8)")
-        a("--seed", type=int, default=0)
+        a("--seed", type=int, default=0, help="weights and prompt seed (default 0)")
         if name == "latency":
             a("--iters", type=int, default=10, help="timed requests (default 10; --tiny 3)")
             a("--warmup", type=int, default=2, help="untimed requests first (default 2)")
@@ -198,7 +198,7 @@ def run(args) -> int:
         traces = engine.run(prompts, args.output_len)
         row = stats.summarize(traces, {})
         row["total_tok_per_s"] = ((row["out_tokens"] or 0) + args.input_len * row["ok"]) / row["wall_s"]
-        cols = ["requests", "ok", "errors", "wall_s", "req_per_s", "out_tok_per_s",
+        cols = ["requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens", "out_tok_per_s",
                 "total_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
         results.add("Offline batch", [row], cols)
         fig = plots.cdf(results.out / "throughput_cdf.png", "Offline batch: per-request latency",

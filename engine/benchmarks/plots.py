@@ -31,7 +31,7 @@ def cdf(path: Path, title: str, xlabel: str, series: dict[str, Sequence[float]])
             ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
     ax.set(title=title, xlabel=xlabel, ylabel="fraction of samples", ylim=(0, 1.02))
     ax.grid(alpha=0.3)
-    if series:
+    if any(series.values()):
         ax.legend(fontsize=8)
     return _save(fig, plt, path)
 
@@ -50,7 +50,8 @@ def lines(path: Path, title: str, xlabel: str, x: Sequence[float],
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, plt, path)
 

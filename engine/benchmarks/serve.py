@@ -199,10 +199,11 @@ def _notes(args, traces) -> list[str]:
 def _figures(results: Results, points, rows, traces) -> None:
     out = results.out
     ok = {label: [t for t in ts if not t.error] for label, ts in traces.items()}
+    itl = {k: [1e3 * x for t in v for x in t.itls] for k, v in ok.items()}
     figs = [plots.cdf(out / "ttft_cdf.png", "TTFT", "ms",
-                      {k: [1e3 * t.ttft for t in v] for k, v in ok.items()}),
-            plots.cdf(out / "itl_cdf.png", "Inter-token latency", "ms",
-                      {k: [1e3 * x for t in v for x in t.itls] for k, v in ok.items()})]
+                      {k: [1e3 * t.ttft for t in v] for k, v in ok.items()})]
+    if any(itl.values()):   # none without a stream (fal sync / queue)
+        figs.append(plots.cdf(out / "itl_cdf.png", "Inter-token latency", "ms", itl))
     if len(points) > 1:
         kind = points[0][0]
         x = [v for _, v in points]

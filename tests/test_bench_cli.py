@@ -1,0 +1,89 @@
+"""`fastllava bench latency | throughput | kernels | suite` in their CPU smoke modes: each writes
+report.md / results.csv / results.json with the run record and real PNG figures; every flag has
+help; the real-shape runs refuse a machine without a GPU with a clear message."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import pytest
+import torch
+
+from benchkit import check_results, monotone_percentiles
+from fastllava.cli import build_parser, main
+
+SUBCOMMANDS = ("latency", "throughput", "serve", "kernels", "suite")
+
+
+def bench_subparsers() -> dict[str, argparse.ArgumentParser]:
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bench = top.choices["bench"]
+    sub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_subcommand_and_flag_has_help(capsys):
+    parsers = bench_subparsers()
+    assert set(parsers) == set(SUBCOMMANDS)
+    for name, parser in parsers.items():
+        undocumented = [a.option_strings for a in parser._actions
+                        if a.option_strings and not (a.help or "").strip()]
+        assert not undocumented, f"bench {name}: flags without help: {undocumented}"
+        assert main(["bench", name, "--help"]) == 0
+        assert "--out" in capsys.readouterr().out or name == "suite"
+
+
+def test_latency_tiny(tmp_path):
+    assert main(["bench", "latency", "--tiny", "--out", str(tmp_path)]) == 0
+    data = check_results(tmp_path, "bench latency --tiny")
+    (row,) = data["rows"]
+    assert (row["iters"], row["errors"], row["out_tokens"]) == (3, 0, 8), row
+    monotone_percentiles(row, ("ttft", "e2e"))
+    assert 0 < row["ttft_p50_ms"] < row["e2e_p50_ms"] and row["decode_tok_per_s_p50"] > 0, row
+    assert data["record"]["model"].startswith("tiny random")
+
+
+def test_throughput_tiny(tmp_path):
+    assert main(["bench", "throughput", "--tiny", "--num-prompts", "5", "--output-len", "6",
+                 "--out", str(tmp_path)]) == 0
+    (row,) = check_results(tmp_path, "bench throughput --tiny")["rows"]
+    # no stop ids: every request generates exactly --output-len tokens
+    assert (row["requests"], row["ok"], row["errors"], row["out_tokens"]) == (5, 5, 0, 30), row
+    assert row["req_per_s"] == pytest.approx(5 / row["wall_s"])
+    assert row["total_tok_per_s"] == pytest.approx((30 + 5 * 24) / row["wall_s"]), row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_real_shapes_need_a_gpu(capsys):
+    assert main(["bench", "latency", "--config", "llava-v1.6-34b"]) == 2
+    err = capsys.readouterr().err
+    assert "llava-v1.6-34b" in err and "--tiny" in err, err
+    assert main(["bench", "throughput", "--config", "nope"]) == 2
+    assert "known" in capsys.readouterr().err
+
+
+def test_kernels_smoke_one_kernel(tmp_path):
+    assert main(["bench", "kernels", "--smoke", "--only", "gelu", "--out", str(tmp_path)]) == 0
+    rows = check_results(tmp_path, "bench kernels --smoke")["rows"]
+    timed = [r for r in rows if r["table"] == "Kernels" and r["ms"]]
+    assert {r["impl"] for r in timed} == {"triton", "torch ref"} and all(r["kernel"] == "gelu"
+                                                                         for r in timed), rows
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_kernels_real_shapes_say_gpu_needed(tmp_path, capfd):
+    assert main(["bench", "kernels", "--out", str(tmp_path / "k")]) != 0
+    assert "CUDA" in capfd.readouterr().err and not (tmp_path / "k").exists()
+
+
+def test_suite_goes_on_past_a_failure(tmp_path, capsys):
+    with socket.socket() as s:        # a port nobody listens on: the serve step fails
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    code = main(["bench", "suite", "--smoke", "--kernel", "gelu", "--base-url", dead,
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1 and "3 step(s) passed; failed: serve" in out, out[-2000:]
+    for step in ("latency", "throughput", "kernels"):
+        check_results(tmp_path / step, f"bench {step}")
