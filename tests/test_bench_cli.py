@@ -87,3 +87,24 @@ def test_suite_goes_on_past_a_failure(tmp_path, capsys):
     assert code == 1 and "3 step(s) passed; failed: serve" in out, out[-2000:]
     for step in ("latency", "throughput", "kernels"):
         check_results(tmp_path / step, f"bench {step}")
+
+
+def test_pytest_benchmark_components_smoke(tmp_path):
+    """CI smoke of `pytest bench/ --benchmark-only` (tiny shapes on the CPU): the component
+    benchmarks run and land in pytest-benchmark's JSON with their timings."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "bench/test_components.py", "-k", "preprocess or decode_step",
+                           "--benchmark-only", f"--benchmark-json={out}"],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    names = {b["name"]: b["stats"] for b in json.loads(out.read_text())["benchmarks"]}
+    assert set(names) == {"test_preprocess[1024x768]", "test_preprocess[4000x3000]",
+                          "test_decode_step[1]", "test_decode_step[8]"}, sorted(names)
+    assert all(s["rounds"] >= 1 and s["median"] > 0 for s in names.values()), names

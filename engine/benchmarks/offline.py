@@ -67,9 +67,11 @@ def _sizes(args) -> None:
 
 
 class RandomEngine:
-    """A runtime engine over random weights, stepped on this thread."""
+    """A runtime engine over random weights (config: a REAL_CONFIGS key, None for the tiny
+    config), stepped on the caller's thread. Also used by bench/test_components.py."""
 
-    def __init__(self, args):
+    def __init__(self, config: str | None, *, device: str | None = None, dtype: str | None = None,
+                 backend: str = "auto", max_len: int, max_seqs: int = 1, seed: int = 0):
         import torch
 
         from fastllava.kernels.ops import get_ops
@@ -77,24 +79,21 @@ class RandomEngine:
         from fastllava.runtime.config import RuntimeConfig
         from fastllava.weights.random import REAL_CONFIGS, TINY_CONFIG, llava_config, random_model
 
-        if not args.tiny and args.config not in REAL_CONFIGS:
-            raise ValueError(f"--config {args.config!r}: known {', '.join(sorted(REAL_CONFIGS))}")
-        device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-        if device == "cpu" and not args.tiny:
-            raise ValueError(f"random {args.config} weights need a GPU (none here, or --device "
-                             "cpu): pass --tiny for the CPU plumbing run, or --model")
-        self.dtype = getattr(torch, args.dtype) if args.dtype else (
+        if config is not None and config not in REAL_CONFIGS:
+            raise ValueError(f"--config {config!r}: known {', '.join(sorted(REAL_CONFIGS))}")
+        device = device or ("cuda" if torch.cuda.is_available() and config else "cpu")
+        if device == "cpu" and config is not None:
+            raise ValueError(f"random {config} weights need a GPU (none here, or --device cpu): "
+                             "pass --tiny for the CPU plumbing run, or --model")
+        self.dtype = getattr(torch, dtype) if dtype else (
             torch.bfloat16 if device == "cuda" else torch.float32)
-        self.name = "tiny random (--tiny)" if args.tiny else f"{args.config}, random weights"
-        config = llava_config(TINY_CONFIG if args.tiny else REAL_CONFIGS[args.config])
-        self.vocab = config.text.vocab_size
-        self.device = device
-        self.max_len = args.input_len + args.output_len + 1
-        batch = 1 if args.mode == "latency" else args.num_prompts
-        model = random_model(config, device, self.dtype, seed=args.seed)
-        rc = RuntimeConfig(max_num_seqs=min(batch, 256), max_context=self.max_len,
-                           kv_cache_tokens=None if device == "cuda" else self.max_len * batch)
-        self.engine, _ = build_engine(model, get_ops(args.backend, device), config.text,
+        self.name = f"{config}, random weights" if config else "tiny random (--tiny)"
+        self.config = llava_config(REAL_CONFIGS[config] if config else TINY_CONFIG)
+        self.vocab, self.device, self.max_len = self.config.text.vocab_size, device, max_len
+        self.model = random_model(self.config, device, self.dtype, seed=seed)
+        rc = RuntimeConfig(max_num_seqs=min(max_seqs, 256), max_context=max_len,
+                           kv_cache_tokens=None if device == "cuda" else max_len * max_seqs)
+        self.engine, _ = build_engine(self.model, get_ops(backend, device), self.config.text,
                                       self.dtype, device, rc)
 
     def run(self, prompts: list[list[int]], output_len: int) -> list[stats.Trace]:
@@ -173,7 +172,10 @@ def run(args) -> int:
     from fastllava.weights.progress import progress_bar
 
     _sizes(args)
-    engine = ApiEngine(args) if args.model else RandomEngine(args)
+    engine = ApiEngine(args) if args.model else RandomEngine(
+        None if args.tiny else args.config, device=args.device, dtype=args.dtype,
+        backend=args.backend, max_len=args.input_len + args.output_len + 1,
+        max_seqs=1 if args.mode == "latency" else args.num_prompts, seed=args.seed)
     rng = random.Random(args.seed)
     results = Results(args.out or default_out(args.mode), f"{args.mode.capitalize()} benchmark",
                       provenance(args.argv))
