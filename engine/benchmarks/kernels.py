@@ -1,4 +1,4 @@
-"""`fastllava bench kernels`: the kernel benchmark (bench/kernels.py of a source checkout: every
+"""`fastllava bench kernels`: the kernel benchmark (fastllava.benchmarks.kernel_table: every
 Triton kernel at the real shapes beside its torch reference and SDPA, checked, then timed, in
 GB/s or TFLOP/s and % of the ceilings measured in the same run) into a results folder, with a
 figure of each row against its roofline. Without CUDA only `--smoke` runs (tiny shapes,
@@ -14,9 +14,8 @@ import tempfile
 from pathlib import Path
 
 from fastllava.benchmarks import plots
-from fastllava.benchmarks.record import PACKAGE_DIR, Results, default_out, provenance
+from fastllava.benchmarks.record import Results, default_out, provenance
 
-SCRIPT = PACKAGE_DIR.parent / "bench" / "kernels.py"
 COLUMNS = ("kernel", "case", "impl", "ms", "value", "unit", "pct_ceiling", "bar", "vs_triton",
            "note")
 
@@ -32,13 +31,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if not SCRIPT.is_file():
-        raise ValueError(f"bench kernels runs {SCRIPT.relative_to(PACKAGE_DIR.parent)} of a source "
-                         "checkout (git clone + pip install -e .); this install has none")
     with tempfile.TemporaryDirectory(prefix="fastllava-kernels-") as tmp:
-        cmd = [sys.executable, str(SCRIPT), "--out", tmp, *(["--smoke"] if args.smoke else []),
-               *(["--only", args.only] if args.only else [])]
-        proc = subprocess.run(cmd, cwd=SCRIPT.parents[1], stdout=subprocess.PIPE, text=True)
+        # A fresh interpreter: --smoke must set TRITON_INTERPRET before the first kernel import,
+        # and this process may have imported the kernels already (bench suite).
+        cmd = [sys.executable, "-m", "fastllava.benchmarks.kernel_table", "--out", tmp,
+               *(["--smoke"] if args.smoke else []), *(["--only", args.only] if args.only else [])]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         found = sorted(Path(tmp).glob("kernels-*.csv"))
         if not found:   # refused (no GPU) or crashed: its stderr already said why
             return proc.returncode or 1
@@ -46,7 +44,7 @@ def run(args) -> int:
             raw = list(csv.DictReader(f))
     rows = [{c: _number(r.get(c)) for c in COLUMNS} for r in raw]
     results = Results(args.out or default_out("kernels"), "Kernel benchmark", provenance(args.argv))
-    results.record["kernel script"] = " ".join(["python", "bench/kernels.py", *cmd[4:]])
+    results.record["kernel script"] = " ".join(["python", *cmd[1:3], *cmd[5:]])
     results.add("Ceilings", [r for r in rows if r["kernel"] == "ceiling"], COLUMNS)
     results.add("Kernels", [r for r in rows if r["kernel"] != "ceiling"], COLUMNS)
     timed = [r for r in rows if r["kernel"] != "ceiling" and isinstance(r["value"], float)]

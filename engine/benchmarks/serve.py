@@ -65,7 +65,8 @@ def add_parser(sub) -> None:
     a("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     a("--slo", type=stats.parse_slo, default={}, help="goodput SLO in seconds, e.g. "
       "ttft=0.5,itl=0.05[,e2e=10] (itl: the request's mean inter-token gap)")
-    a("--timeout", type=float, default=600.0, help="per-request timeout in s (default 600)")
+    a("--timeout", type=float, default=600.0, help="HTTP timeout in s for each connect / read "
+      "of a request, i.e. the longest silence between stream events (default 600)")
     a("--poll-interval", type=float, default=0.1, help="fal queue status poll period in s")
     a("--warmup", type=int, default=1, help="untimed requests sent first (default 1)")
     a("--out", type=Path, help="results folder (default ./bench-results/serve-<UTC time>)")
