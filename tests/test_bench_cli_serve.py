@@ -4,6 +4,7 @@ SSE, fal /stream snapshots, fal queue)."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import sys
@@ -118,8 +119,9 @@ def server(tiny_llava, tmp_path_factory):
 @pytest.mark.parametrize("protocol, extra", [
     ("openai", []),
     ("fal", ["--fal-mode", "stream", "--concurrency", "2"]),
+    ("fal", ["--fal-mode", "sync"]),
     ("fal", ["--fal-mode", "queue", "--request-rate", "20", "--poll-interval", "0.02"]),
-], ids=["openai-sse", "fal-stream", "fal-queue-rate"])
+], ids=["openai-sse", "fal-stream", "fal-sync", "fal-queue-rate"])
 def test_the_fastllava_server(server, tmp_path, protocol, extra):
     base = server.url + ("/queue" if "queue" in extra else "")
     code = main(["bench", "serve", "--smoke", "--base-url", base, "--protocol", protocol,
@@ -129,9 +131,56 @@ def test_the_fastllava_server(server, tmp_path, protocol, extra):
     assert code == 0 and (row["requests"], row["ok"], row["errors"]) == (6, 6, 0), data["notes"]
     monotone_percentiles(row, ("ttft", "e2e"))
     assert 0 < row["ttft_p50_ms"] <= row["e2e_p50_ms"], row
-    if "queue" in extra:    # no stream: TTFT is the whole request, tokens unknown
+    if "stream" not in extra and protocol == "fal":   # no stream: TTFT = e2e, tokens unknown
         assert row["ttft_p50_ms"] == row["e2e_p50_ms"] and row["out_tokens"] is None, row
-        assert row["point"] == "rate 20/s"
+        assert row["point"] == ("rate 20/s" if "queue" in extra else "concurrency 4"), row
     else:                   # streamed: tokens and inter-token gaps were seen
         assert 6 <= row["out_tokens"] <= 36 and row["out_tok_per_s"] > 0, row
         monotone_percentiles(row, ("itl",))
+
+
+def test_images_folder_and_prompts_file(tmp_path):
+    from serverkit import make_png
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    pngs = {make_png(40, 32, seed=1), make_png(50, 20, seed=2)}
+    for i, png in enumerate(pngs):
+        (images / f"{i}.png").write_bytes(png)
+    (images / "notes.txt").write_text("not an image")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "max_tokens": 3}\n\n{"prompt": "b"}\n')
+    url, stop, seen = fake_openai_server()
+    try:
+        code = main(["bench", "serve", "--base-url", url + "/v1", "--num-requests", "4",
+                     "--images", str(images), "--prompts", str(prompts), "--max-tokens",
+                     "fixed:2", "--warmup", "0", "--out", str(tmp_path / "out")])
+    finally:
+        stop()
+    assert code == 0
+    sent = {base64.b64decode(b["messages"][0]["content"][1]["image_url"]["url"].split(",")[1])
+            for b in seen}
+    assert sent == pngs
+    # prompts cycle through the file; its max_tokens wins over --max-tokens
+    assert sorted((b["messages"][0]["content"][0]["text"], b["max_tokens"]) for b in seen) == \
+        [("a", 3), ("a", 3), ("b", 2), ("b", 2)]
+    (row,) = check_results(tmp_path / "out", "--images")["rows"]
+    assert (row["ok"], row["out_tokens"]) == (4, 10), row
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--slo", "ttft=fast"], "--slo"),
+    (["--slo", "latency=1"], "--slo"),
+    (["--max-tokens", "uniform:9-3"], "--max-tokens"),
+    (["--max-tokens", "lots"], "--max-tokens"),
+    (["--concurrency", "0"], "--concurrency"),
+    (["--concurrency", "2", "--request-rate", "1"], "not both"),
+    (["--image-sizes", "640"], "--image-sizes"),
+    (["--images", "."], "--images"),
+])
+def test_bad_flags_get_a_clear_error(flags, says, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # "." holds no image
+    code = main(["bench", "serve", "--base-url", "http://127.0.0.1:9", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err, err
+    assert not (tmp_path / "bench-results").exists()

@@ -33,6 +33,13 @@ def _numbers(kind, flag: str):
     return parse
 
 
+def _slo(text: str) -> dict[str, float]:
+    try:
+        return stats.parse_slo(text)
+    except ValueError as e:   # argparse shows only ArgumentTypeError messages
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="benchmark any running server (fastllava, vLLM, SGLang, fal)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +70,7 @@ def add_parser(sub) -> None:
     a("--max-tokens", default=None, help="fixed:N, uniform:LO-HI or normal:MEAN,STD "
       "(default uniform:32-128; --smoke fixed:6)")
     a("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    a("--slo", type=stats.parse_slo, default={}, help="goodput SLO in seconds, e.g. "
+    a("--slo", type=_slo, default={}, help="goodput SLO in seconds, e.g. "
       "ttft=0.5,itl=0.05[,e2e=10] (itl: the request's mean inter-token gap)")
     a("--timeout", type=float, default=600.0, help="HTTP timeout in s for each connect / read "
       "of a request, i.e. the longest silence between stream events (default 600)")
