@@ -35,6 +35,8 @@ import torch
 from common import REPO, copy_ceiling, fail, fmt, markdown, require_compiled_gpu, run_header
 from common import write_outputs
 
+from fastllava.benchmarks.peers import hf_llama
+
 BW_BARS = {1: 0.90, 8: 0.85, 32: 0.80}   # performance.md: fraction of copy bandwidth, by batch
 PEER_BAR = 1.5                            # ... and >= 1.5x the compiled static-cache peer
 ENGINE, REPLAY = "fastllava engine", "fastllava graph replay"
@@ -193,30 +195,6 @@ def engine_batch(engine, t, B: int, plan: Plan) -> list[Row]:
             runner.release(seq)
         if sched.bm.num_used_pages:
             raise RuntimeError(f"{sched.bm.num_used_pages} KV pages still used after abort")
-
-
-def hf_llama(t, device: str, dtype: torch.dtype):
-    """transformers LlamaForCausalLM with fastllava's text config; weights by fill_random_ on the
-    device (no fp32 host copy), RoPE buffers rebuilt after to_empty."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    from fastllava.weights.random import fill_random_
-
-    cfg = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                      intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-                      num_attention_heads=t.num_attention_heads,
-                      num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim,
-                      max_position_embeddings=t.max_position_embeddings,
-                      rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
-                      attn_implementation="sdpa")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = fill_random_(model.to(dtype).to_empty(device=device))
-    with torch.device(device):
-        model.model.rotary_emb = LlamaRotaryEmbedding(cfg)
-    return model.eval().requires_grad_(False), cfg
 
 
 @torch.no_grad()   # as transformers' generate (cudagraph trees and inference_mode mix badly)

@@ -44,6 +44,23 @@ def test_latency_tiny(tmp_path):
     assert data["record"]["model"].startswith("tiny random")
 
 
+def test_latency_beside_transformers(tmp_path, capsys):
+    assert main(["bench", "latency", "--tiny", "--peers", "eager,compiled", "--iters", "2",
+                 "--out", str(tmp_path)]) == 0
+    rows = {r["impl"]: r for r in check_results(tmp_path, "--peers eager,compiled")["rows"]}
+    ours, eager = rows["fastllava"], rows["hf eager (DynamicCache)"]
+    assert (eager["iters"], eager["errors"], eager["out_tokens"]) == (2, 0, 8), eager
+    monotone_percentiles(eager, ("ttft", "e2e"))
+    assert eager["fastllava_x_decode"] == pytest.approx(
+        ours["decode_tok_per_s_p50"] / eager["decode_tok_per_s_p50"]), eager
+    assert eager["fastllava_x_ttft"] == pytest.approx(eager["ttft_p50_ms"] / ours["ttft_p50_ms"])
+    compiled = rows["hf compiled (StaticCache, reduce-overhead)"]
+    if not torch.cuda.is_available():
+        assert compiled["note"].startswith("n/a: CUDA graphs") and compiled["iters"] is None
+    assert main(["bench", "latency", "--tiny", "--peers", "vllm"]) == 2
+    assert "--peers" in capsys.readouterr().err
+
+
 def test_throughput_tiny(tmp_path):
     assert main(["bench", "throughput", "--tiny", "--num-prompts", "5", "--output-len", "6",
                  "--out", str(tmp_path)]) == 0

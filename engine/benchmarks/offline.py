@@ -47,6 +47,9 @@ def add_parsers(sub) -> None:
         if name == "latency":
             a("--iters", type=int, default=10, help="timed requests (default 10; --tiny 3)")
             a("--warmup", type=int, default=2, help="untimed requests first (default 2)")
+            a("--peers", default="none", help="also time transformers on the same prompts and "
+              "random weights: eager, compiled (StaticCache + torch.compile, GPU) or both, "
+              "comma-separated (default none; needs transformers)")
         else:
             a("--num-prompts", type=int, default=64, help="requests in the batch (default 64; "
               "--tiny 8)")
@@ -95,6 +98,15 @@ class RandomEngine:
                            kv_cache_tokens=None if device == "cuda" else max_len * max_seqs)
         self.engine, _ = build_engine(self.model, get_ops(backend, device), self.config.text,
                                       self.dtype, device, rc)
+
+    def close(self) -> None:
+        """Free the model and KV pool (before a peer model is built)."""
+        import torch
+
+        self.engine.shutdown()
+        del self.engine, self.model
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def run(self, prompts: list[list[int]], output_len: int) -> list[stats.Trace]:
         """All prompts added at once; per sequence the time of each generated token."""
@@ -172,6 +184,7 @@ def run(args) -> int:
     from fastllava.weights.progress import progress_bar
 
     _sizes(args)
+    _peer_kinds(args)   # bad --peers: refused before anything loads
     engine = ApiEngine(args) if args.model else RandomEngine(
         None if args.tiny else args.config, device=args.device, dtype=args.dtype,
         backend=args.backend, max_len=args.input_len + args.output_len + 1,
@@ -182,18 +195,27 @@ def run(args) -> int:
     results.record.update(model=engine.name, dtype=str(engine.dtype).removeprefix("torch."),
                           input_len=str(args.input_len), output_len=str(args.output_len))
     if args.mode == "latency":
-        for _ in range(args.warmup):
-            engine.run(engine.prompts(rng, 1, args.input_len), args.output_len)
+        prompts = engine.prompts(rng, args.warmup + args.iters, args.input_len)
+        for prompt in prompts[:args.warmup]:
+            engine.run([prompt], args.output_len)
         bar, traces = progress_bar(args.iters, "latency", "request"), []
-        for _ in range(args.iters):
-            traces += engine.run(engine.prompts(rng, 1, args.input_len), args.output_len)
+        for prompt in prompts[args.warmup:]:
+            traces += engine.run([prompt], args.output_len)
             bar.update(1)
         bar.close()
-        row = _latency_row(traces)
-        results.add("Single request", [row], list(row))
-        fig = plots.cdf(results.out / "latency_cdf.png", "Single-request latency", "ms",
-                        {"TTFT": [1e3 * t.ttft for t in traces if not t.error],
-                         "e2e": [1e3 * (t.end - t.submit) for t in traces if not t.error]})
+        rows = [{"impl": "fastllava", **_latency_row(traces)}]
+        series = {"fastllava TTFT": [1e3 * t.ttft for t in traces if not t.error]}
+        for label, got in _peers(args, engine, prompts).items():
+            rows.append({"impl": label, **(_latency_row(got) if isinstance(got, list)
+                                           else {"note": got})})
+            series[f"{label} TTFT"] = [1e3 * t.ttft for t in got] if isinstance(got, list) else []
+        for r in rows:   # > 1: fastllava is faster
+            for key, faster in (("ttft_p50_ms", lambda a, b: b / a),
+                                ("decode_tok_per_s_p50", lambda a, b: a / b)):
+                ours, theirs = rows[0].get(key), r.get(key)
+                r[f"fastllava_x_{key.split('_')[0]}"] = faster(ours, theirs) if ours and theirs else None
+        results.add("Single request", rows, _LATENCY_COLUMNS)
+        fig = plots.cdf(results.out / "latency_cdf.png", "Single-request TTFT", "ms", series)
     else:
         prompts = engine.prompts(rng, args.num_prompts, args.input_len)
         engine.run(prompts[:1], 2)   # warm-up: lazy compilation out of the timed batch
@@ -213,6 +235,27 @@ def run(args) -> int:
         print(f"wrote {path}")
     print(f"\n{(results.out / 'report.md').read_text()}")
     return 1 if any(t.error for t in traces) else 0
+
+
+_LATENCY_COLUMNS = ("impl", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
+                    "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms", "decode_tok_per_s_p50", "out_tokens",
+                    "fastllava_x_ttft", "fastllava_x_decode", "note")
+
+
+def _peer_kinds(args) -> list[str]:
+    peers = [k for k in getattr(args, "peers", "none").split(",") if k and k != "none"]
+    if set(peers) - {"eager", "compiled"}:
+        raise ValueError(f"--peers takes eager, compiled or none, got {args.peers!r}")
+    if peers and args.model:
+        raise ValueError("--peers compares random weights; it cannot be used with --model")
+    return peers
+
+
+def _peers(args, engine, prompts) -> dict:
+    from fastllava.benchmarks.peers import peer_latency
+
+    peers = _peer_kinds(args)
+    return peer_latency(engine, peers, prompts, args.output_len, args.warmup) if peers else {}
 
 
 def _latency_row(traces: list[stats.Trace]) -> dict:
