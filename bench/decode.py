@@ -35,6 +35,7 @@ import torch
 from common import REPO, copy_ceiling, fail, fmt, markdown, require_compiled_gpu, run_header
 from common import write_outputs
 
+from fastllava.benchmarks.common import step_bytes  # noqa: F401  (tests use decode.step_bytes)
 from fastllava.benchmarks.peers import hf_llama
 
 BW_BARS = {1: 0.90, 8: 0.85, 32: 0.80}   # performance.md: fraction of copy bandwidth, by batch
@@ -78,16 +79,6 @@ class Row:
     vs: float | None = None      # this row's ms / the fastllava engine's ms (> 1: fastllava faster)
     bar: str = ""
     note: str = ""
-
-
-def step_bytes(t, B: int, ctx: float, e: int, linear_e: int | None = None) -> float:
-    """Minimum bytes one decode step reads: weights once + KV of B sequences at ctx tokens.
-    linear_e: bytes per decoder linear weight when not e (1 for FP8; its fp32 per-channel
-    scales, < 0.1 % of those bytes, are left out)."""
-    h, L = t.hidden_size, t.num_hidden_layers
-    linears = h * (t.q_size + 2 * t.kv_size) + t.q_size * h + 3 * h * t.intermediate_size
-    rest = L * 2 * h + h + t.vocab_size * h + B * h   # norms, final norm, lm_head, embed rows
-    return L * linears * (linear_e or e) + (rest + 2 * L * t.kv_size * ctx * B) * e
 
 
 def time_steps(step, plan: Plan) -> float:

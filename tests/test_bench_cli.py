@@ -42,6 +42,11 @@ def test_latency_tiny(tmp_path):
     monotone_percentiles(row, ("ttft", "e2e"))
     assert 0 < row["ttft_p50_ms"] < row["e2e_p50_ms"] and row["decode_tok_per_s_p50"] > 0, row
     assert data["record"]["model"].startswith("tiny random")
+    from fastllava.benchmarks.common import step_bytes
+    from fastllava.weights.random import TINY_CONFIG, llava_config
+    per_step = step_bytes(llava_config(TINY_CONFIG).text, 1, 24 + 8 / 2, 4)   # fp32 on the CPU
+    assert row["decode_gb_s"] == pytest.approx(per_step * row["decode_tok_per_s_p50"] / 1e9)
+    assert row["pct_copy"] is None or torch.cuda.is_available(), "no ceiling is measured on a CPU"
 
 
 def test_latency_beside_transformers(tmp_path, capsys):

@@ -214,6 +214,8 @@ def run(args) -> int:
                                 ("decode_tok_per_s_p50", lambda a, b: a / b)):
                 ours, theirs = rows[0].get(key), r.get(key)
                 r[f"fastllava_x_{key.split('_')[0]}"] = faster(ours, theirs) if ours and theirs else None
+        if not args.model:
+            _roofline(rows, engine, args)
         results.add("Single request", rows, _LATENCY_COLUMNS)
         fig = plots.cdf(results.out / "latency_cdf.png", "Single-request TTFT", "ms", series)
     else:
@@ -239,7 +241,22 @@ def run(args) -> int:
 
 _LATENCY_COLUMNS = ("impl", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
                     "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms", "decode_tok_per_s_p50", "out_tokens",
-                    "fastllava_x_ttft", "fastllava_x_decode", "note")
+                    "decode_gb_s", "pct_copy", "fastllava_x_ttft", "fastllava_x_decode", "note")
+
+
+def _roofline(rows: list[dict], engine, args) -> None:
+    """Decode as a ratio to the ceiling (docs/performance.md): GB/s = bytes a batch-1 step reads
+    (weights once + the KV at the mean context) x steps/s, over a 1 GiB copy measured now (CUDA
+    only: a CPU run has no ceiling here)."""
+    from fastllava.benchmarks.common import copy_ceiling, step_bytes
+
+    copy = copy_ceiling().value if engine.device == "cuda" else None
+    ctx = args.input_len + args.output_len / 2
+    per_step = step_bytes(engine.config.text, 1, ctx, engine.dtype.itemsize)
+    for r in rows:
+        if r.get("decode_tok_per_s_p50"):
+            r["decode_gb_s"] = per_step * r["decode_tok_per_s_p50"] / 1e9
+            r["pct_copy"] = 100 * r["decode_gb_s"] / copy if copy else None
 
 
 def _peer_kinds(args) -> list[str]:
