@@ -1,6 +1,7 @@
-"""Component benchmarks under pytest-benchmark (bench/conftest.py): image preprocessing, the
-vision tower, a prefill, and a decode step of the runtime at batch 1 / 8 (tiny: 1 / 3), on
-random weights at the real shapes (`--bench-config`) on a GPU, a tiny random model on a CPU.
+"""Component benchmarks under pytest-benchmark (bench/conftest.py): each Triton kernel, image
+preprocessing, the vision tower, a prefill, and a decode step of the runtime at batch 1 / 8
+(tiny: 1 / 3), on random weights at the real shapes (`--bench-config`) on a GPU, a tiny random
+model on a CPU.
 The kernel table (ceilings, SDPA peers) is `fastllava bench kernels`; these track regressions
 between commits (`--benchmark-autosave`, `--benchmark-compare`)."""
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastllava.benchmarks.kernel_table import KERNELS
 from fastllava.benchmarks.offline import RandomEngine
 
 PROMPT_TOKENS = 600     # ≈ a LLaVA-1.5 prompt with its 576 image tokens (tiny: 24)
@@ -84,3 +86,18 @@ def test_decode_step(measure, engine, tiny, batch):
             sched.abort(seq)
             runner.release(seq)
     assert sched.bm.num_used_pages == 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel(measure, tiny, device, kernel):
+    """Each Triton launcher at the first shape of its `fastllava bench kernels` rows (real shapes
+    on a GPU; tiny ones, interpreted, on a CPU). Inputs stay in L2 between rounds here: the
+    cold-L2 roofline figures are `bench kernels`'; this tracks regressions between commits.
+    Correctness is the kernel tests' job (tests/kernels/)."""
+    from fastllava.benchmarks.common import REAL, SMOKE
+    from fastllava.benchmarks.kernel_table import BUILDERS  # (kernels imported lazily by it)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    case = next(iter(BUILDERS[kernel](SMOKE if tiny else REAL, gen)))
+    run = case.impls["triton"]
+    measure(lambda: run(*case.args, **case.kwargs), rounds=1 if device == "cpu" else None)

@@ -36,7 +36,7 @@ def run(args) -> int:
         # and this process may have imported the kernels already (bench suite).
         cmd = [sys.executable, "-m", "fastllava.benchmarks.kernel_table", "--out", tmp,
                *(["--smoke"] if args.smoke else []), *(["--only", args.only] if args.only else [])]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd)   # its report (and any refusal) prints as it goes
         found = sorted(Path(tmp).glob("kernels-*.csv"))
         if not found:   # refused (no GPU) or crashed: its stderr already said why
             return proc.returncode or 1
