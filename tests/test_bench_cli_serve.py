@@ -48,7 +48,7 @@ def fake_openai_server():
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append(body)
+            seen.append({**body, "authorization": self.headers.get("Authorization")})
             if body["messages"][0]["content"][0]["text"] == "FAIL":
                 self._send(500, b'{"error": {"message": "boom"}}')
                 return
@@ -76,7 +76,8 @@ def fake_openai_server():
     return f"http://127.0.0.1:{httpd.server_address[1]}", stop, seen
 
 
-def test_any_openai_server_with_errors_counted(tmp_path):
+def test_any_openai_server_with_errors_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("ok one", "FAIL", "ok two")))
     url, stop, seen = fake_openai_server()
@@ -94,6 +95,7 @@ def test_any_openai_server_with_errors_counted(tmp_path):
     assert [r["point"] for r in rows] == ["concurrency 1", "concurrency 3"]
     assert len(seen) == 1 + 2 * 9, "one warm-up request, then 9 per sweep point"
     assert {b["model"] for b in seen} == {"fake-llava"} and all(b["stream"] for b in seen)
+    assert {b["authorization"] for b in seen} == {"Bearer sk-test"}
     image = seen[0]["messages"][0]["content"][1]["image_url"]["url"]
     assert image.startswith("data:image/jpeg;base64,"), image[:40]
     for r in rows:

@@ -108,8 +108,9 @@ class RandomEngine:
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
-    def run(self, prompts: list[list[int]], output_len: int) -> list[stats.Trace]:
-        """All prompts added at once; per sequence the time of each generated token."""
+    def run(self, prompts: list[list[int]], output_len: int, bar=None) -> list[stats.Trace]:
+        """All prompts added at once; per sequence the time of each generated token. bar: a
+        progress_bar, advanced per finished request."""
         import torch
 
         from fastllava.runtime.sequence import SamplingParams, Sequence
@@ -136,6 +137,8 @@ class RandomEngine:
                 runner.release(s)
                 traces[s.seq_id].end, traces[s.seq_id].tokens = now, s.num_generated
                 live.pop(s.seq_id, None)
+                if bar is not None:
+                    bar.update(1)
         return list(traces.values())
 
     def prompts(self, rng: random.Random, n: int, length: int) -> list[list[int]]:
@@ -158,7 +161,7 @@ class ApiEngine:
         words = "describe the image in detail what is shown where why how".split()
         return [" ".join(rng.choice(words) for _ in range(max(1, length // 2))) for _ in range(n)]
 
-    def run(self, prompts: list[str], output_len: int) -> list[stats.Trace]:
+    def run(self, prompts: list[str], output_len: int, bar=None) -> list[stats.Trace]:
         traces = [stats.Trace(0.0) for _ in prompts]
 
         def one(i: int) -> None:
@@ -172,6 +175,8 @@ class ApiEngine:
                 t.end = time.perf_counter()
             except Exception as exc:  # noqa: BLE001 - reported per request
                 t.error = f"{type(exc).__name__}: {exc}"[:200]
+            if bar is not None:
+                bar.update(1)
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
         for th in threads:
             th.start()
@@ -221,7 +226,9 @@ def run(args) -> int:
     else:
         prompts = engine.prompts(rng, args.num_prompts, args.input_len)
         engine.run(prompts[:1], 2)   # warm-up: lazy compilation out of the timed batch
-        traces = engine.run(prompts, args.output_len)
+        bar = progress_bar(len(prompts), "throughput", "request")
+        traces = engine.run(prompts, args.output_len, bar)
+        bar.close()
         row = stats.summarize(traces, {})
         row["total_tok_per_s"] = ((row["out_tokens"] or 0) + args.input_len * row["ok"]) / row["wall_s"]
         cols = ["requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens", "out_tok_per_s",
