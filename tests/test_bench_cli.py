@@ -130,3 +130,20 @@ def test_pytest_benchmark_components_smoke(tmp_path):
     assert set(names) == {"test_preprocess[1024x768]", "test_preprocess[4000x3000]",
                           "test_decode_step[1]", "test_decode_step[8]"}, sorted(names)
     assert all(s["rounds"] >= 1 and s["median"] > 0 for s in names.values()), names
+
+
+def test_latency_and_throughput_on_a_checkpoint(tiny_llava, tmp_path):
+    """--model: through the public API (image included), so the numbers come from the checkpoint."""
+    common = ["--model", str(tiny_llava), "--device", "cpu", "--dtype", "float32",
+              "--output-len", "4"]
+    assert main(["bench", "latency", *common, "--iters", "2", "--warmup", "1",
+                 "--out", str(tmp_path / "lat")]) == 0
+    data = check_results(tmp_path / "lat", "bench latency --model")
+    (row,) = data["rows"]
+    assert data["record"]["model"] == str(tiny_llava)
+    assert (row["iters"], row["errors"]) == (2, 0) and 1 <= row["out_tokens"] <= 4, row
+    assert 0 < row["ttft_p50_ms"] <= row["e2e_p50_ms"], row
+    assert main(["bench", "throughput", *common, "--num-prompts", "3",
+                 "--out", str(tmp_path / "thr")]) == 0
+    (row,) = check_results(tmp_path / "thr", "bench throughput --model")["rows"]
+    assert (row["ok"], row["errors"]) == (3, 0) and 3 <= row["out_tokens"] <= 12, row

@@ -100,11 +100,13 @@ class RandomEngine:
                                       self.dtype, device, rc)
 
     def close(self) -> None:
-        """Free the model and KV pool (before a peer model is built)."""
+        """Free the model and KV pool (before a peer model is built); idempotent."""
         import torch
 
+        if self.model is None:
+            return
         self.engine.shutdown()
-        del self.engine, self.model
+        self.engine = self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
@@ -156,6 +158,9 @@ class ApiEngine:
                                            backend=args.backend, progress=True)
         self.name, self.dtype = args.model, self.llava.dtype
         self.image = generated_image(random.Random(args.seed), 672, 672, "jpeg")
+
+    def close(self) -> None:
+        self.llava.close()   # stops the runtime's engine thread
 
     def prompts(self, rng: random.Random, n: int, length: int) -> list[str]:
         words = "describe the image in detail what is shown where why how".split()
@@ -237,6 +242,7 @@ def run(args) -> int:
         fig = plots.cdf(results.out / "throughput_cdf.png", "Offline batch: per-request latency",
                         "ms", {"TTFT": [1e3 * t.ttft for t in traces if not t.error],
                                "e2e": [1e3 * (t.end - t.submit) for t in traces if not t.error]})
+    engine.close()
     results.figures += [fig] if fig else []
     results.notes += [] if fig else [plots.NO_MATPLOTLIB]
     results.notes += [f"request failed: {t.error}" for t in traces if t.error][:5]
