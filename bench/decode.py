@@ -35,6 +35,9 @@ import torch
 from common import REPO, copy_ceiling, fail, fmt, markdown, require_compiled_gpu, run_header
 from common import write_outputs
 
+from fastllava.benchmarks.common import step_bytes  # noqa: F401  (tests use decode.step_bytes)
+from fastllava.benchmarks.peers import hf_llama
+
 BW_BARS = {1: 0.90, 8: 0.85, 32: 0.80}   # performance.md: fraction of copy bandwidth, by batch
 PEER_BAR = 1.5                            # ... and >= 1.5x the compiled static-cache peer
 ENGINE, REPLAY = "fastllava engine", "fastllava graph replay"
@@ -76,16 +79,6 @@ class Row:
     vs: float | None = None      # this row's ms / the fastllava engine's ms (> 1: fastllava faster)
     bar: str = ""
     note: str = ""
-
-
-def step_bytes(t, B: int, ctx: float, e: int, linear_e: int | None = None) -> float:
-    """Minimum bytes one decode step reads: weights once + KV of B sequences at ctx tokens.
-    linear_e: bytes per decoder linear weight when not e (1 for FP8; its fp32 per-channel
-    scales, < 0.1 % of those bytes, are left out)."""
-    h, L = t.hidden_size, t.num_hidden_layers
-    linears = h * (t.q_size + 2 * t.kv_size) + t.q_size * h + 3 * h * t.intermediate_size
-    rest = L * 2 * h + h + t.vocab_size * h + B * h   # norms, final norm, lm_head, embed rows
-    return L * linears * (linear_e or e) + (rest + 2 * L * t.kv_size * ctx * B) * e
 
 
 def time_steps(step, plan: Plan) -> float:
@@ -193,30 +186,6 @@ def engine_batch(engine, t, B: int, plan: Plan) -> list[Row]:
             runner.release(seq)
         if sched.bm.num_used_pages:
             raise RuntimeError(f"{sched.bm.num_used_pages} KV pages still used after abort")
-
-
-def hf_llama(t, device: str, dtype: torch.dtype):
-    """transformers LlamaForCausalLM with fastllava's text config; weights by fill_random_ on the
-    device (no fp32 host copy), RoPE buffers rebuilt after to_empty."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    from fastllava.weights.random import fill_random_
-
-    cfg = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                      intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-                      num_attention_heads=t.num_attention_heads,
-                      num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim,
-                      max_position_embeddings=t.max_position_embeddings,
-                      rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
-                      attn_implementation="sdpa")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = fill_random_(model.to(dtype).to_empty(device=device))
-    with torch.device(device):
-        model.model.rotary_emb = LlamaRotaryEmbedding(cfg)
-    return model.eval().requires_grad_(False), cfg
 
 
 @torch.no_grad()   # as transformers' generate (cudagraph trees and inference_mode mix badly)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from common import REPO, fmt, run_header, write_outputs
 
+from fastllava.benchmarks.stats import percentile
+
 WORDS = ("what is in this image describe the picture in detail which color is the car how many "
          "people are there left right top bottom near far small large red blue green sky tree "
          "house street dog cat person water light dark shape answer briefly please").split()
@@ -120,17 +122,6 @@ def run_threads(llava, workload: list[dict], offsets: list[float]) -> list[Trace
     return traces
 
 
-def percentile(xs: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); nan for no samples."""
-    if not xs:
-        return math.nan
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def summarize(mode: str, traces: list[Trace]) -> dict:
     """The mode's row (ms for latencies); requests that failed are left out of every figure."""
     ok = [t for t in traces if not t.error]
@@ -157,7 +148,7 @@ def summarize(mode: str, traces: list[Trace]) -> dict:
     for name, xs, qs in (("ttft", ttft, (50, 90, 99)), ("itl", itl, (50, 90, 99)),
                          ("e2e", e2e, (50, 99))):
         for q in qs:
-            row[f"{name}_p{q}_ms"] = 1e3 * percentile(xs, q / 100)
+            row[f"{name}_p{q}_ms"] = 1e3 * percentile(xs, q)
     return row
 
 

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_run.add_run_command(commands)
     _add_serve(commands)
+    from fastllava.benchmarks.cli import add_bench_command
+    add_bench_command(commands)  # `fastllava bench ...` (README "Benchmarks")
     return parser
 
 
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors (argparse printed them)
         return exit_.code if isinstance(exit_.code, int) else 2
+    args.argv = sys.argv[1:] if argv is None else list(argv)   # the run record's command
     try:
         if args.command == "serve":
             missing = missing_server_modules(args.queue_url)

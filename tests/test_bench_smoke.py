@@ -18,7 +18,7 @@ NOT_KERNELS = {"__init__", "ops", "common"}
 STEMS = sorted(p.stem for p in (REPO / "kernels").glob("*.py") if p.stem not in NOT_KERNELS)
 COLUMNS = 10
 # The row label of each file's own launcher: "triton", except ops whose launcher is a torch op.
-LAUNCHER = {"fp8_linear": "scaled_mm"}
+LAUNCHER = {"fp8_linear": "scaled_mm", "sdpa_attention": "torch sdpa"}
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
@@ -92,8 +92,9 @@ def test_real_shapes_without_cuda_exit_with_a_clear_message():
 
 
 @pytest.fixture
-def harness(bench_script):
-    return bench_script("harness")
+def harness():
+    from fastllava.benchmarks import kernel_harness
+    return kernel_harness
 
 
 def test_a_wrong_result_is_reported_and_not_timed(harness):

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from common import Row, time_ms
+from fastllava.benchmarks.common import Row, time_ms
 
 REL_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # ~1 ulp
 MAX_COPIES = 128   # input copies to rotate through; 2x L2 needs ~80 at the smallest real shape
