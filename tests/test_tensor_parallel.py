@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -118,3 +120,19 @@ def test_intermediate_size_must_divide_too():
     check_divisible(text, 2)
     with pytest.raises(TensorParallelError, match=r"intermediate_size \(64\)"):
         check_divisible(text, 3)
+
+
+def test_killed_api_process_leaves_no_worker(tiny_next):
+    """The API process dies without close() (SIGKILL): its workers notice and exit."""
+    script = ("import sys; from fastllava import LLaVA; "
+              f"m = LLaVA.from_pretrained({str(tiny_next)!r}, device='cpu', dtype='float32', "
+              "tensor_parallel_size=2); print(m._tp.pids[0], flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        assert not _gone(pid, 0)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert _gone(pid), "a worker outlived its killed API process"
