@@ -26,7 +26,7 @@ log = logging.getLogger("fastllava.tp")
 class WorkerArgs:
     model: str
     revision: str | None
-    device: str          # rank 0's device; CUDA ranks take cuda:<rank>
+    device: str          # rank 0's device; on CUDA rank r takes the r-th GPU after it
     dtype: str           # e.g. "torch.bfloat16"
     backend: str
     world: int
@@ -49,7 +49,7 @@ def _watch_parent(parent_pid: int) -> None:
 def _device(args: WorkerArgs, rank: int) -> torch.device:
     device = torch.device(args.device)
     if device.type == "cuda":
-        device = torch.device("cuda", rank)
+        device = torch.device("cuda", (device.index or 0) + rank)
         torch.cuda.set_device(device)
     return device
 
