@@ -136,3 +136,19 @@ def test_killed_api_process_leaves_no_worker(tiny_next):
         proc.kill()
         proc.wait(10)
     assert _gone(pid), "a worker outlived its killed API process"
+
+
+def test_bench_decode_tensor_parallel_smoke():
+    """bench/decode.py --tensor-parallel-size 2 (tiny, CPU): timed engine rows for every batch
+    size, the run header records the size, the replay rows say why there are none."""
+    from test_bench_decode import SMOKE_BATCHES, describe, run_bench, table_rows
+
+    proc = run_bench("--smoke", "--tensor-parallel-size", "2", "--peers", "none")
+    assert proc.returncode == 0, describe(proc)
+    rows = table_rows(proc.stdout)
+    engine = {r[1]: r for r in rows if r[3] == "fastllava engine"}
+    assert sorted(engine) == sorted(SMOKE_BATCHES), describe(proc)
+    assert all(float(r[5]) > 0 for r in engine.values()), describe(proc)
+    replay = [r for r in rows if r[3] == "fastllava graph replay"]
+    assert replay and all("tensor parallelism" in r[-1] for r in replay), describe(proc)
+    assert "tensor_parallel_size" in proc.stdout and "2 (fastllava rows)" in proc.stdout

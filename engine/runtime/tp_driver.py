@@ -47,13 +47,16 @@ class WorkerDiedError(RuntimeError):
 
 class TPDriver:
     def __init__(self, world: int, model: str, *, revision: str | None, device: torch.device,
-                 dtype: torch.dtype, backend: str, timeout_s: float = STEP_TIMEOUT_S):
+                 dtype: torch.dtype, backend: str, timeout_s: float = STEP_TIMEOUT_S,
+                 random_config: str | None = None):
+        """Start the workers; they load `model` (a checkpoint), or random weights of the
+        weights.random config `random_config` (benchmarks), while rank 0 loads its own shard."""
         self.world, self.broken, self._is_setup, self._closed = world, None, False, False
         self.comm = None
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=timeout_s))
         args = WorkerArgs(model, revision, str(device), str(dtype), backend, world, store.port,
-                          timeout_s, os.getpid())
+                          timeout_s, os.getpid(), random_config)
         # A fresh interpreter per worker (`python -m fastllava.runtime.tp_worker`), as the spawn
         # start method would give, but without multiprocessing re-importing the caller's main
         # script in every worker (a script without `if __name__ == "__main__"` would run again).

@@ -24,7 +24,7 @@ log = logging.getLogger("fastllava.tp")
 
 @dataclasses.dataclass(frozen=True)
 class WorkerArgs:
-    model: str
+    model: str           # checkpoint folder or hub id
     revision: str | None
     device: str          # rank 0's device; on CUDA rank r takes the r-th GPU after it
     dtype: str           # e.g. "torch.bfloat16"
@@ -33,6 +33,7 @@ class WorkerArgs:
     store_port: int
     timeout_s: float
     parent_pid: int
+    random_config: str | None = None   # bench: random weights of this REAL_CONFIGS name or "tiny"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -54,13 +55,24 @@ def _device(args: WorkerArgs, rank: int) -> torch.device:
     return device
 
 
+def _load_shard(args: WorkerArgs, device: torch.device, dtype: torch.dtype, tp):
+    if args.random_config is None:
+        from fastllava.loading import load_checkpoint
+
+        return load_checkpoint(args.model, device=device, dtype=dtype, revision=args.revision,
+                               tp=tp).model
+    from fastllava.weights.random import REAL_CONFIGS, TINY_CONFIG, llava_config, random_model
+
+    config = TINY_CONFIG if args.random_config == "tiny" else REAL_CONFIGS[args.random_config]
+    return random_model(llava_config(config), device, dtype, tp=tp)
+
+
 def worker_main(rank: int, args: WorkerArgs) -> None:
-    # Imported here: the spawned interpreter imports this module before knowing it is a worker.
+    # Imported here: the driver imports this module for WorkerArgs alone.
     import torch.distributed as dist
 
     from fastllava.kernels.ops import get_ops
     from fastllava.kv_cache import KVCache
-    from fastllava.loading import load_checkpoint
     from fastllava.models.parallel import TensorParallel, local_text_config
     from fastllava.runtime import tp_step
     from fastllava.runtime.tp_comm import TPComm
@@ -74,8 +86,7 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
     comm = TPComm(store, rank, args.world, device, args.timeout_s)
     tp = TensorParallel(rank, args.world, comm)
     try:
-        ckpt = load_checkpoint(args.model, device=device, dtype=dtype, revision=args.revision,
-                               tp=tp)
+        model = _load_shard(args, device, dtype, tp)
         ops = get_ops(args.backend, device.type)
         ok = True
     except Exception:
@@ -83,7 +94,7 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
         ok = False
     if not comm.agree(ok, idle=True) or not ok:
         return
-    model, text = ckpt.model, local_text_config(ckpt.config.text, args.world)
+    text = local_text_config(model.config.text, args.world)
     kv = None
     with torch.inference_mode():
         while True:
