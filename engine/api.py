@@ -142,6 +142,10 @@ class LLaVA:
                          image_limits, quantization) -> LLaVA:
         if not isinstance(world, int) or world < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {world!r}")
+        if device.type == "cuda" and (device.index or 0) + world > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {world} needs GPUs {device.index or 0}.."
+                             f"{(device.index or 0) + world - 1} (one per rank, from {device}); "
+                             f"{torch.cuda.device_count()} are visible")
         # The workers load their shards while rank 0 loads its own.
         driver = TPDriver(world, model, revision=revision, device=device, dtype=dtype,
                           backend=backend)

@@ -1,7 +1,8 @@
 """tensor_parallel_size=2 on CPU (gloo): the same greedy tokens as TP=1 and transformers, logits
 within LOGITS_ATOL; uneven head counts refused; a killed worker fails requests (never a hang) and
-the engine refuses new ones; close leaves no process behind. Loading: each rank reads only its
-slices (tests/test_tp_loading.py)."""
+the engine refuses new ones; close, or the API process dying, leaves no process behind.
+Loading: each rank reads only its slices (tests/test_tp_loading.py); the server:
+tests/server/test_tensor_parallel_serve.py."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def test_tp2_matches_tp1_and_transformers(request, tmp_path, fixture):
     assert vs_ref <= LOGITS_ATOL, f"max |tp2 - transformers| = {vs_ref:.3g} > {LOGITS_ATOL}"
     assert vs_tp1 <= LOGITS_ATOL, f"max |tp2 - tp1| = {vs_tp1:.3g} > {LOGITS_ATOL}"
     assert all(_gone(pid) for pid in pids), "a worker outlived close()"
+    with pytest.raises(RuntimeError):
+        two.generate({"image_url": img, "prompt": "hi"})
 
 
 def test_uneven_heads_refused(tiny_chatml_next, tiny_next):
@@ -100,19 +103,6 @@ def test_killed_worker_fails_requests_and_refuses_new(tiny_next, tmp_path):
     finally:
         llava.close()
     assert _gone(pid)
-
-
-def test_close_leaves_no_process(tiny_next, tmp_path):
-    llava = _load(tiny_next)
-    pids = llava._tp.pids
-    assert all(not _gone(pid, 0) for pid in pids)
-    out = llava.generate({"image_url": _image(tmp_path / "i.png", 40, 40), "prompt": "hi",
-                          "max_tokens": 3, "temperature": 0})
-    assert out["partial"] is False
-    llava.close()
-    assert all(_gone(pid) for pid in pids), "a worker outlived close()"
-    with pytest.raises(RuntimeError):
-        llava.generate({"image_url": _image(tmp_path / "i.png", 40, 40), "prompt": "hi"})
 
 
 def test_intermediate_size_must_divide_too():
