@@ -95,6 +95,7 @@ class LLaVA:
             self.stop_ids = (self.tokenizer.eos_id,)
         self.runtime = runtime
         self._tp = tp   # tensor parallelism: rank 0's driver of the worker processes
+        self.tensor_parallel_size = 1 if tp is None else tp.world
         build = build_engine if tp is None else functools.partial(build_tp_engine, driver=tp)
         self.engine, self.max_len = build(self.model, self.ops, self.config.text, self.dtype,
                                           self.device, runtime)

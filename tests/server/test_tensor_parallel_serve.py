@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastllava import LLaVA
 from test_fp8_serve import _image
+from test_server_logs import startup_block
 
 EP = "fal-ai/llava-next"
 
@@ -31,7 +32,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_serve_tensor_parallel_matches_tp1(server_factory, tiny_next):
-    server = server_factory(tiny_next, "--tensor-parallel-size", "2")
+    server = server_factory(tiny_next, "--tensor-parallel-size", "2", "--log-level", "info")
+    fields = startup_block(server.log_text())
+    assert fields["device"] == "cpu + 1 tensor-parallel worker rank(s)", fields
+    assert fields["CUDA graphs"].startswith("off (not captured under tensor parallelism"), fields
     workers = _children(server.proc.pid)
     assert len(workers) == 1, f"expected one worker process, found {workers}"
     req = {"image_url": _image(), "prompt": "what is in this image", "max_tokens": 12,
