@@ -5,7 +5,8 @@ Two groups over one TCPStore rendezvous (127.0.0.1):
   and the setup / stop messages. A worker may sit in it for hours, so it waits without limit;
   a dead peer still ends the wait at once (gloo sees the closed connection).
 - `step` (gloo on CPU, NCCL on CUDA): the step payload and the per-layer all-reduces, each with
-  `timeout_s`, so a rank that stops answering fails the step instead of hanging it.
+  `timeout_s` (gloo: per operation; NCCL: its watchdog), so a rank that stops answering fails the
+  step instead of hanging it. The NCCL path is not exercised here (no GPUs on the build machine).
 The groups are built directly (not `init_process_group`), so an API process may hold several
 engines, and nothing global is left behind when one closes.
 """
@@ -30,14 +31,22 @@ class TPComm:
         self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("ctrl", store), rank, world, _IDLE)
         step_store = dist.PrefixStore("step", store)
         if device.type == "cuda":
-            self.step = dist.ProcessGroupNCCL(step_store, rank, world)
+            if not dist.is_nccl_available():
+                raise RuntimeError("tensor parallelism on CUDA needs torch built with NCCL")
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = self.timeout     # enforced by NCCL's watchdog
+            self.step = dist.ProcessGroupNCCL(step_store, rank, world, options)
+            # A timed wait() blocks the host until the NCCL kernel finishes (a sync per
+            # all-reduce); the untimed one only orders the compute stream after it.
+            self._step_timeout = None
         else:
             self.step = dist.ProcessGroupGloo(step_store, rank, world, self.timeout)
+            self._step_timeout = self.timeout
 
     # ---- per layer (step group) -------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns t."""
-        self.step.allreduce([t]).wait(self.timeout)
+        self._wait(self.step.allreduce([t]))
         return t
 
     def all_gather_last(self, t: torch.Tensor, full: int) -> torch.Tensor:
@@ -48,13 +57,19 @@ class TPComm:
             t = torch.nn.functional.pad(t, (0, c - t.shape[-1]))
         t = t.contiguous()
         out = [torch.empty_like(t) for _ in range(self.world)]
-        self.step.allgather([out], [t]).wait(self.timeout)
+        self._wait(self.step.allgather([out], [t]))
         return torch.cat(out, dim=-1)[..., :full]
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's t to every rank (in place)."""
-        self.step.broadcast([t], dist.BroadcastOptions()).wait(self.timeout)
+        self._wait(self.step.broadcast([t], dist.BroadcastOptions()))
         return t
+
+    def _wait(self, work) -> None:
+        if self._step_timeout is None:
+            work.wait()
+        else:
+            work.wait(self._step_timeout)
 
     # ---- control (ctrl group, CPU int64) ------------------------------------------------------
     def broadcast_header(self, header: torch.Tensor, idle: bool = False) -> torch.Tensor:
