@@ -142,3 +142,25 @@ def test_bench_decode_tensor_parallel_smoke():
     replay = [r for r in rows if r[3] == "fastllava graph replay"]
     assert replay and all("tensor parallelism" in r[-1] for r in replay), describe(proc)
     assert "tensor_parallel_size" in proc.stdout and "2 (fastllava rows)" in proc.stdout
+
+
+def test_hung_worker_times_out(tiny_next, tmp_path, monkeypatch):
+    """A worker that stops answering (SIGSTOP) fails the step after the collective timeout
+    instead of hanging it; the engine then refuses new requests."""
+    from fastllava.runtime import tp_driver
+
+    monkeypatch.setattr(tp_driver, "STEP_TIMEOUT_S", 3.0)
+    img = _image(tmp_path / "img.png", 40, 40)
+    llava = _load(tiny_next)
+    (pid,) = llava._tp.pids
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="step failed"):
+            llava.generate({"image_url": img, "prompt": "hi", "max_tokens": 4})
+        assert time.monotonic() - start < 30
+        with pytest.raises(WorkerDiedError, match="refuses new requests"):
+            llava.generate({"image_url": img, "prompt": "hi", "max_tokens": 4})
+    finally:
+        llava.close()
+    assert _gone(pid), "the stopped worker outlived close()"

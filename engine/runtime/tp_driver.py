@@ -47,14 +47,16 @@ class WorkerDiedError(RuntimeError):
 
 class TPDriver:
     def __init__(self, world: int, model: str, *, revision: str | None, device: torch.device,
-                 dtype: torch.dtype, backend: str, timeout_s: float = STEP_TIMEOUT_S,
+                 dtype: torch.dtype, backend: str, timeout_s: float | None = None,
                  random_config: str | None = None):
         """Start the workers; they load `model` (a checkpoint), or random weights of the
         weights.random config `random_config` (benchmarks), while rank 0 loads its own shard."""
         self.world, self.broken, self._is_setup, self._closed = world, None, False, False
         self.comm = None
+        timeout_s = STEP_TIMEOUT_S if timeout_s is None else timeout_s
+        # The rendezvous waits for fresh interpreters to import torch: never less than a minute.
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=timeout_s))
+                              timeout=datetime.timedelta(seconds=max(timeout_s, 60.0)))
         args = WorkerArgs(model, revision, str(device), str(dtype), backend, world, store.port,
                           timeout_s, os.getpid(), random_config)
         # A fresh interpreter per worker (`python -m fastllava.runtime.tp_worker`), as the spawn
@@ -138,6 +140,8 @@ class TPDriver:
                 self.comm.broadcast_header(tp_step.header(tp_step.OP_STOP))
             except Exception:
                 pass
+        if self.broken is not None:   # no stop message was sent: a live worker will not exit
+            join_s = min(join_s, 1.0)
         for p in self.procs:
             try:
                 p.wait(join_s)
