@@ -69,13 +69,19 @@ def test_tp2_matches_tp1_and_transformers(request, tmp_path, fixture):
         two.generate({"image_url": img, "prompt": "hi"})
 
 
-def test_uneven_heads_refused(tiny_chatml_next, tiny_next):
-    """num_key_value_heads 1 over 2 ranks, num_attention_heads 4 over 3: refused, naming the
-    counts, and the workers started for the attempt are gone."""
+def test_uneven_heads_refused(tiny_chatml_next, tiny_next, tmp_path):
+    """num_key_value_heads 1 over 2 ranks (API), num_attention_heads 4 over 3 (`fastllava run`):
+    refused with one error naming the counts (the CLI: one line, exit 2, no worker traceback)."""
     with pytest.raises(TensorParallelError, match=r"num_key_value_heads \(1\)"):
         _load(tiny_chatml_next, 2)
-    with pytest.raises(TensorParallelError, match=r"num_attention_heads \(4\)"):
-        _load(tiny_next, 3)
+    proc = subprocess.run([sys.executable, "-m", "fastllava", "run", "--model", str(tiny_next),
+                           "--image", _image(tmp_path / "i.png", 40, 40), "--prompt", "hi",
+                           "--device", "cpu", "--tensor-parallel-size", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: tensor_parallel_size 3 does not divide the model's "
+                                  "num_attention_heads (4)") and proc.stderr.count("\n") == 1, \
+        proc.stderr
 
 
 def test_fp8_refused(tiny_next):

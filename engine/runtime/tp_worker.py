@@ -73,7 +73,7 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
 
     from fastllava.kernels.ops import get_ops
     from fastllava.kv_cache import KVCache
-    from fastllava.models.parallel import TensorParallel, local_text_config
+    from fastllava.models.parallel import TensorParallel, TensorParallelError, local_text_config
     from fastllava.runtime import tp_step
     from fastllava.runtime.tp_comm import TPComm
 
@@ -89,8 +89,11 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
         model = _load_shard(args, device, dtype, tp)
         ops = get_ops(args.backend, device.type)
         ok = True
-    except Exception:
-        log.exception("tensor-parallel rank %d could not load its shard", rank)
+    except TensorParallelError:   # rank 0 meets the same refusal and reports it
+        ok = False
+    except Exception as e:
+        log.error("tensor-parallel rank %d could not load its shard: %s: %s", rank,
+                  type(e).__name__, e)
         ok = False
     if not comm.agree(ok, idle=True) or not ok:
         return
