@@ -102,5 +102,8 @@ class StepProxy:
 
     def __call__(self, ops, embeds: _Recorded, ctx: ForwardContext, kv) -> torch.Tensor:
         step = StepInputs(embeds.ids, embeds.image_mask, embeds.features, ctx)
-        return self._driver.step(lambda comm: (send(comm, step), run(self._model, ops, step, kv))[1],
-                                 kv)
+
+        def with_every_rank(comm) -> torch.Tensor:
+            send(comm, step)
+            return run(self._model, ops, step, kv)
+        return self._driver.step(with_every_rank, kv)
