@@ -4,6 +4,7 @@ weights), batch 1 / 8 / 32 at a ~600-token context, next to transformers on the 
     python bench/decode.py [--model llava-1.5-13b] [--batches 1,8,32] [--context 600] [--out DIR]
     python bench/decode.py --smoke        # tiny config on the CPU (CI: tests/test_bench_decode.py)
     python bench/decode.py --quantization fp8   # fastllava's decoder linears in FP8 (README "FP8")
+    python bench/decode.py --model llava-v1.6-34b --tensor-parallel-size 2   # 2 GPUs (README)
 
 Rows per batch size B (wall clock, torch.cuda.synchronize, median ms/step over --windows windows
 of --steps steps, after --warmup steps):
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import os
 import random
@@ -57,6 +59,8 @@ class Plan:
     windows: int
     peers: tuple[str, ...]       # "eager", "compiled"
     quantization: str | None = None  # "fp8": fastllava's decoder linears in FP8 (peers stay dtype)
+    tensor_parallel_size: int = 1    # fastllava rows only; the peers run on one device
+    random_config: str = "tiny"      # the weights.random config name (the TP workers build it)
 
     @property
     def timed(self) -> int:
@@ -117,13 +121,37 @@ def fitting_batches(t, plan: Plan) -> tuple[list[int], list[Row]]:
 
 def fastllava_rows(config, plan: Plan) -> list[Row]:
     """Random weights → build_engine (the real runtime: paged KV, Triton ops and CUDA graphs on
-    a GPU) → engine and graph-replay rows for every batch size whose KV fits."""
+    a GPU) → engine and graph-replay rows for every batch size whose KV fits. With
+    --tensor-parallel-size N the decoder is split over N ranks (README "Tensor parallelism")."""
+    driver = None
+    if plan.tensor_parallel_size > 1:
+        from fastllava.runtime.tp_driver import TPDriver
+
+        driver = TPDriver(plan.tensor_parallel_size, "", revision=None,
+                          device=torch.device(plan.device), dtype=plan.dtype,
+                          backend="torch" if plan.device == "cpu" else "auto",
+                          random_config=plan.random_config)
+    try:
+        return _engine_rows(config, plan, driver)
+    finally:
+        if driver is not None:
+            driver.close()
+
+
+def _engine_rows(config, plan: Plan, driver) -> list[Row]:
     from fastllava.kernels.ops import get_ops
     from fastllava.runtime.build import build_engine
     from fastllava.runtime.config import RuntimeConfig
     from fastllava.weights.random import random_model
 
-    model = random_model(config, plan.device, plan.dtype, quantization=plan.quantization)
+    model = random_model(config, plan.device, plan.dtype, quantization=plan.quantization,
+                         tp=driver and driver.tp)
+    build = build_engine
+    if driver is not None:
+        from fastllava.runtime.tp_driver import build_tp_engine
+
+        driver.confirm_loaded(True)
+        build = functools.partial(build_tp_engine, driver=driver)
     batches, rows = fitting_batches(config.text, plan)
     if not batches:
         return rows
@@ -132,7 +160,7 @@ def fastllava_rows(config, plan: Plan) -> list[Row]:
     rc = RuntimeConfig(page_size=PAGE, max_num_seqs=max(batches),
                        kv_cache_tokens=max(batches) * pages * PAGE, max_context=plan.max_len,
                        max_num_batched_tokens=max(4096, max(batches)))
-    engine, max_len = build_engine(model, ops, config.text, plan.dtype, plan.device, rc)
+    engine, max_len = build(model, ops, config.text, plan.dtype, plan.device, rc)
     if max_len < plan.max_len:
         raise ValueError(f"the engine caps requests at {max_len} tokens; --context "
                          f"{plan.context} needs {plan.max_len}")
@@ -171,8 +199,9 @@ def engine_batch(engine, t, B: int, plan: Plan) -> list[Row]:
         rows = [Row(ENGINE, B, ctx, time_steps(lambda: step(True), plan))]
         graphs = runner.graphs
         if graphs is None:
-            rows.append(Row(REPLAY, B, note=f"n/a: no CUDA graphs (ops {runner.ops.name} on "
-                                            f"{plan.device})"))
+            why = "tensor parallelism" if plan.tensor_parallel_size > 1 else \
+                f"ops {runner.ops.name} on {plan.device}"
+            rows.append(Row(REPLAY, B, note=f"n/a: no CUDA graphs ({why})"))
             return rows
         bs = next(b for b in graphs.buckets if b >= B)   # replays the last step's inputs
         rows.append(Row(REPLAY, B, len(seqs[0]) - 1, time_steps(graphs.graphs[bs].replay, plan),
@@ -294,13 +323,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="folder for the .md and .csv (GPU default: bench/results/)")
     p.add_argument("--quantization", choices=("fp8",), help="fastllava's decoder linear layers "
                    "in FP8 (the transformers peers stay in the model dtype)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split fastllava's decoder over N GPUs (ranks; CPU processes with "
+                   "--smoke); the transformers peers stay on one")
     p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, 2-3 steps")
     args = p.parse_args(argv[1:])
     peers = tuple(x for x in args.peers.split(",") if x and x != "none")
     if set(peers) - {"eager", "compiled"}:
         fail(f"--peers takes eager, compiled or none, got {args.peers!r}")
     if args.smoke:
-        plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers, args.quantization)
+        plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers, args.quantization,
+                    args.tensor_parallel_size, "tiny")
         config, name = llava_config(TINY_CONFIG), "tiny (smoke)"
     else:
         require_compiled_gpu("decode.py", "tiny config")
@@ -308,7 +341,7 @@ def main(argv: list[str]) -> int:
         if min(batches) < 1 or min(args.context, args.steps, args.windows) < 1:
             fail("--batches, --context, --steps and --windows must be >= 1")
         plan = Plan("cuda", torch.bfloat16, batches, args.context, args.warmup, args.steps,
-                    args.windows, peers, args.quantization)
+                    args.windows, peers, args.quantization, args.tensor_parallel_size, args.model)
         config, name = llava_config(REAL_CONFIGS[args.model]), args.model
     if plan.max_len > config.text.max_position_embeddings:
         fail(f"--context {plan.context} + {plan.max_len - plan.context} decode tokens exceeds "
@@ -318,7 +351,8 @@ def main(argv: list[str]) -> int:
     if args.smoke:   # the smoke run uses the torch ops, not the interpreted kernels
         header["gpu"] = "cpu (--smoke, torch ops)"
     header.update(model=f"{name}, random weights (seed 0)", dtype=str(plan.dtype)[6:],
-                  quantization=f"{plan.quantization or 'none'} (fastllava rows)")
+                  quantization=f"{plan.quantization or 'none'} (fastllava rows)",
+                  tensor_parallel_size=f"{plan.tensor_parallel_size} (fastllava rows)")
     ceilings = [copy_ceiling()] if plan.device == "cuda" else []
     rows = fastllava_rows(config, plan)
     free_memory(plan.device)

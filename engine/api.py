@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import queue
 import secrets
 from pathlib import Path
@@ -28,6 +29,7 @@ from fastllava.preprocess.processor import ProcessedImage, preprocess
 from fastllava.quant_config import QUANTIZATIONS
 from fastllava.runtime.build import build_engine
 from fastllava.runtime.config import RuntimeConfig
+from fastllava.runtime.tp_driver import TPDriver, build_tp_engine
 from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
 from fastllava.schema import GenerationRequest, RequestValidationError, parse_request
 from fastllava.snapshots import Snapshots
@@ -74,7 +76,7 @@ def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
 
 class LLaVA:
     def __init__(self, ckpt: LoadedCheckpoint, backend: str, runtime: RuntimeConfig,
-                 image_limits: ImageLimits):
+                 image_limits: ImageLimits, tp: TPDriver | None = None):
         self.config: LlavaConfig = ckpt.config
         self.model = ckpt.model
         self.tokenizer = ckpt.tokenizer
@@ -92,8 +94,11 @@ class LLaVA:
         if not self.stop_ids and self.tokenizer.eos_id is not None:
             self.stop_ids = (self.tokenizer.eos_id,)
         self.runtime = runtime
-        self.engine, self.max_len = build_engine(self.model, self.ops, self.config.text,
-                                                 self.dtype, self.device, runtime)
+        self._tp = tp   # tensor parallelism: rank 0's driver of the worker processes
+        self.tensor_parallel_size = 1 if tp is None else tp.world
+        build = build_engine if tp is None else functools.partial(build_tp_engine, driver=tp)
+        self.engine, self.max_len = build(self.model, self.ops, self.config.text, self.dtype,
+                                          self.device, runtime)
         # The <image> placeholder id: the tokenizer's own token when it has one (llava-hf; it must
         # agree with config.json), else a sentinel spliced in by build_input_ids (original repo).
         tok_id = self.tokenizer.token_id("<image>")
@@ -107,7 +112,7 @@ class LLaVA:
                         backend: str = "auto", revision: str | None = None,
                         runtime: RuntimeConfig = RuntimeConfig(),
                         image_limits: ImageLimits = ImageLimits(),
-                        quantization: str | None = None) -> LLaVA:
+                        quantization: str | None = None, tensor_parallel_size: int = 1) -> LLaVA:
         """Load a LLaVA-1.5 / LLaVA-NeXT checkpoint from a local folder or a hub id.
 
         device None → CUDA when available, else CPU; dtype None → bf16 on CUDA, fp32 on CPU.
@@ -118,15 +123,45 @@ class LLaVA:
         scales, per-token activation scales), quantizing a bf16/fp16/fp32 checkpoint as it
         loads; None keeps the model dtype unless the checkpoint is stored pre-quantized
         (compressed-tensors FP8-dynamic), which loads as FP8. FP8 output is close to, but no
-        longer token-exact with, the unquantized model (README "FP8")."""
+        longer token-exact with, the unquantized model (README "FP8").
+        tensor_parallel_size=N > 1 splits the decoder over N ranks: this process is rank 0 and
+        starts N-1 worker processes (README "Tensor parallelism"); `close()` stops them."""
         if quantization is not None and quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got "
                              f"{quantization!r}")
         device, dtype = _resolve_device_dtype(device, dtype)
         get_ops(backend, device.type)  # fail fast on a bad backend, before reading any weights
-        ckpt = load_checkpoint(str(model), device=device, dtype=dtype, revision=revision,
-                               progress=progress, quantization=quantization)
-        return cls(ckpt, backend, runtime, image_limits)
+        if tensor_parallel_size == 1:
+            ckpt = load_checkpoint(str(model), device=device, dtype=dtype, revision=revision,
+                                   progress=progress, quantization=quantization)
+            return cls(ckpt, backend, runtime, image_limits)
+        return cls._tensor_parallel(tensor_parallel_size, str(model), device, dtype, backend,
+                                    revision, progress, runtime, image_limits, quantization)
+
+    @classmethod
+    def _tensor_parallel(cls, world, model, device, dtype, backend, revision, progress, runtime,
+                         image_limits, quantization) -> LLaVA:
+        if not isinstance(world, int) or world < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {world!r}")
+        if device.type == "cuda" and (device.index or 0) + world > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {world} needs GPUs {device.index or 0}.."
+                             f"{(device.index or 0) + world - 1} (one per rank, from {device}); "
+                             f"{torch.cuda.device_count()} are visible")
+        # The workers load their shards while rank 0 loads its own.
+        driver = TPDriver(world, model, revision=revision, device=device, dtype=dtype,
+                          backend=backend)
+        try:
+            ckpt = load_checkpoint(model, device=device, dtype=dtype, revision=revision,
+                                   progress=progress, quantization=quantization, tp=driver.tp)
+        except BaseException:
+            driver.confirm_loaded(False)
+            raise
+        driver.confirm_loaded(True)
+        try:
+            return cls(ckpt, backend, runtime, image_limits, tp=driver)
+        except BaseException:
+            driver.close()
+            raise
 
     # ---- request → inputs -----------------------------------------------------------------------
     def num_image_tokens(self, image: ProcessedImage) -> int:
@@ -197,6 +232,8 @@ class LLaVA:
         return req
 
     def _sequence(self, prepared: PreparedPrompt, req: GenerationRequest) -> Sequence:
+        if self._tp is not None:
+            self._tp.check()   # a dead tensor-parallel worker: refuse, naming it
         self.check_context(len(prepared.input_ids), req.max_tokens)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids)
@@ -368,5 +405,8 @@ class LLaVA:
         self.engine.call(reset)
 
     def close(self) -> None:
-        """Stop the engine thread (pending requests fail). The object is unusable afterwards."""
+        """Stop the engine thread (pending requests fail) and any tensor-parallel workers. The
+        object is unusable afterwards."""
         self.engine.shutdown()
+        if self._tp is not None:
+            self._tp.close()

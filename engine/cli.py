@@ -122,6 +122,8 @@ def _add_serve(commands) -> None:
       help="fp8: decoder linear layers in FP8 e4m3, quantized while loading (default: none, "
       "or the checkpoint's own FP8-dynamic quantization)")
     a("--backend", default=d["backend"], help=f"kernel backend (default {d['backend']})")
+    a("--tensor-parallel-size", type=int, default=d["tensor_parallel_size"], metavar="N",
+      help=TP_HELP + f" (default {d['tensor_parallel_size']})")
     a("--queue-concurrency", type=int, default=d["queue_concurrency"], metavar="N",
       help=f"queued jobs run at once, sharing batches (default {d['queue_concurrency']})")
     a("--stats-interval-s", type=float, default=d["stats_interval_s"], metavar="S",
@@ -149,6 +151,10 @@ _RUNTIME_HELP = {
     "image_cache_rows": "image-feature LRU size, in image tokens",
     "cuda_graphs": "decode from CUDA graphs on CUDA",
 }
+
+
+TP_HELP = ("split the decoder over N processes/GPUs (tensor parallelism; N must divide the "
+           "attention and KV head counts)")
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
@@ -196,6 +202,7 @@ def _serve(args: argparse.Namespace) -> int:
     # corrupt, read-only or full SQLite file: one `error:` line, exit 2), before torch is even
     # imported, let alone the weights loaded.
     store = open_store(settings.resolved_queue_url)
+    closing = None
     try:
         import uvicorn
 
@@ -206,15 +213,19 @@ def _serve(args: argparse.Namespace) -> int:
 
         llava = LLaVA.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
                                       quantization=settings.quantization,
+                                      tensor_parallel_size=settings.tensor_parallel_size,
                                       backend=settings.backend, progress=True,
                                       runtime=settings.runtime,
                                       image_limits=image_limits(settings))
+        closing = llava.close if settings.tensor_parallel_size > 1 else None
         app = create_app(settings, llava, store=store)  # its lifespan logs the startup block
         uvicorn.run(app, host=settings.host, port=settings.port, ssl_certfile=settings.tls_cert,
                     ssl_keyfile=settings.tls_key, log_level=args.log_level,
                     timeout_graceful_shutdown=10,
                     http=header_timeout_protocol(settings.header_timeout_s))
     finally:
+        if closing is not None:   # stop the tensor-parallel workers before the process exits
+            closing()
         store.close()
     return 0
 

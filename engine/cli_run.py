@@ -51,6 +51,8 @@ def add_run_command(commands) -> None:
     run.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                      help="fp8: decoder linear layers in FP8 e4m3, quantized while loading "
                           "(default: none, or the checkpoint's own FP8-dynamic quantization)")
+    run.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                     help=cli.TP_HELP + " (default 1)")
     run.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="ops: auto = Triton kernels on CUDA, torch references on CPU; torch; "
                           "triton (on CPU: under the Triton interpreter, slow) (default: auto)")
@@ -77,12 +79,13 @@ def _fetch_image(src: str):
 
 
 def _load_model(model: str, device: str | None, dtype: str | None, runtime, backend: str,
-                quantization: str | None = None):
+                quantization: str | None = None, tensor_parallel_size: int = 1):
     """Seam for tests: the one place the CLI touches the (torch-importing) API."""
     from fastllava.api import LLaVA
 
     return LLaVA.from_pretrained(model, device=device, dtype=dtype, backend=backend,
-                                 progress=True, runtime=runtime, quantization=quantization)
+                                 progress=True, runtime=runtime, quantization=quantization,
+                                 tensor_parallel_size=tensor_parallel_size)
 
 
 def end_lines_after_interrupt(out: TextIO, answer_started: bool) -> None:
@@ -137,11 +140,16 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         # A 404 or a slow image host is reported before minutes of weight loading.
         image = _fetch_image(args.image)
+        tp = args.tensor_parallel_size
         llava = _load_model(args.model, args.device, args.dtype, runtime, args.backend,
-                            args.quantization)
+                            args.quantization, *((tp,) if tp != 1 else ()))
     except KeyboardInterrupt:
         end_lines_after_interrupt(sys.stdout, answer_started=False)
         raise
-    # The full context check (prompt tokens are known once tokenized) raises before generating.
-    write_stream(llava.stream(request, image=image), sys.stdout)
+    try:
+        # The full context check (prompt tokens are known once tokenized) raises before generating.
+        write_stream(llava.stream(request, image=image), sys.stdout)
+    finally:
+        if tp != 1:
+            llava.close()   # stop the tensor-parallel workers before the process exits
     return 0

@@ -18,6 +18,7 @@ import torch
 from fastllava.config import LlavaConfig, eos_token_ids, is_original_layout, load_config, read_json
 from fastllava.models.layers import use_fp8_linears
 from fastllava.models.llava import LlavaModel
+from fastllava.models.parallel import TensorParallel, TensorParallelError, shard_decoder
 from fastllava.preprocess.processor import CLIP_MEAN, CLIP_STD, ImageProcessorConfig
 from fastllava.text.template import BUILTIN_TEMPLATES, load_chat_template, template_family
 from fastllava.text.tokenizer import Tokenizer
@@ -96,8 +97,10 @@ def _check_fp8_device(device: torch.device) -> None:
 
 def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
                     revision: str | None = None, progress: bool = False,
-                    quantization: str | None = None) -> LoadedCheckpoint:
+                    quantization: str | None = None, tp: TensorParallel | None = None
+                    ) -> LoadedCheckpoint:
     """quantization None takes the checkpoint's own (config.json quantization_config), if any.
+    tp: load only this tensor-parallel rank's shard of the decoder (models/parallel.py).
     Every file is read and checked (shard headers included) before any weight is: a damaged
     or missing one fails in milliseconds, with nothing printed before its one-line error."""
     path = resolve_model_path(model, revision=revision, progress=progress)
@@ -116,8 +119,13 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
     quantization = quantization or config.quantization
     if quantization == "fp8":
         _check_fp8_device(device)
+    if tp is not None and quantization == "fp8":
+        raise TensorParallelError("tensor parallelism with quantization 'fp8' is not supported "
+                                  "yet: use tensor_parallel_size 1 or an unquantized model")
     with torch.device("meta"):
         llava = LlavaModel(config)
+        if tp is not None:
+            shard_decoder(llava, tp)
     # Cast on the meta device (free), then allocate once in the final dtype: never an fp32 copy.
     llava = llava.to(dtype)
     if quantization == "fp8":  # after the cast, which would cast FP8 weights and scales too

@@ -32,6 +32,7 @@ from fastllava.kernels.fp8_linear import FP8_DTYPE, quantize_fp8_rows
 
 from .discover import read_shards
 from .keymaps import FUSED, UnknownKeyError, canonical_name
+from .sharding import TensorShard, tensor_shards
 from .shards import FLOAT_DTYPES, unloadable_dtype
 
 _LIST_LIMIT = 20
@@ -48,6 +49,8 @@ class _Copy:
     param: str                  # canonical (prefixed) parameter name
     rows: tuple[int, int] | None  # row slice of a fused parameter, None = whole tensor
     scale: str | None = None    # quantize to FP8 while copying; the scale parameter (same rows)
+    shard: TensorShard | None = None  # tensor parallelism: read only this rank's slice
+    part: int | None = None     # the fused part being read (None: unfused or pre-fused)
 
 
 def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, str]], *,
@@ -74,7 +77,8 @@ def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, 
         for file, items in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for item in items:
-                    tensor = f.get_tensor(item.key)
+                    tensor = f.get_tensor(item.key) if item.shard is None else \
+                        item.shard.read(f, item.key, item.part)
                     dst = planner.params[item.param]
                     if item.rows is not None:
                         dst = dst[item.rows[0]:item.rows[1]]
@@ -125,6 +129,7 @@ class _Planner:
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
         self.params = dict(model.named_parameters())
         self.fused = _fused_sizes(model)
+        self.shards = tensor_shards(model)     # tensor parallelism: name → this rank's slice
         self.is_unused = getattr(model, "is_unused_weight", None) or (lambda name: False)
         self.problems: dict[str, list[str]] = {
             k: [] for k in ("unexpected", "shape", "dtype", "twice", "missing")}
@@ -185,6 +190,9 @@ class _Planner:
             start = sum(sizes[:shard])
             item = dataclasses.replace(item, rows=(start, start + sizes[shard]))
             expected = (sizes[shard],) + expected[1:]
+        if name in self.shards:  # a rank's slice: the checkpoint holds the full tensor
+            expected = self.shards[name].full_shape(expected, shard)
+            item = dataclasses.replace(item, shard=self.shards[name], part=shard)
         if shape != expected:
             target = name if shard is None else _slot((name, shard))
             return self._fail("shape", f"{where} → {target}: expected {list(expected)}, got "

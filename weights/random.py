@@ -148,16 +148,20 @@ def fill_random_(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def random_model(config: LlavaConfig, device, dtype: torch.dtype, seed: int = 0,
-                 quantization: str | None = None):
+                 quantization: str | None = None, tp=None):
     """A LlavaModel with random weights, allocated once on `device` in `dtype` (built on the meta
     device, cast there for free, then `to_empty`), filled by `fill_random_`, non-checkpoint
     buffers (RoPE inv_freq) recomputed; eval mode, no grad. Peak memory = the model in dtype.
-    quantization="fp8": the decoder's linear layers in FP8, as `LLaVA.from_pretrained` builds."""
+    quantization="fp8": the decoder's linear layers in FP8, as `LLaVA.from_pretrained` builds.
+    tp (models/parallel.TensorParallel): only that rank's shard of the decoder."""
     from fastllava.models.layers import use_fp8_linears
     from fastllava.models.llava import LlavaModel
+    from fastllava.models.parallel import shard_decoder
 
     with torch.device("meta"):
         model = LlavaModel(config)
+        if tp is not None:
+            shard_decoder(model, tp)
     model = model.to(dtype)
     if quantization == "fp8":
         use_fp8_linears(model.language_model)

@@ -65,12 +65,13 @@ def _size(num_bytes: int) -> str:
 
 
 def _device(llava) -> str:
-    device = llava.device
+    device, tp = llava.device, getattr(llava, "tensor_parallel_size", 1)
+    ranks = f" + {tp - 1} tensor-parallel worker rank(s)" if tp > 1 else ""
     if device.type == "cuda":
         import torch
 
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
+        return f"{device} ({torch.cuda.get_device_name(device)}){ranks}"
+    return f"{device}{ranks}"
 
 
 def _cuda_graphs(llava) -> str:
@@ -79,6 +80,8 @@ def _cuda_graphs(llava) -> str:
         return f"on (batch sizes {min(graphs.buckets)}..{max(graphs.buckets)})"
     if not llava.runtime.cuda_graphs:
         return "off (--no-cuda-graphs)"
+    if getattr(llava, "tensor_parallel_size", 1) > 1:
+        return "off (not captured under tensor parallelism yet)"
     return "off (CUDA + triton backend only)"
 
 

@@ -50,6 +50,7 @@ class ServerSettings:
     dtype: str | None = None
     quantization: str | None = None             # "fp8"; None → the checkpoint's own (if any)
     backend: str = "auto"
+    tensor_parallel_size: int = 1               # ranks the decoder is split over (README)
     queue_concurrency: int = 16                 # queued jobs run at once (they share batches)
     image_fetch_concurrency: int = 32           # queued jobs loading their image before a slot
     stats_interval_s: float = 10.0              # stats log line every N s while busy; 0 = off
@@ -57,7 +58,7 @@ class ServerSettings:
     runtime: RuntimeConfig = RuntimeConfig()    # batching, KV pool, caches, CUDA graphs
 
     def __post_init__(self):
-        for name in ("queue_concurrency", "image_fetch_concurrency", "webhook_concurrency",
+        for name in ("tensor_parallel_size", "queue_concurrency", "image_fetch_concurrency", "webhook_concurrency",
                      "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_chars",
                      "max_tokens_limit", "image_timeout_s", "retention_s", "sse_ping_s",
                      "default_chat_max_tokens", "max_stop_chars", "header_timeout_s",
