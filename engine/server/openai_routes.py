@@ -3,8 +3,8 @@
     GET  /v1/models              {"object": "list", "data": [{"id", "object": "model", ...}]}
     POST /v1/chat/completions    chat.completion, or SSE chat.completion.chunk events + [DONE]
 
-A chat must hold exactly one image (an `image_url` part of a user message): LLaVA answers about
-one image. System messages, assistant turns and several user turns are rendered with the
+A chat holds up to ServerSettings.max_images_per_request images (`image_url` parts of user
+messages, each placed where its part stands), or none (a text-only chat). System messages, assistant turns and several user turns are rendered with the
 checkpoint's chat template (LLaVA.render_chat). Errors: {"error": {message, type, param, code}},
 400 for bad requests and image errors, 404 for an unknown model.
 """
