@@ -36,6 +36,19 @@ from fastllava.snapshots import Snapshots
 from fastllava.text.prompt import build_input_ids
 from fastllava.text.template import render_messages, render_prompt
 
+MAX_TOP_LOGPROBS = 20   # OpenAI's limit on top_logprobs
+
+
+def check_logprobs(k: Any) -> int | None:
+    """None (off) or the number of alternatives per token, 0..MAX_TOP_LOGPROBS."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise RequestValidationError("logprobs", f"must be null or an integer between 0 and "
+                                     f"{MAX_TOP_LOGPROBS}, got {k!r}", "int_type", k)
+    return k
+
+
 # Original checkpoints splice images at a sentinel id outside the vocabulary (the original repo's -200).
 IMAGE_SENTINEL_ID = -200
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -229,10 +242,13 @@ class LLaVA:
             return dataclasses.replace(req, max_tokens=room)
         return req
 
-    def _sequence(self, prepared: PreparedPrompt, req: GenerationRequest) -> Sequence:
+    def _sequence(self, prepared: PreparedPrompt, req: GenerationRequest,
+                  sampling: Mapping[str, Any] | None = None) -> Sequence:
+        """`sampling`: further SamplingParams fields (logprobs, prompt_logprobs_from)."""
         self.check_context(len(prepared.input_ids), req.max_tokens)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids)
+        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids,
+                                **(sampling or {}))
         return Sequence(prepared.input_ids, params, self.max_len, self._image_spans(prepared),
                         payload=prepared.images)
 
@@ -251,13 +267,14 @@ class LLaVA:
             raise ValueError("the prompt has more image placeholder tokens than its images")
         return tuple(spans)
 
-    def _engine_events(self, prepared: PreparedPrompt,
-                       req: GenerationRequest) -> Iterator[tuple[str, object, object]]:
+    def _engine_events(self, prepared: PreparedPrompt, req: GenerationRequest,
+                       sampling: Mapping[str, Any] | None = None
+                       ) -> Iterator[tuple[str, object, object]]:
         """Submit the request; yield its ("token", id) events, then ("finish", reason), each with
         its RequestHandle. An error event raises. Closing early cancels the request and returns
         once its pages are free."""
         events: queue.SimpleQueue = queue.SimpleQueue()
-        handle = self.engine.submit(self._sequence(prepared, req),
+        handle = self.engine.submit(self._sequence(prepared, req, sampling),
                                     lambda kind, value: events.put((kind, value)))
         try:
             while True:
@@ -304,8 +321,8 @@ class LLaVA:
 
     def stream_detailed(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
                         max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
-                        every_token: bool = False, clamp_max_tokens: bool = False
-                        ) -> Iterator[dict]:
+                        every_token: bool = False, clamp_max_tokens: bool = False,
+                        logprobs: int | None = None) -> Iterator[dict]:
         """`stream` with counts: every snapshot also has "prompt_tokens" (image tokens included),
         "completion_tokens" (tokens generated so far, a stop id included) and "finish_reason"
         (None until the final snapshot, then "stop" for a stop id, "length" for max_tokens or a
@@ -319,11 +336,16 @@ class LLaVA:
         between snapshots can stop at the next token.
         A prompt + max_tokens over the context raises RequestValidationError (`check_context`);
         clamp_max_tokens=True lowers max_tokens to the room left instead (for a default the
-        client did not choose: the OpenAI route's unset max_tokens)."""
+        client did not choose: the OpenAI route's unset max_tokens).
+        logprobs=k (0..MAX_TOP_LOGPROBS): snapshots carry "logprobs", the new tokens' entries
+        (see fastllava.snapshots): the raw distribution's log-probabilities, before temperature
+        and top-p, with the k most likely alternatives."""
+        sampling = {"logprobs": check_logprobs(logprobs)}
         messages = chat_messages(messages)
         req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,
                           max_prompt_chars=max_prompt_chars)
-        return self._events(req, messages, every_token, clamp_max_tokens=clamp_max_tokens)
+        return self._events(req, messages, every_token, clamp_max_tokens=clamp_max_tokens,
+                            sampling=sampling)
 
     @staticmethod
     def _parse(request: Mapping[str, Any], messages: list[dict] | None, **limits
@@ -337,26 +359,66 @@ class LLaVA:
         return parse_request(request, image_required=False, **limits)
 
     def _events(self, req: GenerationRequest, messages: list[dict] | None, every_token: bool, *,
-                image: Image.Image | None = None, clamp_max_tokens: bool = False
-                ) -> Iterator[dict]:
+                image: Image.Image | None = None, clamp_max_tokens: bool = False,
+                sampling: Mapping[str, Any] | None = None) -> Iterator[dict]:
         # Fetching and preprocessing the image happen on the caller's thread, so a slow image
         # host holds up nobody else; the engine thread only runs steps.
         prepared = self.prepare(req, image=image, messages=messages)
         req = self._fitted(prepared, req, clamp_max_tokens)
-        yield from self.stream_prepared(req, prepared, every_token=every_token)
+        yield from self.stream_prepared(req, prepared, every_token=every_token, sampling=sampling)
 
     def stream_prepared(self, req: GenerationRequest, prepared: PreparedPrompt, *,
-                        every_token: bool = False) -> Iterator[dict]:
+                        every_token: bool = False, sampling: Mapping[str, Any] | None = None
+                        ) -> Iterator[dict]:
         """`stream_detailed`'s snapshots for a request already validated (`parse_request`) and
         prepared (`prepare`: image fetched and preprocessed), so a caller can load images in a
         pool of its own and give the engine only requests that are ready (the queue worker).
         The context check (`check_context`) runs when the request is submitted."""
         snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
-        with contextlib.closing(self._engine_events(prepared, req)) as events:
+        with contextlib.closing(self._engine_events(prepared, req, sampling)) as events:
             for kind, value, handle in events:
                 snapshot = snapshots.on_event(kind, value, handle)
                 if snapshot is not None:
                     yield snapshot
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def score(self, request: Mapping[str, Any], continuation: str | list[int], *,
+              messages: list[dict] | None = None) -> dict:
+        """The log-likelihood of `continuation` after the request's prompt (for evaluation
+        harnesses: multiple choice by log-likelihood, perplexity).
+
+        The prompt is built as for `generate` (one turn, or `messages`; images included, the
+        generation prompt of the template appended); `continuation` is tokenized on its own
+        (no BOS; a list of ids is taken as is) and appended. Returns {"logprob": the sum,
+        "token_logprobs": per continuation token, "tokens": its ids, "is_greedy": every token
+        was the most likely one, "prompt_tokens"}; log-probabilities of the raw distribution in
+        fp32 (sampling fields of the request do not matter). The prompt's own prefix may come
+        from the prefix cache; the continuation is always computed."""
+        messages = chat_messages(messages)
+        req = dataclasses.replace(self._parse(request, messages), max_tokens=1, temperature=0.0)
+        if isinstance(continuation, str):
+            cont = self.tokenizer.encode(continuation, add_special_tokens=False)
+        elif isinstance(continuation, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.config.text.vocab_size
+                for t in continuation):
+            cont = list(continuation)
+        else:
+            raise RequestValidationError("continuation", "must be a string or a list of token "
+                                         "ids in the vocabulary", "value_error")
+        if not cont:
+            raise RequestValidationError("continuation", "is empty (no tokens to score)",
+                                         "value_error")
+        prepared = self.prepare(req, messages=messages)
+        first = len(prepared.input_ids)
+        full = dataclasses.replace(prepared, input_ids=prepared.input_ids + cont)
+        handle = None
+        for _, _, handle in self._engine_events(full, req, {"prompt_logprobs_from": first}):
+            pass
+        scored = [handle.seq.prompt_logprobs[p] for p in range(first, first + len(cont))]
+        values = [v for v, _ in scored]
+        return {"logprob": sum(values), "token_logprobs": values, "tokens": cont,
+                "is_greedy": all(best == t for (_, best), t in zip(scored, cont)),
+                "prompt_tokens": first}
 
     # ---- asyncio ----------------------------------------------------------------------------------
     def astream(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,

@@ -155,10 +155,10 @@ def test_seeded_sampling_matches_engine(client, llava, data_uri):
 
 
 @pytest.mark.parametrize("kwargs, status, needle", [
-    ({"messages": [{"role": "user", "content": "no image here"}]}, 400, "exactly one image"),
     ({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "IMG"}},
-        {"type": "image_url", "image_url": {"url": "IMG"}}]}]}, 400, "exactly one image"),
+        {"type": "image_url", "image_url": {"url": "IMG"}}] * 5}]}, 400, "at most 4 images"),
+    ({"messages": [{"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "IMG"}}]}]}, 400, "only accepted in user"),
     ({"n": 2}, 400, "n must be 1"),
     ({"model": "gpt-4o"}, 404, "does not exist"),
     ({"max_tokens": 0}, 400, "max_tokens"),

@@ -1,0 +1,112 @@
+"""The official openai client against `fastllava serve` beyond one image: several images in one
+chat (each where its part stands, anyres per image on LLaVA-NeXT), text-only chats, and the
+per-request image limit (--max-images-per-request). Every answer is compared with the engine
+itself, loaded in the test process from the same checkpoint, given the same chat.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from fastllava import LLaVA
+
+MODEL = "fal-ai/llava-next"
+LIMIT = 3
+
+
+def _data_uri(h: int, w: int, seed: int) -> str:
+    buf = io.BytesIO()
+    rng = np.random.RandomState(seed)
+    Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_next):
+    return LLaVA.from_pretrained(tiny_next, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def client(server_factory, tiny_next):
+    server = server_factory(tiny_next, "--max-images-per-request", str(LIMIT))
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                       timeout=60) as c:
+        yield c
+
+
+def _image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _engine(llava, messages, max_tokens: int) -> dict:
+    *_, last = llava.stream_detailed({"max_tokens": max_tokens, "temperature": 0},
+                                     messages=messages)
+    return last
+
+
+def test_two_images_match_engine(client, llava):
+    a, b = _data_uri(75, 100, 1), _data_uri(160, 40, 2)
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "First:"}, _image_part(a),
+        {"type": "text", "text": "second:"}, _image_part(b), {"type": "text", "text": "Compare."}]}]
+    want = _engine(llava, messages, 10)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                       temperature=0)
+    assert r.choices[0].message.content == want["output"], (r.choices[0], want)
+    assert r.usage.prompt_tokens == want["prompt_tokens"], (r.usage, want)
+    # The order of the parts matters: swapped images are a different prompt.
+    swapped = [{"role": "user", "content": [
+        {"type": "text", "text": "First:"}, _image_part(b),
+        {"type": "text", "text": "second:"}, _image_part(a), {"type": "text", "text": "Compare."}]}]
+    assert _engine(llava, swapped, 10)["output"] == client.chat.completions.create(
+        model=MODEL, messages=swapped, max_tokens=10, temperature=0).choices[0].message.content
+
+
+def test_text_only_chat_matches_engine_and_streams(client, llava):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Tell me a story."}]
+    want = _engine(llava, messages, 8)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                       temperature=0)
+    assert r.choices[0].message.content == want["output"]
+    assert r.usage.prompt_tokens == want["prompt_tokens"] == len(
+        llava.prepare(llava._parse({}, llava_messages(messages)),
+                      messages=llava_messages(messages)).input_ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want["output"]
+
+
+def llava_messages(messages):
+    from fastllava.messages import chat_messages
+
+    return chat_messages(messages)
+
+
+def test_more_images_than_the_limit_is_a_400(client):
+    img = _data_uri(40, 40, 3)
+    messages = [{"role": "user", "content": [_image_part(img)] * (LIMIT + 1)}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    assert f"at most {LIMIT} images" in info.value.body["message"], info.value.body
+    assert "--max-images-per-request" in info.value.body["message"]
+    assert info.value.body["param"] == "messages"
+    # At the limit it is served.
+    r = client.chat.completions.create(model=MODEL, max_tokens=2,
+                                       messages=[{"role": "user", "content": [_image_part(img)] *
+                                                  LIMIT}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_bad_second_image_names_the_problem(client):
+    messages = [{"role": "user", "content": [_image_part(_data_uri(40, 40, 3)),
+                                             _image_part("data:image/png;base64,AAAA")]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    assert info.value.body["param"] == "messages", info.value.body
