@@ -31,13 +31,11 @@ from fastllava.quant_config import QUANTIZATIONS
 from fastllava.runtime.build import build_engine
 from fastllava.runtime.config import RuntimeConfig
 from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
-from fastllava.schema import GenerationRequest, RequestValidationError, parse_request
+from fastllava.schema import (MAX_TOP_LOGPROBS, GenerationRequest, RequestValidationError,
+                             parse_request)
 from fastllava.snapshots import Snapshots
 from fastllava.text.prompt import build_input_ids
 from fastllava.text.template import render_messages, render_prompt
-
-MAX_TOP_LOGPROBS = 20   # OpenAI's limit on top_logprobs
-
 
 def check_logprobs(k: Any) -> int | None:
     """None (off) or the number of alternatives per token, 0..MAX_TOP_LOGPROBS."""
@@ -337,9 +335,9 @@ class LLaVA:
         A prompt + max_tokens over the context raises RequestValidationError (`check_context`);
         clamp_max_tokens=True lowers max_tokens to the room left instead (for a default the
         client did not choose: the OpenAI route's unset max_tokens).
-        logprobs=k (0..MAX_TOP_LOGPROBS): snapshots carry "logprobs", the new tokens' entries
-        (see fastllava.snapshots): the raw distribution's log-probabilities, before temperature
-        and top-p, with the k most likely alternatives."""
+        logprobs=k (0..MAX_TOP_LOGPROBS): snapshots carry "logprobs", one entry per token so far
+        (cumulative; see fastllava.snapshots): the raw distribution's log-probabilities, before
+        temperature and top-p, with the k most likely alternatives."""
         sampling = {"logprobs": check_logprobs(logprobs)}
         messages = chat_messages(messages)
         req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,

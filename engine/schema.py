@@ -53,6 +53,7 @@ FIELDS = ("image_url", "prompt", "max_tokens", "temperature", "top_p", "seed")
 ALIASES = {"max_new_tokens": "max_tokens"}
 TEMPERATURE_MAX = 2.0
 SEED_LIMIT = 2**63  # exclusive; seeds must fit a signed 64-bit generator seed
+MAX_TOP_LOGPROBS = 20  # alternatives per token with logprobs (OpenAI's top_logprobs limit)
 
 
 class RequestValidationError(ValueError):

@@ -54,9 +54,10 @@ def test_generated_logprobs_match_log_softmax(setup, temperature, top_p):
     llava, model, processor, image = setup
     request = {"image_url": image, "prompt": PROMPT, "max_tokens": 12,
                "temperature": temperature, "top_p": top_p, "seed": 7}
-    entries, last = [], None
-    for last in llava.stream_detailed(request, logprobs=TOP):
-        entries += last["logprobs"]
+    snaps = list(llava.stream_detailed(request, logprobs=TOP))
+    last, entries = snaps[-1], snaps[-1]["logprobs"]
+    for a, b in zip(snaps, snaps[1:]):   # cumulative, like "output"
+        assert b["logprobs"][:len(a["logprobs"])] == a["logprobs"]
     ids = llava.generate_ids(request)
     visible = [t for t in ids if t not in llava.stop_ids]
     assert len(entries) == len(visible) == last["completion_tokens"] - (len(ids) - len(visible))
@@ -82,7 +83,8 @@ def test_no_logprobs_unless_asked(setup):
     llava, _, _, image = setup
     request = {"image_url": image, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
     assert all("logprobs" not in s for s in llava.stream_detailed(request))
-    zero = [e for s in llava.stream_detailed(request, logprobs=0) for e in s["logprobs"]]
+    *_, last = llava.stream_detailed(request, logprobs=0)
+    zero = last["logprobs"]
     assert zero and all(e["top_logprobs"] == [] for e in zero)
     for bad in (-1, 21, 1.5, True):
         with pytest.raises(ValueError, match="logprobs"):

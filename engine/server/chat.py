@@ -7,9 +7,9 @@ text-only chat), `max_tokens`
 / `max_completion_tokens` (the latter wins; default ServerSettings.default_chat_max_tokens),
 `temperature` (default 1, OpenAI's), `top_p`, `n` (1 only), `stop` (string or up to 4 strings, each
 at most ServerSettings.max_stop_chars long),
-`seed`, `stream`, `stream_options.include_usage`. Features the engine does not have (logprobs,
-tools, JSON mode, penalties, logit_bias) are refused with a 400 naming the field rather than
-silently ignored; other fields (user, metadata, ...) are ignored.
+`seed`, `stream`, `stream_options.include_usage`, `logprobs` / `top_logprobs`. Features the
+engine does not have (tools, JSON mode, penalties, logit_bias) are refused with a 400 naming
+the field rather than silently ignored; other fields (user, metadata, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fastllava.schema import RequestValidationError, short_repr, validate_all
+from fastllava.schema import MAX_TOP_LOGPROBS, RequestValidationError, short_repr, validate_all
 
 from .errors import ApiError, detail_message
 from .safety import precheck_image_url
@@ -25,8 +25,7 @@ from .settings import ServerSettings
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # field → (value that means "off", what it is)
-_UNSUPPORTED = {"logprobs": (False, "logprobs"), "top_logprobs": (None, "logprobs"),
-                "tools": ([], "tool calling"), "functions": ([], "function calling"),
+_UNSUPPORTED = {"tools": ([], "tool calling"), "functions": ([], "function calling"),
                 "frequency_penalty": (0, "frequency penalty"),
                 "presence_penalty": (0, "presence penalty"), "logit_bias": ({}, "logit bias")}
 
@@ -39,6 +38,7 @@ class Chat:
     stop: list[str]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None     # top_logprobs when logprobs is true, else None
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_request_error") -> ApiError:
@@ -104,6 +104,20 @@ def _image_errors(images: list[str], settings: ServerSettings) -> list[RequestVa
     return errors
 
 
+def _logprobs(body: dict) -> int | None:
+    """OpenAI's pair: logprobs (bool) turns them on, top_logprobs (0..20) needs it."""
+    on, top = body.get("logprobs"), body.get("top_logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise _bad("logprobs must be a boolean", "logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise _bad(f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got "
+                       f"{short_repr(top)}", "top_logprobs")
+        if not on:
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if on else None
+
+
 def _stop(value: Any, max_chars: int) -> list[str]:
     stops = [value] if isinstance(value, str) else value if value is not None else []
     if not isinstance(stops, list) or len(stops) > 4 or not all(
@@ -166,4 +180,4 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     if not isinstance(options, dict):
         raise _bad("stream_options must be an object", "stream_options")
     return Chat(model, messages, request, _stop(body.get("stop"), settings.max_stop_chars), stream,
-                bool(options.get("include_usage")) and stream)
+                bool(options.get("include_usage")) and stream, _logprobs(body))

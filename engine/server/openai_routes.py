@@ -61,12 +61,19 @@ async def chat_completions(request: Request):
     unset = body.get("max_tokens") is None and body.get("max_completion_tokens") is None
     events = engine_events(lambda: apply_stops(llava.stream_detailed(
         chat.request, messages=chat.messages, max_tokens_limit=s.max_tokens_limit,
-        max_prompt_chars=s.max_prompt_chars, every_token=True, clamp_max_tokens=unset),
+        max_prompt_chars=s.max_prompt_chars, every_token=True, clamp_max_tokens=unset,
+        logprobs=chat.logprobs),
         chat.stop), state.metrics)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), chat.model
 
     def finish(snap: dict) -> str:  # "stop": a stop id or a stop string (apply_stops)
         return snap.get("finish_reason") or "length"
+
+    def logprobs(snap: dict, sent: int = 0) -> dict | None:
+        """OpenAI's choice logprobs: the entries from `sent` on (None when not asked)."""
+        if chat.logprobs is None:
+            return None
+        return {"content": snap.get("logprobs", [])[sent:], "refusal": None}
 
     def usage(snap: dict) -> dict:
         p, c = snap["prompt_tokens"], snap["completion_tokens"]
@@ -82,7 +89,7 @@ async def chat_completions(request: Request):
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": last["output"]},
-                         "logprobs": None, "finish_reason": finish(last)}],
+                         "logprobs": logprobs(last), "finish_reason": finish(last)}],
             "usage": usage(last)})
 
     try:  # before any byte is sent: errors get their status code
@@ -90,9 +97,9 @@ async def chat_completions(request: Request):
     except Exception as e:
         raise _openai_error(e) from e
 
-    def chunk(delta: dict, finish_reason: str | None, **extra) -> str:
+    def chunk(delta: dict, finish_reason: str | None, lp: dict | None = None, **extra) -> str:
         data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": lp,
                              "finish_reason": finish_reason}], **extra}
         if chat.include_usage:
             data.setdefault("usage", None)
@@ -100,14 +107,15 @@ async def chat_completions(request: Request):
 
     async def sse():
         yield chunk({"role": "assistant", "content": ""}, None)
-        sent, last = 0, None
+        sent, sent_lp, last = 0, 0, None
         try:
             async for last in chained(first, rest):
                 text = last["output"]
                 if len(text) > sent:  # only the new characters are touched: O(new text)
-                    yield chunk({"content": text[sent:]}, None)
-                    sent = len(text)
-            yield chunk({}, finish(last))
+                    yield chunk({"content": text[sent:]}, None, logprobs(last, sent_lp))
+                    sent, sent_lp = len(text), len(last.get("logprobs", ()))
+            # Tokens not yet sent (held back, or that added no text) ride on the last chunk.
+            yield chunk({}, finish(last), logprobs(last, sent_lp) if last else None)
             if chat.include_usage:
                 data = {"id": cid, "object": "chat.completion.chunk", "created": created,
                         "model": model, "choices": [], "usage": usage(last)}

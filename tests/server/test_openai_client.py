@@ -163,7 +163,7 @@ def test_seeded_sampling_matches_engine(client, llava, data_uri):
     ({"model": "gpt-4o"}, 404, "does not exist"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
-    ({"logprobs": True}, 400, "logprobs"),
+    ({"top_logprobs": 3}, 400, "logprobs"),
 ])
 def test_client_errors_have_openai_shape(client, data_uri, kwargs, status, needle):
     body = {"model": MODEL, "messages": user(data_uri), "max_tokens": 4, **kwargs}

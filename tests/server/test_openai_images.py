@@ -110,3 +110,43 @@ def test_a_bad_second_image_names_the_problem(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
     assert info.value.body["param"] == "messages", info.value.body
+
+
+def _image_chat(text: str = "Describe it.") -> list[dict]:
+    return [{"role": "user", "content": [_image_part(_data_uri(75, 100, 1)),
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_match_engine(client, llava, stream):
+    messages = _image_chat()
+    *_, want = llava.stream_detailed({"max_tokens": 8, "temperature": 0.8, "seed": 5},
+                                     messages=messages, logprobs=3)
+    kwargs = dict(model=MODEL, messages=messages, max_tokens=8, temperature=0.8, seed=5,
+                  logprobs=True, top_logprobs=3)
+    if stream:
+        chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+        content = [e for c in chunks if c.choices[0].logprobs
+                   for e in c.choices[0].logprobs.content]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        content, text = choice.logprobs.content, choice.message.content
+    assert text == want["output"]
+    assert [(e.token, e.logprob, e.bytes) for e in content] == [
+        (w["token"], w["logprob"], w["bytes"]) for w in want["logprobs"]]
+    assert [[(t.token, t.logprob) for t in e.top_logprobs] for e in content] == [
+        [(t["token"], t["logprob"]) for t in w["top_logprobs"]] for w in want["logprobs"]]
+    assert all(len(e.top_logprobs) == 3 for e in content)
+
+
+def test_no_logprobs_unless_asked_and_bad_values(client):
+    r = client.chat.completions.create(model=MODEL, messages=_image_chat(), max_tokens=3)
+    assert r.choices[0].logprobs is None
+    for kwargs, needle in (({"top_logprobs": 2}, "needs logprobs"),
+                           ({"logprobs": True, "top_logprobs": 21}, "between 0 and 20"),
+                           ({"logprobs": "yes"}, "boolean")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=_image_chat(), max_tokens=3,
+                                           **kwargs)
+        assert needle in info.value.body["message"], info.value.body
