@@ -9,9 +9,11 @@ that batches them continuously (fastllava.runtime), so concurrent calls share st
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import queue
 import secrets
 from pathlib import Path
@@ -36,6 +38,17 @@ from fastllava.schema import (MAX_TOP_LOGPROBS, GenerationRequest, RequestValida
 from fastllava.snapshots import Snapshots
 from fastllava.text.prompt import build_input_ids
 from fastllava.text.template import render_messages, render_prompt
+
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """Per-choice seeds of an n-choice request: choice 0 keeps the request's seed (so n = 1 is
+    unchanged), choice i > 0 gets blake2b(seed, i) reduced to [0, 2**63): a seeded request
+    gives the same n choices every time, and they differ from each other. None stays None
+    (every choice draws its own seed)."""
+    if seed is None:
+        return [None] * n
+    return [seed] + [int.from_bytes(hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=8)
+                                    .digest(), "little") >> 1 for i in range(1, n)]
+
 
 def check_logprobs(k: Any) -> int | None:
     """None (off) or the number of alternatives per token, 0..MAX_TOP_LOGPROBS."""
@@ -364,6 +377,45 @@ class LLaVA:
         prepared = self.prepare(req, image=image, messages=messages)
         req = self._fitted(prepared, req, clamp_max_tokens)
         yield from self.stream_prepared(req, prepared, every_token=every_token, sampling=sampling)
+
+    def prepare_request(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
+                        max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
+                        clamp_max_tokens: bool = False
+                        ) -> tuple[GenerationRequest, PreparedPrompt]:
+        """`stream_detailed`'s validation and preparation (images fetched), for a caller that
+        streams several choices of one prompt with `stream_prepared` (choice_seeds)."""
+        messages = chat_messages(messages)
+        req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,
+                          max_prompt_chars=max_prompt_chars)
+        prepared = self.prepare(req, messages=messages)
+        return self._fitted(prepared, req, clamp_max_tokens), prepared
+
+    def generate_choices(self, request: Mapping[str, Any], n: int, *,
+                         messages: list[dict] | None = None, logprobs: int | None = None
+                         ) -> list[dict]:
+        """n samples of one prompt: the final `stream_detailed` snapshot of each, in order.
+        The images are loaded once and the prompt prefilled once: choice 0 runs first, and the
+        others start once its prompt is in the KV cache, from the prefix cache (only its last
+        partial page is recomputed). Seeds: `choice_seeds`."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise RequestValidationError("n", f"must be an integer >= 1, got {n!r}", "int_type", n)
+        sampling = {"logprobs": check_logprobs(logprobs)}
+        req, prepared = self.prepare_request(request, messages=messages)
+        reqs = [dataclasses.replace(req, seed=s) for s in choice_seeds(req.seed, n)]
+
+        def drain(events: Iterator[dict], last: dict | None = None) -> dict:
+            with contextlib.closing(events):
+                for last in events:
+                    pass
+            return last
+
+        first_events = self.stream_prepared(reqs[0], prepared, sampling=sampling)
+        with contextlib.closing(first_events):
+            first = next(first_events)     # choice 0's prompt pages are committed now
+            with concurrent.futures.ThreadPoolExecutor(max(n - 1, 1)) as pool:
+                rest = [pool.submit(drain, self.stream_prepared(r, prepared, sampling=sampling))
+                        for r in reqs[1:]]
+                return [drain(first_events, first), *(f.result() for f in rest)]
 
     def stream_prepared(self, req: GenerationRequest, prepared: PreparedPrompt, *,
                         every_token: bool = False, sampling: Mapping[str, Any] | None = None

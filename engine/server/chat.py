@@ -5,7 +5,7 @@ list of {"type": "text"} / {"type": "image_url", "image_url": {"url"} | str} par
 ServerSettings.max_images_per_request images, each placed where its part stands, or none for a
 text-only chat), `max_tokens`
 / `max_completion_tokens` (the latter wins; default ServerSettings.default_chat_max_tokens),
-`temperature` (default 1, OpenAI's), `top_p`, `n` (1 only), `stop` (string or up to 4 strings, each
+`temperature` (default 1, OpenAI's), `top_p`, `n` (1..MAX_CHOICES), `stop` (string or up to 4 strings, each
 at most ServerSettings.max_stop_chars long),
 `seed`, `stream`, `stream_options.include_usage`, `logprobs` / `top_logprobs`. Features the
 engine does not have (tools, JSON mode, penalties, logit_bias) are refused with a 400 naming
@@ -23,6 +23,7 @@ from .errors import ApiError, detail_message
 from .safety import precheck_image_url
 from .settings import ServerSettings
 
+MAX_CHOICES = 16   # n: each choice is a request of its own in the engine
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # field → (value that means "off", what it is)
 _UNSUPPORTED = {"tools": ([], "tool calling"), "functions": ([], "function calling"),
@@ -39,6 +40,7 @@ class Chat:
     stream: bool
     include_usage: bool
     logprobs: int | None = None     # top_logprobs when logprobs is true, else None
+    n: int = 1                      # choices (samples of the one prompt)
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_request_error") -> ApiError:
@@ -147,8 +149,9 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise _bad("response_format: only {'type': 'text'} is supported", "response_format")
-    if body.get("n") not in (None, 1):
-        raise _bad(f"n must be 1 (one choice per request), got {short_repr(body.get('n'))}", "n")
+    n = 1 if body.get("n") is None else body["n"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise _bad(f"n must be an integer between 1 and {MAX_CHOICES}, got {short_repr(n)}", "n")
     messages, images = _messages(body.get("messages"), settings.max_images_per_request)
     texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
@@ -180,4 +183,4 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     if not isinstance(options, dict):
         raise _bad("stream_options must be an object", "stream_options")
     return Chat(model, messages, request, _stop(body.get("stop"), settings.max_stop_chars), stream,
-                bool(options.get("include_usage")) and stream, _logprobs(body))
+                bool(options.get("include_usage")) and stream, _logprobs(body), n)

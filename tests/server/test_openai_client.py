@@ -159,7 +159,7 @@ def test_seeded_sampling_matches_engine(client, llava, data_uri):
         {"type": "image_url", "image_url": {"url": "IMG"}}] * 5}]}, 400, "at most 4 images"),
     ({"messages": [{"role": "assistant", "content": [
         {"type": "image_url", "image_url": {"url": "IMG"}}]}]}, 400, "only accepted in user"),
-    ({"n": 2}, 400, "n must be 1"),
+    ({"n": 17}, 400, "n must be an integer between 1 and 16"),
     ({"model": "gpt-4o"}, 404, "does not exist"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),

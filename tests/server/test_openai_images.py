@@ -150,3 +150,41 @@ def test_no_logprobs_unless_asked_and_bad_values(client):
             client.chat.completions.create(model=MODEL, messages=_image_chat(), max_tokens=3,
                                            **kwargs)
         assert needle in info.value.body["message"], info.value.body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_share_the_prefill_and_match_engine(client, llava, stream):
+    """n seeded samples: choice 0 is the request's own seed, the others derived seeds, each the
+    engine's own output for that seed; the prompt is counted once in usage."""
+    from fastllava.api import choice_seeds
+
+    messages, n = _image_chat("Tell me more."), 3
+    seeds = choice_seeds(11, n)
+    want = [_engine_sampled(llava, messages, seed) for seed in seeds]
+    assert len({w["output"] for w in want}) > 1, want   # the derived seeds really differ
+    kwargs = dict(model=MODEL, messages=messages, max_tokens=8, temperature=1.0, seed=11, n=n)
+    if stream:
+        chunks = list(client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs))
+        texts, reasons = [""] * n, [None] * n
+        for c in chunks:
+            for ch in c.choices:
+                texts[ch.index] += ch.delta.content or ""
+                reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+        got_usage = chunks[-1].usage
+    else:
+        r = client.chat.completions.create(**kwargs)
+        assert [c.index for c in r.choices] == list(range(n))
+        texts = [c.message.content for c in r.choices]
+        reasons = [c.finish_reason for c in r.choices]
+        got_usage = r.usage
+    assert texts == [w["output"] for w in want]
+    assert reasons == [w["finish_reason"] for w in want]
+    assert got_usage.prompt_tokens == want[0]["prompt_tokens"]
+    assert got_usage.completion_tokens == sum(w["completion_tokens"] for w in want)
+
+
+def _engine_sampled(llava, messages, seed: int) -> dict:
+    *_, last = llava.stream_detailed({"max_tokens": 8, "temperature": 1.0, "seed": seed},
+                                     messages=messages)
+    return last
