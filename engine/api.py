@@ -9,11 +9,9 @@ that batches them continuously (fastllava.runtime), so concurrent calls share st
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import queue
 import secrets
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from PIL import Image
 
 from fastllava.config import LlavaConfig
+from fastllava.evaluation import EvaluationMixin, check_logprobs
 from fastllava.kernels.ops import get_ops
 from fastllava.messages import chat_messages
 from fastllava.loading import LoadedCheckpoint, load_checkpoint
@@ -33,31 +32,10 @@ from fastllava.quant_config import QUANTIZATIONS
 from fastllava.runtime.build import build_engine
 from fastllava.runtime.config import RuntimeConfig
 from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
-from fastllava.schema import (MAX_TOP_LOGPROBS, GenerationRequest, RequestValidationError,
-                             parse_request)
+from fastllava.schema import GenerationRequest, RequestValidationError, parse_request
 from fastllava.snapshots import Snapshots
 from fastllava.text.prompt import build_input_ids
 from fastllava.text.template import render_messages, render_prompt
-
-def choice_seeds(seed: int | None, n: int) -> list[int | None]:
-    """Per-choice seeds of an n-choice request: choice 0 keeps the request's seed (so n = 1 is
-    unchanged), choice i > 0 gets blake2b(seed, i) reduced to [0, 2**63): a seeded request
-    gives the same n choices every time, and they differ from each other. None stays None
-    (every choice draws its own seed)."""
-    if seed is None:
-        return [None] * n
-    return [seed] + [int.from_bytes(hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=8)
-                                    .digest(), "little") >> 1 for i in range(1, n)]
-
-
-def check_logprobs(k: Any) -> int | None:
-    """None (off) or the number of alternatives per token, 0..MAX_TOP_LOGPROBS."""
-    if k is None:
-        return None
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS:
-        raise RequestValidationError("logprobs", f"must be null or an integer between 0 and "
-                                     f"{MAX_TOP_LOGPROBS}, got {k!r}", "int_type", k)
-    return k
 
 
 # Original checkpoints splice images at a sentinel id outside the vocabulary (the original repo's -200).
@@ -109,7 +87,7 @@ def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-class LLaVA:
+class LLaVA(EvaluationMixin):
     def __init__(self, ckpt: LoadedCheckpoint, backend: str, runtime: RuntimeConfig,
                  image_limits: ImageLimits):
         self.config: LlavaConfig = ckpt.config
@@ -383,39 +361,12 @@ class LLaVA:
                         clamp_max_tokens: bool = False
                         ) -> tuple[GenerationRequest, PreparedPrompt]:
         """`stream_detailed`'s validation and preparation (images fetched), for a caller that
-        streams several choices of one prompt with `stream_prepared` (choice_seeds)."""
+        streams several choices of one prompt with `stream_prepared` (see `generate_choices`)."""
         messages = chat_messages(messages)
         req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,
                           max_prompt_chars=max_prompt_chars)
         prepared = self.prepare(req, messages=messages)
         return self._fitted(prepared, req, clamp_max_tokens), prepared
-
-    def generate_choices(self, request: Mapping[str, Any], n: int, *,
-                         messages: list[dict] | None = None, logprobs: int | None = None
-                         ) -> list[dict]:
-        """n samples of one prompt: the final `stream_detailed` snapshot of each, in order.
-        The images are loaded once and the prompt prefilled once: choice 0 runs first, and the
-        others start once its prompt is in the KV cache, from the prefix cache (only its last
-        partial page is recomputed). Seeds: `choice_seeds`."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise RequestValidationError("n", f"must be an integer >= 1, got {n!r}", "int_type", n)
-        sampling = {"logprobs": check_logprobs(logprobs)}
-        req, prepared = self.prepare_request(request, messages=messages)
-        reqs = [dataclasses.replace(req, seed=s) for s in choice_seeds(req.seed, n)]
-
-        def drain(events: Iterator[dict], last: dict | None = None) -> dict:
-            with contextlib.closing(events):
-                for last in events:
-                    pass
-            return last
-
-        first_events = self.stream_prepared(reqs[0], prepared, sampling=sampling)
-        with contextlib.closing(first_events):
-            first = next(first_events)     # choice 0's prompt pages are committed now
-            with concurrent.futures.ThreadPoolExecutor(max(n - 1, 1)) as pool:
-                rest = [pool.submit(drain, self.stream_prepared(r, prepared, sampling=sampling))
-                        for r in reqs[1:]]
-                return [drain(first_events, first), *(f.result() for f in rest)]
 
     def stream_prepared(self, req: GenerationRequest, prepared: PreparedPrompt, *,
                         every_token: bool = False, sampling: Mapping[str, Any] | None = None
@@ -430,45 +381,6 @@ class LLaVA:
                 snapshot = snapshots.on_event(kind, value, handle)
                 if snapshot is not None:
                     yield snapshot
-
-    # ---- scoring ----------------------------------------------------------------------------------
-    def score(self, request: Mapping[str, Any], continuation: str | list[int], *,
-              messages: list[dict] | None = None) -> dict:
-        """The log-likelihood of `continuation` after the request's prompt (for evaluation
-        harnesses: multiple choice by log-likelihood, perplexity).
-
-        The prompt is built as for `generate` (one turn, or `messages`; images included, the
-        generation prompt of the template appended); `continuation` is tokenized on its own
-        (no BOS; a list of ids is taken as is) and appended. Returns {"logprob": the sum,
-        "token_logprobs": per continuation token, "tokens": its ids, "is_greedy": every token
-        was the most likely one, "prompt_tokens"}; log-probabilities of the raw distribution in
-        fp32 (sampling fields of the request do not matter). The prompt's own prefix may come
-        from the prefix cache; the continuation is always computed."""
-        messages = chat_messages(messages)
-        req = dataclasses.replace(self._parse(request, messages), max_tokens=1, temperature=0.0)
-        if isinstance(continuation, str):
-            cont = self.tokenizer.encode(continuation, add_special_tokens=False)
-        elif isinstance(continuation, list) and all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.config.text.vocab_size
-                for t in continuation):
-            cont = list(continuation)
-        else:
-            raise RequestValidationError("continuation", "must be a string or a list of token "
-                                         "ids in the vocabulary", "value_error")
-        if not cont:
-            raise RequestValidationError("continuation", "is empty (no tokens to score)",
-                                         "value_error")
-        prepared = self.prepare(req, messages=messages)
-        first = len(prepared.input_ids)
-        full = dataclasses.replace(prepared, input_ids=prepared.input_ids + cont)
-        handle = None
-        for _, _, handle in self._engine_events(full, req, {"prompt_logprobs_from": first}):
-            pass
-        scored = [handle.seq.prompt_logprobs[p] for p in range(first, first + len(cont))]
-        values = [v for v, _ in scored]
-        return {"logprob": sum(values), "token_logprobs": values, "tokens": cont,
-                "is_greedy": all(best == t for (_, best), t in zip(scored, cont)),
-                "prompt_tokens": first}
 
     # ---- asyncio ----------------------------------------------------------------------------------
     def astream(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fastllava import LLaVA
-from fastllava.api import choice_seeds
+from fastllava.evaluation import choice_seeds
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ list of {"type": "text"} / {"type": "image_url", "image_url": {"url"} | str} par
 ServerSettings.max_images_per_request images, each placed where its part stands, or none for a
 text-only chat), `max_tokens`
 / `max_completion_tokens` (the latter wins; default ServerSettings.default_chat_max_tokens),
-`temperature` (default 1, OpenAI's), `top_p`, `n` (1..MAX_CHOICES), `stop` (string or up to 4 strings, each
-at most ServerSettings.max_stop_chars long),
+`temperature` (default 1, OpenAI's), `top_p`, `n` (1..MAX_CHOICES), `stop` (string or up to 4
+strings, each at most ServerSettings.max_stop_chars long),
 `seed`, `stream`, `stream_options.include_usage`, `logprobs` / `top_logprobs`. Features the
 engine does not have (tools, JSON mode, penalties, logit_bias) are refused with a 400 naming
 the field rather than silently ignored; other fields (user, metadata, ...) are ignored.

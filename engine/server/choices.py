@@ -3,7 +3,7 @@
 Choice 0 validates and prepares the request (images fetched once, on its thread) and runs first;
 once its first snapshot is out, its prompt's full KV pages are committed, and choices 1..n-1 start
 from the prefix cache: the prompt is prefilled once. Each choice is its own engine request (its
-own cancellation, stop strings and metrics) with a seed from `fastllava.api.choice_seeds`.
+own cancellation, stop strings and metrics) with a seed from `fastllava.evaluation.choice_seeds`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 from typing import AsyncIterator, Callable, Iterator
 
-from fastllava.api import choice_seeds
+from fastllava.evaluation import choice_seeds
 
 from .streaming import chained, engine_events, first_and_rest
 
@@ -49,8 +49,9 @@ async def merged(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int,
             await stream.aclose()
 
 
-def choice_events(llava, n: int, prepare: Callable[[], tuple], stream: Callable[..., Iterator[dict]],
-                  metrics) -> AsyncIterator[tuple[int, dict]]:
+def choice_events(n: int, prepare: Callable[[], tuple],
+                  stream: Callable[..., Iterator[dict]], metrics
+                  ) -> AsyncIterator[tuple[int, dict]]:
     """`prepare()` → (request, prepared) runs on choice 0's thread; `stream(req, prepared)` →
     that choice's snapshots (stop strings applied by the caller's function)."""
     ready: dict = {}

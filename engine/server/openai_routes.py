@@ -4,8 +4,10 @@
     POST /v1/chat/completions    chat.completion, or SSE chat.completion.chunk events + [DONE]
 
 A chat holds up to ServerSettings.max_images_per_request images (`image_url` parts of user
-messages, each placed where its part stands), or none (a text-only chat). System messages, assistant turns and several user turns are rendered with the
-checkpoint's chat template (LLaVA.render_chat). Errors: {"error": {message, type, param, code}},
+messages, each placed where its part stands), or none (a text-only chat). System messages,
+assistant turns and several user turns are rendered with the checkpoint's chat template
+(LLaVA.render_chat). `n` choices share one prefill (choices.py); `logprobs` are the raw
+distribution's (before temperature and top-p). Errors: {"error": {message, type, param, code}},
 400 for bad requests and image errors, 404 for an unknown model.
 """
 
@@ -61,7 +63,7 @@ async def chat_completions(request: Request):
     # rule for an unset max_tokens); one the client chose is refused when it does not fit.
     unset = body.get("max_tokens") is None and body.get("max_completion_tokens") is None
     events = choice_events(
-        llava, chat.n,
+        chat.n,
         lambda: llava.prepare_request(chat.request, messages=chat.messages,
                                       max_tokens_limit=s.max_tokens_limit,
                                       max_prompt_chars=s.max_prompt_chars, clamp_max_tokens=unset),

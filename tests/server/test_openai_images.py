@@ -156,7 +156,7 @@ def test_no_logprobs_unless_asked_and_bad_values(client):
 def test_n_choices_share_the_prefill_and_match_engine(client, llava, stream):
     """n seeded samples: choice 0 is the request's own seed, the others derived seeds, each the
     engine's own output for that seed; the prompt is counted once in usage."""
-    from fastllava.api import choice_seeds
+    from fastllava.evaluation import choice_seeds
 
     messages, n = _image_chat("Tell me more."), 3
     seeds = choice_seeds(11, n)
