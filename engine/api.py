@@ -385,18 +385,20 @@ class LLaVA(EvaluationMixin):
     # ---- asyncio ----------------------------------------------------------------------------------
     def astream(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
                 detailed: bool = False, every_token: bool = False,
-                max_tokens_limit: int = 4096, max_prompt_chars: int = 16384) -> AsyncIterator[dict]:
+                max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
+                logprobs: int | None = None) -> AsyncIterator[dict]:
         """`stream` for asyncio: an async iterator of the same snapshots (`stream_detailed`'s with
-        detailed=True). The request is validated here, eagerly; the image is fetched in the
-        default executor. Closing the iterator early (aclose, or breaking out of `async for`)
-        cancels the request."""
+        detailed=True, `logprobs` included). The request is validated here, eagerly; the image
+        is fetched in the default executor. Closing the iterator early (aclose, or breaking out
+        of `async for`) cancels the request."""
+        sampling = {"logprobs": check_logprobs(logprobs)}
         messages = chat_messages(messages)
         if detailed:
             req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,
                               max_prompt_chars=max_prompt_chars)
         else:
             req = self._parse(request, messages)
-        return self._aevents(req, messages, every_token, detailed)
+        return self._aevents(req, messages, every_token, detailed, sampling)
 
     async def agenerate(self, request: Mapping[str, Any]) -> dict:
         """`generate` for asyncio: concurrent awaits share the engine's batches."""
@@ -405,7 +407,8 @@ class LLaVA(EvaluationMixin):
             pass
         return out
 
-    async def _aevents(self, req, messages, every_token, detailed) -> AsyncIterator[dict]:
+    async def _aevents(self, req, messages, every_token, detailed, sampling
+                       ) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(
             None, functools.partial(self.prepare, req, messages=messages))
@@ -415,7 +418,7 @@ class LLaVA(EvaluationMixin):
         def put(kind, value):
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        handle = self.engine.submit(self._sequence(prepared, req), put)
+        handle = self.engine.submit(self._sequence(prepared, req, sampling), put)
         try:
             while True:
                 kind, value = await events.get()

@@ -14,6 +14,10 @@ from typing import Any, Iterator, Mapping
 from fastllava.messages import chat_messages
 from fastllava.schema import MAX_TOP_LOGPROBS, RequestValidationError
 
+# Each scored token is one more fp32 logits row (vocabulary wide) in its prefill step, beyond the
+# memory plan's rows: 1024 rows of a 64k vocabulary are 256 MiB (plus the log-softmax's copy).
+MAX_SCORED_TOKENS = 1024
+
 
 def choice_seeds(seed: int | None, n: int) -> list[int | None]:
     """Per-choice seeds of an n-choice request: choice 0 keeps the request's seed (so n = 1 is
@@ -50,7 +54,8 @@ class EvaluationMixin:
         "token_logprobs": per continuation token, "tokens": its ids, "is_greedy": every token
         was the most likely one, "prompt_tokens"}; log-probabilities of the raw distribution in
         fp32 (sampling fields of the request do not matter). The prompt's own prefix may come
-        from the prefix cache; the continuation is always computed."""
+        from the prefix cache; the continuation (1..MAX_SCORED_TOKENS tokens) is always
+        computed."""
         messages = chat_messages(messages)
         req = dataclasses.replace(self._parse(request, messages), max_tokens=1, temperature=0.0)
         if isinstance(continuation, str):
@@ -62,9 +67,10 @@ class EvaluationMixin:
         else:
             raise RequestValidationError("continuation", "must be a string or a list of token "
                                          "ids in the vocabulary", "value_error")
-        if not cont:
-            raise RequestValidationError("continuation", "is empty (no tokens to score)",
-                                         "value_error")
+        if not 0 < len(cont) <= MAX_SCORED_TOKENS:
+            raise RequestValidationError(
+                "continuation", f"must have 1 to {MAX_SCORED_TOKENS} tokens, got {len(cont)}",
+                "value_error")
         prepared = self.prepare(req, messages=messages)
         first = len(prepared.input_ids)
         full = dataclasses.replace(prepared, input_ids=prepared.input_ids + cont)

@@ -79,6 +79,19 @@ def test_generated_logprobs_match_log_softmax(setup, temperature, top_p):
             assert entry["logprob"] == entry["top_logprobs"][0]["logprob"]
 
 
+def test_astream_logprobs_equal_stream_detailed(setup):
+    import asyncio
+
+    llava, _, _, image = setup
+    request = {"image_url": image, "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+
+    async def run():
+        return [s async for s in llava.astream(request, detailed=True, logprobs=2)]
+
+    *_, want = llava.stream_detailed(request, logprobs=2)
+    assert asyncio.run(run())[-1]["logprobs"] == want["logprobs"]
+
+
 def test_no_logprobs_unless_asked(setup):
     llava, _, _, image = setup
     request = {"image_url": image, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
@@ -124,6 +137,8 @@ def test_score_of_the_greedy_answer_is_greedy_and_cache_safe(setup):
         llava.score(request, "")
     with pytest.raises(ValueError, match="continuation"):
         llava.score(request, [10**9])
+    with pytest.raises(ValueError, match="1 to 1024 tokens"):
+        llava.score(request, [5] * 1025)
 
 
 def test_score_text_only_chat(setup):

@@ -58,13 +58,15 @@ class ModelRunner:
     @staticmethod
     def _record_logprobs(picked: list[Sequence], logits: torch.Tensor, sampled: torch.Tensor
                          ) -> None:
-        """Append (logprob, top-k) of each sampled token to the seqs that asked (raw_logprobs)."""
-        top_k = max(seq.params.logprobs or 0 for seq in picked)
-        chosen, values, ids = (t.tolist() for t in raw_logprobs(logits, sampled, top_k))
-        for i, seq in enumerate(picked):
-            k = seq.params.logprobs
-            if k is not None:
-                seq.logprobs.append((chosen[i], list(zip(ids[i][:k], values[i][:k]))))
+        """Append (logprob, top-k) of each sampled token to the seqs that asked (raw_logprobs),
+        computed over their rows only."""
+        asked = [i for i, seq in enumerate(picked) if seq.params.logprobs is not None]
+        top_k = max(picked[i].params.logprobs for i in asked)
+        rows = torch.tensor(asked, dtype=torch.int64, device=logits.device)
+        chosen, values, ids = (t.tolist() for t in raw_logprobs(logits[rows], sampled[rows], top_k))
+        for j, i in enumerate(asked):
+            k = picked[i].params.logprobs
+            picked[i].logprobs.append((chosen[j], list(zip(ids[j][:k], values[j][:k]))))
 
     def release(self, seq: Sequence) -> None:
         """Drop what the runner holds for seq (its image features)."""

@@ -215,5 +215,8 @@ def raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top_k: int
     if top_k == 0:
         empty = logp[:, :0]
         return chosen, empty, empty.to(torch.int64)
+    if top_k == 1:  # argmax: the first maximum, as the stable sort below would order it
+        values, ids = logp.max(dim=-1, keepdim=True)
+        return chosen, values, ids
     values, ids = torch.sort(logp, dim=-1, descending=True, stable=True)
     return chosen, values[:, :top_k], ids[:, :top_k]

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import socket
+import time
 
 import numpy as np
 import openai
@@ -33,8 +36,12 @@ def llava(tiny_next):
 
 
 @pytest.fixture(scope="module")
-def client(server_factory, tiny_next):
-    server = server_factory(tiny_next, "--max-images-per-request", str(LIMIT))
+def server(server_factory, tiny_next):
+    return server_factory(tiny_next, "--max-images-per-request", str(LIMIT))
+
+
+@pytest.fixture(scope="module")
+def client(server):
     with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
                        timeout=60) as c:
         yield c
@@ -188,3 +195,39 @@ def _engine_sampled(llava, messages, seed: int) -> dict:
     *_, last = llava.stream_detailed({"max_tokens": 8, "temperature": 1.0, "seed": seed},
                                      messages=messages)
     return last
+
+
+def _metrics(http) -> dict[str, float]:
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in http.get("/metrics").text
+                                     .splitlines() if line and not line.startswith("#"))}
+
+
+def _wait_for(cond, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout_s:
+            pytest.fail(f"condition not met within {timeout_s} s")
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_cancels_every_choice(server, stream):
+    """A client that goes away mid-answer stops all n choices: pages freed, none left running."""
+    body = {"model": MODEL, "n": 3, "max_tokens": 3000, "temperature": 1.0, "stream": stream,
+            "messages": _image_chat()}
+    payload = json.dumps(body).encode()
+    with server.client() as http:
+        before = _metrics(http)
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+                     .encode() + payload)
+        _wait_for(lambda: _metrics(http)["fastllava_running"] >= 3, 30)
+        sock.close()
+        _wait_for(lambda: (m := _metrics(http))["fastllava_running"] == 0
+                  and m["fastllava_kv_pages_used"] == 0, 10)
+        after = _metrics(http)
+    assert after["fastllava_cancelled_total"] == before["fastllava_cancelled_total"] + 3
+    done = after["fastllava_completion_tokens_total"] - before["fastllava_completion_tokens_total"]
+    assert done < 3 * 3000 * 0.75, done
