@@ -49,6 +49,15 @@ async def merged(streams: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int,
             await stream.aclose()
 
 
+async def indexed(events: AsyncIterator[dict]) -> AsyncIterator[tuple[int, dict]]:
+    """One choice's snapshots as (0, snapshot), the shape `choice_events` yields."""
+    try:
+        async for item in events:
+            yield 0, item
+    finally:
+        await events.aclose()
+
+
 def choice_events(n: int, prepare: Callable[[], tuple],
                   stream: Callable[..., Iterator[dict]], metrics
                   ) -> AsyncIterator[tuple[int, dict]]:

@@ -26,8 +26,9 @@ from .errors import ApiError, detail_message, openai_error_body
 from .bodies import read_json
 from .safety import classify
 from .stops import apply_stops
-from .choices import choice_events
-from .streaming import SSE_HEADERS, ClosingStreamingResponse, chained, first_and_rest, last_snapshot
+from .choices import choice_events, indexed
+from .streaming import (SSE_HEADERS, ClosingStreamingResponse, chained, engine_events,
+                        first_and_rest, last_snapshot)
 
 router = APIRouter()
 
@@ -62,14 +63,20 @@ async def chat_completions(request: Request):
     # No max_tokens from the client: the server's default shrinks to fit the context (vLLM's
     # rule for an unset max_tokens); one the client chose is refused when it does not fit.
     unset = body.get("max_tokens") is None and body.get("max_completion_tokens") is None
-    events = choice_events(
-        chat.n,
-        lambda: llava.prepare_request(chat.request, messages=chat.messages,
-                                      max_tokens_limit=s.max_tokens_limit,
-                                      max_prompt_chars=s.max_prompt_chars, clamp_max_tokens=unset),
-        lambda req, prepared: apply_stops(llava.stream_prepared(
-            req, prepared, every_token=True, sampling={"logprobs": chat.logprobs}), chat.stop),
-        state.metrics)
+    limits = dict(max_tokens_limit=s.max_tokens_limit, max_prompt_chars=s.max_prompt_chars)
+    if chat.n == 1:
+        events = indexed(engine_events(lambda: apply_stops(llava.stream_detailed(
+            chat.request, messages=chat.messages, every_token=True, clamp_max_tokens=unset,
+            logprobs=chat.logprobs, **limits), chat.stop), state.metrics))
+    else:
+        events = choice_events(
+            chat.n,
+            lambda: llava.prepare_request(chat.request, messages=chat.messages,
+                                          clamp_max_tokens=unset, **limits),
+            lambda req, prepared: apply_stops(llava.stream_prepared(
+                req, prepared, every_token=True, sampling={"logprobs": chat.logprobs}),
+                chat.stop),
+            state.metrics)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), chat.model
 
     def finish(snap: dict) -> str:  # "stop": a stop id or a stop string (apply_stops)
