@@ -139,3 +139,31 @@ def test_repeated_image_is_cached_per_image(tiny_next, tmp_path):
     assert llava.stats()["prefix_hit_tokens"] > prefix_hits   # the text + first image prefix
     llava.reset_prefix_cache()
     assert llava.generate_ids(req, messages=_two_images_between_text(a, a)) == first
+
+
+def test_original_tokenizer_splices_each_image(tiny_llava, tmp_path):
+    """Original checkpoints (no <image> token): the prompt is split at every "<image>" and a run
+    of sentinel ids spliced in per image (tokenizer_image_token). transformers, fed the same ids
+    (sentinel → its image id) and both images' pixels, must give the same greedy tokens."""
+    from fastllava.weights.layouts import convert_checkpoint
+    from test_parity import _drop_image_token
+
+    converted = convert_checkpoint(tiny_llava, "original", tmp_path / "orig", drop_vision=True)
+    _drop_image_token(converted)
+    a, b = _image(tmp_path / "a.png", 80, 80, seed=1), _image(tmp_path / "b.png", 80, 80, seed=2)
+    messages = _two_images_between_text(a, b)
+    llava = LLaVA.from_pretrained(converted, device="cpu", dtype="float32")
+    prepared = llava.prepare(llava._parse({}, chat_messages(messages)),
+                             messages=chat_messages(messages))
+    assert prepared.image_token_counts == (16, 16)
+    assert tiny.IMAGE_TOKEN_ID not in prepared.input_ids
+    model, processor = tiny.load_reference(tiny_llava)
+    pixels = processor.image_processor([Image.open(p).convert("RGB") for p in (a, b)],
+                                       return_tensors="pt")["pixel_values"]
+    ids = torch.tensor([[tiny.IMAGE_TOKEN_ID if t == prepared.image_token_id else t
+                         for t in prepared.input_ids]])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=pixels, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert llava.generate_ids({"max_tokens": NEW_TOKENS, "temperature": 0},
+                              messages=messages) == out[0, ids.shape[1]:].tolist()
