@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 
 from fastllava.config import LlavaConfig
+from fastllava.evaluation import EvaluationMixin, check_logprobs
 from fastllava.kernels.ops import get_ops
+from fastllava.messages import chat_messages
 from fastllava.loading import LoadedCheckpoint, load_checkpoint
 from fastllava.preprocess.anyres import anyres_num_tokens
 from fastllava.preprocess.image_io import ImageLimits, load_image
@@ -36,6 +38,7 @@ from fastllava.snapshots import Snapshots
 from fastllava.text.prompt import build_input_ids
 from fastllava.text.template import render_messages, render_prompt
 
+
 # Original checkpoints splice images at a sentinel id outside the vocabulary (the original repo's -200).
 IMAGE_SENTINEL_ID = -200
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -44,11 +47,22 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 @dataclasses.dataclass(frozen=True)
 class PreparedPrompt:
-    """A request turned into model inputs (exposed for tests and the runtime)."""
+    """A request turned into model inputs (exposed for tests and the runtime): the prompt ids with
+    each image's placeholder expanded to its own token count, in prompt order."""
     input_ids: list[int]
-    image: ProcessedImage
-    num_image_tokens: int
+    images: tuple[ProcessedImage, ...]
+    image_token_counts: tuple[int, ...]
     image_token_id: int
+
+    @property
+    def image(self) -> ProcessedImage | None:
+        """The first image (None for a text-only prompt)."""
+        return self.images[0] if self.images else None
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens of all images together."""
+        return sum(self.image_token_counts)
 
 
 def _plain(events: Iterator[dict]) -> Iterator[dict]:
@@ -74,7 +88,7 @@ def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-class LLaVA:
+class LLaVA(EvaluationMixin):
     def __init__(self, ckpt: LoadedCheckpoint, backend: str, runtime: RuntimeConfig,
                  image_limits: ImageLimits, tp: TPDriver | None = None):
         self.config: LlavaConfig = ckpt.config
@@ -172,18 +186,38 @@ class LLaVA:
                                  c.vision.patch_size, c.tokens_per_tile)
 
     def prepare(self, request: GenerationRequest, rendered: str | None = None,
-                image: Image.Image | None = None) -> PreparedPrompt:
-        """Load and preprocess the image (or take `image`, the request's image already loaded),
-        render the prompt (or take `rendered`, a chat already rendered by `render_chat`) and
-        expand its one <image> into the image's token count."""
-        if image is None:
-            image = load_image(request.image_url, self.image_limits)
-        image = preprocess(image, self.image_config, self.device)
-        n = self.num_image_tokens(image)
-        if rendered is None:
-            rendered = render_prompt(self.template, request.prompt, self.tokenizer)
-        ids = build_input_ids(self.tokenizer, rendered, "<image>", self.image_token_id, n)
-        return PreparedPrompt(ids, image, n, self.image_token_id)
+                image: Image.Image | None = None, *,
+                messages: list[dict] | None = None) -> PreparedPrompt:
+        """Load and preprocess the images, render the prompt and expand each <image> into its
+        image's token count.
+
+        Without `messages`: one user turn, `request.prompt` after the request's image (or
+        `image`, that image already loaded), or text alone when the request has no image_url.
+        With `messages` (see `render_chat`): the chat's image parts, in order, each carrying its
+        source ({"type": "image", "image": URL, path or PIL image}); parts without a source take
+        request.image_url (the one-image form). `rendered`: the chat already rendered."""
+        if messages is None:
+            sources = [image if image is not None else request.image_url] \
+                if image is not None or request.image_url is not None else []
+            if rendered is None:
+                rendered = render_prompt(self.template, request.prompt, self.tokenizer,
+                                         len(sources))
+        else:
+            sources = [p.get("image", request.image_url) for m in messages
+                       for p in m["content"] if p["type"] == "image"]
+            if image is not None and sources:
+                sources[0] = image
+            if any(src is None for src in sources):
+                raise RequestValidationError("image_url", "an image part has no source and the "
+                                             "request has no image_url", "missing")
+            if rendered is None:
+                rendered = self.render_chat(messages)
+        loaded = [src if isinstance(src, Image.Image) else load_image(src, self.image_limits)
+                  for src in sources]
+        images = tuple(preprocess(im, self.image_config, self.device) for im in loaded)
+        counts = tuple(self.num_image_tokens(im) for im in images)
+        ids = build_input_ids(self.tokenizer, rendered, "<image>", self.image_token_id, counts)
+        return PreparedPrompt(ids, images, counts, self.image_token_id)
 
     def render_chat(self, messages: list[dict]) -> str:
         """A chat [{"role": "system"|"user"|"assistant", "content": [{"type": "image"} |
@@ -231,26 +265,41 @@ class LLaVA:
             return dataclasses.replace(req, max_tokens=room)
         return req
 
-    def _sequence(self, prepared: PreparedPrompt, req: GenerationRequest) -> Sequence:
+    def _sequence(self, prepared: PreparedPrompt, req: GenerationRequest,
+                  sampling: Mapping[str, Any] | None = None) -> Sequence:
+        """`sampling`: further SamplingParams fields (logprobs, prompt_logprobs_from)."""
         if self._tp is not None:
             self._tp.check()   # a dead tensor-parallel worker: refuse, naming it
         self.check_context(len(prepared.input_ids), req.max_tokens)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids)
-        ids = prepared.input_ids
-        start = ids.index(prepared.image_token_id)
-        span = ImageSpan(start, prepared.num_image_tokens, prepared.image.key)
-        if ids[span.start:span.end] != [prepared.image_token_id] * span.length:
-            raise ValueError("the image placeholder tokens are not contiguous in the prompt")
-        return Sequence(ids, params, self.max_len, (span,), payload=(prepared.image,))
+        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids,
+                                **(sampling or {}))
+        return Sequence(prepared.input_ids, params, self.max_len, self._image_spans(prepared),
+                        payload=prepared.images)
 
-    def _engine_events(self, prepared: PreparedPrompt,
-                       req: GenerationRequest) -> Iterator[tuple[str, object, object]]:
+    @staticmethod
+    def _image_spans(prepared: PreparedPrompt) -> tuple[ImageSpan, ...]:
+        """Each image's run of placeholder tokens, in prompt order (its key names it in the
+        prefix and image-feature caches, so a repeated image is cached per image)."""
+        ids, spans, start = prepared.input_ids, [], 0
+        for image, n in zip(prepared.images, prepared.image_token_counts):
+            start = ids.index(prepared.image_token_id, start)
+            if ids[start:start + n] != [prepared.image_token_id] * n:
+                raise ValueError("the image placeholder tokens are not contiguous in the prompt")
+            spans.append(ImageSpan(start, n, image.key))
+            start += n
+        if prepared.image_token_id in ids[start:]:
+            raise ValueError("the prompt has more image placeholder tokens than its images")
+        return tuple(spans)
+
+    def _engine_events(self, prepared: PreparedPrompt, req: GenerationRequest,
+                       sampling: Mapping[str, Any] | None = None
+                       ) -> Iterator[tuple[str, object, object]]:
         """Submit the request; yield its ("token", id) events, then ("finish", reason), each with
         its RequestHandle. An error event raises. Closing early cancels the request and returns
         once its pages are free."""
         events: queue.SimpleQueue = queue.SimpleQueue()
-        handle = self.engine.submit(self._sequence(prepared, req),
+        handle = self.engine.submit(self._sequence(prepared, req, sampling),
                                     lambda kind, value: events.put((kind, value)))
         try:
             while True:
@@ -263,34 +312,42 @@ class LLaVA:
         finally:
             self.engine.cancel(handle)
 
-    def generate_ids(self, request: Mapping[str, Any]) -> list[int]:
+    def generate_ids(self, request: Mapping[str, Any], *, messages: list[dict] | None = None
+                     ) -> list[int]:
         """Generated token ids (the stop id, if reached, included)."""
-        req = parse_request(request)
-        events = self._engine_events(self.prepare(req), req)
+        messages = chat_messages(messages)
+        req = self._parse(request, messages)
+        events = self._engine_events(self.prepare(req, messages=messages), req)
         return [value for kind, value, _ in events if kind == "token"]
 
-    def generate(self, request: Mapping[str, Any]) -> dict:
+    def generate(self, request: Mapping[str, Any], *, messages: list[dict] | None = None
+                 ) -> dict:
+        """The final snapshot of `stream`."""
         out = None
-        for out in self.stream(request):
+        for out in self.stream(request, messages=messages):
             pass
         return out
 
-    def stream(self, request: Mapping[str, Any], *, image: Image.Image | None = None
-               ) -> Iterator[dict]:
+    def stream(self, request: Mapping[str, Any], *, image: Image.Image | None = None,
+               messages: list[dict] | None = None) -> Iterator[dict]:
         """Cumulative snapshots {"output": text so far, "partial": True} ..., then the final
         {"output": text, "partial": False}. The request is validated before the first yield's
         work starts; closing the iterator early stops generation and frees its KV pages.
         `image`: the request's image already loaded (`fastllava.preprocess.image_io.load_image`),
         e.g. fetched before the weights were; request["image_url"] is then only validated.
         A prompt (image tokens included) + max_tokens over the context raises
-        RequestValidationError (see `check_context`) at the first next()."""
-        req = parse_request(request)
-        return _plain(self._events(req, None, False, image=image))
+        RequestValidationError (see `check_context`) at the first next().
+        Without image_url the request is a text-only turn. `messages`: a whole chat instead of
+        the one-turn prompt, with any number of images where their parts stand (see
+        `fastllava.messages.chat_messages`); the request then holds only the sampling fields."""
+        messages = chat_messages(messages)
+        req = self._parse(request, messages)
+        return _plain(self._events(req, messages, False, image=image))
 
     def stream_detailed(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
                         max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
-                        every_token: bool = False, clamp_max_tokens: bool = False
-                        ) -> Iterator[dict]:
+                        every_token: bool = False, clamp_max_tokens: bool = False,
+                        logprobs: int | None = None) -> Iterator[dict]:
         """`stream` with counts: every snapshot also has "prompt_tokens" (image tokens included),
         "completion_tokens" (tokens generated so far, a stop id included) and "finish_reason"
         (None until the final snapshot, then "stop" for a stop id, "length" for max_tokens or a
@@ -304,29 +361,58 @@ class LLaVA:
         between snapshots can stop at the next token.
         A prompt + max_tokens over the context raises RequestValidationError (`check_context`);
         clamp_max_tokens=True lowers max_tokens to the room left instead (for a default the
-        client did not choose: the OpenAI route's unset max_tokens)."""
-        req = parse_request(request, max_tokens_limit=max_tokens_limit,
-                            max_prompt_chars=max_prompt_chars)
-        return self._events(req, messages, every_token, clamp_max_tokens=clamp_max_tokens)
+        client did not choose: the OpenAI route's unset max_tokens).
+        logprobs=k (0..MAX_TOP_LOGPROBS): snapshots carry "logprobs", one entry per token so far
+        (cumulative; see fastllava.snapshots): the raw distribution's log-probabilities, before
+        temperature and top-p, with the k most likely alternatives."""
+        sampling = {"logprobs": check_logprobs(logprobs)}
+        messages = chat_messages(messages)
+        req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,
+                          max_prompt_chars=max_prompt_chars)
+        return self._events(req, messages, every_token, clamp_max_tokens=clamp_max_tokens,
+                            sampling=sampling)
+
+    @staticmethod
+    def _parse(request: Mapping[str, Any], messages: list[dict] | None, **limits
+               ) -> GenerationRequest:
+        """parse_request for the Python API: image_url optional (a text-only turn, or a chat
+        whose images come with its messages); a chat's text stands in for a missing prompt."""
+        if messages is not None and isinstance(request, Mapping) and "prompt" not in request:
+            text = "\n".join(p["text"] for m in messages for p in m["content"]
+                             if p["type"] == "text")
+            request = {**request, "prompt": text if text.strip() else "(image only)"}
+        return parse_request(request, image_required=False, **limits)
 
     def _events(self, req: GenerationRequest, messages: list[dict] | None, every_token: bool, *,
-                image: Image.Image | None = None, clamp_max_tokens: bool = False
-                ) -> Iterator[dict]:
+                image: Image.Image | None = None, clamp_max_tokens: bool = False,
+                sampling: Mapping[str, Any] | None = None) -> Iterator[dict]:
         # Fetching and preprocessing the image happen on the caller's thread, so a slow image
         # host holds up nobody else; the engine thread only runs steps.
-        prepared = self.prepare(req, None if messages is None else self.render_chat(messages),
-                                image)
+        prepared = self.prepare(req, image=image, messages=messages)
         req = self._fitted(prepared, req, clamp_max_tokens)
-        yield from self.stream_prepared(req, prepared, every_token=every_token)
+        yield from self.stream_prepared(req, prepared, every_token=every_token, sampling=sampling)
+
+    def prepare_request(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
+                        max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
+                        clamp_max_tokens: bool = False
+                        ) -> tuple[GenerationRequest, PreparedPrompt]:
+        """`stream_detailed`'s validation and preparation (images fetched), for a caller that
+        streams several choices of one prompt with `stream_prepared` (see `generate_choices`)."""
+        messages = chat_messages(messages)
+        req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,
+                          max_prompt_chars=max_prompt_chars)
+        prepared = self.prepare(req, messages=messages)
+        return self._fitted(prepared, req, clamp_max_tokens), prepared
 
     def stream_prepared(self, req: GenerationRequest, prepared: PreparedPrompt, *,
-                        every_token: bool = False) -> Iterator[dict]:
+                        every_token: bool = False, sampling: Mapping[str, Any] | None = None
+                        ) -> Iterator[dict]:
         """`stream_detailed`'s snapshots for a request already validated (`parse_request`) and
         prepared (`prepare`: image fetched and preprocessed), so a caller can load images in a
         pool of its own and give the engine only requests that are ready (the queue worker).
         The context check (`check_context`) runs when the request is submitted."""
         snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
-        with contextlib.closing(self._engine_events(prepared, req)) as events:
+        with contextlib.closing(self._engine_events(prepared, req, sampling)) as events:
             for kind, value, handle in events:
                 snapshot = snapshots.on_event(kind, value, handle)
                 if snapshot is not None:
@@ -335,17 +421,20 @@ class LLaVA:
     # ---- asyncio ----------------------------------------------------------------------------------
     def astream(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
                 detailed: bool = False, every_token: bool = False,
-                max_tokens_limit: int = 4096, max_prompt_chars: int = 16384) -> AsyncIterator[dict]:
+                max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
+                logprobs: int | None = None) -> AsyncIterator[dict]:
         """`stream` for asyncio: an async iterator of the same snapshots (`stream_detailed`'s with
-        detailed=True). The request is validated here, eagerly; the image is fetched in the
-        default executor. Closing the iterator early (aclose, or breaking out of `async for`)
-        cancels the request."""
+        detailed=True, `logprobs` included). The request is validated here, eagerly; the image
+        is fetched in the default executor. Closing the iterator early (aclose, or breaking out
+        of `async for`) cancels the request."""
+        sampling = {"logprobs": check_logprobs(logprobs)}
+        messages = chat_messages(messages)
         if detailed:
-            req = parse_request(request, max_tokens_limit=max_tokens_limit,
-                                max_prompt_chars=max_prompt_chars)
+            req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,
+                              max_prompt_chars=max_prompt_chars)
         else:
-            req = parse_request(request)
-        return self._aevents(req, messages, every_token, detailed)
+            req = self._parse(request, messages)
+        return self._aevents(req, messages, every_token, detailed, sampling)
 
     async def agenerate(self, request: Mapping[str, Any]) -> dict:
         """`generate` for asyncio: concurrent awaits share the engine's batches."""
@@ -354,17 +443,18 @@ class LLaVA:
             pass
         return out
 
-    async def _aevents(self, req, messages, every_token, detailed) -> AsyncIterator[dict]:
+    async def _aevents(self, req, messages, every_token, detailed, sampling
+                       ) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
-        rendered = None if messages is None else self.render_chat(messages)
-        prepared = await loop.run_in_executor(None, self.prepare, req, rendered)
+        prepared = await loop.run_in_executor(
+            None, functools.partial(self.prepare, req, messages=messages))
         snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
         events: asyncio.Queue = asyncio.Queue()
 
         def put(kind, value):
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        handle = self.engine.submit(self._sequence(prepared, req), put)
+        handle = self.engine.submit(self._sequence(prepared, req, sampling), put)
         try:
             while True:
                 kind, value = await events.get()

@@ -111,6 +111,7 @@ def _add_serve(commands) -> None:
             ("default_chat_max_tokens", int, "max_tokens of OpenAI requests that set none"),
             ("sse_ping_s", float, "keep-alive comment interval of status streams"),
             ("max_stop_chars", int, "longest OpenAI stop string (400 above)"),
+            ("max_images_per_request", int, "most images in one OpenAI chat (400 above)"),
             ("header_timeout_s", float, "wall-time limit of a request's line and headers "
              "(the connection is closed)"),
             ("body_timeout_s", float, "wall-time limit of a request's whole body (408)")):

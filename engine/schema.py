@@ -53,6 +53,7 @@ FIELDS = ("image_url", "prompt", "max_tokens", "temperature", "top_p", "seed")
 ALIASES = {"max_new_tokens": "max_tokens"}
 TEMPERATURE_MAX = 2.0
 SEED_LIMIT = 2**63  # exclusive; seeds must fit a signed 64-bit generator seed
+MAX_TOP_LOGPROBS = 20  # alternatives per token with logprobs (OpenAI's top_logprobs limit)
 
 
 class RequestValidationError(ValueError):
@@ -79,7 +80,7 @@ class RequestValidationError(ValueError):
 class GenerationRequest:
     """A validated request; build it with `parse_request`, which enforces the ranges."""
 
-    image_url: str
+    image_url: str | None           # None: a text-only request (Python API, image_required=False)
     prompt: str
     max_tokens: int = 64
     temperature: float = 0.2
@@ -177,7 +178,7 @@ def _check_seed(name: str, value: Any) -> int | None:
 
 
 def _validate(data: Any, max_tokens_limit: int, max_prompt_chars: int,
-              check_image_url: Callable[[str], None] | None = None):
+              check_image_url: Callable[[str], None] | None = None, image_required: bool = True):
     """Every error in reporting order, and the validated values (meaningful only without errors)."""
     if not isinstance(data, Mapping):
         return [RequestValidationError(
@@ -222,7 +223,7 @@ def _validate(data: Any, max_tokens_limit: int, max_prompt_chars: int,
     for field in FIELDS:
         name = names[field]
         if name not in data:
-            if field in ("image_url", "prompt"):
+            if field == "prompt" or (field == "image_url" and image_required):
                 errors.append(RequestValidationError(
                     name, "field required (a non-empty string)", "missing"))
             continue
@@ -230,12 +231,13 @@ def _validate(data: Any, max_tokens_limit: int, max_prompt_chars: int,
             values[field] = checks[field](name, data[name])
         except RequestValidationError as e:
             errors.append(e)
+    values.setdefault("image_url", None)
     return errors, values
 
 
 def validate_all(data: Any, *, max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
-                 check_image_url: Callable[[str], None] | None = None
-                 ) -> list[RequestValidationError]:
+                 check_image_url: Callable[[str], None] | None = None,
+                 image_required: bool = True) -> list[RequestValidationError]:
     """Every problem with `data`, in reporting order (body, unknown fields sorted, then FIELDS).
 
     Empty when `data` is valid. Unknown fields give one error each (FastAPI's shape).
@@ -243,17 +245,23 @@ def validate_all(data: Any, *, max_tokens_limit: int = 4096, max_prompt_chars: i
     local paths and private hosts), run on a well-formed image_url; its RequestValidationError is
     listed with the other fields' problems.
     """
-    return _validate(data, max_tokens_limit, max_prompt_chars, check_image_url)[0]
+    return _validate(data, max_tokens_limit, max_prompt_chars, check_image_url,
+                     image_required)[0]
 
 
 def parse_request(data: Mapping[str, Any], *, max_tokens_limit: int = 4096,
-                  max_prompt_chars: int = 16384) -> GenerationRequest:
+                  max_prompt_chars: int = 16384, image_required: bool = True
+                  ) -> GenerationRequest:
     """Validate a fal-schema request dict and return it with defaults filled in.
 
+    image_required=False (the Python API) accepts a request without image_url: a text-only
+    turn, or one whose images come with its chat messages. The fal schema (the HTTP route, the
+    queue worker) keeps it required.
     Raises RequestValidationError for the first problem in reporting order; when that is an
     unknown field, the one error names every unknown field (sorted) and `field` is the first.
     """
-    errors, values = _validate(data, max_tokens_limit, max_prompt_chars)
+    errors, values = _validate(data, max_tokens_limit, max_prompt_chars,
+                               image_required=image_required)
     if not errors:
         return GenerationRequest(**values)
     first = errors[0]

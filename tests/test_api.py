@@ -50,7 +50,7 @@ def assert_healthy(llava, image_path):
 
 
 @pytest.mark.parametrize("request_, field", [
-    ({"prompt": "hi"}, "image_url"),
+    ({"image_url": None, "prompt": "hi"}, "image_url"),  # absent: a text-only turn
     ({"image_url": 3, "prompt": "hi"}, "image_url"),
     ({"image_url": "x.png"}, "prompt"),
     ({"image_url": "x.png", "prompt": ["hi"]}, "prompt"),

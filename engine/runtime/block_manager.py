@@ -75,7 +75,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits = []
-        for h in self._seq_hashes(seq, (len(seq) - 1) // self.page_size):
+        for h in self._seq_hashes(seq, seq.max_cached_tokens // self.page_size):
             page = self.page_of.get(h)
             if page is None:
                 break

@@ -21,7 +21,7 @@ from fastllava.preprocess.processor import ProcessedImage
 from fastllava.runtime.cuda_graphs import DecodeGraphs
 from fastllava.runtime.image_cache import ImageFeatureCache
 from fastllava.runtime.memory_plan import MemoryPlan
-from fastllava.runtime.sampler import SamplingBatch, sample
+from fastllava.runtime.sampler import SamplingBatch, raw_logprobs, sample
 from fastllava.runtime.scheduler import Batch
 from fastllava.runtime.sequence import Sequence
 
@@ -49,8 +49,24 @@ class ModelRunner:
             return [None] * len(batch.seqs)
         rows = [(seq.params.temperature, seq.params.top_p, seq.params.seed, seq.num_generated)
                 for seq in picked]
-        tokens = iter(sample(logits, SamplingBatch.build(rows, self.device)).tolist())
+        sampled = sample(logits, SamplingBatch.build(rows, self.device))
+        if any(seq.params.logprobs is not None for seq in picked):   # only when a request asks
+            self._record_logprobs(picked, logits, sampled)
+        tokens = iter(sampled.tolist())
         return [next(tokens) if s else None for s in samples]
+
+    @staticmethod
+    def _record_logprobs(picked: list[Sequence], logits: torch.Tensor, sampled: torch.Tensor
+                         ) -> None:
+        """Append (logprob, top-k) of each sampled token to the seqs that asked (raw_logprobs),
+        computed over their rows only."""
+        asked = [i for i, seq in enumerate(picked) if seq.params.logprobs is not None]
+        top_k = max(picked[i].params.logprobs for i in asked)
+        rows = torch.tensor(asked, dtype=torch.int64, device=logits.device)
+        chosen, values, ids = (t.tolist() for t in raw_logprobs(logits[rows], sampled[rows], top_k))
+        for j, i in enumerate(asked):
+            k = picked[i].params.logprobs
+            picked[i].logprobs.append((chosen[j], list(zip(ids[j][:k], values[j][:k]))))
 
     def release(self, seq: Sequence) -> None:
         """Drop what the runner holds for seq (its image features)."""
@@ -77,6 +93,9 @@ class ModelRunner:
             cu_seqlens.append(cu_seqlens[-1] + n)
             if s:
                 logits_rows.append(cu_seqlens[-1] - 1)
+        # Scored prompt positions (LLaVA.score) add rows after the sampling rows; none otherwise.
+        scored = self._scored_rows(batch, cu_seqlens)
+        logits_rows += [row for row, _, _ in scored]
         ctx = self._context(True, batch.seqs, positions, slots, cu_seqlens, batch.starts,
                             [s + n for s, n in zip(batch.starts, batch.num_tokens)], logits_rows)
         i64 = dict(dtype=torch.int64, device=self.device)
@@ -84,10 +103,36 @@ class ModelRunner:
         mask = torch.tensor(is_image, dtype=torch.bool, device=self.device) if feats else None
         embeds = self.model.embed(ids_t, mask, torch.cat(feats) if feats else None)
         logits = self.model(self.ops, embeds, ctx, self.kv)
+        if scored:
+            logits = self._record_prompt_logprobs(scored, logits)
         for seq, start, n in zip(batch.seqs, batch.starts, batch.num_tokens):
             if all(start + n >= img.end for img in seq.images):
                 self.release(seq)            # past its images: their features are no longer needed
         return logits
+
+    @staticmethod
+    def _scored_rows(batch: Batch, cu_seqlens: list[int]) -> list[tuple[int, Sequence, int]]:
+        """(packed row, seq, position p) for each prompt position p >= prompt_logprobs_from
+        whose predecessor p - 1 this step computes: row p - 1's logits score token p."""
+        out = []
+        for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.starts, batch.num_tokens)):
+            first = seq.params.prompt_logprobs_from
+            if first is None:
+                continue
+            for t in range(max(start, first - 1), min(start + n, seq.prompt_len - 1)):
+                out.append((cu_seqlens[i] + t - start, seq, t + 1))
+        return out
+
+    @staticmethod
+    def _record_prompt_logprobs(scored, logits: torch.Tensor) -> torch.Tensor:
+        """Store the scored positions' log-probabilities; return the sampling rows' logits."""
+        n = logits.shape[0] - len(scored)
+        targets = torch.tensor([seq.token_ids[p] for _, seq, p in scored], dtype=torch.int64,
+                               device=logits.device)
+        values, _, top = raw_logprobs(logits[n:], targets, 1)
+        for (_, seq, p), value, best in zip(scored, values.tolist(), top[:, 0].tolist()):
+            seq.prompt_logprobs[p] = (value, best)
+        return logits[:n]
 
     def _image_features(self, seq: Sequence, j: int, batch: Batch) -> torch.Tensor:
         held = self._features.get(seq.seq_id)

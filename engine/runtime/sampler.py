@@ -198,3 +198,25 @@ def make_generator(seed: int | None, device) -> torch.Generator:
     else:
         g.manual_seed(seed)
     return g
+
+
+def raw_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, top_k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The raw distribution's log-probabilities, as vLLM returns them by default: an fp32
+    log-softmax of the logits, before temperature and top-p (which only shape the draw).
+
+    logits (B, V) fp32, token_ids (B,) int64 → (chosen (B,), top values (B, k), top ids (B, k)),
+    top-k in descending order, ties to the lowest id (a stable sort). Separate from `sample`:
+    only requests that ask for logprobs pay for it, and sampling itself is unchanged."""
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be (B, V) float32, got {tuple(logits.shape)} {logits.dtype}")
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen = logp.gather(-1, token_ids[:, None]).squeeze(-1)
+    if top_k == 0:
+        empty = logp[:, :0]
+        return chosen, empty, empty.to(torch.int64)
+    if top_k == 1:  # argmax: the first maximum, as the stable sort below would order it
+        values, ids = logp.max(dim=-1, keepdim=True)
+        return chosen, values, ids
+    values, ids = torch.sort(logp, dim=-1, descending=True, stable=True)
+    return chosen, values[:, :top_k], ids[:, :top_k]

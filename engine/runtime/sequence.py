@@ -31,6 +31,12 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0                       # always set: the engine draws one when a request has none
     stop_ids: tuple[int, ...] = ()
+    # Log-probabilities of the raw distribution (fp32 log-softmax of the logits, before
+    # temperature and top-p): None = off; k >= 0 = each sampled token's, plus the k most likely.
+    logprobs: int | None = None
+    # Score prompt tokens from this index on (LLaVA.score): each one's log-probability given the
+    # tokens before it; None = off. Those tokens are never taken from the prefix cache.
+    prompt_logprobs_from: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +103,12 @@ class Sequence:
         self.num_computed = 0
         self.block_table: list[int] = []
         self.finish_reason: str | None = None
+        # Filled by the model runner only when params ask (SamplingParams.logprobs /
+        # prompt_logprobs_from): per generated token (logprob, [(id, logprob), ...] top-k),
+        # appended before its "token" event; prompt position → (logprob of the token there, the
+        # most likely id there).
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: dict[int, tuple[float, int]] = {}
         self.metrics = RequestMetrics(arrival=time.monotonic(), prompt_tokens=len(prompt_ids))
 
     def __len__(self) -> int:
@@ -113,6 +125,15 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def max_cached_tokens(self) -> int:
+        """Leading tokens the prefix cache may supply: all but the last (its logits are needed),
+        and none from the first scored prompt position's predecessor on (their logits are)."""
+        limit = len(self.token_ids) - 1
+        if self.params.prompt_logprobs_from is not None:
+            limit = min(limit, self.params.prompt_logprobs_from - 1)
+        return max(limit, 0)
 
     @property
     def is_decoding(self) -> bool:

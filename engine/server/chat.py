@@ -1,13 +1,15 @@
 """An OpenAI chat-completions body → the engine's chat and a fal-schema request.
 
 Accepted: `model`, `messages` (roles system / developer / user / assistant; content a string or a
-list of {"type": "text"} / {"type": "image_url", "image_url": {"url"} | str} parts), `max_tokens`
+list of {"type": "text"} / {"type": "image_url", "image_url": {"url"} | str} parts; up to
+ServerSettings.max_images_per_request images, each placed where its part stands, or none for a
+text-only chat), `max_tokens`
 / `max_completion_tokens` (the latter wins; default ServerSettings.default_chat_max_tokens),
-`temperature` (default 1, OpenAI's), `top_p`, `n` (1 only), `stop` (string or up to 4 strings, each
-at most ServerSettings.max_stop_chars long),
-`seed`, `stream`, `stream_options.include_usage`. Features the engine does not have (logprobs,
-tools, JSON mode, penalties, logit_bias) are refused with a 400 naming the field rather than
-silently ignored; other fields (user, metadata, ...) are ignored.
+`temperature` (default 1, OpenAI's), `top_p`, `n` (1..MAX_CHOICES), `stop` (string or up to 4
+strings, each at most ServerSettings.max_stop_chars long),
+`seed`, `stream`, `stream_options.include_usage`, `logprobs` / `top_logprobs`. Features the
+engine does not have (tools, JSON mode, penalties, logit_bias) are refused with a 400 naming
+the field rather than silently ignored; other fields (user, metadata, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -15,16 +17,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fastllava.schema import short_repr, validate_all
+from fastllava.schema import MAX_TOP_LOGPROBS, RequestValidationError, short_repr, validate_all
 
 from .errors import ApiError, detail_message
 from .safety import precheck_image_url
 from .settings import ServerSettings
 
+MAX_CHOICES = 16   # n: each choice is a request of its own in the engine
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # field → (value that means "off", what it is)
-_UNSUPPORTED = {"logprobs": (False, "logprobs"), "top_logprobs": (None, "logprobs"),
-                "tools": ([], "tool calling"), "functions": ([], "function calling"),
+_UNSUPPORTED = {"tools": ([], "tool calling"), "functions": ([], "function calling"),
                 "frequency_penalty": (0, "frequency penalty"),
                 "presence_penalty": (0, "presence penalty"), "logit_bias": ({}, "logit bias")}
 
@@ -33,10 +35,12 @@ _UNSUPPORTED = {"logprobs": (False, "logprobs"), "top_logprobs": (None, "logprob
 class Chat:
     model: str
     messages: list[dict]        # engine form, see LLaVA.render_chat
-    request: dict               # fal schema: image_url, prompt (all text), sampling
+    request: dict               # fal schema without image_url: prompt (all text), sampling
     stop: list[str]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None     # top_logprobs when logprobs is true, else None
+    n: int = 1                      # choices (samples of the one prompt)
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_request_error") -> ApiError:
@@ -63,14 +67,14 @@ def _content(i: int, role: str, content: Any, images: list[str]) -> list[dict]:
             if role != "user":
                 raise _bad(f"{where}[{j}]: images are only accepted in user messages", where)
             images.append(url)
-            parts.append({"type": "image"})
+            parts.append({"type": "image", "image": url})
         else:
             raise _bad(f"{where}[{j}]: unsupported content part (type {short_repr(kind)}); "
                        "accepted: 'text' with a string 'text', 'image_url'", where)
     return parts
 
 
-def _messages(raw: Any) -> tuple[list[dict], list[str]]:
+def _messages(raw: Any, max_images: int) -> tuple[list[dict], list[str]]:
     if not isinstance(raw, list) or not raw:
         raise _bad("messages must be a non-empty list", "messages")
     messages, images = [], []
@@ -82,13 +86,38 @@ def _messages(raw: Any) -> tuple[list[dict], list[str]]:
                        f"messages[{i}].role")
         messages.append({"role": _ROLES[role], "content": _content(i, role, m.get("content"),
                                                                    images)})
-    if len(images) != 1:
-        raise _bad(f"exactly one image is required (an image_url part in a user message): LLaVA "
-                   f"answers about one image; got {len(images)}", "messages")
+    if len(images) > max_images:
+        raise _bad(f"a chat may hold at most {max_images} images (--max-images-per-request); "
+                   f"got {len(images)}", "messages")
     if messages[-1]["role"] != "user":
         raise _bad("the last message must be a user message (continuing an assistant message "
                    "is not supported)", "messages")
     return messages, images
+
+
+def _image_errors(images: list[str], settings: ServerSettings) -> list[RequestValidationError]:
+    """The submit-time check of every image source (safety.precheck_image_url), in order."""
+    errors = []
+    for url in images:
+        try:
+            precheck_image_url(url, settings)
+        except RequestValidationError as e:
+            errors.append(e)
+    return errors
+
+
+def _logprobs(body: dict) -> int | None:
+    """OpenAI's pair: logprobs (bool) turns them on, top_logprobs (0..20) needs it."""
+    on, top = body.get("logprobs"), body.get("top_logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise _bad("logprobs must be a boolean", "logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise _bad(f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}, got "
+                       f"{short_repr(top)}", "top_logprobs")
+        if not on:
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if on else None
 
 
 def _stop(value: Any, max_chars: int) -> list[str]:
@@ -120,14 +149,14 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise _bad("response_format: only {'type': 'text'} is supported", "response_format")
-    if body.get("n") not in (None, 1):
-        raise _bad(f"n must be 1 (one choice per request), got {short_repr(body.get('n'))}", "n")
-    messages, images = _messages(body.get("messages"))
+    n = 1 if body.get("n") is None else body["n"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise _bad(f"n must be an integer between 1 and {MAX_CHOICES}, got {short_repr(n)}", "n")
+    messages, images = _messages(body.get("messages"), settings.max_images_per_request)
     texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
-    request: dict[str, Any] = {
-        "image_url": images[0],
+    request: dict[str, Any] = {  # the images travel in `messages`, each in its part
         "prompt": "\n".join(texts) if "".join(texts).strip() else "(image only)",
         "max_tokens": body.get(budget, min(settings.default_chat_max_tokens,
                                            settings.max_tokens_limit)),
@@ -137,9 +166,9 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     }
     if request["max_tokens"] is None:
         request["max_tokens"] = min(settings.default_chat_max_tokens, settings.max_tokens_limit)
-    errors = validate_all(request, max_tokens_limit=settings.max_tokens_limit,
-                          max_prompt_chars=settings.max_prompt_chars,
-                          check_image_url=lambda url: precheck_image_url(url, settings))
+    errors = _image_errors(images, settings) + validate_all(
+        request, max_tokens_limit=settings.max_tokens_limit,
+        max_prompt_chars=settings.max_prompt_chars, image_required=False)
     if errors:
         # Name the OpenAI field in the message (the prompt is all message text together).
         names = {"image_url": "image_url", "prompt": "message text", "max_tokens": budget}
@@ -154,4 +183,4 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     if not isinstance(options, dict):
         raise _bad("stream_options must be an object", "stream_options")
     return Chat(model, messages, request, _stop(body.get("stop"), settings.max_stop_chars), stream,
-                bool(options.get("include_usage")) and stream)
+                bool(options.get("include_usage")) and stream, _logprobs(body), n)

@@ -3,9 +3,11 @@
     GET  /v1/models              {"object": "list", "data": [{"id", "object": "model", ...}]}
     POST /v1/chat/completions    chat.completion, or SSE chat.completion.chunk events + [DONE]
 
-A chat must hold exactly one image (an `image_url` part of a user message): LLaVA answers about
-one image. System messages, assistant turns and several user turns are rendered with the
-checkpoint's chat template (LLaVA.render_chat). Errors: {"error": {message, type, param, code}},
+A chat holds up to ServerSettings.max_images_per_request images (`image_url` parts of user
+messages, each placed where its part stands), or none (a text-only chat). System messages,
+assistant turns and several user turns are rendered with the checkpoint's chat template
+(LLaVA.render_chat). `n` choices share one prefill (choices.py); `logprobs` are the raw
+distribution's (before temperature and top-p). Errors: {"error": {message, type, param, code}},
 400 for bad requests and image errors, 404 for an unknown model.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
@@ -23,6 +26,7 @@ from .errors import ApiError, detail_message, openai_error_body
 from .bodies import read_json
 from .safety import classify
 from .stops import apply_stops
+from .choices import choice_events, indexed
 from .streaming import (SSE_HEADERS, ClosingStreamingResponse, chained, engine_events,
                         first_and_rest, last_snapshot)
 
@@ -59,58 +63,87 @@ async def chat_completions(request: Request):
     # No max_tokens from the client: the server's default shrinks to fit the context (vLLM's
     # rule for an unset max_tokens); one the client chose is refused when it does not fit.
     unset = body.get("max_tokens") is None and body.get("max_completion_tokens") is None
-    events = engine_events(lambda: apply_stops(llava.stream_detailed(
-        chat.request, messages=chat.messages, max_tokens_limit=s.max_tokens_limit,
-        max_prompt_chars=s.max_prompt_chars, every_token=True, clamp_max_tokens=unset),
-        chat.stop), state.metrics)
+    limits = dict(max_tokens_limit=s.max_tokens_limit, max_prompt_chars=s.max_prompt_chars)
+    if chat.n == 1:
+        events = indexed(engine_events(lambda: apply_stops(llava.stream_detailed(
+            chat.request, messages=chat.messages, every_token=True, clamp_max_tokens=unset,
+            logprobs=chat.logprobs, **limits), chat.stop), state.metrics))
+    else:
+        events = choice_events(
+            chat.n,
+            lambda: llava.prepare_request(chat.request, messages=chat.messages,
+                                          clamp_max_tokens=unset, **limits),
+            lambda req, prepared: apply_stops(llava.stream_prepared(
+                req, prepared, every_token=True, sampling={"logprobs": chat.logprobs}),
+                chat.stop),
+            state.metrics)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), chat.model
 
     def finish(snap: dict) -> str:  # "stop": a stop id or a stop string (apply_stops)
         return snap.get("finish_reason") or "length"
 
-    def usage(snap: dict) -> dict:
-        p, c = snap["prompt_tokens"], snap["completion_tokens"]
+    def logprobs(snap: dict, sent: int = 0) -> dict | None:
+        """OpenAI's choice logprobs: the entries from `sent` on (None when not asked)."""
+        if chat.logprobs is None:
+            return None
+        return {"content": snap.get("logprobs", [])[sent:], "refusal": None}
+
+    def usage(lasts: dict[int, dict]) -> dict:
+        p = next(iter(lasts.values()))["prompt_tokens"]     # one prompt, shared by the choices
+        c = sum(snap["completion_tokens"] for snap in lasts.values())
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     if not chat.stream:
+        async def finals() -> AsyncIterator[dict[int, dict]]:
+            lasts: dict[int, dict] = {}
+            async for i, snap in events:
+                lasts[i] = snap
+            yield lasts
+
         try:  # the connection is watched from the start: a disconnect cancels the request
-            last = await last_snapshot(request, events)
+            lasts = await last_snapshot(request, finals())
         except ApiError:  # the client disconnected
             raise
         except Exception as e:
             raise _openai_error(e) from e
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": last["output"]},
-                         "logprobs": None, "finish_reason": finish(last)}],
-            "usage": usage(last)})
+            "choices": [{"index": i, "message": {"role": "assistant", "content": last["output"]},
+                         "logprobs": logprobs(last), "finish_reason": finish(last)}
+                        for i, last in sorted(lasts.items())],
+            "usage": usage(lasts)})
 
     try:  # before any byte is sent: errors get their status code
         first, rest = await first_and_rest(events)
     except Exception as e:
         raise _openai_error(e) from e
 
-    def chunk(delta: dict, finish_reason: str | None, **extra) -> str:
+    def chunk(i: int, delta: dict, finish_reason: str | None, lp: dict | None = None,
+              **extra) -> str:
         data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                "choices": [{"index": i, "delta": delta, "logprobs": lp,
                              "finish_reason": finish_reason}], **extra}
         if chat.include_usage:
             data.setdefault("usage", None)
         return f"data: {json.dumps(data)}\n\n"
 
     async def sse():
-        yield chunk({"role": "assistant", "content": ""}, None)
-        sent, last = 0, None
+        for i in range(chat.n):
+            yield chunk(i, {"role": "assistant", "content": ""}, None)
+        sent, sent_lp, lasts = [0] * chat.n, [0] * chat.n, {}
         try:
-            async for last in chained(first, rest):
+            async for i, last in chained(first, rest):
+                lasts[i] = last
                 text = last["output"]
-                if len(text) > sent:  # only the new characters are touched: O(new text)
-                    yield chunk({"content": text[sent:]}, None)
-                    sent = len(text)
-            yield chunk({}, finish(last))
+                if len(text) > sent[i]:  # only the new characters are touched: O(new text)
+                    yield chunk(i, {"content": text[sent[i]:]}, None, logprobs(last, sent_lp[i]))
+                    sent[i], sent_lp[i] = len(text), len(last.get("logprobs", ()))
+                if not last["partial"]:
+                    # Tokens not yet sent (held back, or that added no text) ride on this chunk.
+                    yield chunk(i, {}, finish(last), logprobs(last, sent_lp[i]))
             if chat.include_usage:
                 data = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                        "model": model, "choices": [], "usage": usage(last)}
+                        "model": model, "choices": [], "usage": usage(lasts)}
                 yield f"data: {json.dumps(data)}\n\n"
         except Exception as e:  # mid-stream: report in-band, then end the stream as usual
             err = _openai_error(e)

@@ -152,19 +152,38 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """Exactly one image in the chat; other OpenAI fields (user, metadata, ...) are ignored;
-    logprobs, tools, penalties and logit_bias are refused with a 400."""
+    """Up to --max-images-per-request images in the chat, or none; other OpenAI fields (user,
+    metadata, ...) are ignored; tools, penalties and logit_bias are refused with a 400."""
     model: str = Field(description="the endpoint id (GET /v1/models)")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default --default-chat-max-tokens")
     max_completion_tokens: int | None = Field(None, ge=1, description="wins over max_tokens")
     temperature: float = Field(1.0, ge=0, le=schema.TEMPERATURE_MAX)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=16, description="choices; the prompt is prefilled once")
+    logprobs: bool | None = Field(None, description="raw log-probabilities (before temperature "
+                                  "and top-p) of the generated tokens")
+    top_logprobs: int | None = Field(None, ge=0, le=schema.MAX_TOP_LOGPROBS,
+                                     description="alternatives per token; needs logprobs")
     stop: str | list[str] | None = Field(None, description="up to 4 strings")
     seed: int | None = Field(None, ge=0, lt=schema.SEED_LIMIT)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
 
 
 class AssistantMessage(BaseModel):
@@ -175,7 +194,7 @@ class AssistantMessage(BaseModel):
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: Literal["stop", "length"]
 
 
@@ -202,7 +221,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: Literal["stop", "length"] | None
 
 

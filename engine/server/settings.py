@@ -44,6 +44,7 @@ class ServerSettings:
     default_chat_max_tokens: int = 512          # OpenAI requests without max_tokens
     sse_ping_s: float = 15.0                    # status-stream keep-alive comment interval
     max_stop_chars: int = 1024                  # longest OpenAI stop string (400 above)
+    max_images_per_request: int = 4             # OpenAI: image parts in one chat (400 above)
     header_timeout_s: float = 10.0              # request line + headers, per request
     body_timeout_s: float = 60.0                # whole request body (408 above)
     device: str | None = None
@@ -61,7 +62,8 @@ class ServerSettings:
         for name in ("tensor_parallel_size", "queue_concurrency", "image_fetch_concurrency", "webhook_concurrency",
                      "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_chars",
                      "max_tokens_limit", "image_timeout_s", "retention_s", "sse_ping_s",
-                     "default_chat_max_tokens", "max_stop_chars", "header_timeout_s",
+                     "default_chat_max_tokens", "max_stop_chars", "max_images_per_request",
+                     "header_timeout_s",
                      "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

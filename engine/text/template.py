@@ -99,9 +99,11 @@ def template_family(tokenizer: Tokenizer, text_model_type: str) -> str:
     return "mistral" if text_model_type == "mistral" else "vicuna"
 
 
-def render_prompt(template: str, prompt: str, tokenizer: Tokenizer) -> str:
-    """One user turn (an image, then `prompt`) rendered with add_generation_prompt=True."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+def render_prompt(template: str, prompt: str, tokenizer: Tokenizer, num_images: int = 1) -> str:
+    """One user turn (`num_images` images, then `prompt`) rendered with
+    add_generation_prompt=True; num_images=0 is a text-only turn."""
+    images = [{"type": "image"}] * num_images
+    messages = [{"role": "user", "content": [*images, {"type": "text", "text": prompt}]}]
     return render_messages(template, messages, tokenizer)
 
 
@@ -114,6 +116,10 @@ def render_messages(template: str, messages: list[dict], tokenizer: Tokenizer) -
     names = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
              "unk_token": tokenizer.unk_token, "pad_token": tokenizer.pad_token}
     variables = {k: v for k, v in names.items() if v is not None}
+    # Image parts may carry their source (a URL, a PIL image): templates see only the part type,
+    # as in transformers' {"type": "image"} placeholders.
+    messages = [{**m, "content": [{"type": "image"} if p.get("type") == "image" else p
+                                  for p in m["content"]]} for m in messages]
     try:
         return _compile(template).render(messages=messages, tools=None, documents=None,
                                          add_generation_prompt=True, **variables)

@@ -155,15 +155,15 @@ def test_seeded_sampling_matches_engine(client, llava, data_uri):
 
 
 @pytest.mark.parametrize("kwargs, status, needle", [
-    ({"messages": [{"role": "user", "content": "no image here"}]}, 400, "exactly one image"),
     ({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "IMG"}},
-        {"type": "image_url", "image_url": {"url": "IMG"}}]}]}, 400, "exactly one image"),
-    ({"n": 2}, 400, "n must be 1"),
+        {"type": "image_url", "image_url": {"url": "IMG"}}] * 5}]}, 400, "at most 4 images"),
+    ({"messages": [{"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "IMG"}}]}]}, 400, "only accepted in user"),
+    ({"n": 17}, 400, "n must be an integer between 1 and 16"),
     ({"model": "gpt-4o"}, 404, "does not exist"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
-    ({"logprobs": True}, 400, "logprobs"),
+    ({"top_logprobs": 3}, 400, "logprobs"),
 ])
 def test_client_errors_have_openai_shape(client, data_uri, kwargs, status, needle):
     body = {"model": MODEL, "messages": user(data_uri), "max_tokens": 4, **kwargs}
