@@ -122,7 +122,8 @@ def _add_serve(commands) -> None:
     a("--quantization", choices=QUANTIZATIONS, default=d["quantization"],
       help="fp8: decoder linear layers in FP8 e4m3, quantized while loading (default: none, "
       "or the checkpoint's own FP8-dynamic quantization)")
-    a("--backend", default=d["backend"], help=f"kernel backend (default {d['backend']})")
+    a("--backend", default=d["backend"], choices=cli_run.BACKENDS,
+      help=f"kernel backend (default {d['backend']})")
     a("--tensor-parallel-size", type=int, default=d["tensor_parallel_size"], metavar="N",
       help=TP_HELP + f" (default {d['tensor_parallel_size']})")
     a("--queue-concurrency", type=int, default=d["queue_concurrency"], metavar="N",

@@ -21,7 +21,7 @@ from fastllava.quant_config import QUANTIZATIONS
 from fastllava.schema import GenerationRequest, RequestValidationError, parse_request
 
 # fastllava.kernels.ops.BACKENDS (that module imports torch; a test keeps the two equal).
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "reference")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
 
 
