@@ -77,7 +77,7 @@ def build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device,
         torch.cuda.synchronize(device)
         log.info("warmed up every kernel variant in %.1f s", time.perf_counter() - start)
     runner = ModelRunner(model, ops, kv, ImageFeatureCache(rc.image_cache_rows), graphs,
-                         memory_plan=plan)
+                         memory_plan=plan, max_num_seqs=rc.max_num_seqs)
     scheduler = Scheduler(rc.scheduler_config(),
                           BlockManager(plan.kv_pages, rc.page_size, rc.prefix_caching))
-    return Engine(scheduler, runner), max_len
+    return Engine(scheduler, runner, overlap=rc.overlap_scheduling), max_len
