@@ -91,8 +91,8 @@ class DecodeGraphs:
         pad = [0] * (bs - B)
         # Host lists go through pinned memory and non_blocking copies: the CPU stays ahead.
         ids = to_device(input_ids + pad, torch.int64, self.input_ids.device)
-        if future is not None and min(input_ids) < 0:
-            ids = future.resolve(ids)
+        if future is not None:
+            ids = future.resolve(ids, input_ids + pad)
         self.input_ids[:bs].copy_(ids)
         pos = to_device(positions + pad, torch.int64, self.positions.device)
         self.positions[:bs].copy_(pos)

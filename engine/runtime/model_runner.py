@@ -45,6 +45,7 @@ class ModelRunner:
         self._features: dict[int, list[torch.Tensor | None]] = {}   # seq_id → per-image features
         self.block_tables = DeviceBlockTables(self.device)
         self._future = FutureTokens(max_num_seqs, self.device)
+        self._greedy: dict[int, SamplingBatch] = {}     # B → all-greedy parameters (constant)
 
     def run(self, batch: Batch) -> list[int | None]:
         """One step; the sampled token of each seq that reached its last token, else None."""
@@ -61,11 +62,17 @@ class ModelRunner:
         picked = [seq for seq, s in zip(batch.seqs, samples) if s]
         if not picked:
             return StepOutput(samples, [], None)
-        # The step index of a seq whose last token is a placeholder counts that token: the same
-        # index the serial loop would use once the token is known (seeded noise depends on it).
-        rows = [(seq.params.temperature, seq.params.top_p, seq.params.seed, seq.num_generated)
-                for seq in picked]
-        ids = sample(logits, SamplingBatch.build(rows, self.device))
+        if all(seq.params.temperature == 0 for seq in picked):
+            params = self._greedy.get(len(picked))
+            if params is None:
+                params = self._greedy[len(picked)] = SamplingBatch.greedy(len(picked), self.device)
+        else:
+            # The step index of a seq whose last token is a placeholder counts that token: the
+            # index the serial loop uses once the token is known (seeded noise depends on it).
+            rows = [(seq.params.temperature, seq.params.top_p, seq.params.seed,
+                     seq.num_generated) for seq in picked]
+            params = SamplingBatch.build(rows, self.device)
+        ids = sample(logits, params)
         return StepOutput(samples, self._future.put(ids), ids)
 
     def release(self, seq: Sequence) -> None:
@@ -75,13 +82,6 @@ class ModelRunner:
 
     def _drop_features(self, seq: Sequence) -> None:
         self._features.pop(seq.seq_id, None)
-
-    def _token_ids(self, ids: list[int]) -> torch.Tensor:
-        """Token ids → (N,) int64 on the device, placeholders swapped for their sampled ids."""
-        t = to_device(ids, torch.int64, self.device)
-        if min(ids) < 0:
-            t = self._future.resolve(t)
-        return t
 
     # ---- prefill and mixed steps --------------------------------------------------------------
     def _prefill(self, batch: Batch, samples: list[bool]) -> torch.Tensor:
@@ -104,9 +104,10 @@ class ModelRunner:
             cu_seqlens.append(cu_seqlens[-1] + n)
             if s:
                 logits_rows.append(cu_seqlens[-1] - 1)
-        ctx = self._context(True, batch.seqs, positions, slots, cu_seqlens, batch.starts,
-                            [s + n for s, n in zip(batch.starts, batch.num_tokens)], logits_rows)
-        ids_t = self._token_ids(ids)
+        ids_t, ctx = self._context(True, batch.seqs, ids, positions, slots, cu_seqlens,
+                                   batch.starts,
+                                   [s + n for s, n in zip(batch.starts, batch.num_tokens)],
+                                   logits_rows)
         mask = to_device(is_image, torch.bool, self.device) if feats else None
         embeds = self.model.embed(ids_t, mask, torch.cat(feats) if feats else None)
         logits = self.model(self.ops, embeds, ctx, self.kv)
@@ -154,21 +155,26 @@ class ModelRunner:
         if self.graphs is not None and len(seqs) <= self.graphs.max_batch_size:
             return self.graphs.run(ids, positions, self.block_tables.gather(seqs), self._future)
         slots = [seq.block_table[p // S] * S + p % S for seq, p in zip(seqs, positions)]
-        ctx = self._context(False, seqs, positions, slots, list(range(len(seqs) + 1)),
-                            positions, [p + 1 for p in positions], list(range(len(seqs))))
-        embeds = self.model.embed(self._token_ids(ids), None, None)
+        ids_t, ctx = self._context(False, seqs, ids, positions, slots, list(range(len(seqs) + 1)),
+                                   positions, [p + 1 for p in positions], list(range(len(seqs))))
+        embeds = self.model.embed(ids_t, None, None)
         return self.model(self.ops, embeds, ctx, self.kv)
 
-    def _context(self, is_prefill, seqs, positions, slots, cu_seqlens, prefix_lens, context_lens,
-                 logits_rows) -> ForwardContext:
-        i32, i64, dev = torch.int32, torch.int64, self.device
-        return ForwardContext(
-            is_prefill=is_prefill,
-            positions=to_device(positions, i64, dev),
-            slot_mapping=to_device(slots, i64, dev),
-            block_tables=self.block_tables.gather(seqs),
-            cu_seqlens=to_device(cu_seqlens, i32, dev),
-            prefix_lens=to_device(prefix_lens, i32, dev),
-            context_lens=to_device(context_lens, i32, dev),
-            logits_rows=to_device(logits_rows, i64, dev),
-        )
+    def _context(self, is_prefill, seqs, ids, positions, slots, cu_seqlens, prefix_lens,
+                 context_lens, logits_rows) -> tuple[torch.Tensor, ForwardContext]:
+        """(token ids (N,) int64 on the device, placeholders resolved; the step's context). The
+        int64 and the int32 inputs each travel as one flat tensor (two host→device copies per
+        step instead of eight): per-tensor overhead is most of a small step's packing cost."""
+        longs = [ids, positions, slots, logits_rows]
+        ints = [cu_seqlens, prefix_lens, context_lens]
+        ids_t, positions_t, slots_t, rows_t = to_device(
+            [x for part in longs for x in part], torch.int64, self.device).split(
+            [len(part) for part in longs])
+        cu_t, prefix_t, context_t = to_device(
+            [x for part in ints for x in part], torch.int32, self.device).split(
+            [len(part) for part in ints])
+        ctx = ForwardContext(
+            is_prefill=is_prefill, positions=positions_t, slot_mapping=slots_t,
+            block_tables=self.block_tables.gather(seqs), cu_seqlens=cu_t, prefix_lens=prefix_t,
+            context_lens=context_t, logits_rows=rows_t)
+        return self._future.resolve(ids_t, ids), ctx

@@ -51,10 +51,14 @@ class FutureTokens:
         self.ids[base:base + k].copy_(ids)
         return [-(1 + base + i) for i in range(k)]
 
-    def resolve(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (N,) int64 on the device with placeholders (< 0) → the real ids, on the device."""
-        future = self.ids[(-1 - ids).clamp_(min=0)]
-        return torch.where(ids >= 0, ids, future)
+    def resolve(self, ids: torch.Tensor, host_ids: list[int]) -> torch.Tensor:
+        """ids (N,) int64 on the device, maybe with placeholders (< 0), and the same ids on the
+        host (to pick the cheapest case) → the real ids, on the device."""
+        if min(host_ids) >= 0:
+            return ids
+        if max(host_ids) < 0:                   # a steady decode step: every row is a placeholder
+            return self.ids[-1 - ids]
+        return torch.where(ids >= 0, ids, self.ids[(-1 - ids).clamp_(min=0)])
 
 
 class DeviceBlockTables:
