@@ -72,9 +72,11 @@ class Clock:
     def launch(self) -> None:
         self.ready = max(time.perf_counter(), self.ready) + self.forward_s
 
-    def wait(self) -> None:
-        while time.perf_counter() < self.ready:      # sleep most of it, spin the last 100 µs
-            left = self.ready - time.perf_counter()
+    def wait(self, until: float | None = None) -> None:
+        """Until the device reaches `until` (default: all queued work done)."""
+        until = self.ready if until is None else until
+        while time.perf_counter() < until:           # sleep most of it, spin the last 100 µs
+            left = until - time.perf_counter()
             if left > 2e-4:
                 time.sleep(left - 1e-4)
 
@@ -163,9 +165,11 @@ def run_case(shape: str, B: int, sampled: bool, loop: str, steps: int, forward_u
             timers["launch"] += time.thread_time() - t0
             tokens = out.tokens
 
+            ready = clock.ready          # this step's end (a later launch moves the clock on)
+
             def wait_then_tokens():
                 t1, c1 = time.perf_counter(), time.thread_time()
-                clock.wait()
+                clock.wait(ready)
                 timers["wait"] += time.perf_counter() - t1
                 timers["wait_cpu"] += time.thread_time() - c1
                 return tokens()
@@ -203,11 +207,11 @@ def cases(smoke: bool):
                 yield shape, B, sampled
 
 
-def worker(args) -> list[dict]:
-    """Every case x loop, best of --repeats (lowest host time; the loops interleaved)."""
+def worker(args, case) -> list[dict]:
+    """One case x every loop, best of --repeats (lowest host time; the loops interleaved)."""
     loops = ["overlap", "serial"] if hasattr(Engine, "_overlapped_step") else ["main"]
     out = []
-    for shape, B, sampled in cases(args.smoke):
+    for shape, B, sampled in [case]:
         vocab = (SMOKE_SHAPES if args.smoke else SHAPES)[shape][0]
         steps = args.steps
         if sampled:     # the CPU sampler (B x V sort and noise) is slow: fewer steps at large B
@@ -235,25 +239,28 @@ def main() -> None:
     p.add_argument("--baseline-python", help="an interpreter whose fastllava is today's main")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--smoke", action="store_true", help="tiny vocab/contexts, B = 1 / 4")
-    p.add_argument("--worker-json", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-json", help=argparse.SUPPRESS)     # shape,B,sampled: one case
     args = p.parse_args()
     if args.smoke:
         args.steps, args.forward_us, args.repeats = min(args.steps, 8), min(args.forward_us, 500.0), 1
     torch.set_num_threads(1)
     if args.worker_json:
-        print(json.dumps(worker(args)))
+        shape, B, sampled = args.worker_json.split(",")
+        print(json.dumps(worker(args, (shape, int(B), sampled == "1"))))
         return
     from common import run_header, write_outputs
     load0 = os.getloadavg()[0]
-    rows = worker(args)
-    if args.baseline_python:
-        cmd = [args.baseline_python, os.path.abspath(__file__), "--worker-json",
-               "--steps", str(args.steps), "--forward-us", str(args.forward_us),
-               "--repeats", str(args.repeats)]
-        cmd += ["--smoke"] if args.smoke else []
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONPATH": ""})
-        rows += json.loads(done.stdout.strip().splitlines()[-1])
+    rows = []
+    for shape, B, sampled in cases(args.smoke):     # each case: this engine, then the baseline
+        rows += worker(args, (shape, B, sampled))
+        if args.baseline_python:
+            cmd = [args.baseline_python, os.path.abspath(__file__),
+                   "--worker-json", f"{shape},{B},{int(sampled)}", "--steps", str(args.steps),
+                   "--forward-us", str(args.forward_us), "--repeats", str(args.repeats)]
+            cmd += ["--smoke"] if args.smoke else []
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                  env={**os.environ, "PYTHONPATH": ""})
+            rows += json.loads(done.stdout.strip().splitlines()[-1])
     header = run_header(sys.argv, "cpu")
     header.update(gpu=f"cpu: {platform.processor() or platform.machine()} (no GPU; stub model)",
                   threads="1 (torch.set_num_threads)", cores=str(os.cpu_count()),
