@@ -4,6 +4,7 @@ variant up, then the engine loop."""
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import time
@@ -92,3 +93,6 @@ def freeze_heap() -> None:
     average at batch 1 (bench/host_overhead.py). vLLM and SGLang freeze after start-up too."""
     gc.collect()
     gc.freeze()
+    # Hand them back before the interpreter tears down, or they are never collected and native
+    # bindings (triton's nanobind) report them as leaked on stderr at exit.
+    atexit.register(gc.unfreeze)
