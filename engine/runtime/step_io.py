@@ -95,15 +95,20 @@ class DeviceBlockTables:
         if pages:        # one copy of (row, col, page) triples, one scatter
             rcp = to_device([rows, cols, pages], torch.int64, self.device)
             self.table[rcp[0], rcp[1]] = rcp[2].to(torch.int32)
-        index = to_device([self._row[seq.seq_id] for seq in seqs], torch.int64, self.device)
-        out = self.table[index, :width]
+        rows = [self._row[seq.seq_id] for seq in seqs]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            # Rows in batch order (the usual case: rows are handed out in admission order): a
+            # view, no index copy. Later column writes are queued after this step's reads.
+            out = self.table[rows[0]:rows[0] + len(rows), :width]
+        else:
+            out = self.table[to_device(rows, torch.int64, self.device), :width]
         if not stale:
             return out
         # Columns past a seq's own pages hold an earlier occupant's pages: zero them, as the
         # list-built tables did (no kernel should read them: they are past every context length).
         lens = to_device([len(seq.block_table) for seq in seqs], torch.int64, self.device)
         cols_t = torch.arange(width, device=self.device)
-        return out.masked_fill_(cols_t[None, :] >= lens[:, None], 0)
+        return out.masked_fill(cols_t[None, :] >= lens[:, None], 0)     # never into the table
 
     def release(self, seq: Sequence) -> None:
         row = self._row.pop(seq.seq_id, None)
