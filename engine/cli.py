@@ -152,6 +152,7 @@ _RUNTIME_HELP = {
     "prefix_caching": "reuse the KV of repeated image + prompt prefixes",
     "image_cache_rows": "image-feature LRU size, in image tokens",
     "cuda_graphs": "decode from CUDA graphs on CUDA",
+    "overlap_scheduling": "schedule and pack the next step while the device runs this one",
 }
 
 

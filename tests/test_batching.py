@@ -162,7 +162,7 @@ def test_chunked_prefill_equals_alone(engines, reference, monkeypatch):
     steps = []   # per step: [(seq is decoding, image tokens in its chunk, image done after it)]
     budgets = []  # tokens per step
     runner = llava.engine.runner
-    run = runner.run
+    launch = runner.launch      # both loops (the serial run() launches too)
 
     def spy(batch):
         steps.append([(seq.num_computed >= seq.prompt_len,
@@ -170,8 +170,8 @@ def test_chunked_prefill_equals_alone(engines, reference, monkeypatch):
                        all(s + n >= im.end for im in seq.images))
                       for seq, s, n in zip(batch.seqs, batch.starts, batch.num_tokens)])
         budgets.append(sum(batch.num_tokens))
-        return run(batch)
-    monkeypatch.setattr(runner, "run", spy)
+        return launch(batch)
+    monkeypatch.setattr(runner, "launch", spy)
     check_batch(llava, reqs, want_ids, want_texts, "chunked prefill")
     assert max(budgets) <= 32, f"a step computed {max(budgets)} tokens over a 32-token budget"
     split_image = any(img and not done for step in steps for _, img, done in step)
@@ -195,6 +195,16 @@ def test_prefix_cache_off_equals_on(engines, reference):
     cached = [f["metrics"]["cached_prompt_tokens"] for f in finals]
     assert cached == [0] * len(reqs), f"prefix caching is off but prompts were cached: {cached}"
     assert llava.stats()["kv_pages_cached"] == 0
+
+
+def test_serial_loop_equals_overlapped(engines, images):
+    """The reference runs on the default (overlapped) loop; the serial loop, concurrently, with
+    greedy and seeded requests, must give the same tokens and texts."""
+    reqs = workload(images, 12, sampled=True)
+    want_ids, want_texts = alone(engines("next"), reqs, texts_from_ids=True)
+    llava = engines("next", overlap_scheduling=False)
+    assert not llava.engine.overlap and engines("next").engine.overlap
+    check_batch(llava, reqs, want_ids, want_texts, "serial loop")
 
 
 def test_prefix_and_image_cache_hits(engines, images):

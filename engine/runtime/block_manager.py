@@ -123,11 +123,13 @@ class BlockManager:
         self.ref_counts[page] = 1
         return page
 
-    def commit(self, seq: Sequence) -> None:
-        """Register seq's full, computed pages under their hashes (call after their KV is written)."""
+    def commit(self, seq: Sequence, num_computed: int | None = None) -> None:
+        """Register seq's full, computed pages under their hashes (call after their KV is written
+        and their tokens are known). num_computed (default seq.num_computed): the overlapped loop
+        commits a step's tokens while the next step already counts its own."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed // self.page_size
+        full = (seq.num_computed if num_computed is None else num_computed) // self.page_size
         done = self._committed.get(seq.seq_id, 0)
         if full <= done:
             return
@@ -150,6 +152,7 @@ class BlockManager:
                 else:
                     self.free_cached[page] = None
         seq.block_table.clear()
+        seq.num_page_resets += 1
         seq.num_computed = 0
         self._committed.pop(seq.seq_id, None)
 

@@ -23,6 +23,9 @@ class RuntimeConfig:
     prefix_caching: bool = True           # reuse KV pages of identical image + prompt prefixes
     image_cache_rows: int = 32768         # LRU of projected image features, in image tokens
     cuda_graphs: bool = True              # decode from CUDA graphs (CUDA + compiled kernels only)
+    # Schedule and pack step N+1 while step N runs on the device (its sampled ids are referenced
+    # there as placeholders); stop decisions lag one step. Same tokens as the serial loop.
+    overlap_scheduling: bool = True
 
     def __post_init__(self):
         for name in ("page_size", "max_context", "max_num_seqs", "max_num_batched_tokens",

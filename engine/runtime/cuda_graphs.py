@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from fastllava.models.context import ForwardContext
+from fastllava.runtime.step_io import to_device
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -75,27 +76,33 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
+    def run(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor,
+            future=None) -> torch.Tensor:
         """One decode token per sequence → fp32 logits (B, V). positions[i] is the new token's
-        position; its KV goes to slot block_tables[i][p // S] * S + p % S."""
+        position; its KV goes to slot block_tables[i, p // S] * S + p % S. block_tables is the
+        (B, width) int32 device table (`DeviceBlockTables.gather`); input ids < 0 are
+        placeholders that `future` (a `FutureTokens`) resolves on the device."""
         B, S = len(input_ids), self.page_size
         bs = next(b for b in self.buckets if b >= B)
         # Only the columns the batch uses are written: entries past a row's context (and the rows
         # of padding, context 0) are never read, so leftovers from earlier steps are harmless and
         # the copy stays O(B x pages in use), not O(bucket x max_pages_per_seq).
-        width = max(len(bt) for bt in block_tables)
-        tables = [bt + [0] * (width - len(bt)) for bt in block_tables]
-        slots = [bt[p // S] * S + p % S for bt, p in zip(block_tables, positions)]
+        width = block_tables.shape[1]
         pad = [0] * (bs - B)
-        # One host→device copy per buffer; non_blocking keeps the CPU ahead of the GPU.
-        self.input_ids[:bs].copy_(torch.tensor(input_ids + pad), non_blocking=True)
-        self.positions[:bs].copy_(torch.tensor(positions + pad), non_blocking=True)
-        self.slot_mapping[:bs].copy_(torch.tensor(slots + [-1] * (bs - B)), non_blocking=True)
-        self.context_lens[:bs].copy_(torch.tensor([p + 1 for p in positions] + pad,
-                                                  dtype=torch.int32), non_blocking=True)
-        self.block_tables[:B, :width].copy_(torch.tensor(tables, dtype=torch.int32),
-                                            non_blocking=True)
+        # Host lists go through pinned memory and non_blocking copies: the CPU stays ahead.
+        ids = to_device(input_ids + pad, torch.int64, self.input_ids.device)
+        if future is not None:
+            ids = future.resolve(ids, input_ids + pad)
+        self.input_ids[:bs].copy_(ids)
+        pos = to_device(positions + pad, torch.int64, self.positions.device)
+        self.positions[:bs].copy_(pos)
+        self.block_tables[:B, :width].copy_(block_tables)
+        # slot = table[row, p // S] * S + p % S, computed from the device table (no host lists).
+        page = self.block_tables[:B].gather(1, (pos[:B] // S)[:, None]).squeeze(1).to(torch.int64)
+        self.slot_mapping[:B].copy_(page * S + pos[:B] % S)
+        self.slot_mapping[B:bs].fill_(-1)
+        self.context_lens[:bs].copy_(pos + 1)
+        self.context_lens[B:bs].fill_(0)
         if self.graphs:
             self.graphs[bs].replay()
             out = self.outputs[bs]

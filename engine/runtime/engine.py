@@ -4,7 +4,17 @@ runner; callers on any thread (or an asyncio loop) submit requests and receive e
     schedule → run (one forward + on-device sampling) → update → deliver events → repeat
 
 New requests and cancellations arrive through a queue and are applied between steps, so a request
-joins the running batch at the next step (continuous batching). A request's events go to its
+joins the running batch at the next step (continuous batching).
+
+With `overlap=True` (RuntimeConfig.overlap_scheduling) the loop keeps one step in flight:
+
+    schedule N+1 → launch N+1 → wait for N's ids → update N, deliver N → repeat
+
+Step N+1 is scheduled and packed while step N runs on the device; a sequence that samples in step
+N decodes in step N+1 from a placeholder the runner resolves on the device (scheduler.advance).
+Stop decisions therefore lag one step: a sequence that stops at N has already been given step
+N+1, whose token is discarded (scheduler.resolve). Tokens are the serial loop's exactly: the
+sampler's noise depends on (seed, step index, vocab id) only, and every step sees the same KV. A request's events go to its
 `RequestHandle`: ("token", id) for every sampled token, then exactly one of ("finish", reason) or
 ("error", exception). A failing step fails only the requests in it; the loop goes on.
 """
@@ -38,9 +48,11 @@ class RequestHandle:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, runner):
+    def __init__(self, scheduler: Scheduler, runner, overlap: bool = False):
         self.scheduler = scheduler
         self.runner = runner
+        self.overlap = overlap
+        self._in_flight = None          # overlap: (batch, pending rows, StepOutput) of step N
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[int, RequestHandle] = {}
         self._thread: threading.Thread | None = None
@@ -102,12 +114,15 @@ class Engine:
         try:
             while True:
                 # Block while idle; otherwise take whatever arrived during the last step.
-                msgs = [self._inbox.get()] if not self.scheduler else []
+                busy = self.scheduler or self._in_flight is not None
+                msgs = [self._inbox.get()] if not busy else []
                 while True:
                     try:
                         msgs.append(self._inbox.get_nowait())
                     except queue.Empty:
                         break
+                if self._in_flight is not None and any(kind == "call" for kind, _ in msgs):
+                    self._drain()       # fn() sees (and changes) settled state, as in the serial loop
                 for kind, item in msgs:
                     if kind == "stop":
                         self._fail_all(RuntimeError("the engine was shut down"))
@@ -116,7 +131,9 @@ class Engine:
                         item()
                     else:
                         (self._add if kind == "add" else self._cancel)(item)
-                if self.scheduler and not self._step():
+                if self.overlap:
+                    self._overlapped_step()
+                elif self.scheduler and not self._step():
                     time.sleep(0.001)   # nothing could run (a step that only preempted): no spin
         except BaseException as e:  # a bug in the loop itself: never leave callers hanging
             log.exception("engine loop crashed")
@@ -145,10 +162,7 @@ class Engine:
         try:
             tokens = self.runner.run(batch)
         except Exception as e:
-            log.exception("step failed; failing its %d requests", len(batch.seqs))
-            for seq in batch.seqs:
-                self.scheduler.abort(seq, "error")
-                self._close(self._handles[seq.seq_id], "error", e)
+            self._fail_step(batch, e)
             return True
         finished = {seq.seq_id for seq in self.scheduler.update(batch, tokens)}
         for seq, token in zip(batch.seqs, tokens):
@@ -159,6 +173,51 @@ class Engine:
             if seq.seq_id in finished:
                 self._close(handle, "finish", seq.finish_reason)
         return True
+
+    def _overlapped_step(self) -> None:
+        """Launch the next step (if any), then finish the one launched before it."""
+        launched = None
+        batch = self.scheduler.schedule() if self.scheduler else None
+        if batch is not None:
+            self.num_steps += 1
+            try:
+                out = self.runner.launch(batch)
+                launched = (batch, self.scheduler.advance(batch, out.row_placeholders()), out)
+            except Exception as e:
+                self._fail_step(batch, e)
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._finish_step(*previous)
+        elif batch is None and self.scheduler:
+            time.sleep(0.001)   # nothing could run (a step that only preempted): no spin
+
+    def _drain(self) -> None:
+        previous, self._in_flight = self._in_flight, None
+        self._finish_step(*previous)
+
+    def _finish_step(self, batch, pending, out) -> None:
+        try:
+            tokens = out.tokens()
+        except Exception as e:
+            self._fail_step(batch, e)
+            return
+        finished = {seq.seq_id for seq in self.scheduler.resolve(pending, tokens)}
+        for (seq, _, index), token in zip(pending, tokens):
+            # Skip rows that did not sample and seqs closed before this step's ids arrived
+            # (cancelled, or stopped one step earlier: this token is the lag's extra one).
+            if token is None or seq.seq_id not in self._handles:
+                continue
+            handle = self._handles[seq.seq_id]
+            self._emit(handle, "token", token)
+            if seq.seq_id in finished:
+                self._close(handle, "finish", seq.finish_reason)
+
+    def _fail_step(self, batch, error: Exception) -> None:
+        log.error("step failed; failing its %d requests", len(batch.seqs), exc_info=error)
+        for seq in batch.seqs:
+            if seq.seq_id in self._handles:
+                self.scheduler.abort(seq, "error")
+                self._close(self._handles[seq.seq_id], "error", error)
 
     def _close(self, handle: RequestHandle, kind: str, value) -> None:
         self._handles.pop(handle.seq.seq_id, None)

@@ -9,6 +9,11 @@ Each step rebuilds the flat inputs from the sequences (the source of truth):
 Image features for chunks that touch an image come from the feature LRU or from one vision-tower
 run over all new images of the step (all tiles of all requests in one batch). Sampling happens on
 the device; the only host sync per step is reading the B sampled ids back.
+
+`launch` queues a step and returns at once (`StepOutput`); the overlapped engine loop packs the
+next step meanwhile. Token ids may be placeholders for ids a step still in flight samples
+(`FutureTokens`): they are swapped for the real ids on the device. Block tables live on the device
+(`DeviceBlockTables`) and small inputs go through pinned memory (`step_io.to_device`).
 """
 
 from __future__ import annotations
@@ -24,21 +29,31 @@ from fastllava.runtime.memory_plan import MemoryPlan
 from fastllava.runtime.sampler import SamplingBatch, raw_logprobs, sample
 from fastllava.runtime.scheduler import Batch
 from fastllava.runtime.sequence import Sequence
+from fastllava.runtime.step_io import DeviceBlockTables, FutureTokens, StepOutput, to_device
 
 
 class ModelRunner:
     def __init__(self, model, ops, kv: KVCache, image_cache: ImageFeatureCache,
-                 graphs: DecodeGraphs | None = None, memory_plan: MemoryPlan | None = None):
+                 graphs: DecodeGraphs | None = None, memory_plan: MemoryPlan | None = None,
+                 max_num_seqs: int = 256):
+        """max_num_seqs: the most rows a step may have (sizes the ring of future token ids)."""
         self.model, self.ops, self.kv = model, ops, kv
         self.memory_plan = memory_plan     # how the KV pool was sized (stats())
         self.device = kv.k[0].device
         self.image_cache = image_cache
         self.graphs = graphs
         self._features: dict[int, list[torch.Tensor | None]] = {}   # seq_id → per-image features
+        self.block_tables = DeviceBlockTables(self.device)
+        self._future = FutureTokens(max_num_seqs, self.device)
+        self._greedy: dict[int, SamplingBatch] = {}     # B → all-greedy parameters (constant)
 
-    @torch.inference_mode()
     def run(self, batch: Batch) -> list[int | None]:
         """One step; the sampled token of each seq that reached its last token, else None."""
+        return self.launch(batch).tokens()
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch) -> StepOutput:
+        """Queue one step on the device and return without waiting for its sampled ids."""
         samples = batch.samples
         if batch.is_decode:
             logits = self._decode(batch.seqs)
@@ -46,14 +61,21 @@ class ModelRunner:
             logits = self._prefill(batch, samples)
         picked = [seq for seq, s in zip(batch.seqs, samples) if s]
         if not picked:
-            return [None] * len(batch.seqs)
-        rows = [(seq.params.temperature, seq.params.top_p, seq.params.seed, seq.num_generated)
-                for seq in picked]
-        sampled = sample(logits, SamplingBatch.build(rows, self.device))
+            return StepOutput(samples, [], None)
+        if all(seq.params.temperature == 0 for seq in picked):
+            params = self._greedy.get(len(picked))
+            if params is None:
+                params = self._greedy[len(picked)] = SamplingBatch.greedy(len(picked), self.device)
+        else:
+            # The step index of a seq whose last token is a placeholder counts that token: the
+            # index the serial loop uses once the token is known (seeded noise depends on it).
+            rows = [(seq.params.temperature, seq.params.top_p, seq.params.seed,
+                     seq.num_generated) for seq in picked]
+            params = SamplingBatch.build(rows, self.device)
+        ids = sample(logits, params)
         if any(seq.params.logprobs is not None for seq in picked):   # only when a request asks
-            self._record_logprobs(picked, logits, sampled)
-        tokens = iter(sampled.tolist())
-        return [next(tokens) if s else None for s in samples]
+            self._record_logprobs(picked, logits, ids)   # reads them back: a sync, for them only
+        return StepOutput(samples, self._future.put(ids), ids)
 
     @staticmethod
     def _record_logprobs(picked: list[Sequence], logits: torch.Tensor, sampled: torch.Tensor
@@ -69,7 +91,11 @@ class ModelRunner:
             picked[i].logprobs.append((chosen[j], list(zip(ids[j][:k], values[j][:k]))))
 
     def release(self, seq: Sequence) -> None:
-        """Drop what the runner holds for seq (its image features)."""
+        """Drop what the runner holds for seq (its image features, its device block table)."""
+        self._drop_features(seq)
+        self.block_tables.release(seq)
+
+    def _drop_features(self, seq: Sequence) -> None:
         self._features.pop(seq.seq_id, None)
 
     # ---- prefill and mixed steps --------------------------------------------------------------
@@ -96,18 +122,18 @@ class ModelRunner:
         # Scored prompt positions (LLaVA.score) add rows after the sampling rows; none otherwise.
         scored = self._scored_rows(batch, cu_seqlens)
         logits_rows += [row for row, _, _ in scored]
-        ctx = self._context(True, batch.seqs, positions, slots, cu_seqlens, batch.starts,
-                            [s + n for s, n in zip(batch.starts, batch.num_tokens)], logits_rows)
-        i64 = dict(dtype=torch.int64, device=self.device)
-        ids_t = torch.tensor(ids, **i64)
-        mask = torch.tensor(is_image, dtype=torch.bool, device=self.device) if feats else None
+        ids_t, ctx = self._context(True, batch.seqs, ids, positions, slots, cu_seqlens,
+                                   batch.starts,
+                                   [s + n for s, n in zip(batch.starts, batch.num_tokens)],
+                                   logits_rows)
+        mask = to_device(is_image, torch.bool, self.device) if feats else None
         embeds = self.model.embed(ids_t, mask, torch.cat(feats) if feats else None)
         logits = self.model(self.ops, embeds, ctx, self.kv)
         if scored:
             logits = self._record_prompt_logprobs(scored, logits)
         for seq, start, n in zip(batch.seqs, batch.starts, batch.num_tokens):
             if all(start + n >= img.end for img in seq.images):
-                self.release(seq)            # past its images: their features are no longer needed
+                self._drop_features(seq)     # past its images: their features are no longer needed
         return logits
 
     @staticmethod
@@ -171,28 +197,29 @@ class ModelRunner:
         positions = [len(seq) - 1 for seq in seqs]
         ids = [seq.token_ids[-1] for seq in seqs]
         if self.graphs is not None and len(seqs) <= self.graphs.max_batch_size:
-            return self.graphs.run(ids, positions, [seq.block_table for seq in seqs])
+            return self.graphs.run(ids, positions, self.block_tables.gather(seqs), self._future)
         slots = [seq.block_table[p // S] * S + p % S for seq, p in zip(seqs, positions)]
-        ctx = self._context(False, seqs, positions, slots, list(range(len(seqs) + 1)),
-                            positions, [p + 1 for p in positions], list(range(len(seqs))))
-        embeds = self.model.embed(torch.tensor(ids, dtype=torch.int64, device=self.device),
-                                  None, None)
+        ids_t, ctx = self._context(False, seqs, ids, positions, slots, list(range(len(seqs) + 1)),
+                                   positions, [p + 1 for p in positions], list(range(len(seqs))))
+        embeds = self.model.embed(ids_t, None, None)
         return self.model(self.ops, embeds, ctx, self.kv)
 
-    def _context(self, is_prefill, seqs, positions, slots, cu_seqlens, prefix_lens, context_lens,
-                 logits_rows) -> ForwardContext:
-        i32 = dict(dtype=torch.int32, device=self.device)
-        i64 = dict(dtype=torch.int64, device=self.device)
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs]
-        return ForwardContext(
-            is_prefill=is_prefill,
-            positions=torch.tensor(positions, **i64),
-            slot_mapping=torch.tensor(slots, **i64),
-            block_tables=torch.tensor(tables, **i32),
-            cu_seqlens=torch.tensor(cu_seqlens, **i32),
-            prefix_lens=torch.tensor(prefix_lens, **i32),
-            context_lens=torch.tensor(context_lens, **i32),
-            logits_rows=torch.tensor(logits_rows, **i64),
-            has_prefix=any(prefix_lens),   # host ints: picks the prefill kernel variant, no sync
-        )
+    def _context(self, is_prefill, seqs, ids, positions, slots, cu_seqlens, prefix_lens,
+                 context_lens, logits_rows) -> tuple[torch.Tensor, ForwardContext]:
+        """(token ids (N,) int64 on the device, placeholders resolved; the step's context). The
+        int64 and the int32 inputs each travel as one flat tensor (two host→device copies per
+        step instead of eight): per-tensor overhead is most of a small step's packing cost."""
+        longs = [ids, positions, slots, logits_rows]
+        ints = [cu_seqlens, prefix_lens, context_lens]
+        ids_t, positions_t, slots_t, rows_t = to_device(
+            [x for part in longs for x in part], torch.int64, self.device).split(
+            [len(part) for part in longs])
+        cu_t, prefix_t, context_t = to_device(
+            [x for part in ints for x in part], torch.int32, self.device).split(
+            [len(part) for part in ints])
+        ctx = ForwardContext(
+            is_prefill=is_prefill, positions=positions_t, slot_mapping=slots_t,
+            block_tables=self.block_tables.gather(seqs), cu_seqlens=cu_t, prefix_lens=prefix_t,
+            context_lens=context_t, logits_rows=rows_t,
+            has_prefix=any(prefix_lens))   # host ints: picks the prefill kernel variant, no sync
+        return self._future.resolve(ids_t, ids), ctx

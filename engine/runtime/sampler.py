@@ -92,6 +92,14 @@ class SamplingBatch:
     any_top_p: bool
 
     @classmethod
+    def greedy(cls, B: int, device) -> "SamplingBatch":
+        """B greedy rows (temperature 0; seeds and steps unused). Callers may keep one per B: it
+        holds no per-step data, so a greedy step needs no host→device copy at all."""
+        zeros = torch.zeros(B, dtype=torch.int64, device=device)
+        return cls(temperature=torch.zeros(B, device=device), top_p=torch.ones(B, device=device),
+                   seeds=zeros, steps=zeros, all_greedy=True, any_top_p=False)
+
+    @classmethod
     def build(cls, rows: list[tuple[float, float, int, int]], device) -> "SamplingBatch":
         """rows: (temperature, top_p, seed, step) per sequence, in batch order (one H2D copy)."""
         for i, (temperature, top_p, seed, step) in enumerate(rows):

@@ -93,8 +93,8 @@ class Scheduler:
         prefill_left = None                       # prefill tokens left; set after the decodes
         # Decodes first (cheap, latency-critical), then running prefills; oldest first in each.
         for seq in sorted(self.running, key=lambda s: (not s.is_decoding, s.seq_id)):
-            if seq.status is not Status.RUNNING or budget == 0:
-                continue
+            if seq.status is not Status.RUNNING or budget == 0 or seq.is_capped:
+                continue       # capped: its last token is still on the device (overlapped loop)
             n = min(seq.num_uncomputed, budget)
             if not seq.is_decoding:
                 if prefill_left is None:
@@ -190,6 +190,51 @@ class Scheduler:
             reason = seq.append(token)
             if reason is not None:
                 self.running.remove(seq)
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    # ---- the overlapped loop: a step's bookkeeping before and after its tokens are known ------
+    def advance(self, batch: Batch, placeholders: list[int | None]) -> list[tuple]:
+        """Step `batch` was launched; its tokens are still on the device. Count its computed
+        tokens now and append each sampling row's placeholder id (which the runner resolves on
+        the device), so the next step can be scheduled at once. Returns the step's pending rows
+        (seq, num_computed after the step, placeholder index or None) for `resolve`."""
+        if [p is not None for p in placeholders] != batch.samples:
+            raise ValueError(f"placeholders {placeholders} do not match the rows that sample "
+                             f"{batch.samples}")
+        pending = []
+        for seq, n, placeholder in zip(batch.seqs, batch.num_tokens, placeholders):
+            if not seq.is_decoding:
+                self.num_prompt_tokens += n
+            seq.num_computed += n
+            index = None
+            if placeholder is not None:
+                index = len(seq)
+                seq.token_ids.append(placeholder)
+            pending.append((seq, seq.num_computed, index))
+        return pending
+
+    def resolve(self, pending: list[tuple], tokens: list[int | None]) -> list[Sequence]:
+        """The tokens of an advanced step arrived: put them in place of the placeholders,
+        register the step's full pages, finish the seqs that stopped. A seq finished meanwhile
+        (cancelled, or stopped one step earlier: the lag's extra token) is skipped. Returns the
+        seqs that finished here."""
+        finished = []
+        now = time.monotonic()
+        for (seq, num_computed, index), token in zip(pending, tokens):
+            if seq.status is Status.FINISHED:
+                continue
+            if seq.status is Status.RUNNING:          # not preempted since: its pages are intact
+                self.bm.commit(seq, num_computed)
+            if index is None:
+                continue
+            self.num_generation_tokens += 1
+            if seq.metrics.first_token is None:
+                seq.metrics.first_token = now
+            reason = seq.set_token(index, token)
+            if reason is not None:
+                (self.running if seq.status is Status.RUNNING else self.waiting).remove(seq)
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished

@@ -102,6 +102,7 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed = 0
         self.block_table: list[int] = []
+        self.num_page_resets = 0               # bumped when block_table is freed (device copies)
         self.finish_reason: str | None = None
         # Filled by the model runner only when params ask (SamplingParams.logprobs /
         # prompt_logprobs_from): per generated token (logprob, [(id, logprob), ...] top-k),
@@ -140,12 +141,29 @@ class Sequence:
         """One generated token left to compute: a decode step (paged decode, CUDA graphs)."""
         return self.num_uncomputed == 1 and self.num_computed >= self.prompt_len
 
+    @property
+    def is_capped(self) -> bool:
+        """No token may follow the last one (max_tokens or max_len reached): with the overlapped
+        loop, a sequence whose last token is still on the device is not scheduled again."""
+        return self.num_generated >= self.params.max_tokens or len(self) >= self.max_len
+
     def append(self, token: int) -> str | None:
         """Add a sampled token; return the finish reason if the sequence is now done."""
         self.token_ids.append(token)
-        self.metrics.completion_tokens = self.num_generated
+        return self.set_token(len(self) - 1, token)
+
+    def set_token(self, index: int, token: int) -> str | None:
+        """Put the sampled `token` at `index` (a placeholder the overlapped loop appended while the
+        token was on the device) and return the finish reason if the sequence ends there; tokens
+        after it (the one-step lag's extra placeholder) are then dropped."""
+        self.token_ids[index] = token
         if token in self.params.stop_ids:
-            return "stop"
-        if self.num_generated >= self.params.max_tokens or len(self) >= self.max_len:
-            return "length"
-        return None
+            reason = "stop"
+        elif index + 1 - self.prompt_len >= self.params.max_tokens or index + 1 >= self.max_len:
+            reason = "length"
+        else:
+            reason = None
+        if reason is not None:
+            del self.token_ids[index + 1:]
+        self.metrics.completion_tokens = index + 1 - self.prompt_len
+        return reason

@@ -30,6 +30,7 @@ from fastllava.runtime.cuda_graphs import DecodeGraphs, batch_buckets
 from fastllava.runtime.image_cache import ImageFeatureCache
 from fastllava.runtime.model_runner import ModelRunner
 from fastllava.runtime.sequence import SamplingParams, Sequence
+from fastllava.runtime.step_io import DeviceBlockTables
 from tolerances import FLASH_ATOL, FLASH_FACTOR, describe_mismatch
 
 S = 16             # page size
@@ -106,7 +107,7 @@ def eager_and_padded(llava, model, ops, B, max_batch, *, capture: bool, seed: in
         eager = ModelRunner(model, ops, kv_eager, ImageFeatureCache(0))._decode(seqs)
     graphs = DecodeGraphs(model, ops, kv_padded, max_batch, MAX_PAGES, capture=capture)
     padded = graphs.run([seq.token_ids[-1] for seq in seqs], [len(seq) - 1 for seq in seqs],
-                        [seq.block_table for seq in seqs])
+                        DeviceBlockTables(llava.device).gather(seqs))
     return eager, padded.clone(), kv_eager, kv_padded, before, seqs
 
 
