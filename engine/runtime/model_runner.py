@@ -29,7 +29,8 @@ from fastllava.runtime.memory_plan import MemoryPlan
 from fastllava.runtime.sampler import SamplingBatch, raw_logprobs, sample
 from fastllava.runtime.scheduler import Batch
 from fastllava.runtime.sequence import Sequence
-from fastllava.runtime.step_io import DeviceBlockTables, FutureTokens, StepOutput, to_device
+from fastllava.runtime.step_io import (DeviceBlockTables, FutureTokens, StepOutput,
+                                       parts_to_device, to_device)
 
 
 class ModelRunner:
@@ -106,7 +107,7 @@ class ModelRunner:
         for seq, start, n, s in zip(batch.seqs, batch.starts, batch.num_tokens, samples):
             end = start + n
             bt = seq.block_table
-            ids += seq.token_ids[start:end]
+            chunk = seq.token_ids[start:end]
             positions += range(start, end)
             slots += [bt[t // S] * S + t % S for t in range(start, end)]
             flags = [False] * n
@@ -114,7 +115,11 @@ class ModelRunner:
                 lo, hi = max(start, img.start), min(end, img.end)
                 if lo < hi:
                     flags[lo - start:hi - start] = [True] * (hi - lo)
+                    # Image positions take features, not embeddings: id 0 there, so an original
+                    # checkpoint's negative sentinel is never read as a future-token placeholder.
+                    chunk[lo - start:hi - start] = [0] * (hi - lo)
                     feats.append(self._image_features(seq, j, batch)[lo - img.start:hi - img.start])
+            ids += chunk
             is_image += flags
             cu_seqlens.append(cu_seqlens[-1] + n)
             if s:
@@ -209,14 +214,10 @@ class ModelRunner:
         """(token ids (N,) int64 on the device, placeholders resolved; the step's context). The
         int64 and the int32 inputs each travel as one flat tensor (two host→device copies per
         step instead of eight): per-tensor overhead is most of a small step's packing cost."""
-        longs = [ids, positions, slots, logits_rows]
-        ints = [cu_seqlens, prefix_lens, context_lens]
-        ids_t, positions_t, slots_t, rows_t = to_device(
-            [x for part in longs for x in part], torch.int64, self.device).split(
-            [len(part) for part in longs])
-        cu_t, prefix_t, context_t = to_device(
-            [x for part in ints for x in part], torch.int32, self.device).split(
-            [len(part) for part in ints])
+        ids_t, positions_t, slots_t, rows_t = parts_to_device(
+            [ids, positions, slots, logits_rows], torch.int64, self.device)
+        cu_t, prefix_t, context_t = parts_to_device(
+            [list(cu_seqlens), list(prefix_lens), list(context_lens)], torch.int32, self.device)
         ctx = ForwardContext(
             is_prefill=is_prefill, positions=positions_t, slot_mapping=slots_t,
             block_tables=self.block_tables.gather(seqs), cu_seqlens=cu_t, prefix_lens=prefix_t,

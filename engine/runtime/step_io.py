@@ -31,6 +31,22 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def parts_to_device(parts: list[list[int]], dtype: torch.dtype, device: torch.device
+                    ) -> list[torch.Tensor]:
+    """Several host lists → one host→device copy, split into one device view per list. Each view
+    starts 16 bytes aligned (its list is padded to a multiple of 16 bytes): Triton specializes a
+    pointer argument on 16-byte alignment, so an unaligned view would compile (mid-serving) a
+    kernel variant the warm-up never launched."""
+    per = 16 // torch.empty((), dtype=dtype).element_size()
+    padded = [-(-len(part) // per) * per for part in parts]
+    flat = []
+    for part, n in zip(parts, padded):
+        flat += part
+        flat += [0] * (n - len(part))
+    views = to_device(flat, dtype, device).split(padded)
+    return [view[:len(part)] for view, part in zip(views, parts)]
+
+
 class FutureTokens:
     """A device ring of 2 x max_rows sampled ids. Step k writes half k % 2, so step N+1 (packed
     while step N's ids are not known yet) reads step N's half while writing the other one; the
@@ -126,7 +142,11 @@ class DeviceBlockTables:
 
     def _fit(self, width: int) -> None:
         if width > self.table.shape[1]:
-            grown = torch.zeros(self.table.shape[0], max(width, 2 * self.table.shape[1]),
+            # Columns stay a multiple of 4 (16 bytes of int32), so every row a batch's view starts
+            # at is 16-byte aligned: Triton specializes pointer alignment, and an unaligned table
+            # would compile a kernel variant the warm-up never saw in the middle of serving.
+            columns = max(-(-width // 4) * 4, 2 * self.table.shape[1])
+            grown = torch.zeros(self.table.shape[0], columns,
                                 dtype=torch.int32, device=self.device)
             grown[:, :self.table.shape[1]] = self.table
             self.table = grown
