@@ -1,5 +1,6 @@
-"""Checks shared by the `fastllava bench` tests: a results folder holds report.md, results.csv
-and results.json whose every row carries the run record, and its figures are real PNGs."""
+"""Checks shared by the benchmark tests: a `fastllava bench` results folder holds report.md,
+results.csv and results.json whose every row carries the run record, and its figures are real
+PNGs; the bench scripts' markdown tables are read back by `table_rows`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,23 @@ from pathlib import Path
 PROVENANCE = ("machine", "gpu", "commit", "date", "fastllava", "torch", "triton", "cuda",
               "python", "command")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def describe(proc) -> str:
+    """A finished subprocess's exit status and output tails, for assertion messages."""
+    return f"exit {proc.returncode}\n--- stdout tail\n{proc.stdout[-3000:]}\n--- stderr tail\n" \
+           f"{proc.stderr[-3000:]}"
+
+
+def table_rows(text: str, columns: int, key: int, keys) -> list[list[str]]:
+    """Cells of the markdown table rows `| a | b | ... |` with `columns` cells whose cell `key`
+    is one of `keys`."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) == columns and cells[key] in keys:
+            rows.append(cells)
+    return rows
 
 
 def check_results(folder: Path, command_has: str) -> dict:

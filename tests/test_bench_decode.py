@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchkit import describe, table_rows
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "decode.py"
 COLUMNS = 12
@@ -25,25 +27,14 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def describe(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout tail\n{proc.stdout[-3000:]}\n--- stderr tail\n" \
-           f"{proc.stderr[-3000:]}"
 
 
-def table_rows(text: str) -> list[list[str]]:
-    """Cells of the decode table's rows `| model | B | context | impl | ... |`."""
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if line.startswith("| ") and len(cells) == COLUMNS and cells[3] in IMPLS:
-            rows.append(cells)
-    return rows
 
 
 def test_smoke_reports_engine_and_peer_rows_for_every_batch(tmp_path):
     proc = run_bench("--smoke", "--out", str(tmp_path))
     assert proc.returncode == 0, describe(proc)
-    rows = table_rows(proc.stdout)
+    rows = table_rows(proc.stdout, COLUMNS, 3, IMPLS)
     assert {(r[1], r[3]) for r in rows} == {(b, i) for b in SMOKE_BATCHES for i in IMPLS}, rows
     assert len(rows) == len(SMOKE_BATCHES) * len(IMPLS), rows
     for r in rows:
@@ -63,7 +54,7 @@ def test_smoke_reports_engine_and_peer_rows_for_every_batch(tmp_path):
     csv_path = sorted(tmp_path.glob("decode-cpu-*.csv"))
     assert len(md) == 1 and len(csv_path) == 1, sorted(p.name for p in tmp_path.iterdir())
     text = md[0].read_text()
-    assert table_rows(text) == rows, "the written .md differs from the printed table"
+    assert table_rows(text, COLUMNS, 3, IMPLS) == rows, "the written .md differs from the printed table"
     for key in ("gpu", "commit", "date", "torch", "triton", "cuda", "command", "model", "dtype"):
         assert f"- {key}: `" in text, f"run record lacks {key!r}"
     assert "bench/decode.py --smoke --out" in text
@@ -95,7 +86,7 @@ def test_smoke_with_fp8_counts_one_byte_per_decoder_weight(tmp_path, bench_scrip
                      str(tmp_path))
     assert proc.returncode == 0, describe(proc)
     assert "- quantization: `fp8 (fastllava rows)`" in proc.stdout
-    rows = {(r[1], r[3]): r for r in table_rows(proc.stdout)}
+    rows = {(r[1], r[3]): r for r in table_rows(proc.stdout, COLUMNS, 3, IMPLS)}
     step_bytes, t = bench_script("decode").step_bytes, llava_config(TINY_CONFIG).text
     for B in SMOKE_BATCHES:
         for impl, linear_e in (("fastllava engine", 1), ("hf eager (DynamicCache)", None)):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchkit import describe, table_rows
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "preprocess.py"
 COLUMNS = 7
@@ -19,18 +21,8 @@ PEERS = {"next-336": "transformers LlavaNextImageProcessorPil", "llava-336": "tr
 SIZES = {"64x48", "37x101"}
 
 
-def describe(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout tail\n{proc.stdout[-3000:]}\n--- stderr tail\n" \
-           f"{proc.stderr[-3000:]}"
 
 
-def table_rows(text: str) -> list[list[str]]:
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if line.startswith("| ") and len(cells) == COLUMNS and cells[0] in SIZES:
-            rows.append(cells)
-    return rows
 
 
 def test_smoke_times_every_impl_and_writes_the_run_record(tmp_path):
@@ -38,7 +30,7 @@ def test_smoke_times_every_impl_and_writes_the_run_record(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, describe(proc)
     assert "ERROR" not in proc.stdout, describe(proc)
-    rows = table_rows(proc.stdout)
+    rows = table_rows(proc.stdout, COLUMNS, 0, SIZES)
     seen = {(size, config, impl) for size, config, impl, *_ in rows}
     want = {(s, c, i) for s in SIZES for c in PEERS for i in IMPLS | {PEERS[c]}}
     assert want <= seen, f"missing rows: {sorted(want - seen)}"

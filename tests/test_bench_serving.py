@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchkit import describe
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "serving.py"
 HEADS = 16          # columns of the mode table
@@ -21,9 +23,6 @@ METADATA = ("device", "commit", "date", "torch", "triton", "cuda", "command", "m
             "backend")
 
 
-def describe(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout tail\n{proc.stdout[-3000:]}\n--- stderr tail\n" \
-           f"{proc.stderr[-3000:]}"
 
 
 def mode_rows(text: str) -> dict[str, list[str]]:

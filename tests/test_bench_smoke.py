@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchkit import describe, table_rows
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "kernels.py"
 NOT_KERNELS = {"__init__", "ops", "common"}
@@ -27,26 +29,15 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def table_rows(stdout: str) -> list[list[str]]:
-    """Kernel-table rows of the markdown report: cells of `| kernel | case | impl | ms | ... |`."""
-    rows = []
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if line.startswith("| ") and len(cells) == COLUMNS and cells[0] in STEMS:
-            rows.append(cells)
-    return rows
 
 
-def describe(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout tail\n{proc.stdout[-3000:]}\n--- stderr tail\n" \
-           f"{proc.stderr[-3000:]}"
 
 
 def test_smoke_reports_a_checked_timed_row_for_every_kernel(tmp_path):
     assert len(STEMS) >= 7, f"expected the seven kernel files, found {STEMS}"
     proc = run_bench("--smoke", "--out", str(tmp_path))
     assert proc.returncode == 0, describe(proc)
-    rows = table_rows(proc.stdout)
+    rows = table_rows(proc.stdout, COLUMNS, 0, STEMS)
     errors = [r for r in rows if r[9].startswith("ERROR")]
     assert not errors, f"{len(errors)} rows failed, first: {errors[0]}"
     for stem in STEMS:
@@ -61,7 +52,7 @@ def test_smoke_reports_a_checked_timed_row_for_every_kernel(tmp_path):
     md, csv_path = sorted(tmp_path.glob("kernels-cpu-*.md")), sorted(tmp_path.glob("kernels-cpu-*.csv"))
     assert len(md) == 1 and len(csv_path) == 1, sorted(p.name for p in tmp_path.iterdir())
     text = md[0].read_text()
-    assert table_rows(text) == rows, "the written .md differs from the printed table"
+    assert table_rows(text, COLUMNS, 0, STEMS) == rows, "the written .md differs from the printed table"
     for key in ("gpu", "commit", "date", "torch", "triton", "cuda", "command"):
         assert f"- {key}: `" in text, f"run record lacks {key!r}"
     assert "bench/kernels.py --smoke --out" in text
@@ -77,7 +68,7 @@ def test_only_runs_one_kernel_and_writes_nothing_without_out():
     before = sorted(results.iterdir()) if results.exists() else []
     proc = run_bench("--smoke", "--only", "gelu")
     assert proc.returncode == 0, describe(proc)
-    rows = table_rows(proc.stdout)
+    rows = table_rows(proc.stdout, COLUMNS, 0, STEMS)
     assert rows and {r[0] for r in rows} == {"gelu"}, rows
     after = sorted(results.iterdir()) if results.exists() else []
     assert after == before, f"--smoke without --out wrote {set(after) - set(before)}"

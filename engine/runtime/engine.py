@@ -164,14 +164,7 @@ class Engine:
         except Exception as e:
             self._fail_step(batch, e)
             return True
-        finished = {seq.seq_id for seq in self.scheduler.update(batch, tokens)}
-        for seq, token in zip(batch.seqs, tokens):
-            if token is None or seq.seq_id not in self._handles:
-                continue
-            handle = self._handles[seq.seq_id]
-            self._emit(handle, "token", token)
-            if seq.seq_id in finished:
-                self._close(handle, "finish", seq.finish_reason)
+        self._deliver(batch.seqs, tokens, self.scheduler.update(batch, tokens))
         return True
 
     def _overlapped_step(self) -> None:
@@ -201,10 +194,15 @@ class Engine:
         except Exception as e:
             self._fail_step(batch, e)
             return
-        finished = {seq.seq_id for seq in self.scheduler.resolve(pending, tokens)}
-        for (seq, _, index), token in zip(pending, tokens):
-            # Skip rows that did not sample and seqs closed before this step's ids arrived
-            # (cancelled, or stopped one step earlier: this token is the lag's extra one).
+        finished = self.scheduler.resolve(pending, tokens)
+        self._deliver([seq for seq, _, _ in pending], tokens, finished)
+
+    def _deliver(self, seqs, tokens, finished) -> None:
+        """Emit each sampled token; close the requests that finished. Rows that did not sample
+        and seqs closed before their ids arrived (cancelled, or, in the overlapped loop, stopped
+        one step earlier: the lag's extra token) are skipped."""
+        finished = {seq.seq_id for seq in finished}
+        for seq, token in zip(seqs, tokens):
             if token is None or seq.seq_id not in self._handles:
                 continue
             handle = self._handles[seq.seq_id]
