@@ -137,11 +137,12 @@ def test_killed_api_process_leaves_no_worker(tiny_next):
 def test_bench_decode_tensor_parallel_smoke():
     """bench/decode.py --tensor-parallel-size 2 (tiny, CPU): timed engine rows for every batch
     size, the run header records the size, the replay rows say why there are none."""
-    from test_bench_decode import SMOKE_BATCHES, describe, run_bench, table_rows
+    from benchkit import describe, table_rows
+    from test_bench_decode import COLUMNS, IMPLS, SMOKE_BATCHES, run_bench
 
     proc = run_bench("--smoke", "--tensor-parallel-size", "2", "--peers", "none")
     assert proc.returncode == 0, describe(proc)
-    rows = table_rows(proc.stdout)
+    rows = table_rows(proc.stdout, COLUMNS, 3, IMPLS)
     engine = {r[1]: r for r in rows if r[3] == "fastllava engine"}
     assert sorted(engine) == sorted(SMOKE_BATCHES), describe(proc)
     assert all(float(r[5]) > 0 for r in engine.values()), describe(proc)
