@@ -2,25 +2,26 @@
 
 Requests use the fal model schema {image_url, prompt, max_tokens=64, temperature=0.2, top_p=1}
 (+ optional seed); results are {"output": str, "partial": bool}. Every call may come from any
-thread (or, with `agenerate` / `astream`, from an asyncio loop): requests go to one engine thread
-that batches them continuously (fastllava.runtime), so concurrent calls share steps.
+thread (or, with `agenerate` / `astream` from async_api.py, from an asyncio loop): requests go
+to one engine thread that batches them continuously (fastllava.runtime), so concurrent calls
+share steps.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import functools
 import queue
 import secrets
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from PIL import Image
 
 from fastllava.config import LlavaConfig
+from fastllava.async_api import AsyncMixin
 from fastllava.evaluation import EvaluationMixin, check_logprobs
 from fastllava.kernels.ops import get_ops
 from fastllava.messages import chat_messages
@@ -88,7 +89,7 @@ def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-class LLaVA(EvaluationMixin):
+class LLaVA(EvaluationMixin, AsyncMixin):
     def __init__(self, ckpt: LoadedCheckpoint, backend: str, runtime: RuntimeConfig,
                  image_limits: ImageLimits, tp: TPDriver | None = None):
         self.config: LlavaConfig = ckpt.config
@@ -417,55 +418,6 @@ class LLaVA(EvaluationMixin):
                 snapshot = snapshots.on_event(kind, value, handle)
                 if snapshot is not None:
                     yield snapshot
-
-    # ---- asyncio ----------------------------------------------------------------------------------
-    def astream(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
-                detailed: bool = False, every_token: bool = False,
-                max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
-                logprobs: int | None = None) -> AsyncIterator[dict]:
-        """`stream` for asyncio: an async iterator of the same snapshots (`stream_detailed`'s with
-        detailed=True, `logprobs` included). The request is validated here, eagerly; the image
-        is fetched in the default executor. Closing the iterator early (aclose, or breaking out
-        of `async for`) cancels the request."""
-        sampling = {"logprobs": check_logprobs(logprobs)}
-        messages = chat_messages(messages)
-        if detailed:
-            req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,
-                              max_prompt_chars=max_prompt_chars)
-        else:
-            req = self._parse(request, messages)
-        return self._aevents(req, messages, every_token, detailed, sampling)
-
-    async def agenerate(self, request: Mapping[str, Any]) -> dict:
-        """`generate` for asyncio: concurrent awaits share the engine's batches."""
-        out = None
-        async for out in self.astream(request):
-            pass
-        return out
-
-    async def _aevents(self, req, messages, every_token, detailed, sampling
-                       ) -> AsyncIterator[dict]:
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(
-            None, functools.partial(self.prepare, req, messages=messages))
-        snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
-        events: asyncio.Queue = asyncio.Queue()
-
-        def put(kind, value):
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-
-        handle = self.engine.submit(self._sequence(prepared, req, sampling), put)
-        try:
-            while True:
-                kind, value = await events.get()
-                snapshot = snapshots.on_event(kind, value, handle)
-                if snapshot is not None:
-                    yield snapshot if detailed else {"output": snapshot["output"],
-                                                     "partial": snapshot["partial"]}
-                if kind != "token":
-                    return
-        finally:
-            self.engine.cancel(handle, wait_s=None)   # never block the event loop
 
     # ---- introspection ----------------------------------------------------------------------------
     def stats(self) -> dict:
