@@ -143,8 +143,8 @@ def copy_ceiling(nbytes: int = 1 << 30, device: str = "cuda") -> Row:
     dst = torch.empty_like(src)
     ms = _ceiling_ms(lambda: dst.copy_(src), device)
     size = f"{nbytes >> 30} GiB" if nbytes >= 1 << 30 else f"{nbytes >> 20} MiB"
-    return Row("ceiling", f"copy {size} {'d2d' if device == 'cuda' else 'host'}", "torch", ms,
-               2 * nbytes / ms / 1e6, "GB/s")
+    where = "d2d" if torch.device(device).type == "cuda" else "host"
+    return Row("ceiling", f"copy {size} {where}", "torch", ms, 2 * nbytes / ms / 1e6, "GB/s")
 
 
 def matmul_ceiling(label: str, M: int, N: int, K: int, dtype: torch.dtype,
@@ -159,7 +159,7 @@ def matmul_ceiling(label: str, M: int, N: int, K: int, dtype: torch.dtype,
 
 def _ceiling_ms(fn: Callable[[], object], device: str, cpu_calls: int = 5) -> float:
     """CUDA: do_bench median (cold L2). CPU: median wall time of `cpu_calls` after one warm-up."""
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         return time_ms([fn], "eager")
     fn()
     times = []

@@ -61,7 +61,7 @@ class Ceilings:
 
 def measure(device: str, dtype) -> Ceilings:
     """Copy bandwidth and matmul peak on `device` in `dtype` (small sizes on a CPU)."""
-    cuda = device == "cuda"
+    cuda = torch.device(device).type == "cuda"
     n = 8192 if cuda else 512
     note = "" if cuda else "CPU: small sizes, median of 5 calls (indicative only)"
     try:
