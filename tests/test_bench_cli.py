@@ -173,6 +173,19 @@ def test_suite_goes_on_past_a_failure(tmp_path, capsys):
         check_results(tmp_path / step, f"bench {step}")
 
 
+def test_suite_forwards_peers_to_latency_and_throughput_only():
+    from fastllava.benchmarks.cli import suite_steps
+    from fastllava.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "suite", "--smoke", "--peers", "eager"])
+    steps = dict(suite_steps(args))
+    for name in ("latency", "throughput"):
+        assert steps[name][-2:] == ["--peers", "eager"], steps[name]
+    assert "--peers" not in steps["kernels"]
+    default = dict(suite_steps(build_parser().parse_args(["bench", "suite", "--smoke"])))
+    assert not any("--peers" in argv for argv in default.values())
+
+
 def test_pytest_benchmark_components_smoke(tmp_path):
     """CI smoke of `pytest bench/ --benchmark-only` (tiny shapes on the CPU): the component
     benchmarks run and land in pytest-benchmark's JSON with their timings."""
