@@ -12,8 +12,9 @@ argmax, and `sample()` over the whole bucket reading the static parameter buffer
 - unchanged when the padding rows carry garbage parameters (NaN / inf / negative temperature,
   top_p outside (0, 1], negative seeds and steps) and garbage logits; sampling never writes the KV
   cache or the parameter buffers' padding rows.
-Through the engine (ModelRunner.launch's hook, serial and overlapped loops): the same events with
-the graph path as without it.
+Through ModelRunner.launch (one step, with logprobs rows reading the graph's logits) and the
+engine (serial and overlapped loops, arrivals and a cancel): the same ids / events with the graph
+path as without it.
 
 GPU (CUDA + compiled kernels): the same comparisons against captured graphs, replayed.
 """
@@ -34,7 +35,8 @@ from fastllava.runtime.engine import Engine
 from fastllava.runtime.image_cache import ImageFeatureCache
 from fastllava.runtime.model_runner import ModelRunner
 from fastllava.runtime.sampler import SamplingBatch, race_scores, sample
-from fastllava.runtime.scheduler import Scheduler, SchedulerConfig
+from fastllava.runtime.scheduler import Batch, Scheduler, SchedulerConfig
+from fastllava.runtime.sequence import SamplingParams
 from fastllava.runtime.step_io import DeviceBlockTables
 from test_cuda_graphs import ATOL, MAX_PAGES, fill_cache, make_sequences, new_kv
 from test_overlap import requests, run_script, tokens
@@ -161,7 +163,37 @@ def test_sample_refuses_a_mismatched_batch(llava):
         fresh.sample(make_params("greedy", 1, llava.device))
 
 
-# ---- through the engine: ModelRunner.launch samples inside the graphs ---------------------------
+# ---- through the runner and the engine: ModelRunner.launch samples inside the graphs -------------
+
+@pytest.mark.parametrize("kind", ["greedy", "mixed"])
+def test_runner_launch_samples_in_the_graphs_with_logprobs(llava, kind):
+    """One decode step of 4 rows (a bucket: identical logits) launched with and without graphs:
+    the same ids, and rows asking for logprobs read the same values from the graph's logits."""
+    results = []
+    for graphed in (False, True):
+        gen = torch.Generator().manual_seed(11)
+        seqs, num_pages = make_sequences(4, gen)
+        kv = new_kv(llava, num_pages)
+        fill_cache(kv, seqs, gen)
+        for i, seq in enumerate(seqs):
+            sampled = kind == "mixed" and i % 2 == 1
+            seq.params = SamplingParams(max_tokens=4, temperature=0.8 if sampled else 0.0,
+                                        top_p=0.7 if i == 3 else 1.0, seed=1000 + i,
+                                        logprobs=3 if i in (1, 2) else None)
+        graphs = DecodeGraphs(llava.model, llava.ops, kv, 8, MAX_PAGES, capture=False) \
+            if graphed else None
+        runner = ModelRunner(llava.model, llava.ops, kv, ImageFeatureCache(0), graphs,
+                             max_num_seqs=8)
+        calls = []
+        if graphed:
+            sample_in_graphs = graphs.sample
+            graphs.sample = lambda p: calls.append(p.all_greedy) or sample_in_graphs(p)
+        batch = Batch(seqs, [1] * 4, [len(seq) - 1 for seq in seqs], True, [True] * 4)
+        results.append((runner.launch(batch).tokens(), [seq.logprobs for seq in seqs]))
+        assert calls == ([kind == "greedy"] if graphed else []), calls
+    assert results[1] == results[0], f"graphs {results[1]} vs eager {results[0]}"
+    assert results[0][1][1] and results[0][1][2] and not results[0][1][0], results[0][1]
+
 
 S, MAX_LEN = 4, 32     # as in test_overlap.py
 
