@@ -82,7 +82,9 @@ class DecodeGraphs:
         self.steps = torch.zeros(B, **i64)
         self.buckets = batch_buckets(max_batch_size)
         # Captured outputs: bucket → (logits (bs, V) fp32, greedy ids (bs,)); (bucket, any_top_p)
-        # → sampled ids (bs,). Views of the graphs' pool, rewritten by the next replay.
+        # → sampled ids (bs,). Blocks of the shared pool, valid until the next run(): a sampler
+        # graph's output may sit in blocks another graph uses as temporaries. The runner copies
+        # the ids out (future ring, pinned host) in stream order before it runs again.
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sampled: dict[tuple[int, bool], torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -139,7 +141,7 @@ class DecodeGraphs:
         position; its KV goes to slot block_tables[i, p // S] * S + p % S. block_tables is the
         (B, width) int32 device table (`DeviceBlockTables.gather`); input ids < 0 are
         placeholders that `future` (a `FutureTokens`) resolves on the device. `sample` then
-        gives the step's ids."""
+        gives the step's ids. Both are valid until the next run()."""
         B, S = len(input_ids), self.page_size
         bs = next(b for b in self.buckets if b >= B)
         # Only the columns the batch uses are written: entries past a row's context (and the rows
