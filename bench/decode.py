@@ -206,7 +206,7 @@ def engine_batch(engine, t, B: int, plan: Plan) -> list[Row]:
         bs = next(b for b in graphs.buckets if b >= B)   # replays the last step's inputs
         rows.append(Row(REPLAY, B, len(seqs[0]) - 1, time_steps(graphs.graphs[bs].replay, plan),
                         note="" if bs == B else f"bucket {bs}"))
-        if not torch.isfinite(graphs.outputs[bs][:B]).all():
+        if not torch.isfinite(graphs.outputs[bs][0][:B]).all():     # (logits, greedy ids)
             rows[-1].note = "ERROR: non-finite logits from the random weights"
         return rows
     finally:

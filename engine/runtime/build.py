@@ -42,7 +42,7 @@ def memory_plan(steps: DummySteps, text: TextConfig, rc: RuntimeConfig, graphs: 
         return fixed_plan(source, tokens, page_bytes=page_bytes, page_size=rc.page_size,
                           weights=weights, image_tokens=image_tokens)
     mem = CudaMemory(device)
-    decode = (lambda kv: steps.decode(kv, rc.max_num_seqs)) if graphs else None
+    decode = steps.decode_and_sample if graphs else None
     measured = measure(mem, steps.scratch_kv, steps.worst_case, decode)
     return plan_kv_pool(total=mem.total(), fraction=rc.gpu_memory_fraction, measured=measured,
                         image_cache=rc.image_cache_rows * text.hidden_size * dtype.itemsize,

@@ -102,6 +102,12 @@ class DummySteps:
                 for i in range(logits.shape[0])]
         return sample(logits, SamplingBatch.build(rows, self.device))
 
+    def decode_and_sample(self, kv: KVCache) -> None:
+        """The CUDA-graph pool's worst case: a decode at max_num_seqs rows, then the top-p sampler
+        over its logits (the largest sampler graph: its (B, V) temporaries outweigh a decode
+        forward's own activations many times over)."""
+        self.sample(self.decode(kv, self.rc.max_num_seqs), greedy=False)
+
     def worst_case(self, kv: KVCache) -> None:
         """The largest step the scheduler can form: the most tiles through the tower, a full
         max_num_batched_tokens prefill over max_num_seqs sequences holding those features, and

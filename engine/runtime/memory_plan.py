@@ -2,8 +2,9 @@
 
 On CUDA, `measure` empties the allocator cache, reads what the weights hold, then runs one
 worst-case dummy step (runtime/dummy_step.py: a full max_num_batched_tokens prefill with the most
-image tiles through the tower, the sampler at max_num_seqs, one eager decode at max_num_seqs for
-the CUDA-graph pool) and reads the allocator's peak above that. `plan_kv_pool` then does the
+image tiles through the tower, the sampler at max_num_seqs; then for the CUDA-graph pool one eager
+decode at max_num_seqs followed by the top-p sampler over its logits, as the largest decode and
+sampler graphs run) and reads the allocator's peak above that. `plan_kv_pool` then does the
 arithmetic, a pure function (unit-tested on CPU with a fake provider):
 
     KV bytes = total x gpu_memory_fraction - weights - activation peak - graph pool
@@ -61,7 +62,7 @@ class CudaMemory:
 class Measured:
     weights: int          # allocated bytes before the dummy step (weights and buffers)
     activations: int      # peak above that during the worst-case prefill + sampler
-    graph_pool: int       # peak above that during one eager decode at max_num_seqs (0: no graphs)
+    graph_pool: int       # peak above that, decode + top-p sampler at max_num_seqs (0: no graphs)
     outside_torch: int
 
 
