@@ -44,6 +44,9 @@ def add_parsers(sub) -> None:
           "+ question; --tiny 24)")
         a("--output-len", type=int, default=128, help="generated tokens (default 128; --tiny 8)")
         a("--seed", type=int, default=0, help="weights and prompt seed (default 0)")
+        a("--tensor-parallel-size", type=int, default=1, metavar="N",
+          help="split fastllava's decoder over N GPUs (ranks; CPU processes with --tiny); "
+          "transformers peers stay on one (default 1)")
         if name == "latency":
             a("--iters", type=int, default=10, help="timed requests (default 10; --tiny 3)")
             a("--warmup", type=int, default=2, help="untimed requests first (default 2)")
@@ -67,20 +70,23 @@ def _sizes(args) -> None:
             args.num_prompts = 8 if args.num_prompts == 64 else args.num_prompts
     if min(args.input_len, args.output_len) < 1:
         raise ValueError("--input-len and --output-len must be >= 1")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
 
 
 class RandomEngine:
     """A runtime engine over random weights (config: a REAL_CONFIGS key, None for the tiny
-    config), stepped on the caller's thread. Also used by bench/test_components.py."""
+    config), stepped on the caller's thread, its decoder split over tensor_parallel_size ranks
+    (random_runtime.py). Also used by bench/test_components.py."""
 
     def __init__(self, config: str | None, *, device: str | None = None, dtype: str | None = None,
-                 backend: str = "auto", max_len: int, max_seqs: int = 1, seed: int = 0):
+                 backend: str = "auto", max_len: int, max_seqs: int = 1, seed: int = 0,
+                 tensor_parallel_size: int = 1):
         import torch
 
-        from fastllava.kernels.ops import get_ops
-        from fastllava.runtime.build import build_engine
+        from fastllava.benchmarks.random_runtime import RandomRuntime
         from fastllava.runtime.config import RuntimeConfig
-        from fastllava.weights.random import REAL_CONFIGS, TINY_CONFIG, llava_config, random_model
+        from fastllava.weights.random import REAL_CONFIGS
 
         if config is not None and config not in REAL_CONFIGS:
             raise ValueError(f"--config {config!r}: known {', '.join(sorted(REAL_CONFIGS))}")
@@ -91,21 +97,22 @@ class RandomEngine:
         self.dtype = getattr(torch, dtype) if dtype else (
             torch.bfloat16 if device == "cuda" else torch.float32)
         self.name = f"{config}, random weights" if config else "tiny random (--tiny)"
-        self.config = llava_config(REAL_CONFIGS[config] if config else TINY_CONFIG)
+        self.runtime = RandomRuntime(config or "tiny", device, self.dtype, backend=backend,
+                                     seed=seed, tensor_parallel_size=tensor_parallel_size)
+        self.config, self.model = self.runtime.config, self.runtime.model
         self.vocab, self.device, self.max_len = self.config.text.vocab_size, device, max_len
-        self.model = random_model(self.config, device, self.dtype, seed=seed)
         rc = RuntimeConfig(max_num_seqs=min(max_seqs, 256), max_context=max_len,
                            kv_cache_tokens=None if device == "cuda" else max_len * max_seqs)
-        self.engine, _ = build_engine(self.model, get_ops(backend, device), self.config.text,
-                                      self.dtype, device, rc)
+        self.engine, _ = self.runtime.build(rc)
 
     def close(self) -> None:
-        """Free the model and KV pool (before a peer model is built); idempotent."""
+        """Free the model and KV pool (before a peer model is built), stop any tensor-parallel
+        workers; idempotent."""
         import torch
 
         if self.model is None:
             return
-        self.engine.shutdown()
+        self.runtime.close()
         self.engine = self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()
@@ -155,7 +162,8 @@ class ApiEngine:
         from fastllava.benchmarks.workload import generated_image
 
         self.llava = LLaVA.from_pretrained(args.model, args.device, args.dtype,
-                                           backend=args.backend, progress=True)
+                                           backend=args.backend, progress=True,
+                                           tensor_parallel_size=args.tensor_parallel_size)
         self.name, self.dtype = args.model, self.llava.dtype
         self.image = generated_image(random.Random(args.seed), 672, 672, "jpeg")
 
@@ -198,12 +206,14 @@ def run(args) -> int:
     engine = ApiEngine(args) if args.model else RandomEngine(
         None if args.tiny else args.config, device=args.device, dtype=args.dtype,
         backend=args.backend, max_len=args.input_len + args.output_len + 1,
-        max_seqs=1 if args.mode == "latency" else args.num_prompts, seed=args.seed)
+        max_seqs=1 if args.mode == "latency" else args.num_prompts, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size)
     rng = random.Random(args.seed)
     results = Results(args.out or default_out(args.mode), f"{args.mode.capitalize()} benchmark",
                       provenance(args.argv))
     results.record.update(model=engine.name, dtype=str(engine.dtype).removeprefix("torch."),
-                          input_len=str(args.input_len), output_len=str(args.output_len))
+                          input_len=str(args.input_len), output_len=str(args.output_len),
+                          tensor_parallel_size=str(args.tensor_parallel_size))
     if args.mode == "latency":
         prompts = engine.prompts(rng, args.warmup + args.iters, args.input_len)
         for prompt in prompts[:args.warmup]:
@@ -213,10 +223,10 @@ def run(args) -> int:
             traces += engine.run([prompt], args.output_len)
             bar.update(1)
         bar.close()
-        rows = [{"impl": "fastllava", **_latency_row(traces)}]
+        rows = [{"impl": "fastllava", "tp": args.tensor_parallel_size, **_latency_row(traces)}]
         series = {"fastllava TTFT": [1e3 * t.ttft for t in traces if not t.error]}
         for label, got in _peers(args, engine, prompts).items():
-            rows.append({"impl": label, **(_latency_row(got) if isinstance(got, list)
+            rows.append({"impl": label, "tp": 1, **(_latency_row(got) if isinstance(got, list)
                                            else {"note": got})})
             series[f"{label} TTFT"] = [1e3 * t.ttft for t in got] if isinstance(got, list) else []
         for r in rows:   # > 1: fastllava is faster
@@ -234,9 +244,9 @@ def run(args) -> int:
         bar = progress_bar(len(prompts), "throughput", "request")
         traces = engine.run(prompts, args.output_len, bar)
         bar.close()
-        row = stats.summarize(traces, {})
+        row = {"tp": args.tensor_parallel_size, **stats.summarize(traces, {})}
         row["total_tok_per_s"] = ((row["out_tokens"] or 0) + args.input_len * row["ok"]) / row["wall_s"]
-        cols = ["requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens", "out_tok_per_s",
+        cols = ["tp", "requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens", "out_tok_per_s",
                 "total_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
         results.add("Offline batch", [row], cols)
         fig = plots.cdf(results.out / "throughput_cdf.png", "Offline batch: per-request latency",
@@ -252,7 +262,7 @@ def run(args) -> int:
     return 1 if any(t.error for t in traces) else 0
 
 
-_LATENCY_COLUMNS = ("impl", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
+_LATENCY_COLUMNS = ("impl", "tp", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
                     "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms", "decode_tok_per_s_p50", "out_tokens",
                     "decode_gb_s", "pct_copy", "fastllava_x_ttft", "fastllava_x_decode", "note")
 
@@ -269,7 +279,8 @@ def _roofline(rows: list[dict], engine, args) -> None:
     for r in rows:
         if r.get("decode_tok_per_s_p50"):
             r["decode_gb_s"] = per_step * r["decode_tok_per_s_p50"] / 1e9
-            r["pct_copy"] = 100 * r["decode_gb_s"] / copy if copy else None
+            # Under tensor parallelism the bytes are read by tp GPUs: their ceiling is tp copies.
+            r["pct_copy"] = 100 * r["decode_gb_s"] / (copy * r["tp"]) if copy else None
 
 
 def _peer_kinds(args) -> list[str]:

@@ -1,0 +1,86 @@
+"""Decode under tensor parallelism: every rank runs the same padded bucket from its own static
+buffers (runtime/cuda_graphs.DecodeGraphs), captured as a CUDA graph with the NCCL collectives
+inside it on CUDA, run eagerly (capture=False) elsewhere.
+
+A step: rank 0 fills its static buffers (`DecodeGraphs.run`: ids with the on-device future
+tokens resolved, positions, KV slots, context lengths, block tables), announces the bucket on the
+ctrl group (one int64 header, OP_DECODE), then replays. The first op of every captured step is a
+broadcast of rank 0's static inputs, packed as one int64 tensor, into every rank's buffers; then
+embed, decoder and lm_head with their all-reduces / all-gather. A worker therefore does no host
+work per step beyond reading the header and calling `replay(bucket)`.
+
+Capture rules followed (NCCL >= 2.9.6 captures collectives; torch >= 2.2 keeps captured work off
+the NCCL watchdog, pytorch#103503):
+- A graph launch containing NCCL ops is a collective over the ranks that captured it (NCCL guide,
+  "Using NCCL with CUDA Graphs"): every rank captures the same buckets in the same order (same
+  max_batch_size and block-table width, sent with OP_GRAPHS) and replays the bucket rank 0 names.
+- The communicator exists before capture: DecodeGraphs runs each bucket eagerly once on every
+  rank before capturing it, which is a real collective step (and inits NCCL lazily out of capture).
+- No host sync inside: TPComm waits on NCCL work untimed, which orders the stream, not the host.
+- Rank 0 sends the header before it replays, and a worker replays as soon as it has it: no rank
+  blocks on its host while a peer's GPU waits in a collective for it.
+The broadcast carries the whole (bucket, max_pages_per_seq) block table, static in the graph:
+bucket x width x 8 bytes (64 x 512 pages: 256 KB), a few µs over NVLink.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastllava.runtime import tp_step
+from fastllava.runtime.cuda_graphs import DecodeGraphs
+
+
+class TPDecodeGraphs(DecodeGraphs):
+    """DecodeGraphs of one rank. Rank 0 (`driver` given) steps through `run`, workers through
+    `replay(bucket)` when rank 0's header names it."""
+
+    def __init__(self, model, ops, kv, max_batch_size: int, max_pages_per_seq: int, comm, *,
+                 capture: bool, driver=None):
+        self.comm, self.driver = comm, driver
+        super().__init__(model, ops, kv, max_batch_size, max_pages_per_seq, capture=capture)
+
+    def _forward(self, bs: int, *args, **kwargs) -> torch.Tensor:
+        self._share_inputs(bs)
+        return super()._forward(bs, *args, **kwargs)
+
+    def _share_inputs(self, bs: int) -> None:
+        """Rank 0's static inputs of the bucket's rows → every rank's buffers (one broadcast)."""
+        views = [t[:bs].reshape(-1) for t in (self.input_ids, self.positions, self.slot_mapping,
+                                               self.context_lens, self.block_tables)]
+        packed = self.comm.broadcast(torch.cat([v.to(torch.int64) for v in views]))
+        if self.comm.rank:
+            for view, part in zip(views, packed.split([v.numel() for v in views])):
+                view.copy_(part)
+
+    def bucket(self, batch_size: int) -> int:
+        return next(b for b in self.buckets if b >= batch_size)
+
+    def run(self, input_ids: list[int], *args, **kwargs) -> torch.Tensor:
+        """Rank 0: DecodeGraphs.run, with the workers told the bucket first."""
+        bs = self.bucket(len(input_ids))
+
+        def with_every_rank(comm) -> torch.Tensor:
+            comm.broadcast_header(tp_step.header(tp_step.OP_DECODE, bs))
+            return DecodeGraphs.run(self, input_ids, *args, **kwargs)
+        return self.driver.step(with_every_rank, self.kv)
+
+    @torch.inference_mode()
+    def replay(self, bs: int) -> None:
+        """Bucket bs on every rank over the inputs already in rank 0's buffers; the outputs stay
+        in self.outputs. Workers call it when rank 0's header names the bucket; on rank 0 (the
+        bare-replay row of bench/decode.py) it sends that header first."""
+        if self.driver is None:
+            self._launch(bs)
+            return
+
+        def with_every_rank(comm) -> None:
+            comm.broadcast_header(tp_step.header(tp_step.OP_DECODE, bs))
+            self._launch(bs)
+        self.driver.step(with_every_rank, self.kv)
+
+    def _launch(self, bs: int) -> None:
+        if self.graphs:
+            self.graphs[bs].replay()
+        else:
+            self._forward(bs)
