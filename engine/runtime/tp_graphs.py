@@ -7,7 +7,7 @@ tokens resolved, positions, KV slots, context lengths, block tables), announces 
 ctrl group (one int64 header, OP_DECODE), then replays. The first op of every captured step is a
 broadcast of rank 0's static inputs, packed as one int64 tensor, into every rank's buffers; then
 embed, decoder and lm_head with their all-reduces / all-gather. A worker therefore does no host
-work per step beyond reading the header and calling `replay(bucket)`.
+work per step beyond reading the header and calling `follow(bucket)`.
 
 Capture rules followed (NCCL >= 2.9.6 captures collectives; torch >= 2.2 keeps captured work off
 the NCCL watchdog, pytorch#103503):
@@ -32,19 +32,16 @@ from fastllava.runtime.cuda_graphs import DecodeGraphs
 
 
 class TPDecodeGraphs(DecodeGraphs):
-    """DecodeGraphs of one rank. Rank 0 (`driver` given) steps through `run`, workers through
-    `replay(bucket)` when rank 0's header names it."""
+    """DecodeGraphs of one rank. Rank 0 (`driver` given) steps through `run`; a worker calls
+    `follow(bucket)` when rank 0's header names the bucket."""
 
     def __init__(self, model, ops, kv, max_batch_size: int, max_pages_per_seq: int, comm, *,
                  capture: bool, driver=None):
         self.comm, self.driver = comm, driver
-        super().__init__(model, ops, kv, max_batch_size, max_pages_per_seq, capture=capture)
+        super().__init__(_SharingInputs(model, self), ops, kv, max_batch_size,
+                         max_pages_per_seq, capture=capture)
 
-    def _forward(self, bs: int, *args, **kwargs) -> torch.Tensor:
-        self._share_inputs(bs)
-        return super()._forward(bs, *args, **kwargs)
-
-    def _share_inputs(self, bs: int) -> None:
+    def share_inputs(self, bs: int) -> None:
         """Rank 0's static inputs of the bucket's rows → every rank's buffers (one broadcast)."""
         views = [t[:bs].reshape(-1) for t in (self.input_ids, self.positions, self.slot_mapping,
                                                self.context_lens, self.block_tables)]
@@ -65,22 +62,35 @@ class TPDecodeGraphs(DecodeGraphs):
             return DecodeGraphs.run(self, input_ids, *args, **kwargs)
         return self.driver.step(with_every_rank, self.kv)
 
-    @torch.inference_mode()
-    def replay(self, bs: int) -> None:
-        """Bucket bs on every rank over the inputs already in rank 0's buffers; the outputs stay
-        in self.outputs. Workers call it when rank 0's header names the bucket; on rank 0 (the
-        bare-replay row of bench/decode.py) it sends that header first."""
-        if self.driver is None:
-            self._launch(bs)
-            return
+    def follow(self, bs: int) -> None:
+        """Workers: rank 0's step of bucket bs. DecodeGraphs.run over placeholder rows (ids and
+        positions 0, page 0): the step's first op overwrites them with rank 0's inputs; then the
+        same graph replay (or eager body) as rank 0's. The outputs stay unread."""
+        DecodeGraphs.run(self, [0] * bs, [0] * bs, self.block_tables[:bs, :1])
 
+    def replay(self, bs: int) -> None:
+        """Rank 0: bucket bs's captured graph again on every rank over the inputs already in
+        rank 0's buffers (bench/decode.py's bare-replay row)."""
         def with_every_rank(comm) -> None:
             comm.broadcast_header(tp_step.header(tp_step.OP_DECODE, bs))
-            self._launch(bs)
+            self.graphs[bs].replay()
         self.driver.step(with_every_rank, self.kv)
 
-    def _launch(self, bs: int) -> None:
-        if self.graphs:
-            self.graphs[bs].replay()
-        else:
-            self._forward(bs)
+
+class _SharingInputs:
+    """The model as the decode buckets call it: `embed`, the first op of the decode body, first
+    broadcasts rank 0's static inputs of the bucket (the ids it is given are the buffers' first
+    rows, so the broadcast lands in what it then reads)."""
+
+    def __init__(self, model, graphs: TPDecodeGraphs):
+        self._model, self._graphs = model, graphs
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+    def embed(self, ids: torch.Tensor, *args):
+        self._graphs.share_inputs(ids.shape[0])
+        return self._model.embed(ids, *args)

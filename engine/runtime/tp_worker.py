@@ -124,7 +124,7 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
             if op == tp_step.OP_STEP:
                 tp_step.run(model, ops, tp_step.receive(comm, h, device, dtype), kv)
             elif op == tp_step.OP_DECODE:
-                graphs.replay(int(h[1]))
+                graphs.follow(int(h[1]))
             elif op == tp_step.OP_SETUP:
                 kv = new_kv(int(h[1]), int(h[2]))
                 comm.agree(True)
