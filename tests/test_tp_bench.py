@@ -37,8 +37,8 @@ def test_latency_and_throughput_tp2_tiny(tmp_path):
         assert main(["bench", mode, "--tiny", "--tensor-parallel-size", "2",
                      "--out", str(out)]) == 0
         data = check_results(out, "--tensor-parallel-size 2")
-        (row,) = data["rows"]
-        assert row["tp"] == 2 and row["errors"] == 0 and row[key] > 0, row
+        (row,) = [r for r in data["rows"] if r.get("tp") == 2]   # fastllava's, saying TP 2
+        assert row["errors"] == 0 and row[key] > 0, row
         assert data["record"]["tensor_parallel_size"] == "2"
     assert children() == before, "a tensor-parallel worker outlived the benchmark"
 

@@ -246,8 +246,8 @@ def run(args) -> int:
         bar.close()
         row = {"tp": args.tensor_parallel_size, **stats.summarize(traces, {})}
         row["total_tok_per_s"] = ((row["out_tokens"] or 0) + args.input_len * row["ok"]) / row["wall_s"]
-        cols = ["tp", "requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens", "out_tok_per_s",
-                "total_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
+        cols = ["requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens", "out_tok_per_s",
+                "total_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "tp"]
         results.add("Offline batch", [row], cols)
         fig = plots.cdf(results.out / "throughput_cdf.png", "Offline batch: per-request latency",
                         "ms", {"TTFT": [1e3 * t.ttft for t in traces if not t.error],
@@ -262,9 +262,9 @@ def run(args) -> int:
     return 1 if any(t.error for t in traces) else 0
 
 
-_LATENCY_COLUMNS = ("impl", "tp", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
+_LATENCY_COLUMNS = ("impl", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
                     "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms", "decode_tok_per_s_p50", "out_tokens",
-                    "decode_gb_s", "pct_copy", "fastllava_x_ttft", "fastllava_x_decode", "note")
+                    "decode_gb_s", "pct_copy", "fastllava_x_ttft", "fastllava_x_decode", "tp", "note")
 
 
 def _roofline(rows: list[dict], engine, args) -> None:
