@@ -5,9 +5,12 @@ inside it on CUDA, run eagerly (capture=False) elsewhere.
 A step: rank 0 fills its static buffers (`DecodeGraphs.run`: ids with the on-device future
 tokens resolved, positions, KV slots, context lengths, block tables), announces the bucket on the
 ctrl group (one int64 header, OP_DECODE), then replays. The first op of every captured step is a
-broadcast of rank 0's static inputs, packed as one int64 tensor, into every rank's buffers; then
-embed, decoder and lm_head with their all-reduces / all-gather. A worker therefore does no host
-work per step beyond reading the header and calling `follow(bucket)`.
+broadcast of rank 0's static inputs, packed as one int64 tensor, into every rank's buffers (it
+rides on the model's `embed`, the decode body's first call: `_SharingInputs`); then embed, decoder
+and lm_head with their all-reduces / all-gather. A worker's host work per step is the header and
+`follow(bucket)`: DecodeGraphs.run over placeholder rows (a few small copies the broadcast then
+overwrites) and the replay. Only the public `run` of DecodeGraphs is used, no private method.
+Workers capture (and never replay) the sampler graphs DecodeGraphs may hold: rank 0 samples.
 
 Capture rules followed (NCCL >= 2.9.6 captures collectives; torch >= 2.2 keeps captured work off
 the NCCL watchdog, pytorch#103503):
