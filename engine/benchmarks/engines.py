@@ -16,22 +16,21 @@ class RandomEngine:
     config), stepped on the caller's thread. Also used by bench/test_components.py."""
 
     def __init__(self, config: str | None, *, device: str | None = None, dtype: str | None = None,
-                 backend: str = "auto", max_len: int, max_seqs: int = 1, seed: int = 0):
-        from fastllava.kernels.ops import get_ops
-        from fastllava.runtime.build import build_engine
+                 backend: str = "auto", max_len: int, max_seqs: int = 1, seed: int = 0,
+                 tensor_parallel_size: int = 1):
+        from fastllava.benchmarks.random_runtime import RandomRuntime
         from fastllava.runtime.config import RuntimeConfig
-        from fastllava.weights.random import REAL_CONFIGS, TINY_CONFIG, llava_config, random_model
 
         device, self.dtype = self.placement(config, device, dtype)
         self.name = f"{config}, random weights" if config else "tiny random (--tiny)"
-        self.config = llava_config(REAL_CONFIGS[config] if config else TINY_CONFIG)
+        self.runtime = RandomRuntime(config or "tiny", device, self.dtype, backend=backend,
+                                     seed=seed, tensor_parallel_size=tensor_parallel_size)
+        self.config, self.model = self.runtime.config, self.runtime.model
         self.vocab, self.device, self.max_len = self.config.text.vocab_size, device, max_len
-        self.model = random_model(self.config, device, self.dtype, seed=seed)
         rc = RuntimeConfig(max_num_seqs=min(max_seqs, 256), max_context=max_len,
                            kv_cache_tokens=None if device == "cuda" else max_len * max_seqs)
         self.max_batch = rc.max_num_seqs
-        self.engine, _ = build_engine(self.model, get_ops(backend, device), self.config.text,
-                                      self.dtype, device, rc)
+        self.engine, _ = self.runtime.build(rc)
 
     @staticmethod
     def placement(config: str | None, device: str | None, dtype: str | None):
@@ -55,7 +54,7 @@ class RandomEngine:
 
         if self.model is None:
             return
-        self.engine.shutdown()
+        self.runtime.close()   # the engine, and any tensor-parallel workers
         self.engine = self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()
@@ -105,7 +104,8 @@ class ApiEngine:
         from fastllava.benchmarks.workload import generated_image
 
         self.llava = LLaVA.from_pretrained(args.model, args.device, args.dtype,
-                                           backend=args.backend, progress=True)
+                                           backend=args.backend, progress=True,
+                                           tensor_parallel_size=args.tensor_parallel_size)
         self.name, self.dtype, self.max_batch = args.model, self.llava.dtype, None
         self.image = generated_image(random.Random(args.seed), 672, 672, "jpeg")
 

@@ -45,6 +45,9 @@ def add_parsers(sub) -> None:
           "+ question; --tiny 24)")
         a("--output-len", type=int, default=128, help="generated tokens (default 128; --tiny 8)")
         a("--seed", type=int, default=0, help="weights and prompt seed (default 0)")
+        a("--tensor-parallel-size", type=int, default=1, metavar="N",
+          help="split fastllava's decoder over N GPUs (ranks; CPU processes with --tiny); "
+          "transformers peers stay on one (default 1)")
         a("--peers", default="none", help="also time transformers' LlamaForCausalLM on the same "
           "prompts and random weights: eager, compiled (StaticCache + torch.compile "
           "reduce-overhead, GPU) or both, comma-separated (default none; needs transformers)")
@@ -72,6 +75,8 @@ def _sizes(args) -> None:
         raise ValueError("--input-len and --output-len must be >= 1")
     if args.mode == "throughput" and min(args.num_prompts, args.peer_batch_size) < 1:
         raise ValueError("--num-prompts and --peer-batch-size must be >= 1")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
 
 
 def run(args) -> int:
@@ -84,11 +89,13 @@ def run(args) -> int:
     engine = ApiEngine(args) if args.model else RandomEngine(
         config, device=args.device, dtype=args.dtype, backend=args.backend,
         max_len=args.input_len + args.output_len + 1,
-        max_seqs=1 if args.mode == "latency" else args.num_prompts, seed=args.seed)
+        max_seqs=1 if args.mode == "latency" else args.num_prompts, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size)
     results = Results(args.out or default_out(args.mode), f"{args.mode.capitalize()} benchmark",
                       provenance(args.argv))
     results.record.update(model=engine.name, dtype=str(engine.dtype).removeprefix("torch."),
-                          input_len=str(args.input_len), output_len=str(args.output_len))
+                          input_len=str(args.input_len), output_len=str(args.output_len),
+                          tensor_parallel_size=str(args.tensor_parallel_size))
     bench = _latency if args.mode == "latency" else _throughput
     traces, fig = bench(args, engine, random.Random(args.seed), results, ceilings)
     engine.close()
@@ -117,10 +124,10 @@ def _latency(args, engine, rng, results, ceilings):
         traces += engine.run([prompt], args.output_len)
         bar.update(1)
     bar.close()
-    rows = [{"impl": "fastllava", **_latency_row(traces)}]
+    rows = [{"impl": "fastllava", "tp": args.tensor_parallel_size, **_latency_row(traces)}]
     series = {"fastllava TTFT": [1e3 * t.ttft for t in traces if not t.error]}
     for label, got in _peers(args, engine, prompts).items():
-        rows.append({"impl": label, **(_latency_row(got) if isinstance(got, list)
+        rows.append({"impl": label, "tp": 1, **(_latency_row(got) if isinstance(got, list)
                                        else {"note": got})})
         series[f"{label} TTFT"] = [1e3 * t.ttft for t in got] if isinstance(got, list) else []
     for r in rows:   # > 1: fastllava is faster
@@ -144,12 +151,12 @@ def _throughput(args, engine, rng, results, ceilings):
     bar = progress_bar(len(prompts), "throughput", "request")
     traces = engine.run(prompts, args.output_len, bar)
     bar.close()
-    rows = [{"impl": "fastllava", "max_batch": engine.max_batch,
+    rows = [{"impl": "fastllava", "tp": args.tensor_parallel_size, "max_batch": engine.max_batch,
              **_throughput_row(traces, args.input_len)}]
     series = {"fastllava e2e": [1e3 * (t.end - t.submit) for t in traces if not t.error]}
     for label, got in _peers(args, engine, prompts).items():
         ok = isinstance(got, list)
-        rows.append({"impl": label, "max_batch": min(args.peer_batch_size, len(prompts)),
+        rows.append({"impl": label, "tp": 1, "max_batch": min(args.peer_batch_size, len(prompts)),
                      **(_throughput_row(got, args.input_len) if ok else {"note": got})})
         series[f"{label} e2e"] = [1e3 * (t.end - t.submit) for t in got if not t.error] if ok else []
     ours = rows[0]["out_tok_per_s"]
@@ -170,11 +177,11 @@ def _throughput(args, engine, rng, results, ceilings):
 _LATENCY_COLUMNS = ("impl", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
                     "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms", "decode_tok_per_s_p50", "out_tokens",
                     "decode_gb_s", "decode_ceiling_tok_s", "pct_copy", "ttft_floor_ms",
-                    "pct_ttft_floor", "fastllava_x_ttft", "fastllava_x_decode", "note")
+                    "pct_ttft_floor", "fastllava_x_ttft", "fastllava_x_decode", "tp", "note")
 _THROUGHPUT_COLUMNS = ("impl", "max_batch", "requests", "ok", "errors", "wall_s", "req_per_s",
                        "out_tokens", "out_tok_per_s", "total_tok_per_s", "ttft_p50_ms",
                        "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "roofline_out_tok_s",
-                       "pct_roofline", "fastllava_x_tput", "note")
+                       "pct_roofline", "fastllava_x_tput", "tp", "note")
 
 
 def _peer_kinds(args) -> list[str]:

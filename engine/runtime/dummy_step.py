@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastllava.config import LlavaConfig
+from fastllava.config import LlavaConfig, TextConfig
 from fastllava.kv_cache import KVCache
 from fastllava.models.context import ForwardContext
 from fastllava.preprocess.anyres import anyres_grid, anyres_num_tokens
@@ -39,18 +39,25 @@ def image_shapes(config: LlavaConfig) -> list[ImageShape]:
 
 
 class DummySteps:
-    def __init__(self, model, ops, rc: RuntimeConfig, dtype: torch.dtype, device):
+    def __init__(self, model, ops, rc: RuntimeConfig, dtype: torch.dtype, device,
+                 text: TextConfig | None = None):
+        """text: the KV cache's view of the decoder (tensor parallelism: this rank's KVH/N
+        heads); default the model's."""
         self.model, self.ops, self.rc = model, ops, rc
         self.config: LlavaConfig = model.config
+        self.text = text or model.config.text
         self.dtype, self.device = dtype, torch.device(device)
         self.max_positions = min(rc.max_context, self.config.text.max_position_embeddings)
 
-    def scratch_kv(self) -> KVCache:
+    @property
+    def scratch_pages(self) -> int:
         """Pages for one full prefill step plus one page per decoding sequence."""
-        t, S = self.config.text, self.rc.page_size
-        pages = -(-self.rc.max_num_batched_tokens // S) + self.rc.max_num_seqs + 1
-        return KVCache(t.num_hidden_layers, pages, S, t.num_key_value_heads, t.head_dim,
-                       self.dtype, self.device)
+        return -(-self.rc.max_num_batched_tokens // self.rc.page_size) + self.rc.max_num_seqs + 1
+
+    def scratch_kv(self) -> KVCache:
+        t = self.text
+        return KVCache(t.num_hidden_layers, self.scratch_pages, self.rc.page_size,
+                       t.num_key_value_heads, t.head_dim, self.dtype, self.device)
 
     def images(self, tiles: int, grid, image_hw) -> torch.Tensor:
         """One image of `tiles` tiles through the tower and projector → (tokens, hidden)."""

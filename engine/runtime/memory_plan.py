@@ -131,13 +131,16 @@ class MemoryPlan:
 
 def plan_kv_pool(*, total: int, fraction: float, measured: Measured, image_cache: int,
                  page_bytes: int, page_size: int, need_tokens: int,
-                 image_tokens: int) -> MemoryPlan:
-    """The KV pool that fits `fraction` of `total` beside what was measured (see module doc).
+                 image_tokens: int, max_pages: int | None = None) -> MemoryPlan:
+    """The KV pool that fits `fraction` of `total` beside what was measured (see module doc),
+    at most max_pages (tensor parallelism: the smallest rank's pool, runtime/tp_memory.py).
     Refuses, naming every term, when it cannot hold one need_tokens-long request."""
     budget = int(total * fraction)
     held = measured.weights + measured.activations + measured.graph_pool + image_cache \
         + measured.outside_torch
     pages = max(0, (budget - held) // page_bytes)
+    if max_pages is not None:
+        pages = min(pages, max_pages)
     need = -(-need_tokens // page_size)
     if pages < need:
         raise ValueError(
