@@ -223,3 +223,20 @@ def test_latency_and_throughput_on_a_checkpoint(tiny_llava, tmp_path):
                  "--out", str(tmp_path / "thr")]) == 0
     (row,) = rows_of(check_results(tmp_path / "thr", "bench throughput --model"), "Offline batch")
     assert (row["ok"], row["errors"]) == (3, 0) and 3 <= row["out_tokens"] <= 12, row
+
+
+def test_a_tensor_parallel_row_is_rated_against_n_devices():
+    """TP rows: N GPUs read and multiply in parallel, so their ceilings are N x one device's."""
+    from fastllava.benchmarks import roofline
+    from fastllava.weights.random import TINY_CONFIG, llava_config
+
+    t = llava_config(TINY_CONFIG).text
+    ceil = roofline.Ceilings(100.0, 50.0, [])
+    lat = [{"tp": 1, "decode_tok_per_s_p50": 10.0, "ttft_p50_ms": 5.0},
+           {"tp": 2, "decode_tok_per_s_p50": 10.0, "ttft_p50_ms": 5.0}]
+    roofline.rate_latency(lat, t, 4, 24, 8, ceil)
+    assert lat[1]["decode_ceiling_tok_s"] == pytest.approx(2 * lat[0]["decode_ceiling_tok_s"])
+    assert lat[1]["ttft_floor_ms"] == pytest.approx(lat[0]["ttft_floor_ms"] / 2)
+    tput = [{"tp": 1, "out_tok_per_s": 10.0}, {"tp": 2, "out_tok_per_s": 10.0}]
+    roofline.rate_throughput(tput, t, 4, 8, 24, 8, ceil)
+    assert tput[1]["roofline_out_tok_s"] == pytest.approx(2 * tput[0]["roofline_out_tok_s"])

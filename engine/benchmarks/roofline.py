@@ -35,13 +35,15 @@ LATENCY_LEGEND = (
     "2 x decoder linear params x prompt tokens + causal attention + the last token's logits; "
     "pct_ttft_floor = ttft_floor_ms / TTFT p50 (prefill MFU when compute-bound).",
     "fastllava_x_ttft / fastllava_x_decode: the peer's TTFT / fastllava's, fastllava's decode "
-    "tok/s / the peer's (> 1: fastllava is faster).")
+    "tok/s / the peer's (> 1: fastllava is faster). A row with tp N is rated against N x the "
+    "one-device ceilings (N GPUs' bandwidth and peak).")
 THROUGHPUT_LEGEND = (
     "roofline_out_tok_s: all prompts in one batch (an upper bound: memory may cap the batch), "
     "floor time = max(prompts x prefill FLOPs / matmul peak, weights + prompt KV bytes / copy) "
     "+ (output - 1) decode steps x max(step bytes / copy, step FLOPs / matmul peak) at the mean "
     "context (prompt + output/2); roofline_out_tok_s = prompts x output tokens / floor time; "
-    "pct_roofline = out_tok_per_s / roofline_out_tok_s.",
+    "pct_roofline = out_tok_per_s / roofline_out_tok_s; a row with tp N: N x the one-device "
+    "ceilings.",
     "fastllava_x_tput = fastllava's out_tok_per_s / the row's (> 1: fastllava is faster); "
     "max_batch: the most requests a forward holds (fastllava: max_num_seqs; transformers: "
     "--peer-batch-size, prompts left-padded, batches run in order).")
@@ -102,14 +104,16 @@ def rate_latency(rows: list[dict], t, e: int, P: int, O: int, ceil: Ceilings) ->
     per_step = step_bytes(t, 1, P + O / 2, e)
     for r in rows:
         tok, ttft = r.get("decode_tok_per_s_p50"), r.get("ttft_p50_ms")
+        n = r.get("tp", 1)        # a row split over n devices is rated against n devices' ceilings
         if _ok(tok):
             r["decode_gb_s"] = per_step * tok / 1e9
         if ceil.measured and _ok(tok):
-            r["decode_ceiling_tok_s"] = ceil.copy_gb_s * 1e9 / per_step
+            r["decode_ceiling_tok_s"] = n * ceil.copy_gb_s * 1e9 / per_step
             r["pct_copy"] = 100 * tok / r["decode_ceiling_tok_s"]
         if ceil.measured and _ok(ttft):
-            r["ttft_floor_ms"] = 1e3 * max(prefill_flops(t, P) / (ceil.matmul_tflop_s * 1e12),
-                                           step_bytes(t, 1, P, e) / (ceil.copy_gb_s * 1e9))
+            r["ttft_floor_ms"] = 1e3 * max(
+                prefill_flops(t, P) / (n * ceil.matmul_tflop_s * 1e12),
+                step_bytes(t, 1, P, e) / (n * ceil.copy_gb_s * 1e9))
             r["pct_ttft_floor"] = 100 * r["ttft_floor_ms"] / ttft
 
 
@@ -117,10 +121,12 @@ def rate_throughput(rows: list[dict], t, e: int, N: int, P: int, O: int, ceil: C
     """Adds roofline_out_tok_s and pct_roofline to each timed row (THROUGHPUT_LEGEND)."""
     if not ceil.measured:
         return
-    bw, peak = ceil.copy_gb_s * 1e9, ceil.matmul_tflop_s * 1e12
     ctx = P + O / 2
-    floor_s = (max(N * prefill_flops(t, P) / peak, step_bytes(t, N, P, e) / bw)
-               + (O - 1) * max(step_bytes(t, N, ctx, e) / bw, decode_step_flops(t, N, ctx) / peak))
     for r in filter(lambda r: _ok(r.get("out_tok_per_s")), rows):
+        n = r.get("tp", 1)        # a row split over n devices is rated against n devices' ceilings
+        bw, peak = n * ceil.copy_gb_s * 1e9, n * ceil.matmul_tflop_s * 1e12
+        floor_s = (max(N * prefill_flops(t, P) / peak, step_bytes(t, N, P, e) / bw)
+                   + (O - 1) * max(step_bytes(t, N, ctx, e) / bw,
+                                   decode_step_flops(t, N, ctx) / peak))
         r["roofline_out_tok_s"] = N * O / floor_s
         r["pct_roofline"] = 100 * r["out_tok_per_s"] / r["roofline_out_tok_s"]
