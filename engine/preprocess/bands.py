@@ -170,14 +170,15 @@ def resize_in_bands(jobs: list[tuple], resample: int, extra: list = ()) -> tuple
     extra_out = None
     while True:
         stage = [r.tasks() for r in resizes]
-        todo = [t for ts in stage for t in ts] + (list(extra) if extra_out is None else [])
+        first = list(extra) if extra_out is None else []     # first: the extra tasks are long ones
+        todo = first + [t for ts in stage for t in ts]
         if not todo:
             break
         out = run_tasks(todo)
+        if extra_out is None:
+            extra_out, out = out[:len(first)], out[len(first):]
         for r, ts in zip(resizes, stage):
             if ts:
                 r.take(out[:len(ts)])
                 out = out[len(ts):]
-        if extra_out is None:
-            extra_out = out
     return [r.result() for r in resizes], extra_out or []
