@@ -30,6 +30,9 @@ __all__ = ["BandedResize", "num_workers", "resize_in_bands", "run_tasks"]
 
 # Below this many source pixels per band a thread hand-off costs more than the band's work.
 MIN_BAND_PIXELS = 1 << 18
+# Above this many source pixels per band the band's crop (4 bytes per pixel) is a fresh mapping
+# whose page faults cost as much as the copy; smaller crops reuse freed heap memory.
+MAX_BAND_PIXELS = 1 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,7 +129,8 @@ class BandedResize:
             return []
         img, (axis, size, span) = self.stage, self.passes[0]
         along = img.height if axis == "h" else img.width        # rows or columns to split
-        parts = max(1, min(self.bands, img.width * img.height // MIN_BAND_PIXELS, along))
+        pixels = img.width * img.height
+        parts = max(1, min(max(self.bands, -(-pixels // MAX_BAND_PIXELS)), pixels // MIN_BAND_PIXELS, along))
         self.spans = _spans(along, parts)
         return [functools.partial(self._band, img, axis, size, span, lo, hi) for lo, hi in self.spans]
 
