@@ -119,3 +119,20 @@ def test_run_tasks_keeps_order_runs_everything_and_raises():
 
     with pytest.raises(ValueError, match="band failed"):
         run_tasks([lambda: 1, boom, lambda: 2])
+
+
+def test_run_tasks_does_not_wait_for_a_busy_pool():
+    """Another image's long task holds the pool: this call's tasks all run on the calling thread
+    and it returns without waiting for the pool."""
+    from fastllava.preprocess.bands import _pool, num_workers
+
+    if num_workers() < 2:
+        pytest.skip("one core: no pool")
+    release = threading.Event()
+    busy = [_pool().submit(release.wait, 10) for _ in range(num_workers() - 1)]
+    try:
+        assert run_tasks([lambda i=i: i for i in range(5)]) == list(range(5))
+        assert not any(f.done() for f in busy), "the pool finished early: the check proved nothing"
+    finally:
+        release.set()
+    assert all(f.result() for f in busy)

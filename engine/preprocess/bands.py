@@ -55,7 +55,9 @@ def run_tasks(tasks: list) -> list:
 
     Every thread takes the next unstarted task until none is left, so long and short tasks
     balance; a pool thread never waits on another task (no deadlock when several images
-    share the pool). The first exception is raised after every started task has finished.
+    share the pool), and a helper still queued behind another image's work when the caller
+    has finished everything is cancelled, not waited for. The first exception is raised after
+    every started task has finished.
     """
     results = [None] * len(tasks)
     todo = iter(range(len(tasks)))
@@ -75,7 +77,7 @@ def run_tasks(tasks: list) -> list:
     try:
         drain()
     finally:
-        errors = [f.exception() for f in helpers]
+        errors = [f.exception() for f in helpers if not f.cancel()]
     for e in errors:
         if e is not None:
             raise e
