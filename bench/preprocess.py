@@ -8,7 +8,8 @@ Per image size (W x H, random RGB noise, already decoded), for the LLaVA-NeXT an
 - `today (PIL + fp32-tile hash)`: what main's engine did per image: the pre-torch pipeline
   (tests/pil_reference.py: Pillow geometry per tile, a torch table lookup per tile), then its cache
   key, BLAKE2b over the fp32 tiles (every fastllava row includes its own key, `image_key`);
-- `fastllava cpu`: `preprocess(image, cfg)` (Pillow resizes, numpy geometry and lookup);
+- `fastllava cpu`: `preprocess(image, cfg)` (Pillow resizes cut into bands on all cores with the
+  cache key, numpy geometry and lookup);
 - `fastllava torch-cpu`: the device pipeline (exact int32 resampling in torch) run on the CPU
   (up to 1024x768 only: it is several times slower than Pillow there);
 - `fastllava cuda` (when CUDA is present): `preprocess(image, cfg, device="cuda")`, timed with
@@ -16,7 +17,8 @@ Per image size (W x H, random RGB noise, already decoded), for the LLaVA-NeXT an
 - transformers' `LlavaNextImageProcessorPil` / `CLIPImageProcessorPil` (the parity target) and the
   default torchvision-backed `LlavaNextImageProcessor` / `CLIPImageProcessor`, built offline
   with the same sizes;
-- the cache key: `image_key` (BLAKE3 of the RGB pixels) vs the old BLAKE2b over the fp32 tiles.
+- the cache key: `image_key` (BLAKE3 of the RGB pixels, streamed from the PIL image on one thread)
+  vs the old BLAKE2b over the fp32 tiles.
 Every fastllava row is checked bit-identical to today's path before timing (exit 1 otherwise).
 Each repeat runs every implementation once, interleaved, so they share the machine's load; the
 figure is the median over repeats. `vs today` = today's median / this row's median.
@@ -109,7 +111,6 @@ def bench_size(w: int, h: int, repeats: int, errors: list[str]) -> list[dict]:
     from fastllava.preprocess.processor import image_key, preprocess
 
     img = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8))
-    pixels = np.asarray(img)
     rows = []
     for name, cfg in configs().items():
         impls = {TODAY: (lambda c=cfg: _today(img, c), wall_ms),
@@ -121,7 +122,7 @@ def bench_size(w: int, h: int, repeats: int, errors: list[str]) -> list[dict]:
         impls.update({k: (v, wall_ms) for k, v in transformers_impls(name, img).items()})
         ref_out = reference_preprocess(img, cfg)
         ref = ref_out.pixel_values
-        impls["key: image_key (BLAKE3, uint8 pixels)"] = (lambda c=cfg: image_key(pixels, c), wall_ms)
+        impls["key: image_key (BLAKE3, uint8 pixels)"] = (lambda c=cfg: image_key(img, c), wall_ms)
         impls["key: old BLAKE2b of fp32 tiles"] = (lambda o=ref_out: _old_key(o), wall_ms)
         for label, (fn, _) in impls.items():   # warm-up, and bit-exactness of our rows
             out = fn()
@@ -169,8 +170,11 @@ def main(argv: list[str]) -> int:
     header = run_header(argv, device.type)
     del header["gpu"], header["commit"]
     import PIL
+
+    from fastllava.preprocess.bands import num_workers
     header = {"device": device_name(device), "commit": short_commit(), **header,
               "pillow": PIL.__version__, "torch threads": str(torch.get_num_threads()),
+              "preprocess threads": str(num_workers()),
               "cpu cores": str(os.cpu_count()), "load average (1 min)": load, "repeats": str(args.repeats)}
     meta = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     text = (f"# Preprocessing benchmark\n\n{meta}\n\nDecoded RGB noise image in, pixel_values out "

@@ -21,7 +21,7 @@ import tiny
 from fastllava.preprocess.anyres import (anyres_grid, anyres_num_tokens, select_best_resolution,
                                          unpad_window)
 from fastllava.preprocess.processor import (CLIP_MEAN, CLIP_STD, NEXT_PINPOINTS, ImageProcessorConfig,
-                                            normalize_table, preprocess, rgb_bytes)
+                                            image_key, normalize_table, preprocess, rgbx_pixels)
 from pil_reference import expand2square, reference_preprocess
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -164,6 +164,10 @@ SWEEP_CONFIGS = {
 # Beyond SIZES: extreme aspect ratios both ways, where the height shrinks far more than the width
 # (Pillow's vertical-first order) and big downscales (wide filters).
 EXTRA_SIZES = [(2000, 3), (3, 2000), (40, 900), (900, 40), (150, 151), (57, 300), (700, 500)]
+# Photo-sized and larger images through the real 336 px configs: the CPU path cuts their resizes
+# into bands on threads, and for a center crop resizes only the kept window (a Pillow box, used
+# only where it gives the same coefficients): 4000x3000 takes the box, 1920x1080 does not.
+LARGE_SIZES = [(4000, 3000), (3000, 4000), (1920, 1080), (1024, 768), (4032, 3024), (6000, 400), (500, 5000)]
 
 
 @pytest.mark.parametrize("backend", ["pil", "torch"])
@@ -177,6 +181,18 @@ def test_both_paths_match_todays_pil_path(name, backend):
             what = f"{name} {backend} {w}x{h} {mode}"
             assert_same(ours.pixel_values, ref.pixel_values, what)
             assert (ours.image_size, ours.grid) == (ref.image_size, ref.grid), what
+
+
+@pytest.mark.parametrize("name", ["next-336", "llava-336", "llava-336-bilinear"])
+def test_large_images_match_todays_pil_path(name):
+    cfg = {"next-336": ImageProcessorConfig(336, 336, 336, CLIP_MEAN, CLIP_STD, pinpoints=NEXT_PINPOINTS),
+           "llava-336": ImageProcessorConfig(336, 336, 336, CLIP_MEAN, CLIP_STD),
+           "llava-336-bilinear": ImageProcessorConfig(336, 336, 336, CLIP_MEAN, CLIP_STD, resample=2)}[name]
+    for n, (w, h) in enumerate(LARGE_SIZES):
+        img = make_image(w, h, "RGB", seed=n)
+        ref, ours = reference_preprocess(img, cfg), preprocess(img, cfg)
+        assert_same(ours.pixel_values, ref.pixel_values, f"{name} {w}x{h}")
+        assert (ours.image_size, ours.grid) == (ref.image_size, ref.grid), f"{name} {w}x{h}"
 
 
 def test_real_geometry_torch_path_matches_todays_pil_path():
@@ -236,10 +252,22 @@ def test_key_is_equal_for_equal_images_and_differs_for_any_change():
         assert preprocess(img, other).key != key, other
 
 
-def test_rgb_bytes_is_tobytes():
+def test_rgbx_pixels_and_the_streamed_key_cover_every_pixel():
+    """rgbx_pixels is the RGB pixels plus a zero pad byte; hashing the image in row slices (the CPU
+    path) equals hashing that array (the torch path); the pad byte Pillow leaves (0 after a resize,
+    255 after a decode) never reaches the key; a change in the last row changes it."""
     big = Image.fromarray(np.random.default_rng(6).integers(0, 256, (2100, 3000, 3), dtype=np.uint8))
-    for img in (big, make_image(7, 5, "RGB"), make_image(1, 1, "RGB")):   # big: several memory blocks
-        assert rgb_bytes(img) == img.tobytes(), img.size
+    cfg = SWEEP_CONFIGS["llava"]
+    for img in (big, make_image(7, 5, "RGB"), make_image(1, 1, "RGB"), make_image(1, 900, "RGB")):
+        rgbx = rgbx_pixels(img)                       # big: several Pillow memory blocks
+        assert np.array_equal(rgbx[..., :3], np.asarray(img)) and not rgbx[..., 3].any(), img.size
+        assert image_key(img, cfg) == image_key(rgbx, cfg), img.size
+    resized = big.resize((1500, 1050), 3)             # pad byte 0 inside Pillow
+    decoded = Image.open(io.BytesIO(_png(resized)))   # pad byte 255
+    assert image_key(decoded, cfg) == image_key(resized, cfg)
+    last = np.array(resized)
+    last[-1, -1, 2] ^= 1
+    assert image_key(Image.fromarray(last), cfg) != image_key(resized, cfg)
 
 
 def test_key_differs_for_the_same_bytes_at_another_size():

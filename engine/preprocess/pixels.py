@@ -2,8 +2,8 @@
 
 Every step reproduces what transformers' PIL processors do to the uint8 image (llava-reference.md
 §4), on a batch of NHWC uint8 arrays:
-- resize: Pillow's resampler (`resample.py`): Pillow itself on the CPU, exact int32 passes in
-  torch on a GPU;
+- resize: Pillow's resampler (`resample.py`): Pillow itself on the CPU, the source's resizes
+  cut into bands on all cores (`bands.py`); exact int32 passes in torch on a GPU;
 - pad (anyres canvas, black; LLaVA-1.5 "pad" mode, the mean colour) and tile: array copies;
 - center crop (`image_transforms.center_crop`, zero-padded when the image is smaller);
 - rescale + normalize: the per-channel float32 table of `normalize_table`, gathered into NCHW.
@@ -15,33 +15,39 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
 
+from fastllava.preprocess.bands import resize_in_bands
 from fastllava.preprocess.resample import resize_pil, resize_torch
 
-__all__ = ["NumpyPixels", "TorchPixels", "background", "shortest_edge_size", "center_crop", "pad_into"]
-
-
-@functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastllava-preprocess")
-
-
-def background(fn, *args):
-    """Run fn(*args) on a helper thread; returns a callable that waits for its result. For work
-    that releases the GIL (Pillow's resampler, BLAKE3) so it overlaps the caller's."""
-    return _pool().submit(fn, *args).result
+__all__ = ["NumpyPixels", "TorchPixels", "shortest_edge_size", "center_crop", "pad_into"]
 
 
 class NumpyPixels:
-    """CPU: numpy arrays, Pillow resizes. The anyres grid and base resizes of one image read the
-    whole source each; `resize_async` runs one of them on a helper thread (Pillow releases the
-    GIL while it resamples)."""
+    """CPU: numpy arrays, Pillow resizes. The resizes of the source (anyres: grid and base, each
+    reading the whole image) run as bands on all cores together with `key_task` (the cache key,
+    which also reads every pixel); `key()` runs it here if no source resize did."""
+
+    def __init__(self, key_task):
+        self._key_task, self._key = key_task, None
+
+    def key(self) -> bytes:
+        if self._key is None:
+            self._key = self._key_task()
+        return self._key
+
+    def resize_source(self, img: Image.Image, sizes, resample, windows=None) -> list[np.ndarray]:
+        """The RGB source resized to each (h, w) in sizes (then cut to its (top, left, h, w)
+        window, if given, as `center_crop` would): NHWC arrays."""
+        extra = [self._key_task] if self._key is None else []
+        jobs = [(img, s, w) for s, w in zip(sizes, windows or [None] * len(sizes))]
+        outs, done = resize_in_bands(jobs, resample, extra)
+        if done:
+            self._key = done[0]
+        return [o[None] for o in outs]
 
     def source(self, rgb: Image.Image, pixels: np.ndarray | None):
         return rgb
@@ -57,16 +63,11 @@ class NumpyPixels:
         out[...] = np.asarray(fill, np.uint8)
         return out
 
-    def resize(self, x, size_hw, resample) -> np.ndarray:
-        """A PIL image or NHWC array -> NHWC array."""
-        if isinstance(x, Image.Image):
-            return resize_pil(x, size_hw, resample)[None]
+    def resize(self, x: np.ndarray, size_hw, resample) -> np.ndarray:
+        """NHWC array -> NHWC array."""
         if x.shape[1:3] == tuple(size_hw):
             return x
         return np.stack([resize_pil(i, size_hw, resample) for i in x])
-
-    def resize_async(self, x, size_hw, resample):
-        return background(self.resize, x, size_hw, resample)
 
     def to_array(self, x) -> np.ndarray:
         return np.asarray(x)[None] if isinstance(x, Image.Image) else x
@@ -99,9 +100,12 @@ class TorchPixels:
     forward pass occupies the default stream; `done` waits for that stream only and hands the
     result over to the default stream (where the vision tower reads it)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, key: bytes):
+        self.device, self._key = device, key
         self.stream = _side_stream(device) if device.type == "cuda" else None
+
+    def key(self) -> bytes:
+        return self._key
 
     def context(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -113,11 +117,9 @@ class TorchPixels:
         return out
 
     def source(self, rgb: Image.Image, pixels: np.ndarray) -> torch.Tensor:
-        # `pixels` views PIL's bytes read-only; torch only reads it here, on the way to the device
-        # (no pin_memory: allocating pinned memory per image costs more than the staged copy).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            return torch.from_numpy(pixels).to(self.device, copy=True)[None]
+        # `pixels`: an HWC view of `rgbx_pixels` (the key's array), copied on the way to the
+        # device (no pin_memory: allocating pinned memory per image costs more than the staged copy).
+        return torch.from_numpy(pixels).to(self.device).contiguous()[None]
 
     def full(self, shape, fill) -> torch.Tensor:
         fill = torch.tensor(fill, dtype=torch.uint8, device=self.device)
@@ -126,9 +128,10 @@ class TorchPixels:
     def resize(self, x, size_hw, resample) -> torch.Tensor:
         return resize_torch(x, size_hw, resample)
 
-    def resize_async(self, x, size_hw, resample):
-        out = self.resize(x, size_hw, resample)   # already asynchronous on a GPU stream
-        return lambda: out
+    def resize_source(self, x, sizes, resample, windows=None) -> list[torch.Tensor]:
+        outs = [self.resize(x, s, resample) for s in sizes]    # asynchronous on a GPU stream
+        return [o if w is None else o[:, w[0]:w[0] + w[2], w[1]:w[1] + w[3]]
+                for o, w in zip(outs, windows or [None] * len(sizes))]
 
     def to_array(self, x):
         return x

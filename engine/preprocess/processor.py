@@ -23,18 +23,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
-import numpy as np
 import torch
 from PIL import Image
 
 from fastllava.checkpoint_files import read_json
 from fastllava.preprocess.anyres import pad_offsets, resize_within, select_best_resolution
-from fastllava.preprocess.pixels import (NumpyPixels, TorchPixels, background, center_crop, pad_into,
-                                         shortest_edge_size)
+from fastllava.preprocess.identity import image_key, rgbx_pixels
+from fastllava.preprocess.pixels import NumpyPixels, TorchPixels, center_crop, pad_into, shortest_edge_size
 
 __all__ = ["ImageProcessorConfig", "ProcessedImage", "preprocess", "convert_to_rgb",
-           "image_key", "rgb_bytes", "normalize_table", "CLIP_MEAN", "CLIP_STD", "NEXT_PINPOINTS"]
+           "image_key", "rgbx_pixels", "normalize_table", "CLIP_MEAN", "CLIP_STD", "NEXT_PINPOINTS"]
 
 # transformers' CLIPImageProcessor class defaults (used for fields a config file leaves out).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -225,47 +223,21 @@ def normalize_table(cfg: ImageProcessorConfig) -> torch.Tensor:
     return x.contiguous()
 
 
-def rgb_bytes(rgb: Image.Image) -> bytes:
-    """`rgb.tobytes()` in one encoder call: Pillow's own loop encodes 64 KiB at a time and joins
-    the pieces (two copies, ~2x slower on a 12 MP photo). Falls back to `tobytes` if Pillow's
-    internal encoder API ever changes."""
-    try:
-        encoder = Image._getencoder(rgb.mode, "raw", rgb.mode)
-        encoder.setimage(rgb.im, (0, 0, *rgb.size))
-        try:
-            _, status, data = encoder.encode(rgb.width * rgb.height * len(rgb.getbands()) + 64)
-        finally:
-            encoder.cleanup()
-        if status == 1:
-            return data
-    except (AttributeError, TypeError, ValueError, OSError):
-        pass
-    return rgb.tobytes()
-
-
-def image_key(pixels: np.ndarray | bytes, cfg: ImageProcessorConfig, shape: tuple[int, ...] | None = None) -> bytes:
-    """The image's identity for the prefix and feature caches: BLAKE3 (a cryptographic hash, so a
-    crafted image cannot collide with another user's and be served its features) over the RGB
-    uint8 pixels, their size and the processor config, i.e. everything the tower's input
-    depends on. ~0.5 ms for a 1024x768 image, against 2-24 ms to hash the float32 tiles.
-    pixels: an HWC uint8 array, or its raw bytes (`rgb_bytes`) with their `shape`."""
-    if isinstance(pixels, np.ndarray):
-        shape, pixels = pixels.shape, memoryview(np.ascontiguousarray(pixels)).cast("B")
-    h = blake3.blake3(f"fastllava-image-v1 {tuple(shape)} {cfg!r}".encode(),
-                      max_threads=blake3.blake3.AUTO if len(pixels) > _HASH_THREADS_FROM else 1)
-    h.update(pixels)
-    return h.digest(16)
-
-
-_HASH_THREADS_FROM = 8 << 20     # bytes; below this BLAKE3's thread hand-off costs more than it saves
-
-
 def _finish(px, x, cfg: ImageProcessorConfig):
     """PIL image or NHWC batch -> NHWC: shortest-edge resize, then center crop."""
     h, w = (x.height, x.width) if isinstance(x, Image.Image) else tuple(x.shape[1:3])
     size = shortest_edge_size(h, w, cfg.shortest_edge)
-    x = px.resize(x, size, cfg.resample) if size != (h, w) else px.to_array(x)
-    return center_crop(px, x, cfg.crop_h, cfg.crop_w) if cfg.do_center_crop else x
+    crop = (cfg.crop_h, cfg.crop_w) if cfg.do_center_crop else size
+    if size == (h, w):
+        x = px.to_array(x)
+    elif not isinstance(x, Image.Image):
+        x = px.resize(x, size, cfg.resample)
+    elif crop[0] <= size[0] and crop[1] <= size[1]:   # resize only the part the crop keeps
+        window = ((size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2, *crop)
+        return px.resize_source(x, [size], cfg.resample, [window])[0]
+    else:
+        x = px.resize_source(x, [size], cfg.resample)[0]
+    return center_crop(px, x, *crop) if cfg.do_center_crop else x
 
 
 def _anyres(px, src, image_hw: tuple[int, int], cfg: ImageProcessorConfig):
@@ -279,10 +251,10 @@ def _anyres(px, src, image_hw: tuple[int, int], cfg: ImageProcessorConfig):
     t, edge = cfg.crop_h, cfg.shortest_edge
     target = select_best_resolution(image_hw, cfg.pinpoints)
     inner = resize_within(image_hw, target)
-    grid = (px.resize_async(src, inner, cfg.resample) if inner != image_hw
-            else (lambda: px.to_array(src)))
-    base = px.resize(src, (edge, edge), cfg.resample) if (edge, edge) != image_hw else px.to_array(src)
-    canvas = pad_into(px, grid(), target, pad_offsets(inner, target), 0)
+    sizes = [s for s in (inner, (edge, edge)) if s != image_hw]
+    resized = dict(zip(sizes, px.resize_source(src, sizes, cfg.resample)))   # both read the whole source
+    grid, base = (resized[s] if s in resized else px.to_array(src) for s in (inner, (edge, edge)))
+    canvas = pad_into(px, grid, target, pad_offsets(inner, target), 0)
     rows, cols = target[0] // t, target[1] // t
     tiles = px.permute(canvas.reshape(rows, t, cols, t, 3), (0, 2, 1, 3, 4)).reshape(rows * cols, t, t, 3)
     return px.cat([_finish(px, base, cfg), _finish(px, tiles, cfg)]), (rows, cols)
@@ -311,14 +283,14 @@ def preprocess(image: Image.Image, cfg: ImageProcessorConfig, device: torch.devi
     else:
         raise ValueError(f"do_convert_rgb is False but the image has mode {image.mode!r}; "
                          "only RGB images can skip the conversion")
-    rgb.load()             # decode a lazily opened file now, before two threads read it
+    rgb.load()             # decode a lazily opened file now, before several threads read it
     image_hw = (rgb.height, rgb.width)
-    if backend == "pil":   # the key (a full copy of the pixels + a hash) overlaps the resizes
-        px, key = NumpyPixels(), background(lambda: image_key(rgb_bytes(rgb), cfg, (*image_hw, 3)))
+    if backend == "pil":   # the key (a copy of the pixels + a hash) runs with the resizes' bands
+        px = NumpyPixels(key_task=lambda: image_key(rgb, cfg))
         pixels = None
     else:
-        pixels = np.frombuffer(rgb_bytes(rgb), np.uint8).reshape(*image_hw, 3)
-        px, key = TorchPixels(device), (lambda: image_key(pixels, cfg))
+        rgbx = rgbx_pixels(rgb)
+        pixels, px = rgbx[..., :3], TorchPixels(device, key=image_key(rgbx, cfg))
     with px.context():
         src = px.source(rgb, pixels)
         grid = None
@@ -331,4 +303,4 @@ def preprocess(image: Image.Image, cfg: ImageProcessorConfig, device: torch.devi
                 src = pad_into(px, px.to_array(src), (side, side), offset, cfg.pad_color)
             batch = _finish(px, src, cfg)
         pixel_values = px.done(px.normalize(batch, normalize_table(cfg)).to(device))
-    return ProcessedImage(pixel_values=pixel_values, image_size=image_hw, grid=grid, key=key())
+    return ProcessedImage(pixel_values=pixel_values, image_size=image_hw, grid=grid, key=px.key())

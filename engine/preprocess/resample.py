@@ -34,7 +34,7 @@ import PIL
 import torch
 from PIL import Image
 
-__all__ = ["coefficients", "resize_torch", "resize_pil"]
+__all__ = ["coefficients", "window_span", "resize_torch", "resize_pil"]
 
 PRECISION_BITS = 32 - 8 - 2
 _F32 = float(np.float32(0.54)), float(np.float32(0.46))   # Pillow's hamming uses float literals
@@ -88,22 +88,27 @@ _FILTERS = {1: (_scalar(_lanczos1), 3.0), 2: (_bilinear, 1.0), 3: (_bicubic, 2.0
 
 
 @functools.lru_cache(maxsize=512)
-def coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray, np.ndarray]:
+def coefficients(in_size: int, out_size: int, resample: int,
+                 span: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(index int64 [out, K], weight int32 [out, K]) of one pass, as Pillow computes them.
 
     Row i reads `in[index[i, t]] * weight[i, t]` for t < K; taps past Pillow's `xmax` repeat the
     first index with weight 0. NEAREST: K = 1, weight 1 (no rounding term needed, see `_pass`).
+    span: the (in0, in1) side of `resize(box=...)` (C floats; default the whole input).
     """
-    if resample == 0:
+    if resample == 0 and span is None:
         ramp = Image.fromarray(np.arange(in_size, dtype=np.int32)[None, :], mode="I")
         index = np.asarray(ramp.resize((out_size, 1), Image.Resampling.NEAREST), dtype=np.int64)
         return index.reshape(out_size, 1), np.ones((out_size, 1), np.int32)
+    if resample == 0:
+        raise ValueError("coefficients: no span for NEAREST (its index map comes from Pillow itself)")
     fn, base_support = _FILTERS[resample]
-    scale = float(in_size) / out_size           # box (0, in_size) as C floats: exact
+    in0, in1 = (np.float32(0), np.float32(in_size)) if span is None else (np.float32(v) for v in span)
+    scale = float(in1 - in0) / out_size         # the box is C floats, subtracted as floats
     filterscale = max(scale, 1.0)
     support = base_support * filterscale
     ksize = int(math.ceil(support)) * 2 + 1
-    center = (np.arange(out_size) + 0.5) * scale
+    center = float(in0) + (np.arange(out_size) + 0.5) * scale
     xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)   # (int) truncates to zero
     xmax = np.minimum((center + support + 0.5).astype(np.int64), in_size)
     count = xmax - xmin
@@ -119,6 +124,25 @@ def coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray
     fixed = np.trunc(np.where(k < 0, fixed - 0.5, fixed + 0.5)).astype(np.int32)
     index = np.where(valid, xmin[:, None] + taps[None, :], xmin[:, None])
     return index, fixed
+
+
+def window_span(in_size: int, out_size: int, lo: int, hi: int, resample: int) -> tuple[float, float] | None:
+    """A `resize(box=...)` side (in0, in1) whose hi - lo outputs are exactly outputs lo..hi of
+    the whole in_size -> out_size pass, or None when no such box reproduces them.
+
+    The natural box `lo * in / out, hi * in / out` maps the same centres in exact arithmetic,
+    but Pillow computes them in floats (`in0 + (i + 0.5) * scale`), so the fixed-point tables
+    are compared before the box is trusted (for 4000 -> 448 columns 56..392 they match).
+    """
+    if resample == 0 or (lo, hi) == (0, out_size):
+        return None
+    in0, in1 = float(np.float32(lo * in_size / out_size)), float(np.float32(hi * in_size / out_size))
+    if not 0 <= in0 < in1 <= in_size:
+        return None
+    whole = coefficients(in_size, out_size, resample)
+    part = coefficients(in_size, hi - lo, resample, (in0, in1))
+    same = all(w[lo:hi].shape == p.shape and np.array_equal(w[lo:hi], p) for w, p in zip(whole, part))
+    return (in0, in1) if same else None
 
 
 # ---- torch backend ------------------------------------------------------------------------------

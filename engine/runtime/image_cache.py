@@ -1,8 +1,8 @@
 """An LRU cache of projected image features, keyed by the image's content hash.
 
-The key is `ProcessedImage.key` (`fastllava.preprocess.processor.image_key`): BLAKE3 of the
+The key is `ProcessedImage.key` (`fastllava.preprocess.identity.image_key`): BLAKE3 of the
 decoded RGB uint8 pixels + their size + the processor config, computed once per request while
-preprocessing (~0.5 ms for 1024x768); the prefix cache hashes pages with the same key.
+preprocessing (~0.6-1 ms for 1024x768); the prefix cache hashes pages with the same key.
 
 A repeated image skips the vision tower and the projector. Capacity is counted in feature rows
 (image tokens), so one 34B anyres image (≈2,900 rows) weighs what it costs in memory relative to a

@@ -1,0 +1,190 @@
+"""Pillow's resize split into bands that run on all cores, bit for bit `Image.resize`.
+
+Pillow resamples in two separable passes with uint8 rounding in between (`resample.py`): a
+horizontal pass maps every row on its own (its coefficients depend only on the width mapping),
+and a vertical pass maps every column on its own (only the height mapping). So the rows of a
+horizontal pass and the columns of a vertical pass can be cut into bands, each band resized by
+Pillow on one axis only (`crop(band).resize` with the other side unchanged runs exactly that one
+pass), and the bands pasted back: the same integers in the same order, in Pillow's pass order
+(`vertical_first`). Pillow releases the GIL while it resamples, crops and pastes, so the bands
+run in parallel on plain threads; each stays single-threaded, which holds up when other
+processes share the cores (torch's OpenMP kernels do not).
+
+Work is scheduled in stages: every first-pass band of every resize of an image (and any other
+job, e.g. the cache key) is one task of `run_tasks`; then every second-pass band.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from fastllava.preprocess.resample import vertical_first, window_span
+
+__all__ = ["BandedResize", "num_workers", "resize_in_bands", "run_tasks"]
+
+# Below this many source pixels per band a thread hand-off costs more than the band's work.
+MIN_BAND_PIXELS = 1 << 18
+# Above this many source pixels per band the band's crop (4 bytes per pixel) is a fresh mapping
+# whose page faults cost as much as the copy; smaller crops reuse freed heap memory.
+MAX_BAND_PIXELS = 1 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def num_workers() -> int:
+    """Threads that run one image's bands: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:    # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor | None:
+    n = num_workers() - 1     # the calling thread is the last worker
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="fastllava-bands") if n else None
+
+
+def run_tasks(tasks: list) -> list:
+    """Run zero-argument callables on the calling thread and the pool; their results, in order.
+
+    Every thread takes the next unstarted task until none is left, so long and short tasks
+    balance; a pool thread never waits on another task (no deadlock when several images
+    share the pool), and a helper still queued behind another image's work when the caller
+    has finished everything is cancelled, not waited for. The first exception is raised after
+    every started task has finished.
+    """
+    results = [None] * len(tasks)
+    todo = iter(range(len(tasks)))
+    lock = threading.Lock()
+
+    def drain():
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            results[i] = tasks[i]()
+
+    pool = _pool()
+    helpers = [] if pool is None or len(tasks) < 2 else [pool.submit(drain) for _ in range(min(
+        num_workers(), len(tasks)) - 1)]
+    try:
+        drain()
+    finally:
+        errors = [f.exception() for f in helpers if not f.cancel()]
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
+
+
+def _spans(n: int, parts: int) -> list[tuple[int, int]]:
+    cuts = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+class BandedResize:
+    """`img.resize((w, h), resample)` of an RGB or L PIL image, one pass at a time, in bands.
+
+    `tasks()` gives the current pass's band tasks (none once done); `take(outputs)` pastes
+    their outputs (in task order) into the next pass's input; `result()` is the HWC uint8
+    array. `resize_in_bands` drives several resizes and other tasks stage by stage.
+
+    window (top, left, h, w): only that part of the output is wanted (a center crop). A pass
+    then computes just the wanted columns (rows) when a Pillow `box` reproduces exactly those
+    outputs (`window_span`); the rest is cropped at the end.
+    """
+
+    def __init__(self, img: Image.Image, size_hw: tuple[int, int], resample: int,
+                 window: tuple[int, int, int, int] | None = None):
+        if img.mode not in ("RGB", "L"):
+            raise ValueError(f"BandedResize takes RGB or L images, got mode {img.mode!r}")
+        self.mode, self.resample = img.mode, resample
+        out_h, out_w = size_hw
+        top, left, win_h, win_w = window or (0, 0, out_h, out_w)
+        # per pass: (axis, output size, box side or None, the window's offset left after it)
+        # "h": the width changes (a horizontal pass over rows); "v": the height (over columns)
+        self.passes = []
+        for axis, n_in, n_out, lo, n in (("h", img.width, out_w, left, win_w), ("v", img.height, out_h, top, win_h)):
+            span = window_span(n_in, n_out, lo, lo + n, resample) if n_in != n_out else None
+            if n_in != n_out:
+                self.passes.append((axis, n if span else n_out, span))
+            if axis == "h":
+                self.left = 0 if span else left
+            else:
+                self.top = 0 if span else top
+        if len(self.passes) == 2 and vertical_first((img.height, img.width), size_hw):
+            self.passes.reverse()
+        self.win_hw = (win_h, win_w)
+        self.bands = 2 * num_workers()   # more bands than threads: they balance
+        self.stage = img                 # the input of the next pass
+        self.spans: list[tuple[int, int]] = []
+
+    def tasks(self) -> list:
+        if not self.passes:
+            return []
+        img, (axis, size, span) = self.stage, self.passes[0]
+        along = img.height if axis == "h" else img.width        # rows or columns to split
+        pixels = img.width * img.height
+        parts = max(1, min(max(self.bands, -(-pixels // MAX_BAND_PIXELS)), pixels // MIN_BAND_PIXELS, along))
+        self.spans = _spans(along, parts)
+        return [functools.partial(self._band, img, axis, size, span, lo, hi) for lo, hi in self.spans]
+
+    def take(self, outputs: list) -> None:
+        axis = self.passes.pop(0)[0]
+        if len(outputs) == 1:
+            self.stage = outputs[0]
+            return
+        w = outputs[0].width if axis == "h" else sum(b.width for b in outputs)
+        h = outputs[0].height if axis == "v" else sum(b.height for b in outputs)
+        self.stage = Image.new(self.mode, (w, h))
+        for (lo, _), band in zip(self.spans, outputs):
+            self.stage.paste(band, (0, lo) if axis == "h" else (lo, 0))
+
+    def result(self) -> np.ndarray:
+        if self.passes:
+            raise RuntimeError("BandedResize.result before every pass ran")
+        (h, w), top, left = self.win_hw, self.top, self.left
+        out = self.stage
+        if (top, left, h, w) != (0, 0, out.height, out.width):
+            out = out.crop((left, top, left + w, top + h))
+        out = np.asarray(out)
+        return out if out.ndim == 3 else out[..., None]
+
+    def _band(self, img: Image.Image, axis: str, size: int, span, lo: int, hi: int) -> Image.Image:
+        """One pass on rows (axis "h") or columns ("v") lo:hi. With the other side's size
+        unchanged (and the box's other side the whole band), Pillow runs only this pass."""
+        if axis == "h":
+            band = img if (lo, hi) == (0, img.height) else img.crop((0, lo, img.width, hi))
+            box = None if span is None else (span[0], 0, span[1], hi - lo)
+            return band.resize((size, hi - lo), self.resample, box)
+        band = img if (lo, hi) == (0, img.width) else img.crop((lo, 0, hi, img.height))
+        box = None if span is None else (0, span[0], hi - lo, span[1])
+        return band.resize((hi - lo, size), self.resample, box)
+
+
+def resize_in_bands(jobs: list[tuple], resample: int, extra: list = ()) -> tuple[list[np.ndarray], list]:
+    """Every (image, (h, w)[, window]) job resized as Pillow would (HWC uint8 arrays, cut to
+    the window), and the results of the `extra` tasks, which run with the first stage's bands."""
+    resizes = [BandedResize(*job[:2], resample, *job[2:]) for job in jobs]
+    extra_out = None
+    while True:
+        stage = [r.tasks() for r in resizes]
+        first = list(extra) if extra_out is None else []     # first: the extra tasks are long ones
+        todo = first + [t for ts in stage for t in ts]
+        if not todo:
+            break
+        out = run_tasks(todo)
+        if extra_out is None:
+            extra_out, out = out[:len(first)], out[len(first):]
+        for r, ts in zip(resizes, stage):
+            if ts:
+                r.take(out[:len(ts)])
+                out = out[len(ts):]
+    return [r.result() for r in resizes], extra_out or []
