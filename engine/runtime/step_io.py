@@ -163,10 +163,10 @@ class DeviceBlockTables:
                 self._high[row] = max(self._high[row], len(bt))
         if pages:        # one copy of (flat index, page) pairs, one scatter into the flat table
             self._fit(max(cols) + 1)
-            W = self.table.shape[1]
-            ip = to_device([[r * W + c for r, c in zip(rows, cols)], pages], torch.int64,
+            W = self.table.shape[1]          # int32 indices: the table holds far below 2**31
+            ip = to_device([[r * W + c for r, c in zip(rows, cols)], pages], torch.int32,
                            self.device)
-            self.table.view(-1)[ip[0]] = ip[1].to(torch.int32)
+            self.table.view(-1)[ip[0]] = ip[1]
 
     def _rows(self, rows: list[int], width: int) -> tuple[torch.Tensor, bool]:
         """(the batch's rows of the table, whether that is a view of it)."""
