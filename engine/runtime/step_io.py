@@ -56,8 +56,9 @@ class FutureTokens:
         self.max_rows = max_rows
         self.ids = torch.zeros(2 * max_rows, dtype=torch.int64, device=device)
         self._step = 0
-        self._lists: dict[tuple[int, int], list[int]] = {}   # (base, k) → placeholder ids
-        self._last: list[int] | None = None       # the placeholders of the latest put
+        # (base, k) → (placeholder ids, the ring's view of those entries), made once each
+        self._slots: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
+        self._last: tuple[list[int], torch.Tensor] | None = None     # the latest put's
 
     def put(self, ids: torch.Tensor) -> list[int]:
         """Store a step's sampled ids (k,) on the device → their k placeholder ids (a list
@@ -67,22 +68,22 @@ class FutureTokens:
             raise ValueError(f"{k} sampled rows exceed the ring's {self.max_rows}")
         base = (self._step % 2) * self.max_rows
         self._step += 1
-        self.ids[base:base + k].copy_(ids)
-        placeholders = self._lists.get((base, k))
-        if placeholders is None:
-            placeholders = self._lists[base, k] = [-(1 + base + i) for i in range(k)]
-        self._last = placeholders
-        return placeholders
+        slot = self._slots.get((base, k))
+        if slot is None:
+            slot = self._slots[base, k] = ([-(1 + base + i) for i in range(k)],
+                                           self.ids[base:base + k])
+        slot[1].copy_(ids)
+        self._last = slot
+        return slot[0]
 
     def latest(self, host_ids: list[int]) -> torch.Tensor | None:
         """The latest put's ids as a device view when host_ids are exactly its placeholders, in
         order (a steady decode step's inputs: no copy, no gather); else None. The view stays
         valid while the stream runs the next step: the half it shows is written again only by
         the put after next."""
-        if not host_ids or host_ids != self._last:
+        if self._last is None or host_ids != self._last[0]:
             return None
-        base = -1 - host_ids[0]
-        return self.ids[base:base + len(host_ids)]
+        return self._last[1]
 
     def resolve(self, ids: torch.Tensor, host_ids: list[int]) -> torch.Tensor:
         """ids (N,) int64 on the device, maybe with placeholders (< 0), and the same ids on the
