@@ -1,7 +1,7 @@
 """Host work per engine step, model stubbed: serial vs overlapped loop (and today's main).
 
     python bench/host_overhead.py [--steps N] [--forward-us F] [--baseline-python PY] [--out DIR]
-                                  [--smoke]
+                                  [--smoke] [--stub-sampler]
 
 The real scheduler, block manager, input packing, sampler and event delivery run; the model is a
 stub whose forward costs nothing and returns fp32 logits of the real vocabulary (random, fixed).
@@ -28,8 +28,16 @@ synchronous, so without the simulation the CPU run shows no overlap).
 Like `build_engine`, each case freezes the start-up heap out of the cyclic GC (`freeze_heap`)
 where the engine under test has it (today's main does not).
 
+`--stub-sampler` (a diagnostic) times the steps with a stand-in for the sampler's torch ops that
+reads 8 logits per row: the CPU sampler streams hundreds of MB per step at B = 64 (B x V sorts,
+noise), which evicts the host's caches, so every host phase after it runs cold; on a GPU that
+work is on the device and the host's caches stay warm. With the stand-in, the host phases are
+the host's own cost (the sampling parameters are still built and reused as usual; the tokens
+differ from the real sampler's). Sampled cases then run the full `--steps`.
+
 `--baseline-python` runs the same cases with another interpreter (one whose `fastllava` is today's
-main, e.g. /work/main/.venv/bin/python): its engine has only the serial loop (`impl` = main).
+main, e.g. /work/main/.venv/bin/python): its rows are `impl` = main-serial and main-overlap (or
+`main` alone for an engine without the overlapped loop).
 """
 
 from __future__ import annotations
@@ -114,8 +122,13 @@ def timed(timers: dict, key: str, fn):
     return wrapper
 
 
+def stub_sample(logits, params):
+    """The --stub-sampler stand-in: ids from 8 logits per row (no B x V pass)."""
+    return logits[:, :8].argmax(dim=-1)
+
+
 def run_case(shape: str, B: int, sampled: bool, loop: str, steps: int, forward_us: float,
-             smoke: bool) -> dict:
+             smoke: bool, stub_sampler: bool = False) -> dict:
     vocab, ctx = (SMOKE_SHAPES if smoke else SHAPES)[shape]
     timers = dict.fromkeys(("schedule", "launch", "forward", "sample", "wait", "wait_cpu"), 0.0)
     clock = Clock(forward_us * 1e-6)
@@ -142,7 +155,7 @@ def run_case(shape: str, B: int, sampled: bool, loop: str, steps: int, forward_u
         step()
     # Instrument after the prefill: schedule, launch/run, the sampler, and the device wait.
     sched.schedule = timed(timers, "schedule", sched.schedule)
-    model_runner.sample = timed(timers, "sample", SAMPLE)
+    model_runner.sample = timed(timers, "sample", stub_sample if stub_sampler else SAMPLE)
     if loop == "main":
         run = runner.run
 
@@ -214,7 +227,7 @@ def worker(args, case) -> list[dict]:
     for shape, B, sampled in [case]:
         vocab = (SMOKE_SHAPES if args.smoke else SHAPES)[shape][0]
         steps = args.steps
-        if sampled:     # the CPU sampler (B x V sort and noise) is slow: fewer steps at large B
+        if sampled and not args.stub_sampler:  # the CPU sampler (B x V sort, noise) is slow
             steps = max(5, min(steps, int(steps * 32064 / (B * vocab))))
         # The simulated device only means something while the CPU sampler (device work on a
         # GPU) is small beside it: greedy rows and sampled batch 1.
@@ -222,7 +235,8 @@ def worker(args, case) -> list[dict]:
             best: dict[str, dict] = {}
             for _ in range(args.repeats):
                 for loop in loops:
-                    row = run_case(shape, B, sampled, loop, steps, forward_us, args.smoke)
+                    row = run_case(shape, B, sampled, loop, steps, forward_us, args.smoke,
+                                   args.stub_sampler)
                     if loop not in best or row["host"] < best[loop]["host"]:
                         best[loop] = row
             for loop, row in best.items():
@@ -239,6 +253,8 @@ def main() -> None:
     p.add_argument("--baseline-python", help="an interpreter whose fastllava is today's main")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--smoke", action="store_true", help="tiny vocab/contexts, B = 1 / 4")
+    p.add_argument("--stub-sampler", action="store_true",
+                   help="diagnostic: a cache-neutral stand-in for the sampler's torch ops")
     p.add_argument("--worker-json", help=argparse.SUPPRESS)     # shape,B,sampled: one case
     args = p.parse_args()
     if args.smoke:
@@ -258,15 +274,20 @@ def main() -> None:
                    "--worker-json", f"{shape},{B},{int(sampled)}", "--steps", str(args.steps),
                    "--forward-us", str(args.forward_us), "--repeats", str(args.repeats)]
             cmd += ["--smoke"] if args.smoke else []
+            cmd += ["--stub-sampler"] if args.stub_sampler else []
             done = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                   env={**os.environ, "PYTHONPATH": ""})
-            rows += json.loads(done.stdout.strip().splitlines()[-1])
+            for row in json.loads(done.stdout.strip().splitlines()[-1]):
+                row["impl"] = "main" if row["impl"] == "main" else f"main-{row['impl']}"
+                rows.append(row)
     header = run_header(sys.argv, "cpu")
     header.update(gpu=f"cpu: {platform.processor() or platform.machine()} (no GPU; stub model)",
                   threads="1 (torch.set_num_threads)", cores=str(os.cpu_count()),
                   load=f"{load0:.1f} before, {os.getloadavg()[0]:.1f} after",
-                  steps=str(args.steps))
-    order = {"main": 0, "serial": 1, "overlap": 2}
+                  steps=str(args.steps),
+                  sampler="stand-in, 8 logits per row (--stub-sampler: host phases without the "
+                          "CPU sampler's cache eviction)" if args.stub_sampler else "real")
+    order = {"main": 0, "main-serial": 1, "main-overlap": 2, "serial": 3, "overlap": 4}
     rows.sort(key=lambda r: (r["forward_us"], r["shape"], r["B"], r["mode"], order[r["impl"]]))
     cols = ("shape", "B", "mode", "forward_us", "impl", "steps", *PHASES, "wall", "idle")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -43,3 +43,16 @@ def test_smoke_times_both_loops_and_writes_the_run_record(tmp_path):
         n = int(r["steps"])
         assert float(r["wall"]) * n >= float(r["forward_us"]) * (n - 1), f"beat the device: {r}"
         assert r["command"].endswith("--smoke --out " + str(tmp_path)), r["command"]
+
+
+def test_stub_sampler_diagnostic_runs_and_is_recorded(tmp_path):
+    """--stub-sampler (host phases without the CPU sampler's cache eviction) is a run of its own,
+    said so in the run record, with every case and loop present."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--stub-sampler", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    text = next(tmp_path.glob("host_overhead-*.md")).read_text()
+    assert "- sampler: `stand-in" in text, text[:800]
+    with open(next(tmp_path.glob("host_overhead-*.csv")), newline="") as f:
+        seen = {(r["shape"], r["B"], r["mode"], r["impl"]) for r in csv.DictReader(f)}
+    assert {(s, B, m, impl) for s, B, m in CASES for impl in ("serial", "overlap")} <= seen, seen

@@ -202,12 +202,13 @@ class Engine:
         and seqs closed before their ids arrived (cancelled, or, in the overlapped loop, stopped
         one step earlier: the lag's extra token) are skipped."""
         finished = {seq.seq_id for seq in finished}
+        handles, emit = self._handles, self._emit
         for seq, token in zip(seqs, tokens):
-            if token is None or seq.seq_id not in self._handles:
+            handle = handles.get(seq.seq_id)
+            if token is None or handle is None:
                 continue
-            handle = self._handles[seq.seq_id]
-            self._emit(handle, "token", token)
-            if seq.seq_id in finished:
+            emit(handle, "token", token)
+            if finished and seq.seq_id in finished:
                 self._close(handle, "finish", seq.finish_reason)
 
     def _fail_step(self, batch, error: Exception) -> None:

@@ -25,9 +25,10 @@ from fastllava.kv_cache import KVCache
 from fastllava.models.context import ForwardContext
 from fastllava.preprocess.processor import ProcessedImage
 from fastllava.runtime.cuda_graphs import DecodeGraphs
+from fastllava.runtime.decode_inputs import DecodeInputs
 from fastllava.runtime.image_cache import ImageFeatureCache
 from fastllava.runtime.memory_plan import MemoryPlan
-from fastllava.runtime.sampler import SamplingBatch, raw_logprobs, sample
+from fastllava.runtime.sampler import SamplingBatches, raw_logprobs, sample
 from fastllava.runtime.scheduler import Batch
 from fastllava.runtime.sequence import Sequence
 from fastllava.runtime.step_io import (DeviceBlockTables, FutureTokens, StepOutput,
@@ -47,7 +48,8 @@ class ModelRunner:
         self._features: dict[int, list[torch.Tensor | None]] = {}   # seq_id → per-image features
         self.block_tables = DeviceBlockTables(self.device)
         self._future = FutureTokens(max_num_seqs, self.device)
-        self._greedy: dict[int, SamplingBatch] = {}     # B → all-greedy parameters (constant)
+        self._decode_inputs = DecodeInputs(self.device, kv.page_size, self._future)
+        self._sampling = SamplingBatches(self.device)
 
     def run(self, batch: Batch) -> list[int | None]:
         """One step; the sampled token of each seq that reached its last token, else None."""
@@ -62,22 +64,15 @@ class ModelRunner:
             logits = self._decode(batch.seqs)
         else:
             logits = self._prefill(batch, samples)
-        picked = [seq for seq, s in zip(batch.seqs, samples) if s]
+        picked = batch.seqs if all(samples) else [q for q, s in zip(batch.seqs, samples) if s]
         if not picked:
             return StepOutput(samples, [], None)
-        if all(seq.params.temperature == 0 for seq in picked):
-            params = self._greedy.get(len(picked))
-            if params is None:
-                params = self._greedy[len(picked)] = SamplingBatch.greedy(len(picked), self.device)
-        else:
-            # The step index of a seq whose last token is a placeholder counts that token: the
-            # index the serial loop uses once the token is known (seeded noise depends on it).
-            rows = [(seq.params.temperature, seq.params.top_p, seq.params.seed,
-                     seq.num_generated) for seq in picked]
-            params = SamplingBatch.build(rows, self.device)
+        # The step index of a seq whose last token is a placeholder counts that token: the index
+        # the serial loop uses once the token is known (seeded noise depends on it).
+        params = self._sampling.get(picked)
         # A graphed decode samples inside the graphs (the same ids as sample(logits, params)).
         ids = self.graphs.sample(params) if graphed else sample(logits, params)
-        if any(seq.params.logprobs is not None for seq in picked):   # only when a request asks
+        if self._sampling.any_logprobs:                  # only when a request of the batch asks
             self._record_logprobs(picked, logits, ids)   # reads them back: a sync, for them only
         return StepOutput(samples, self._future.put(ids), ids)
 
@@ -130,8 +125,7 @@ class ModelRunner:
         # Scored prompt positions (LLaVA.score) add rows after the sampling rows; none otherwise.
         scored = self._scored_rows(batch, cu_seqlens)
         logits_rows += [row for row, _, _ in scored]
-        ids_t, ctx = self._context(True, batch.seqs, ids, positions, slots, cu_seqlens,
-                                   batch.starts,
+        ids_t, ctx = self._context(batch.seqs, ids, positions, slots, cu_seqlens, batch.starts,
                                    [s + n for s, n in zip(batch.starts, batch.num_tokens)],
                                    logits_rows)
         mask = to_device(is_image, torch.bool, self.device) if feats else None
@@ -201,14 +195,11 @@ class ModelRunner:
 
     # ---- decode steps -------------------------------------------------------------------------
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        S = self.kv.page_size
-        positions = [len(seq) - 1 for seq in seqs]
-        ids = [seq.token_ids[-1] for seq in seqs]
         if self._graphed(seqs):
+            positions = [len(seq) - 1 for seq in seqs]
+            ids = [seq.token_ids[-1] for seq in seqs]
             return self.graphs.run(ids, positions, self.block_tables.gather(seqs), self._future)
-        slots = [seq.block_table[p // S] * S + p % S for seq, p in zip(seqs, positions)]
-        ids_t, ctx = self._context(False, seqs, ids, positions, slots, list(range(len(seqs) + 1)),
-                                   positions, [p + 1 for p in positions], list(range(len(seqs))))
+        ids_t, ctx = self._decode_inputs.build(seqs, self.block_tables.gather(seqs))
         embeds = self.model.embed(ids_t, None, None)
         return self.model(self.ops, embeds, ctx, self.kv)
 
@@ -216,17 +207,18 @@ class ModelRunner:
         """A decode step of these seqs replays from the CUDA graphs (forward and sampler)."""
         return self.graphs is not None and len(seqs) <= self.graphs.max_batch_size
 
-    def _context(self, is_prefill, seqs, ids, positions, slots, cu_seqlens, prefix_lens,
-                 context_lens, logits_rows) -> tuple[torch.Tensor, ForwardContext]:
-        """(token ids (N,) int64 on the device, placeholders resolved; the step's context). The
-        int64 and the int32 inputs each travel as one flat tensor (two host→device copies per
-        step instead of eight): per-tensor overhead is most of a small step's packing cost."""
+    def _context(self, seqs, ids, positions, slots, cu_seqlens, prefix_lens, context_lens,
+                 logits_rows) -> tuple[torch.Tensor, ForwardContext]:
+        """A prefill or mixed step's (token ids (N,) int64 on the device, placeholders resolved;
+        context). The int64 and the int32 inputs each travel as one flat tensor (two host→device
+        copies per step instead of eight): per-tensor overhead is most of a small step's packing
+        cost."""
         ids_t, positions_t, slots_t, rows_t = parts_to_device(
             [ids, positions, slots, logits_rows], torch.int64, self.device)
         cu_t, prefix_t, context_t = parts_to_device(
             [list(cu_seqlens), list(prefix_lens), list(context_lens)], torch.int32, self.device)
         ctx = ForwardContext(
-            is_prefill=is_prefill, positions=positions_t, slot_mapping=slots_t,
+            is_prefill=True, positions=positions_t, slot_mapping=slots_t,
             block_tables=self.block_tables.gather(seqs), cu_seqlens=cu_t, prefix_lens=prefix_t,
             context_lens=context_t, logits_rows=rows_t,
             has_prefix=any(prefix_lens))   # host ints: picks the prefill kernel variant, no sync

@@ -130,6 +130,51 @@ class SamplingBatch:
         )
 
 
+class SamplingBatches:
+    """Each step's SamplingBatch, reused where nothing but the step index changed.
+
+    The rows of a step are sequences (`seq.params`, and the index of the token they generate:
+    `len(seq.token_ids) - seq.prompt_len`). An all-greedy batch of B rows holds no per-step data:
+    one per B, no copy. A batch of the same sequences as the previous call, in the same order,
+    each one token further, is that call's batch with `steps` advanced by one on the device (one
+    in-place add: no host lists, no validation, no copy; the previous step's sampler read the old
+    values earlier in stream order). Anything else is built afresh (`SamplingBatch.build`)."""
+
+    def __init__(self, device):
+        self.device = device
+        self._greedy: dict[int, SamplingBatch] = {}
+        self._seqs: list = []                 # the previous call's rows ...
+        self._next_steps: list[int] | None = None    # ... and their steps now (sampled only)
+        self._batch: SamplingBatch | None = None
+        self.any_logprobs = False             # some row of the latest batch asks for logprobs
+
+    def get(self, seqs: list) -> SamplingBatch:
+        batch = self._batch
+        if batch is not None and seqs == self._seqs:
+            if batch.all_greedy:
+                return batch
+            steps = [len(seq.token_ids) - seq.prompt_len for seq in seqs]
+            if steps == self._next_steps:
+                batch.steps.add_(1)
+                self._next_steps = [step + 1 for step in steps]
+                return batch
+        self._batch = None                  # until the new one exists (build may raise)
+        if all(seq.params.temperature == 0 for seq in seqs):
+            batch = self._greedy.get(len(seqs))
+            if batch is None:
+                batch = self._greedy[len(seqs)] = SamplingBatch.greedy(len(seqs), self.device)
+            self._next_steps = None
+        else:
+            steps = [len(seq.token_ids) - seq.prompt_len for seq in seqs]
+            batch = SamplingBatch.build([(seq.params.temperature, seq.params.top_p,
+                                          seq.params.seed, step)
+                                         for seq, step in zip(seqs, steps)], self.device)
+            self._next_steps = [step + 1 for step in steps]
+        self._seqs, self._batch = list(seqs), batch
+        self.any_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+        return batch
+
+
 def _check(logits: torch.Tensor, batch: SamplingBatch) -> None:
     """Host-side metadata checks only (shape, dtype, device): no tensor values are read."""
     if logits.dim() != 2 or logits.dtype != torch.float32:

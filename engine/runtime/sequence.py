@@ -136,16 +136,20 @@ class Sequence:
             limit = min(limit, self.params.prompt_logprobs_from - 1)
         return max(limit, 0)
 
+    # The properties below run per row per step: they read the fields directly (no nested
+    # property or __len__ calls), which is most of their cost at batch 64.
     @property
     def is_decoding(self) -> bool:
         """One generated token left to compute: a decode step (paged decode, CUDA graphs)."""
-        return self.num_uncomputed == 1 and self.num_computed >= self.prompt_len
+        return (len(self.token_ids) - self.num_computed == 1
+                and self.num_computed >= self.prompt_len)
 
     @property
     def is_capped(self) -> bool:
         """No token may follow the last one (max_tokens or max_len reached): with the overlapped
         loop, a sequence whose last token is still on the device is not scheduled again."""
-        return self.num_generated >= self.params.max_tokens or len(self) >= self.max_len
+        n = len(self.token_ids)
+        return n - self.prompt_len >= self.params.max_tokens or n >= self.max_len
 
     def append(self, token: int) -> str | None:
         """Add a sampled token; return the finish reason if the sequence is now done."""

@@ -56,16 +56,34 @@ class FutureTokens:
         self.max_rows = max_rows
         self.ids = torch.zeros(2 * max_rows, dtype=torch.int64, device=device)
         self._step = 0
+        # (base, k) → (placeholder ids, the ring's view of those entries), made once each
+        self._slots: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
+        self._last: tuple[list[int], torch.Tensor] | None = None     # the latest put's
 
     def put(self, ids: torch.Tensor) -> list[int]:
-        """Store a step's sampled ids (k,) on the device → their k placeholder ids."""
+        """Store a step's sampled ids (k,) on the device → their k placeholder ids (a list
+        shared between the steps that use the same half and k: read it, never change it)."""
         k = ids.shape[0]
         if k > self.max_rows:
             raise ValueError(f"{k} sampled rows exceed the ring's {self.max_rows}")
         base = (self._step % 2) * self.max_rows
         self._step += 1
-        self.ids[base:base + k].copy_(ids)
-        return [-(1 + base + i) for i in range(k)]
+        slot = self._slots.get((base, k))
+        if slot is None:
+            slot = self._slots[base, k] = ([-(1 + base + i) for i in range(k)],
+                                           self.ids[base:base + k])
+        slot[1].copy_(ids)
+        self._last = slot
+        return slot[0]
+
+    def latest(self, host_ids: list[int]) -> torch.Tensor | None:
+        """The latest put's ids as a device view when host_ids are exactly its placeholders, in
+        order (a steady decode step's inputs: no copy, no gather); else None. The view stays
+        valid while the stream runs the next step: the half it shows is written again only by
+        the put after next."""
+        if self._last is None or host_ids != self._last[0]:
+            return None
+        return self._last[1]
 
     def resolve(self, ids: torch.Tensor, host_ids: list[int]) -> torch.Tensor:
         """ids (N,) int64 on the device, maybe with placeholders (< 0), and the same ids on the
@@ -87,11 +105,49 @@ class DeviceBlockTables:
         self._synced: dict[int, tuple[int, int]] = {}    # seq_id → (num_page_resets, columns)
         self._free_rows = list(range(rows - 1, -1, -1))
         self._high = [0] * rows                          # per row: columns ever written
+        self._last: _Gathered | None = None
 
     def gather(self, seqs: list[Sequence]) -> torch.Tensor:
         """(B, max pages in the batch) int32 on the device: each seq's pages, zero padded."""
-        rows, cols, pages = [], [], []
-        stale = False
+        lens = [len(seq.block_table) for seq in seqs]
+        resets = [seq.num_page_resets for seq in seqs]
+        last = self._last
+        self._last = None                     # set again below, once the table is in sync
+        if last is not None and seqs == last.seqs and resets == last.resets and not last.stale:
+            # The batch of the call before (a steady decode): only appended pages are new, and
+            # the output of that call is still right when none were and the table was kept.
+            grown = [i for i, n, m in zip(range(len(seqs)), lens, last.lens) if n != m]
+            if grown:
+                self._write([seqs[i] for i in grown])
+            width = max(lens)
+            self._fit(width)
+            if width != last.width or self.table is not last.table or (grown and not last.view):
+                last.out, last.view = self._rows(last.rows, width)
+        else:
+            self._write(seqs)
+            width = max(lens)
+            self._fit(width)
+            rows = [self._row[seq.seq_id] for seq in seqs]
+            out, view = self._rows(rows, width)
+            # Columns past a seq's own pages hold an earlier occupant's pages: zero them, as the
+            # list-built tables did (no kernel should read them: they are past every context
+            # length). The row's high-water mark says whether any are there.
+            stale = any(self._high[row] > n for row, n in zip(rows, lens))
+            for row, n in zip(rows, lens):
+                self._high[row] = max(self._high[row], n)
+            if stale:
+                lens_t = to_device(lens, torch.int64, self.device)
+                cols_t = torch.arange(width, device=self.device)
+                out = out.masked_fill(cols_t[None, :] >= lens_t[:, None], 0)   # not the table
+            last = _Gathered(list(seqs), rows, out, view and not stale, stale)
+        last.lens, last.resets, last.width, last.table = lens, resets, width, self.table
+        self._last = last
+        return last.out
+
+    def _write(self, seqs: list[Sequence]) -> None:
+        """Bring the table rows of seqs up to date: new pages as new columns, a row whose pages
+        were freed since (num_page_resets moved) rewritten from scratch; one scatter."""
+        rows, cols, pages = [], [], []           # new entries: (row, column, page id)
         for seq in seqs:
             row = self._row.get(seq.seq_id)
             if row is None:
@@ -99,34 +155,30 @@ class DeviceBlockTables:
             resets, done = self._synced.get(seq.seq_id, (seq.num_page_resets, 0))
             if resets != seq.num_page_resets:
                 done = 0                                  # freed and refilled: rewrite the row
-            new = seq.block_table[done:]
-            rows += [row] * len(new)
-            cols += range(done, len(seq.block_table))
-            pages += new
-            self._synced[seq.seq_id] = (seq.num_page_resets, len(seq.block_table))
-            stale |= self._high[row] > len(seq.block_table)
-            self._high[row] = max(self._high[row], len(seq.block_table))
-        width = max(len(seq.block_table) for seq in seqs)
-        self._fit(width)
-        if pages:        # one copy of (row, col, page) triples, one scatter
-            rcp = to_device([rows, cols, pages], torch.int64, self.device)
-            self.table[rcp[0], rcp[1]] = rcp[2].to(torch.int32)
-        rows = [self._row[seq.seq_id] for seq in seqs]
+            bt = seq.block_table
+            if done < len(bt):
+                rows += [row] * (len(bt) - done)
+                cols += range(done, len(bt))
+                pages += bt[done:]
+                self._synced[seq.seq_id] = (seq.num_page_resets, len(bt))
+                self._high[row] = max(self._high[row], len(bt))
+        if pages:        # one copy of (flat index, page) pairs, one scatter into the flat table
+            self._fit(max(cols) + 1)
+            W = self.table.shape[1]          # int32 indices: the table holds far below 2**31
+            ip = to_device([[r * W + c for r, c in zip(rows, cols)], pages], torch.int32,
+                           self.device)
+            self.table.view(-1)[ip[0]] = ip[1]
+
+    def _rows(self, rows: list[int], width: int) -> tuple[torch.Tensor, bool]:
+        """(the batch's rows of the table, whether that is a view of it)."""
         if rows == list(range(rows[0], rows[0] + len(rows))):
             # Rows in batch order (the usual case: rows are handed out in admission order): a
             # view, no index copy. Later column writes are queued after this step's reads.
-            out = self.table[rows[0]:rows[0] + len(rows), :width]
-        else:
-            out = self.table[to_device(rows, torch.int64, self.device), :width]
-        if not stale:
-            return out
-        # Columns past a seq's own pages hold an earlier occupant's pages: zero them, as the
-        # list-built tables did (no kernel should read them: they are past every context length).
-        lens = to_device([len(seq.block_table) for seq in seqs], torch.int64, self.device)
-        cols_t = torch.arange(width, device=self.device)
-        return out.masked_fill(cols_t[None, :] >= lens[:, None], 0)     # never into the table
+            return self.table[rows[0]:rows[0] + len(rows), :width], True
+        return self.table[to_device(rows, torch.int64, self.device), :width], False
 
     def release(self, seq: Sequence) -> None:
+        self._last = None
         row = self._row.pop(seq.seq_id, None)
         self._synced.pop(seq.seq_id, None)
         if row is not None:
@@ -152,6 +204,18 @@ class DeviceBlockTables:
             self.table = grown
 
 
+class _Gathered:
+    """What one `gather` call saw and returned (the next call's shortcut)."""
+
+    def __init__(self, seqs: list[Sequence], rows: list[int], out: torch.Tensor, view: bool,
+                 stale: bool):
+        self.seqs, self.rows, self.out, self.view, self.stale = seqs, rows, out, view, stale
+        self.lens: list[int] = []
+        self.resets: list[int] = []
+        self.width = 0
+        self.table: torch.Tensor | None = None
+
+
 class StepOutput:
     """A launched step: `samples` (which rows sample), their placeholder ids, and the sampled ids
     on their way to pinned host memory."""
@@ -170,6 +234,8 @@ class StepOutput:
 
     def row_placeholders(self) -> list[int | None]:
         """Per batch row: its placeholder id, None for rows that do not sample."""
+        if len(self.placeholders) == len(self.samples):      # every row samples (decode)
+            return list(self.placeholders)
         it = iter(self.placeholders)
         return [next(it) if s else None for s in self.samples]
 
@@ -179,5 +245,8 @@ class StepOutput:
             return [None] * len(self.samples)
         if self._event is not None:
             self._event.synchronize()
-        it = iter(self._ids.tolist())
+        ids = self._ids.tolist()
+        if len(ids) == len(self.samples):
+            return ids
+        it = iter(ids)
         return [next(it) if s else None for s in self.samples]
