@@ -9,7 +9,9 @@ The tables hold cos/sin of every position, built once per model (fp32 math, cast
 dtype: transformers' rounding points, see layers.RotaryTable); the kernel gathers its row by
 position, so nothing about rotary is computed per step. Numerics are kernels/rotary's
 (bit-identical to rotary_ref) and kernels/kv_cache_write's (an exact cast to the cache dtype), so
-the result matches `rotary_write_kv_ref` bit for bit. k is rotated in place as well as written:
+the result matches `rotary_write_kv_ref` bit for bit; into a float8_e4m3fn cache the rotated k
+(in the model dtype, as prefill attention reads it) and v are quantized with the layer's
+k_scale / v_scale (kernels/kv_quant.py), bit for bit too. k is rotated in place as well as written:
 prefill attention reads the step's new keys from k, not from the cache.
 
 Grid (N, q head blocks + KV head blocks), as kernels/rotary: a q program rotates BLOCK_H query
@@ -27,16 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fastllava.kernels.kv_cache_write import check_write_kv_inputs, write_kv_ref
+from fastllava.kernels.kv_cache_write import check_write_kv_inputs, to_cache, write_kv_ref
+from fastllava.kernels.kv_quant import inv_scale, is_fp8
 from fastllava.kernels.rotary import _rotate_heads, check_rotary_inputs, rotary_blocks, rotary_ref
 
 
 @triton.jit
 def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr,
-                            k_cache_ptr, v_cache_ptr, slot_ptr,
+                            k_cache_ptr, v_cache_ptr, slot_ptr, k_inv, v_inv,
                             stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                             stride_cos, stride_sin, H, half,
-                            KVH: tl.constexpr, D: tl.constexpr,
+                            KVH: tl.constexpr, D: tl.constexpr, KV_FP8: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)  # token; int64 so n * stride cannot overflow
     hb = tl.program_id(1)              # head block: q's blocks first, then KV's
@@ -60,22 +63,25 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr,
             heads = head0 + tl.arange(0, BLOCK_H)
             mask = (heads[:, None] < KVH) & cmask[None, :]
             dst = slot * (KVH * D) + heads[:, None] * D + cols[None, :]  # first half of each head
-            cache_dt = k_cache_ptr.dtype.element_ty
-            tl.store(k_cache_ptr + dst, k1.to(cache_dt), mask=mask)
-            tl.store(k_cache_ptr + dst + half, k2.to(cache_dt), mask=mask)
+            tl.store(k_cache_ptr + dst, to_cache(k1, k_inv, k_cache_ptr, KV_FP8), mask=mask)
+            tl.store(k_cache_ptr + dst + half, to_cache(k2, k_inv, k_cache_ptr, KV_FP8),
+                     mask=mask)
             src = v_ptr + n * stride_vn + heads[:, None] * stride_vh + cols[None, :]
-            tl.store(v_cache_ptr + dst, tl.load(src, mask=mask).to(cache_dt), mask=mask)
-            tl.store(v_cache_ptr + dst + half, tl.load(src + half, mask=mask).to(cache_dt),
+            tl.store(v_cache_ptr + dst,
+                     to_cache(tl.load(src, mask=mask), v_inv, v_cache_ptr, KV_FP8), mask=mask)
+            tl.store(v_cache_ptr + dst + half,
+                     to_cache(tl.load(src + half, mask=mask), v_inv, v_cache_ptr, KV_FP8),
                      mask=mask)
 
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     cos_table: torch.Tensor, sin_table: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, slot_mapping: torch.Tensor):
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor, *, k_scale: float = 1.0,
+                    v_scale: float = 1.0):
     """Triton version of `rotary_write_kv_ref`: rotates q and k in place, writes k and v into the
-    cache at slot_mapping (skipping -1); returns (q, k)."""
+    cache at slot_mapping (skipping -1); returns (q, k). The scales matter for an fp8 cache only."""
     check_rotary_inputs(q, k, cos_table, sin_table, rows=None)
-    check_write_kv_inputs(k, v, k_cache, v_cache, slot_mapping)
+    check_write_kv_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     N, H, D = q.shape
     if positions.shape != (N,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"positions must be ({N},) int32 or int64, got {positions.dtype} "
@@ -91,9 +97,10 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     grid = (N, triton.cdiv(H, BLOCK_H) + triton.cdiv(KVH, BLOCK_H))
     _rotary_write_kv_kernel[grid](
         q, k, v, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        inv_scale(k_scale), inv_scale(v_scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_table.stride(0), sin_table.stride(0), H, D // 2,
-        KVH=KVH, D=D, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF, num_warps=4,
+        KVH=KVH, D=D, KV_FP8=is_fp8(k_cache), BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
+        num_warps=4,
         # Products rounded separately, like torch's separate mul and add (see kernels/rotary).
         enable_fp_fusion=False)
     return q, k
@@ -101,8 +108,9 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
 
 def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor):
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        *, k_scale: float = 1.0, v_scale: float = 1.0):
     """The two unfused references in sequence, cos/sin gathered from the tables by position."""
     rotary_ref(q, k, cos_table[positions], sin_table[positions])
-    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
     return q, k

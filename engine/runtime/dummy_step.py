@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastllava.config import LlavaConfig
-from fastllava.kv_cache import KVCache
+from fastllava.kv_cache import KVCache, kv_storage_dtype
 from fastllava.models.context import ForwardContext
 from fastllava.preprocess.anyres import anyres_grid, anyres_num_tokens
 from fastllava.runtime.config import RuntimeConfig
@@ -43,6 +43,7 @@ class DummySteps:
         self.model, self.ops, self.rc = model, ops, rc
         self.config: LlavaConfig = model.config
         self.dtype, self.device = dtype, torch.device(device)
+        self.kv_dtype = kv_storage_dtype(rc.kv_cache_dtype, dtype)   # the pages' dtype
         self.max_positions = min(rc.max_context, self.config.text.max_position_embeddings)
 
     def scratch_kv(self) -> KVCache:
@@ -50,7 +51,7 @@ class DummySteps:
         t, S = self.config.text, self.rc.page_size
         pages = -(-self.rc.max_num_batched_tokens // S) + self.rc.max_num_seqs + 1
         return KVCache(t.num_hidden_layers, pages, S, t.num_key_value_heads, t.head_dim,
-                       self.dtype, self.device)
+                       self.kv_dtype, self.device)
 
     def images(self, tiles: int, grid, image_hw) -> torch.Tensor:
         """One image of `tiles` tiles through the tower and projector → (tokens, hidden)."""

@@ -88,11 +88,12 @@ class TPDriver:
             raise self.broken
 
     def setup(self, kv) -> None:
-        """Tell the workers the KV pool rank 0 planned (pages, page size); idempotent."""
+        """Tell the workers the KV pool rank 0 planned (pages, page size, fp8 pages); idempotent."""
         if self._is_setup:
             return
         self.check()
-        self.comm.broadcast_header(tp_step.header(tp_step.OP_SETUP, kv.num_pages, kv.page_size))
+        self.comm.broadcast_header(tp_step.header(tp_step.OP_SETUP, kv.num_pages, kv.page_size,
+                                                  int(kv.dtype == torch.float8_e4m3fn)))
         self.comm.agree(True)
         self._is_setup = True
 

@@ -106,9 +106,10 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
             if op == tp_step.OP_STOP:
                 return
             if op == tp_step.OP_SETUP:   # the KV pool rank 0 planned: same pages, own heads
-                num_pages, page_size = int(h[1]), int(h[2])
+                num_pages, page_size, fp8 = int(h[1]), int(h[2]), bool(h[3])
                 kv = KVCache(text.num_hidden_layers, num_pages, page_size,
-                             text.num_key_value_heads, text.head_dim, dtype, device)
+                             text.num_key_value_heads, text.head_dim,
+                             torch.float8_e4m3fn if fp8 else dtype, device)
                 comm.agree(True)
                 continue
             tp_step.run(model, ops, tp_step.receive(comm, h, device, dtype), kv)
