@@ -30,8 +30,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def to_cache(x, inv_scale, cache_ptr, KV_FP8: tl.constexpr):
     """A tile of new K or V rows in the cache's element type (quantized when it is fp8)."""
-    if KV_FP8:
-        return round_e4m3(x.to(tl.float32) * inv_scale).to(cache_ptr.dtype.element_ty)
+    if KV_FP8:  # rounded onto the e4m3 grid here, so the cast below is exact
+        x = round_e4m3(x.to(tl.float32) * inv_scale)
     return x.to(cache_ptr.dtype.element_ty)
 
 

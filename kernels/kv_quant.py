@@ -77,8 +77,8 @@ def load_kv(ptrs, mask, scale, like, KV_FP8: tl.constexpr):
     """A tile of cached K or V in `like`'s dtype (the model dtype): from an fp8 cache the exact
     fp8 → fp32 cast, one fp32 product with the layer's scale, one rounding; else as stored."""
     c = tl.load(ptrs, mask=mask, other=0.0)
-    if KV_FP8:
-        return (c.to(tl.float32) * scale).to(like.dtype)
+    if KV_FP8:  # one return: compiled Triton type-checks every return, even a dead branch's
+        c = (c.to(tl.float32) * scale).to(like.dtype)
     return c
 
 

@@ -162,8 +162,8 @@ def choose_num_splits(B: int, KVH: int, max_ctx: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *,
-                           scale: float, num_splits: int | None = None, k_scale: float = 1.0,
-                           v_scale: float = 1.0) -> torch.Tensor:
+                           scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                           num_splits: int | None = None) -> torch.Tensor:
     """Attention of q (B, H, D) over each sequence's paged KV → out (B, H, D) in q's dtype.
 
     num_splits forces the split count (tests); by default `choose_num_splits` picks it.

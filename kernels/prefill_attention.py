@@ -13,7 +13,8 @@ path bit-identical to transformers' eager run; flash-style kernels (fp32 scores,
 are held to the FlashAttention bound against it: at most ~2x the error of this same-dtype run.
 Shapes: q (N, H, D); k, v (N, KVH, D); cu_seqlens (B+1,) int; out (N, H, D).
 A float8_e4m3fn cache (kv_cache_dtype "fp8") is dequantized with the layer's k_scale / v_scale as
-its tiles load (kernels/kv_quant.py); the step's own new tokens are read from k and v, unquantized.
+its tiles load (kernels/kv_quant.py); the step's own new tokens are read from k and v, which
+rotary_write_kv has already set to the values the fp8 cache gives back.
 
 The Triton kernel is FlashAttention-2: for a block of BLOCK_M queries of one head it walks the keys
 in BLOCK_N tiles — first the cached prefix through the block table, then the new tokens (up to the

@@ -29,7 +29,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from fastllava.kernels.kv_quant import is_fp8, load_kv_ref
+from fastllava.kernels.kv_quant import load_kv_ref
 
 MIN_BUCKET = 64  # keys a decode row is padded to, at least: a multiple of every SIMD width
 
@@ -125,17 +125,16 @@ def _one_token_rows(q, k, v, rows, starts, prefixes, k_cache, v_cache, block_tab
                     k_scale, v_scale, out) -> None:
     """1-token chunks over a cached prefix (decodes riding a prefill step): the decode path's
     padded rows, with the new token's K/V placed at its position, so they round exactly as in a
-    decode step. An fp8 cache already holds the token (written before attention) as a decode
-    step reads it, quantized: it stays."""
+    decode step. (With an fp8 cache, k and v already hold the dequantized values the cache gives:
+    kernels/rotary_write_kv.)"""
     for T, group in _by_bucket([prefixes[b] + 1 for b in rows]).items():
         seqs = [rows[i] for i in group]
         idx = torch.tensor(seqs, device=q.device)
         tok = torch.tensor([starts[b] for b in seqs], device=q.device)
         pos = torch.tensor([prefixes[b] for b in seqs], device=q.device)
         keys, vals = _gather_kv(q, k_cache, v_cache, block_tables[idx], T, k_scale, v_scale)
-        if not is_fp8(k_cache):
-            ar = torch.arange(len(seqs), device=q.device)
-            keys[ar, pos], vals[ar, pos] = k[tok], v[tok]
+        ar = torch.arange(len(seqs), device=q.device)
+        keys[ar, pos], vals[ar, pos] = k[tok], v[tok]
         out[tok] = attend_one_token(q[tok], keys, vals, pos + 1, scale)
 
 

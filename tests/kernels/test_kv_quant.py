@@ -132,10 +132,11 @@ def test_write_kv_fp8_bit_exact(dtype, scale):
                                    pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("N,H,KVH,D", [(37, 8, 2, 64), (5, 7, 7, 80)])
 def test_rotary_write_kv_fp8_bit_exact(N, H, KVH, D, dtype):
-    """The rotated k (model dtype, as prefill attention reads it) is what gets quantized."""
+    """The rotated k (model dtype) is what gets quantized; the real rows of k and v are left
+    holding exactly what the cache gives back, padding rows untouched."""
     gen = torch.Generator().manual_seed(N + D)
     qkv = (torch.randn(N, H + 2 * KVH, D, generator=gen) * 20).to(dtype).to(DEVICE)
-    ref_qkv = qkv.clone()
+    ref_qkv, original = qkv.clone(), qkv.clone()
     P, S = -(-N // 16) + 2, 16
     slots = slots_with_padding(N, P * S, gen, torch.int64)
     positions = torch.randint(0, 512, (N,), generator=gen).to(DEVICE)
@@ -147,10 +148,13 @@ def test_rotary_write_kv_fp8_bit_exact(N, H, KVH, D, dtype):
            slots, k_scale=0.25, v_scale=0.3700000047683716)
     assert_exact(qkv, ref_qkv)
     assert_exact(caches.view(torch.uint8), ref.view(torch.uint8))
-    row = 1
-    got = caches[0].view(P * S, KVH, D)[int(slots[row])]
-    want = quantize_kv_ref(qkv[row, H:H + KVH], 0.25)
-    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    real = slots >= 0
+    for i, (c, scale) in enumerate(((caches[0], 0.25), (caches[1], 0.3700000047683716))):
+        x = qkv[:, H + i * KVH:H + (i + 1) * KVH]
+        held = dequantize_kv_ref(c.view(P * S, KVH, D)[slots[real].long()], scale, dtype)
+        assert_exact(x[real], held)
+    assert_exact(qkv[~real, H + KVH:], original[~real, H + KVH:])   # padding rows' v
+    assert not torch.equal(qkv[real, H + KVH:], original[real, H + KVH:]), "v was not rounded"
 
 
 def test_rejects_bad_fp8_inputs():
