@@ -3,6 +3,7 @@ weights), from the JPEG bytes to the first sampled token.
 
     python bench/ttft.py [--models llava-1.5-13b,llava-v1.6-34b] [--image 1024x768] [--out DIR]
     python bench/ttft.py --smoke      # tiny config on the CPU (CI: tests/test_gpu_suite_smoke.py)
+    python bench/ttft.py --kv-cache-dtype fp8   # + a row per model over fp8 KV pages, same run
 
 Per model: random weights (fastllava.weights.random) → `build_engine` (memory plan, CUDA graphs,
 warm-up of every kernel variant), then --repeats requests one at a time, each timed with
@@ -34,7 +35,7 @@ from common import fail, fmt, require_compiled_gpu, run_header, write_outputs
 
 BARS_MS = {"llava-1.5-13b": 35.0, "llava-v1.6-34b": 340.0}   # performance.md, TTFT p50, H100
 P99_BAR = 1.2
-COLUMNS = ("model", "image", "image_tokens", "prompt_tokens", "p50_ms", "p99_ms", "min_ms",
+COLUMNS = ("model", "kv_cache", "image", "image_tokens", "prompt_tokens", "p50_ms", "p99_ms", "min_ms",
            "preprocess_ms", "engine_ms", "bar", "note")
 
 
@@ -61,19 +62,26 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
 
 
-def model_row(name: str, config, args, device: str, dtype: torch.dtype) -> list:
+def model_rows(name: str, config, args, device: str, dtype: torch.dtype) -> list[list]:
+    """One row per --kv-cache-dtype page dtype ("auto", then "fp8" if asked), one random model."""
+    from fastllava.weights.random import random_model
+
+    model = random_model(config, device, dtype)
+    kv_dtypes = ("auto", "fp8") if args.kv_cache_dtype == "fp8" else ("auto",)
+    return [model_row(name, config, model, args, device, dtype, kv) for kv in kv_dtypes]
+
+
+def model_row(name: str, config, model, args, device: str, dtype: torch.dtype, kv: str) -> list:
     from fastllava.kernels.ops import get_ops
     from fastllava.preprocess.anyres import anyres_num_tokens
     from fastllava.preprocess.processor import preprocess
     from fastllava.runtime.build import build_engine
     from fastllava.runtime.config import RuntimeConfig
     from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
-    from fastllava.weights.random import random_model
 
-    model = random_model(config, device, dtype)
     ops = get_ops("torch" if device == "cpu" else "auto", device)
     rc = RuntimeConfig(max_num_seqs=4, kv_cache_tokens=8192, max_context=4096,
-                       max_num_batched_tokens=4096)
+                       max_num_batched_tokens=4096, kv_cache_dtype=kv)
     engine, max_len = build_engine(model, ops, config.text, dtype, device, rc)
     sched, runner = engine.scheduler, engine.runner
     pcfg = processor_config(config)
@@ -120,7 +128,8 @@ def model_row(name: str, config, args, device: str, dtype: torch.dtype) -> list:
         ok = p50 <= bar and p99 <= P99_BAR * p50
         note = "meets the bar" if ok else "BELOW the bar"
     pre = statistics.median(pre_times)
-    return [name, f"{w}x{h}", n_image, args.prompt_tokens, p50, p99, min(times), pre, p50 - pre,
+    engine.shutdown()
+    return [name, kv, f"{w}x{h}", n_image, args.prompt_tokens, p50, p99, min(times), pre, p50 - pre,
             bar_text, note]
 
 
@@ -139,6 +148,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", help="folder for the .md and .csv (GPU default: bench/results/)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="fp8: also time each model over fp8 KV pages, beside the model dtype")
     p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, 2 requests")
     args = p.parse_args(argv)
     try:
@@ -163,10 +174,10 @@ def main(argv: list[str]) -> int:
     rows, failed = [], False
     for name, config in models.items():
         try:
-            rows.append(model_row(name, config, args, device, dtype))
+            rows += model_rows(name, config, args, device, dtype)
         except Exception as exc:  # noqa: BLE001 - report the row, go on with the next model
             failed = True
-            rows.append([name, args.image, "", "", None, None, None, None, None, "",
+            rows.append([name, args.kv_cache_dtype, args.image, "", "", None, None, None, None, None, "",
                          f"ERROR: {type(exc).__name__}: {exc}"[:300]])
         finally:
             import gc

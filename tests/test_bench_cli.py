@@ -147,3 +147,26 @@ def test_latency_and_throughput_on_a_checkpoint(tiny_llava, tmp_path):
                  "--out", str(tmp_path / "thr")]) == 0
     (row,) = check_results(tmp_path / "thr", "bench throughput --model")["rows"]
     assert (row["ok"], row["errors"]) == (3, 0) and 3 <= row["out_tokens"] <= 12, row
+
+
+@pytest.mark.parametrize("mode", ["latency", "throughput"])
+def test_fp8_kv_rows_beside_the_model_dtype(tmp_path, mode):
+    """--kv-cache-dtype fp8: one results table holding the model-dtype row and the fp8-KV row,
+    the same prompts through each; latency counts the fp8 row's KV bytes at one byte."""
+    extra = ["--iters", "2"] if mode == "latency" else ["--num-prompts", "3"]
+    assert main(["bench", mode, "--tiny", "--kv-cache-dtype", "fp8", *extra,
+                 "--out", str(tmp_path)]) == 0
+    data = check_results(tmp_path, "--kv-cache-dtype fp8")
+    assert data["record"]["kv_cache_dtype"] == "auto and fp8"
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert set(rows) == {"fastllava", "fastllava (fp8 KV)"}, rows
+    for row in rows.values():
+        assert row["errors"] == 0 and row["out_tokens"] == (8 if mode == "latency" else 24), row
+    if mode == "latency":
+        from fastllava.benchmarks.common import step_bytes
+        from fastllava.weights.random import TINY_CONFIG, llava_config
+        t = llava_config(TINY_CONFIG).text
+        fp8 = rows["fastllava (fp8 KV)"]
+        per_step = step_bytes(t, 1, 24 + 8 / 2, 4, None, 1)
+        assert fp8["decode_gb_s"] == pytest.approx(per_step * fp8["decode_tok_per_s_p50"] / 1e9)
+        assert per_step < step_bytes(t, 1, 24 + 8 / 2, 4)

@@ -12,6 +12,8 @@ latency: one request at a time, `--iters` times after `--warmup`: TTFT (submit â
 decode tok/s ((tokens - 1) / (last - first token)), e2e; p50/p90/p99 over the iterations.
 throughput: `--num-prompts` requests submitted at once (offline batch): requests/s, output
 tokens/s and total (prompt + output) tokens/s over the wall time.
+`--kv-cache-dtype fp8`: the same runs again over an fp8 KV cache, a "fastllava (fp8 KV)" row
+beside the model-dtype one in the same results.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def add_parsers(sub) -> None:
           "+ question; --tiny 24)")
         a("--output-len", type=int, default=128, help="generated tokens (default 128; --tiny 8)")
         a("--seed", type=int, default=0, help="weights and prompt seed (default 0)")
+        a("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+          help="fp8: also run over fp8 KV pages, a row beside the model dtype's (default auto)")
         if name == "latency":
             a("--iters", type=int, default=10, help="timed requests (default 10; --tiny 3)")
             a("--warmup", type=int, default=2, help="untimed requests first (default 2)")
@@ -74,7 +78,8 @@ class RandomEngine:
     config), stepped on the caller's thread. Also used by bench/test_components.py."""
 
     def __init__(self, config: str | None, *, device: str | None = None, dtype: str | None = None,
-                 backend: str = "auto", max_len: int, max_seqs: int = 1, seed: int = 0):
+                 backend: str = "auto", max_len: int, max_seqs: int = 1, seed: int = 0,
+                 kv_cache_dtype: str = "auto"):
         import torch
 
         from fastllava.kernels.ops import get_ops
@@ -95,7 +100,8 @@ class RandomEngine:
         self.vocab, self.device, self.max_len = self.config.text.vocab_size, device, max_len
         self.model = random_model(self.config, device, self.dtype, seed=seed)
         rc = RuntimeConfig(max_num_seqs=min(max_seqs, 256), max_context=max_len,
-                           kv_cache_tokens=None if device == "cuda" else max_len * max_seqs)
+                           kv_cache_tokens=None if device == "cuda" else max_len * max_seqs,
+                           kv_cache_dtype=kv_cache_dtype)
         self.engine, _ = build_engine(self.model, get_ops(backend, device), self.config.text,
                                       self.dtype, device, rc)
 
@@ -150,12 +156,13 @@ class RandomEngine:
 class ApiEngine:
     """A checkpoint through the public API; each request on its own thread, a generated image."""
 
-    def __init__(self, args):
+    def __init__(self, args, kv_cache_dtype: str = "auto"):
         from fastllava.api import LLaVA
         from fastllava.benchmarks.workload import generated_image
 
         self.llava = LLaVA.from_pretrained(args.model, args.device, args.dtype,
-                                           backend=args.backend, progress=True)
+                                           backend=args.backend, progress=True,
+                                           kv_cache_dtype=kv_cache_dtype)
         self.name, self.dtype = args.model, self.llava.dtype
         self.image = generated_image(random.Random(args.seed), 672, 672, "jpeg")
 
@@ -190,36 +197,65 @@ class ApiEngine:
         return traces
 
 
+def _engine(args, kv_cache_dtype: str):
+    if args.model:
+        return ApiEngine(args, kv_cache_dtype)
+    return RandomEngine(None if args.tiny else args.config, device=args.device, dtype=args.dtype,
+                        backend=args.backend, max_len=args.input_len + args.output_len + 1,
+                        max_seqs=1 if args.mode == "latency" else args.num_prompts,
+                        seed=args.seed, kv_cache_dtype=kv_cache_dtype)
+
+
 def run(args) -> int:
     from fastllava.weights.progress import progress_bar
 
     _sizes(args)
     _peer_kinds(args)   # bad --peers: refused before anything loads
-    engine = ApiEngine(args) if args.model else RandomEngine(
-        None if args.tiny else args.config, device=args.device, dtype=args.dtype,
-        backend=args.backend, max_len=args.input_len + args.output_len + 1,
-        max_seqs=1 if args.mode == "latency" else args.num_prompts, seed=args.seed)
-    rng = random.Random(args.seed)
+    kv_dtypes = ("auto", "fp8") if args.kv_cache_dtype == "fp8" else ("auto",)
     results = Results(args.out or default_out(args.mode), f"{args.mode.capitalize()} benchmark",
                       provenance(args.argv))
-    results.record.update(model=engine.name, dtype=str(engine.dtype).removeprefix("torch."),
-                          input_len=str(args.input_len), output_len=str(args.output_len))
+    rows, series, all_traces, prompts = [], {}, [], None
+    for kv in kv_dtypes:   # one engine at a time: the same prompts over each KV page dtype
+        engine = _engine(args, kv)
+        label = "fastllava" + (" (fp8 KV)" if kv == "fp8" else "")
+        if prompts is None:
+            n = args.warmup + args.iters if args.mode == "latency" else args.num_prompts
+            prompts = engine.prompts(random.Random(args.seed), n, args.input_len)
+            results.record.update(model=engine.name,
+                                  dtype=str(engine.dtype).removeprefix("torch."),
+                                  input_len=str(args.input_len), output_len=str(args.output_len),
+                                  kv_cache_dtype=" and ".join(kv_dtypes))
+        if args.mode == "latency":
+            for prompt in prompts[:args.warmup]:
+                engine.run([prompt], args.output_len)
+            bar, traces = progress_bar(args.iters, f"latency {label}", "request"), []
+            for prompt in prompts[args.warmup:]:
+                traces += engine.run([prompt], args.output_len)
+                bar.update(1)
+            bar.close()
+            rows.append({"impl": label, **_latency_row(traces)})
+            series[f"{label} TTFT"] = [1e3 * t.ttft for t in traces if not t.error]
+            if kv == "auto":
+                for name, got in _peers(args, engine, prompts).items():
+                    rows.append({"impl": name, **(_latency_row(got) if isinstance(got, list)
+                                                  else {"note": got})})
+                    series[f"{name} TTFT"] = ([1e3 * t.ttft for t in got]
+                                              if isinstance(got, list) else [])
+        else:
+            engine.run(prompts[:1], 2)   # warm-up: lazy compilation out of the timed batch
+            bar = progress_bar(len(prompts), f"throughput {label}", "request")
+            traces = engine.run(prompts, args.output_len, bar)
+            bar.close()
+            row = {"impl": label, **stats.summarize(traces, {})}
+            row["total_tok_per_s"] = ((row["out_tokens"] or 0) + args.input_len * row["ok"]) \
+                / row["wall_s"]
+            rows.append(row)
+            series[f"{label} TTFT"] = [1e3 * t.ttft for t in traces if not t.error]
+            series[f"{label} e2e"] = [1e3 * (t.end - t.submit) for t in traces if not t.error]
+        all_traces += traces
+        engine.close()
     if args.mode == "latency":
-        prompts = engine.prompts(rng, args.warmup + args.iters, args.input_len)
-        for prompt in prompts[:args.warmup]:
-            engine.run([prompt], args.output_len)
-        bar, traces = progress_bar(args.iters, "latency", "request"), []
-        for prompt in prompts[args.warmup:]:
-            traces += engine.run([prompt], args.output_len)
-            bar.update(1)
-        bar.close()
-        rows = [{"impl": "fastllava", **_latency_row(traces)}]
-        series = {"fastllava TTFT": [1e3 * t.ttft for t in traces if not t.error]}
-        for label, got in _peers(args, engine, prompts).items():
-            rows.append({"impl": label, **(_latency_row(got) if isinstance(got, list)
-                                           else {"note": got})})
-            series[f"{label} TTFT"] = [1e3 * t.ttft for t in got] if isinstance(got, list) else []
-        for r in rows:   # > 1: fastllava is faster
+        for r in rows:   # > 1: fastllava (model-dtype KV) is faster
             for key, faster in (("ttft_p50_ms", lambda a, b: b / a),
                                 ("decode_tok_per_s_p50", lambda a, b: a / b)):
                 ours, theirs = rows[0].get(key), r.get(key)
@@ -229,27 +265,19 @@ def run(args) -> int:
         results.add("Single request", rows, _LATENCY_COLUMNS)
         fig = plots.cdf(results.out / "latency_cdf.png", "Single-request TTFT", "ms", series)
     else:
-        prompts = engine.prompts(rng, args.num_prompts, args.input_len)
-        engine.run(prompts[:1], 2)   # warm-up: lazy compilation out of the timed batch
-        bar = progress_bar(len(prompts), "throughput", "request")
-        traces = engine.run(prompts, args.output_len, bar)
-        bar.close()
-        row = stats.summarize(traces, {})
-        row["total_tok_per_s"] = ((row["out_tokens"] or 0) + args.input_len * row["ok"]) / row["wall_s"]
-        cols = ["requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens", "out_tok_per_s",
-                "total_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
-        results.add("Offline batch", [row], cols)
+        cols = ["impl", "requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens",
+                "out_tok_per_s", "total_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms",
+                "e2e_p99_ms"]
+        results.add("Offline batch", rows, cols)
         fig = plots.cdf(results.out / "throughput_cdf.png", "Offline batch: per-request latency",
-                        "ms", {"TTFT": [1e3 * t.ttft for t in traces if not t.error],
-                               "e2e": [1e3 * (t.end - t.submit) for t in traces if not t.error]})
-    engine.close()
+                        "ms", series)
     results.figures += [fig] if fig else []
     results.notes += [] if fig else [plots.NO_MATPLOTLIB]
-    results.notes += [f"request failed: {t.error}" for t in traces if t.error][:5]
+    results.notes += [f"request failed: {t.error}" for t in all_traces if t.error][:5]
     for path in results.write():
         print(f"wrote {path}")
     print(f"\n{(results.out / 'report.md').read_text()}")
-    return 1 if any(t.error for t in traces) else 0
+    return 1 if any(t.error for t in all_traces) else 0
 
 
 _LATENCY_COLUMNS = ("impl", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
@@ -265,9 +293,10 @@ def _roofline(rows: list[dict], engine, args) -> None:
 
     copy = copy_ceiling().value if engine.device == "cuda" else None
     ctx = args.input_len + args.output_len / 2
-    per_step = step_bytes(engine.config.text, 1, ctx, engine.dtype.itemsize)
     for r in rows:
         if r.get("decode_tok_per_s_p50"):
+            kv_e = 1 if r["impl"].endswith("(fp8 KV)") else None   # fp8 pages: 1 byte
+            per_step = step_bytes(engine.config.text, 1, ctx, engine.dtype.itemsize, None, kv_e)
             r["decode_gb_s"] = per_step * r["decode_tok_per_s_p50"] / 1e9
             r["pct_copy"] = 100 * r["decode_gb_s"] / copy if copy else None
 
