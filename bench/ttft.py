@@ -35,8 +35,8 @@ from common import fail, fmt, require_compiled_gpu, run_header, write_outputs
 
 BARS_MS = {"llava-1.5-13b": 35.0, "llava-v1.6-34b": 340.0}   # performance.md, TTFT p50, H100
 P99_BAR = 1.2
-COLUMNS = ("model", "kv_cache", "image", "image_tokens", "prompt_tokens", "p50_ms", "p99_ms", "min_ms",
-           "preprocess_ms", "engine_ms", "bar", "note")
+COLUMNS = ("model", "kv_cache", "image", "image_tokens", "prompt_tokens", "p50_ms", "p99_ms",
+           "min_ms", "preprocess_ms", "engine_ms", "bar", "note")
 
 
 def jpeg(w: int, h: int, seed: int) -> bytes:
@@ -177,8 +177,8 @@ def main(argv: list[str]) -> int:
             rows += model_rows(name, config, args, device, dtype)
         except Exception as exc:  # noqa: BLE001 - report the row, go on with the next model
             failed = True
-            rows.append([name, args.kv_cache_dtype, args.image, "", "", None, None, None, None, None, "",
-                         f"ERROR: {type(exc).__name__}: {exc}"[:300]])
+            rows.append([name, args.kv_cache_dtype, args.image, "", "", None, None, None, None,
+                         None, "", f"ERROR: {type(exc).__name__}: {exc}"[:300]])
         finally:
             import gc
             gc.collect()

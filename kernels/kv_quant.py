@@ -7,8 +7,8 @@ A cache in torch.float8_e4m3fn holds per layer one fp32 scale for keys and one f
 
 1 / scale is rounded to fp32 once on the host (`inv_scale`), and every product is one fp32
 rounding, so the Triton kernels (kv_cache_write, rotary_write_kv, both attentions) and the torch
-references here agree bit for bit. Values beyond ±448 · scale saturate instead of becoming NaN (the
-GPU's `cvt.rn.satfinite` behaviour, and torch's). e4m3 has 3 mantissa bits: |x' - x| <= 2^-4 |x|
+references here agree bit for bit. Values beyond ±448 · scale saturate instead of becoming NaN
+(the GPU's `cvt.rn.satfinite` behaviour, and torch's). e4m3 has 3 mantissa bits: |x' - x| <= 2^-4 |x|
 for |x| / scale in the normal range [2^-6, 448], and <= 2^-10 · scale below it (subnormals).
 
 `round_e4m3` rounds onto the e4m3 grid in fp32 integer arithmetic before the (then exact) cast:
@@ -106,6 +106,6 @@ def store_kv_ref(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> tor
 
 
 def triton_fp8_ok(device: torch.device) -> bool:
-    """Triton stores/loads float8e4nv natively from sm_89 (Ada, Hopper) on; the interpreter always."""
+    """Compiled Triton has float8e4nv from sm_89 (Ada, Hopper) on; the interpreter always."""
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 

@@ -68,7 +68,8 @@ def _split_bounds(ctx, split, num_splits, BLOCK_N: tl.constexpr):
 
 @triton.jit(do_not_specialize=["stride_btb", "max_ctx", "num_splits"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_ptr, out_ptr, part_ptr,
-                         lse_ptr, qk_scale, k_scale, v_scale, stride_qb, stride_qh, stride_btb, max_ctx, num_splits,
+                         lse_ptr, qk_scale, k_scale, v_scale, stride_qb, stride_qh, stride_btb,
+                         max_ctx, num_splits,
                          H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
                          GROUP: tl.constexpr, SINGLE_SPLIT: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,

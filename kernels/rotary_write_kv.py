@@ -114,7 +114,8 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     grid = (N, triton.cdiv(H, BLOCK_H) + triton.cdiv(KVH, BLOCK_H))
     _rotary_write_kv_kernel[grid](
         q, k, v, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
-        k_scale, v_scale, inv_scale(k_scale), inv_scale(v_scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_scale, v_scale, inv_scale(k_scale), inv_scale(v_scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_table.stride(0), sin_table.stride(0), H, D // 2,
         KVH=KVH, D=D, KV_FP8=is_fp8(k_cache), BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF,
         num_warps=4,

@@ -81,7 +81,8 @@ def test_scale_one_holds_every_cached_value(models, requests_, record_property, 
             base.generate_ids(dict(r, max_tokens=4))
     finally:
         base.engine.runner.ops = ops
-    lines = ["K/V ranges the unquantized model writes (e4m3 at scale 1: normal |x| in [2^-6, 448]):"]
+    lines = ["K/V ranges the unquantized model writes (e4m3 at scale 1: normal |x| in "
+             "[2^-6, 448]):"]
     for name in ("k", "v"):
         for layer, parts in enumerate(seen[name]):
             x = torch.cat(parts).abs()

@@ -6,7 +6,7 @@ import dataclasses
 
 from fastllava.runtime.scheduler import SchedulerConfig
 
-KV_CACHE_DTYPES = ("auto", "fp8")   # kernels/kv_quant.py; kept here too: this module imports no torch
+KV_CACHE_DTYPES = ("auto", "fp8")   # RuntimeConfig.kv_cache_dtype (pages: fastllava.kv_cache)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -103,6 +103,26 @@ def test_interpreter_cast_is_why_round_e4m3_exists():
     assert_exact(y.cpu().view(torch.uint8), x.to(FP8).view(torch.uint8))
 
 
+@triton.jit
+def _load_kernel(c_ptr, y32_ptr, y16_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    c = tl.load(c_ptr + i)
+    tl.store(y32_ptr + i, c.to(tl.float32))
+    tl.store(y16_ptr + i, c.to(tl.float16))
+
+
+def test_loads_every_fp8_code_exactly():
+    """What the attention kernels rely on: every finite fp8e4nv code loads and casts exactly to
+    fp32 and fp16, under the interpreter as compiled."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8)
+    y32 = torch.empty(256, device=DEVICE)
+    y16 = torch.empty(256, dtype=torch.float16, device=DEVICE)
+    _load_kernel[(1,)](codes.to(DEVICE), y32, y16, N=256)
+    finite = codes.float().isfinite()
+    assert_exact(y32.cpu()[finite], codes.float()[finite])
+    assert_exact(y16.cpu()[finite], codes.half()[finite])
+
+
 def garbage_fp8(P, S, KVH, D, gen):
     return (torch.randn(2, P, S, KVH, D, generator=gen) * 100).to(FP8).to(DEVICE)
 
