@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fastllava.kernels.common import FP_FUSION
-from fastllava.kernels.kv_quant import (FP8_KV_DTYPE, check_scale, inv_scale, is_fp8, round_e4m3,
+from fastllava.kernels.kv_quant import (FP8_KV_DTYPE, check_scales, inv_scale, is_fp8, round_e4m3,
                                         store_kv_ref)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -94,8 +94,7 @@ def check_write_kv_inputs(k, v, k_cache, v_cache, slot_mapping, k_scale=1.0,
         if t.dtype not in (*_FLOAT_DTYPES, FP8_KV_DTYPE):
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float8_e4m3fn, "
                              f"got {t.dtype}")
-    check_scale("k_scale", k_scale)
-    check_scale("v_scale", v_scale)
+    check_scales(k_cache, k_scale, v_scale)
     if v.dtype != k.dtype:
         raise ValueError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
     if v_cache.dtype != k_cache.dtype:

@@ -8,8 +8,9 @@ A cache in torch.float8_e4m3fn holds per layer one fp32 scale for keys and one f
 1 / scale is rounded to fp32 once on the host (`inv_scale`), and every product is one fp32
 rounding, so the Triton kernels (kv_cache_write, rotary_write_kv, both attentions) and the torch
 references here agree bit for bit. Values beyond ±448 · scale saturate instead of becoming NaN
-(the GPU's `cvt.rn.satfinite` behaviour, and torch's). e4m3 has 3 mantissa bits: |x' - x| <= 2^-4 |x|
-for |x| / scale in the normal range [2^-6, 448], and <= 2^-10 · scale below it (subnormals).
+(the GPU's `cvt.rn.satfinite` behaviour, and torch's). e4m3 has 3 mantissa bits:
+|x' - x| <= 2^-4 |x| for |x| / scale in the normal range [2^-6, 448], and <= 2^-10 · scale below
+it (subnormals).
 
 `round_e4m3` rounds onto the e4m3 grid in fp32 integer arithmetic before the (then exact) cast:
 the Triton 3.9 interpreter's fp32 → fp8e4nv cast drops the carry when rounding crosses a power of
@@ -54,6 +55,13 @@ def check_scale(name: str, scale) -> None:
         exact = False
     if not exact:
         raise ValueError(f"{name} {scale!r} is not an fp32 number with an fp32 reciprocal")
+
+
+def check_scales(k_cache: torch.Tensor | None, k_scale, v_scale) -> None:
+    """The launchers' scale check, for an fp8 cache only (other caches ignore the scales)."""
+    if is_fp8(k_cache):
+        check_scale("k_scale", k_scale)
+        check_scale("v_scale", v_scale)
 
 
 @triton.jit

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from fastllava.kernels.common import FP_FUSION, dot_precision
-from fastllava.kernels.kv_quant import FP8_KV_DTYPE, check_scale, is_fp8, load_kv, load_kv_ref
+from fastllava.kernels.kv_quant import FP8_KV_DTYPE, check_scales, is_fp8, load_kv, load_kv_ref
 
 BLOCK_N = 64  # KV tokens per inner step: 2 x 16 KiB K/V tiles at D=128 in 16-bit, 4 warps.
 TARGET_PROGRAMS = 264  # 2 stage-1 programs per SM on H100/H200 (132 SMs): enough loads in flight.
@@ -191,8 +191,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     BLOCK_D = triton.next_power_of_2(max(D, 16))
     _decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
-        scale * math.log2(math.e), k_scale, v_scale, q.stride(0), q.stride(1), block_tables.stride(0), max_ctx,
-        num_splits, H=H, KVH=KVH, D=D, S=S, GROUP=group, SINGLE_SPLIT=num_splits == 1,
+        scale * math.log2(math.e), k_scale, v_scale, q.stride(0), q.stride(1),
+        block_tables.stride(0), max_ctx, num_splits, H=H, KVH=KVH, D=D, S=S, GROUP=group,
+        SINGLE_SPLIT=num_splits == 1,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         DOT_PRECISION=dot_precision(q.dtype), KV_FP8=is_fp8(k_cache), num_warps=4,
         enable_fp_fusion=FP_FUSION)
@@ -230,8 +231,7 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale) ->
         raise ValueError(f"context_lens must be ({B},), got shape {tuple(context_lens.shape)}")
     if v_cache.dtype != k_cache.dtype:
         raise ValueError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
-    check_scale("k_scale", k_scale)
-    check_scale("v_scale", v_scale)
+    check_scales(k_cache, k_scale, v_scale)
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")

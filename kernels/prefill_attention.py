@@ -39,7 +39,7 @@ import triton.language as tl
 
 from fastllava.kernels.common import (FP_FUSION, check_attention_inputs, dot_precision,
                                       interpreted)
-from fastllava.kernels.kv_quant import check_scale, is_fp8, load_kv, load_kv_ref
+from fastllava.kernels.kv_quant import check_scales, is_fp8, load_kv, load_kv_ref
 
 _LOG2E = 1.4426950408889634
 
@@ -211,8 +211,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     has_prefix = prefix_lens is not None
     check_attention_inputs(q, k, v, cu_seqlens, k_cache, v_cache, block_tables, prefix_lens,
                            has_prefix)
-    check_scale("k_scale", k_scale)
-    check_scale("v_scale", v_scale)
+    check_scales(k_cache, k_scale, v_scale)
     if has_prefix and not causal:
         raise ValueError("a cached prefix (prefix_lens) is only supported with causal=True")
     N, H, D = q.shape

@@ -20,8 +20,8 @@ import dataclasses
 
 import pytest
 import torch
-from test_fp8_accuracy import (NEW_TOKENS, _generate, _report, requests_,  # noqa: F401
-                               rescaled)
+# requests_ and rescaled are test_fp8_accuracy's fixtures (the same checkpoint and prompt set)
+from test_fp8_accuracy import NEW_TOKENS, _generate, _report, requests_, rescaled  # noqa: F401
 from tolerances import FP8_ETA, FP8_U, LOGITS_ATOL, assert_within
 
 from fastllava import LLaVA
@@ -40,7 +40,7 @@ def load(path, kv_cache_dtype="auto", backend="auto", **runtime) -> LLaVA:
 
 
 @pytest.fixture(scope="module")
-def models(rescaled):  # noqa: F811
+def models(rescaled):
     base, fp8 = load(rescaled), load(rescaled, "fp8")
     assert fp8.engine.runner.kv.k[0].dtype == torch.float8_e4m3fn
     yield base, fp8
@@ -60,7 +60,8 @@ def fake_quantize(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return dequantize_kv_ref(quantize_kv_ref(x, scale), scale, x.dtype)
 
 
-def test_scale_one_holds_every_cached_value(models, requests_, record_property, capsys):  # noqa: F811
+def test_scale_one_holds_every_cached_value(models, requests_, record_property,
+                                            capsys):
     base, _ = models
     L = base.config.text.num_hidden_layers
     seen = {"k": [[] for _ in range(L)], "v": [[] for _ in range(L)]}
@@ -101,7 +102,8 @@ def kv_error_bound(q, k, v, scale, ks=1.0, vs=1.0) -> torch.Tensor:
     Quantization moves each key element by <= u|k| + η ks and each value by <= u|v| + η vs
     (u = 2^-4, η = 2^-10). Score j moves by ε_j <= scale Σ_d |q_d| (u|k_jd| + η ks); with
     E = max_j ε_j every probability moves by a factor within e^{±2E}, so
-    |ô_d - o_d| <= (e^{2E} - 1) Σ_j p_j |v̂_jd| + Σ_j p_j (u|v_jd| + η vs), |v̂| <= (1+u)|v| + η vs."""
+    |ô_d - o_d| <= (e^{2E} - 1) Σ_j p_j |v̂_jd| + Σ_j p_j (u|v_jd| + η vs),
+    with |v̂| <= (1+u)|v| + η vs."""
     H, KVH = q.shape[0], k.shape[1]
     qd = q.double().view(KVH, H // KVH, -1)                          # (KVH, G, D)
     kd, vd = k.double().transpose(0, 1), v.double().transpose(0, 1)   # (KVH, T, D)
@@ -120,7 +122,8 @@ def attend64(q, k, v, scale):
     return torch.einsum("kgt,tkd->kgd", p, v.double()).reshape(H, -1)
 
 
-def test_every_layer_within_the_fp8_kv_bound(models, requests_, record_property, capsys):  # noqa: F811
+def test_every_layer_within_the_fp8_kv_bound(models, requests_, record_property,
+                                             capsys):
     base, _ = models
     L = base.config.text.num_hidden_layers
     worst, calls = [0.0] * L, [0]
@@ -163,7 +166,7 @@ def fake_quant_kv(real, q, k, v, positions, cos, sin, k_cache, v_cache, slots, *
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
-def test_equals_the_dequantized_reference(rescaled, requests_, backend):  # noqa: F811
+def test_equals_the_dequantized_reference(rescaled, requests_, backend):
     """The fp8-KV model on `backend` against the torch-path model whose fp32 cache holds the
     fake-quantized K/V: bit-identical on the torch path (the same values reach the same ops),
     within LOGITS_ATOL elsewhere (other attention rounding)."""
@@ -184,7 +187,7 @@ def test_equals_the_dequantized_reference(rescaled, requests_, backend):  # noqa
         ref.close()
 
 
-def test_logits_and_greedy_agreement(models, requests_, record_property, capsys):  # noqa: F811
+def test_logits_and_greedy_agreement(models, requests_, record_property, capsys):
     """While the greedy tokens agree, the logits of the fp8-KV model stay within
     LOGITS_REL_BOUND of the unquantized model's; agreement is reported. Even the first token may
     differ: the prefill attends over the quantized K/V of its own tokens too."""
@@ -219,7 +222,7 @@ def generate_rows(llava: LLaVA, request: dict) -> tuple[list[int], torch.Tensor]
     return ids, torch.cat([x for x in recorded if x.shape[0]][: len(ids)])
 
 
-def test_prefix_cache_and_chunked_prefill_keep_their_tokens(rescaled, requests_):  # noqa: F811
+def test_prefix_cache_and_chunked_prefill_keep_their_tokens(rescaled, requests_):
     """A warm prefix-cache hit and a prefill in 16-token chunks read quantized K/V where a cold,
     whole prefill computed them: the same tokens and logits to rounding, since the step's own
     K/V already hold their dequantized values (kernels/rotary_write_kv)."""
