@@ -127,47 +127,39 @@ def fitting_batches(t, plan: Plan) -> tuple[list[int], list[Row]]:
 def fastllava_rows(config, plan: Plan) -> list[Row]:
     """Random weights → build_engine (the real runtime: paged KV, Triton ops and CUDA graphs on
     a GPU) → engine and graph-replay rows for every batch size whose KV fits. With
-    --tensor-parallel-size N the decoder is split over N ranks (README "Tensor parallelism")."""
-    driver = None
-    if plan.tensor_parallel_size > 1:
-        from fastllava.runtime.tp_driver import TPDriver
-
-        driver = TPDriver(plan.tensor_parallel_size, "", revision=None,
-                          device=torch.device(plan.device), dtype=plan.dtype,
-                          backend="torch" if plan.device == "cpu" else "auto",
-                          random_config=plan.random_config)
-    try:
-        return _engine_rows(config, plan, driver)
-    finally:
-        if driver is not None:
-            driver.close()
+    --tensor-parallel-size N the decoder is split over N ranks (README "Tensor parallelism").
+    With --kv-cache-dtype fp8 the same again over fp8 KV pages ("(fp8 KV)" rows): a fresh runtime
+    per KV page dtype (same seed, so the same weights; under TP every rank sets up its pool
+    anew), one at a time."""
+    rows, batches = [], None
+    for kv in plan.kv_cache_dtypes:
+        batches, got = _runtime_rows(config, plan, kv, batches)
+        rows += got
+        free_memory(plan.device)
+    return rows
 
 
-def _engine_rows(config, plan: Plan, driver) -> list[Row]:
-    from fastllava.kernels.ops import get_ops
-    from fastllava.runtime.build import build_engine
+def _runtime_rows(config, plan: Plan, kv: str, batches: list[int] | None):
+    """(batches, rows) over KV pages `kv`; batches None: found here (the first runtime's)."""
+    from fastllava.benchmarks.random_runtime import RandomRuntime
     from fastllava.runtime.config import RuntimeConfig
-    from fastllava.weights.random import random_model
 
-    model = random_model(config, plan.device, plan.dtype, quantization=plan.quantization,
-                         tp=driver and driver.tp)
-    build = build_engine
-    if driver is not None:
-        from fastllava.runtime.tp_driver import build_tp_engine
-
-        driver.confirm_loaded(True)
-        build = functools.partial(build_tp_engine, driver=driver)
-    batches, rows = fitting_batches(config.text, plan)
-    if not batches:
-        return rows
-    ops = get_ops("torch" if plan.device == "cpu" else "auto", plan.device)
-    pages = -(-plan.max_len // PAGE)
-    for kv in plan.kv_cache_dtypes:   # one engine (and KV pool) at a time
-        suffix = FP8_KV if kv == "fp8" else ""
-        rc = RuntimeConfig(page_size=PAGE, max_num_seqs=max(batches),
-                           kv_cache_tokens=max(batches) * pages * PAGE, max_context=plan.max_len,
-                           max_num_batched_tokens=max(4096, max(batches)), kv_cache_dtype=kv)
-        engine, max_len = build(model, ops, config.text, plan.dtype, plan.device, rc)
+    suffix = FP8_KV if kv == "fp8" else ""
+    runtime = RandomRuntime(plan.random_config, plan.device, plan.dtype,
+                            backend="torch" if plan.device == "cpu" else "auto",
+                            quantization=plan.quantization,
+                            tensor_parallel_size=plan.tensor_parallel_size)
+    try:
+        rows = []
+        if batches is None:
+            batches, rows = fitting_batches(config.text, plan)   # beside the weights just loaded
+        if not batches:
+            return batches, rows
+        pages = -(-plan.max_len // PAGE)
+        engine, max_len = runtime.build(RuntimeConfig(
+            page_size=PAGE, max_num_seqs=max(batches), kv_cache_tokens=max(batches) * pages * PAGE,
+            max_context=plan.max_len, max_num_batched_tokens=max(4096, max(batches)),
+            kv_cache_dtype=kv))
         if max_len < plan.max_len:
             raise ValueError(f"the engine caps requests at {max_len} tokens; --context "
                              f"{plan.context} needs {plan.max_len}")
@@ -177,10 +169,9 @@ def _engine_rows(config, plan: Plan, driver) -> list[Row]:
             except Exception as exc:  # noqa: BLE001 - report the row, go on with the next batch
                 rows.append(Row(ENGINE + suffix, B,
                                 note=f"ERROR: {type(exc).__name__}: {exc}"[:200]))
-        engine.shutdown()
-        del engine
-        free_memory(plan.device)
-    return rows
+        return batches, rows
+    finally:
+        runtime.close()
 
 
 def engine_batch(engine, t, B: int, plan: Plan, suffix: str = "") -> list[Row]:
@@ -209,16 +200,19 @@ def engine_batch(engine, t, B: int, plan: Plan, suffix: str = "") -> list[Row]:
         ctx = len(seqs[0]) + (plan.timed - 1) / 2
         rows = [Row(ENGINE + suffix, B, ctx, time_steps(lambda: step(True), plan))]
         graphs = runner.graphs
-        if graphs is None:
-            why = "tensor parallelism" if plan.tensor_parallel_size > 1 else \
-                f"ops {runner.ops.name} on {plan.device}"
-            rows.append(Row(REPLAY + suffix, B, note=f"n/a: no CUDA graphs ({why})"))
+        if graphs is None or not graphs.graphs:
+            tp = f", tensor parallelism {plan.tensor_parallel_size}" \
+                if plan.tensor_parallel_size > 1 else ""
+            rows.append(Row(REPLAY + suffix, B, note=f"n/a: no CUDA graphs (ops {runner.ops.name} "
+                                                     f"on {plan.device}{tp})"))
             return rows
         bs = next(b for b in graphs.buckets if b >= B)   # replays the last step's inputs
-        rows.append(Row(REPLAY + suffix, B, len(seqs[0]) - 1,
-                        time_steps(graphs.graphs[bs].replay, plan),
+        # Under tensor parallelism every rank replays: rank 0 names the bucket to the workers.
+        replay = functools.partial(graphs.replay, bs) if plan.tensor_parallel_size > 1 \
+            else graphs.graphs[bs].replay
+        rows.append(Row(REPLAY + suffix, B, len(seqs[0]) - 1, time_steps(replay, plan),
                         note="" if bs == B else f"bucket {bs}"))
-        if not torch.isfinite(graphs.outputs[bs][:B]).all():
+        if not torch.isfinite(graphs.outputs[bs][0][:B]).all():     # (logits, greedy ids)
             rows[-1].note = "ERROR: non-finite logits from the random weights"
         return rows
     finally:
@@ -290,10 +284,12 @@ def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]
         r.tok_s = r.B * 1e3 / r.ms
         ours = r.impl.startswith("fastllava")
         fp8 = plan.quantization == "fp8" and ours
-        kv_e = 1 if r.impl.endswith(FP8_KV) else None
+        kv_e = 1 if r.impl.endswith(FP8_KV) else None   # fp8 KV pages: one byte per element
         r.gb_s = step_bytes(t, r.B, r.ctx, plan.dtype.itemsize, 1 if fp8 else None,
                             kv_e) / r.ms / 1e6
-        r.pct = r.gb_s / copy_gb_s if copy_gb_s else None
+        # Under tensor parallelism N GPUs read the step's bytes: their ceiling is N copies.
+        gpus = plan.tensor_parallel_size if ours else 1
+        r.pct = r.gb_s / (copy_gb_s * gpus) if copy_gb_s else None
         r.vs = r.ms / engine[r.B].ms if r.B in engine else None
         if r.impl in (ENGINE, ENGINE + FP8_KV) and r.pct is not None and r.B in BW_BARS:
             r.bar = f">={BW_BARS[r.B]:.0%} BW: {'yes' if r.pct >= BW_BARS[r.B] else 'NO'}"
@@ -318,8 +314,9 @@ def report(header: dict, ceilings, rows: list[Row], model: str, context: int) ->
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(fmt(c) for c in cells(r, model, context)) + " |" for r in rows]
     legend = ("GB/s: weights read once per step + KV at the mean context. % copy: of the copy "
-              "ceiling. ms / engine ms > 1: the fastllava engine (KV in the model dtype) is "
-              "faster; an fp8 KV row below 1 is faster than it. Bars (performance.md, "
+              "ceiling (x N GPUs for the fastllava rows at tensor_parallel_size N). ms / engine "
+              "ms > 1: the fastllava engine (KV in the model dtype) is faster; an fp8 KV row "
+              "below 1 is faster than it. Bars (performance.md, "
               f"H100): batch 1/8/32 >= 90/85/80% of the copy, >= {PEER_BAR}x the compiled peer.")
     return (f"# Decode benchmark\n\n{meta}\n\n## Ceiling (measured in this run)\n\n{ceil}\n\n"
             f"## Decode steps\n\n{legend}\n\n" + "\n".join(table) + "\n")
@@ -350,9 +347,6 @@ def main(argv: list[str]) -> int:
     if set(peers) - {"eager", "compiled"}:
         fail(f"--peers takes eager, compiled or none, got {args.peers!r}")
     kv_dtypes = ("auto", "fp8") if args.kv_cache_dtype == "fp8" else ("auto",)
-    if len(kv_dtypes) > 1 and args.tensor_parallel_size > 1:
-        fail("--kv-cache-dtype fp8 with --tensor-parallel-size > 1: the workers' KV pool is set "
-             "up once per run; time the fp8 KV cache with one rank")
     if args.smoke:
         plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers, args.quantization,
                     args.tensor_parallel_size, "tiny", kv_dtypes)

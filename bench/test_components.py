@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fastllava.benchmarks.kernel_table import KERNELS
-from fastllava.benchmarks.offline import RandomEngine
+from fastllava.benchmarks.engines import RandomEngine
 
 PROMPT_TOKENS = 600     # ≈ a LLaVA-1.5 prompt with its 576 image tokens (tiny: 24)
 DECODE_ROOM = 512       # decode steps a sequence can take across warm-up + rounds

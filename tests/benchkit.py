@@ -53,6 +53,11 @@ def check_results(folder: Path, command_has: str) -> dict:
     return data
 
 
+def rows_of(data: dict, table: str) -> list[dict]:
+    """The rows of one table of a results.json (its records carry their table's name)."""
+    return [r for r in data["rows"] if r["table"] == table]
+
+
 def monotone_percentiles(row: dict, metrics=("ttft", "itl", "e2e")) -> None:
     for m in metrics:
         ps = [row[f"{m}_p{q}_ms"] for q in (50, 90, 99)]

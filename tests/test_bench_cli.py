@@ -1,6 +1,8 @@
 """`fastllava bench latency | throughput | kernels | suite` in their CPU smoke modes: each writes
 report.md / results.csv / results.json with the run record and real PNG figures; every flag has
-help; the real-shape runs refuse a machine without a GPU with a clear message."""
+help; the real-shape runs refuse a machine without a GPU with a clear message. latency and
+throughput put transformers beside fastllava and rate every figure against the copy / matmul
+ceilings measured in the run (the counts re-derived here from the config, not from roofline.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,34 @@ import socket
 import pytest
 import torch
 
-from benchkit import check_results, monotone_percentiles
+from benchkit import check_results, monotone_percentiles, rows_of
+from fastllava.benchmarks.common import step_bytes
 from fastllava.cli import build_parser, main
+from fastllava.weights.random import TINY_CONFIG, llava_config
 
 SUBCOMMANDS = ("latency", "throughput", "serve", "kernels", "suite")
+TINY_TEXT = llava_config(TINY_CONFIG).text   # --tiny runs fp32 on the CPU: 4 bytes per element
+CEILINGS = "Ceilings (measured in this run)"
+
+
+def ceilings(data: dict) -> tuple[float, float]:
+    """(copy GB/s, matmul TFLOP/s) of a run's Ceilings table."""
+    copy, matmul = rows_of(data, CEILINGS)
+    assert copy["ceiling"].startswith("copy") and copy["unit"] == "GB/s", copy
+    assert matmul["ceiling"].startswith("matmul") and matmul["unit"] == "TFLOP/s", matmul
+    assert copy["value"] > 0 and matmul["value"] > 0 and copy["ms"] > 0, (copy, matmul)
+    return copy["value"] * 1e9, matmul["value"] * 1e12
+
+
+def flops(B: int, new: int, ctx: int) -> float:
+    """FLOPs of a forward of `new` tokens per sequence over `ctx` cached ones (keys attended:
+    ctx + 1 .. ctx + new), B sequences, logits of the last token only."""
+    t = TINY_TEXT
+    h, q, kv, L = t.hidden_size, t.num_attention_heads * t.head_dim, \
+        t.num_key_value_heads * t.head_dim, t.num_hidden_layers
+    per_token = L * (h * q + 2 * h * kv + q * h + 3 * h * t.intermediate_size)
+    keys = sum(ctx + i for i in range(1, new + 1))
+    return B * (2 * new * per_token + 4 * L * q * keys + 2 * h * t.vocab_size)
 
 
 def bench_subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -37,43 +63,79 @@ def test_every_subcommand_and_flag_has_help(capsys):
 def test_latency_tiny(tmp_path):
     assert main(["bench", "latency", "--tiny", "--out", str(tmp_path)]) == 0
     data = check_results(tmp_path, "bench latency --tiny")
-    (row,) = data["rows"]
+    (row,) = rows_of(data, "Single request")
     assert (row["iters"], row["errors"], row["out_tokens"]) == (3, 0, 8), row
     monotone_percentiles(row, ("ttft", "e2e"))
     assert 0 < row["ttft_p50_ms"] < row["e2e_p50_ms"] and row["decode_tok_per_s_p50"] > 0, row
     assert data["record"]["model"].startswith("tiny random")
-    from fastllava.benchmarks.common import step_bytes
-    from fastllava.weights.random import TINY_CONFIG, llava_config
-    per_step = step_bytes(llava_config(TINY_CONFIG).text, 1, 24 + 8 / 2, 4)   # fp32 on the CPU
+    per_step = step_bytes(TINY_TEXT, 1, 24 + 8 / 2, 4)   # at the mean context
     assert row["decode_gb_s"] == pytest.approx(per_step * row["decode_tok_per_s_p50"] / 1e9)
-    assert row["pct_copy"] is None or torch.cuda.is_available(), "no ceiling is measured on a CPU"
+    bw, peak = ceilings(data)
+    # decode at batch 1 against the bandwidth: weights + KV read per token / copy → max tok/s
+    assert row["decode_ceiling_tok_s"] == pytest.approx(bw / per_step)
+    assert row["pct_copy"] == pytest.approx(100 * row["decode_gb_s"] * 1e9 / bw)
+    # TTFT against the larger of the prefill's compute and memory floors
+    floor = max(flops(1, 24, 0) / peak, step_bytes(TINY_TEXT, 1, 24, 4) / bw)
+    assert row["ttft_floor_ms"] == pytest.approx(1e3 * floor)
+    assert row["pct_ttft_floor"] == pytest.approx(100 * 1e3 * floor / row["ttft_p50_ms"])
+    report = (tmp_path / "report.md").read_text()
+    assert f"## {CEILINGS}" in report and "pct_copy = decode tok/s" in report, report[-2000:]
 
 
 def test_latency_beside_transformers(tmp_path, capsys):
     assert main(["bench", "latency", "--tiny", "--peers", "eager,compiled", "--iters", "2",
                  "--out", str(tmp_path)]) == 0
-    rows = {r["impl"]: r for r in check_results(tmp_path, "--peers eager,compiled")["rows"]}
+    data = check_results(tmp_path, "--peers eager,compiled")
+    rows = {r["impl"]: r for r in rows_of(data, "Single request")}
     ours, eager = rows["fastllava"], rows["hf eager (DynamicCache)"]
     assert (eager["iters"], eager["errors"], eager["out_tokens"]) == (2, 0, 8), eager
     monotone_percentiles(eager, ("ttft", "e2e"))
     assert eager["fastllava_x_decode"] == pytest.approx(
         ours["decode_tok_per_s_p50"] / eager["decode_tok_per_s_p50"]), eager
     assert eager["fastllava_x_ttft"] == pytest.approx(eager["ttft_p50_ms"] / ours["ttft_p50_ms"])
+    # the peer's figures against the same ceilings as fastllava's
+    assert eager["pct_copy"] == pytest.approx(
+        ours["pct_copy"] * eager["decode_tok_per_s_p50"] / ours["decode_tok_per_s_p50"])
+    assert eager["ttft_floor_ms"] == ours["ttft_floor_ms"] and eager["pct_ttft_floor"] > 0
     compiled = rows["hf compiled (StaticCache, reduce-overhead)"]
     if not torch.cuda.is_available():
         assert compiled["note"].startswith("n/a: CUDA graphs") and compiled["iters"] is None
+        assert compiled["pct_copy"] is None and compiled["ttft_floor_ms"] is None, compiled
     assert main(["bench", "latency", "--tiny", "--peers", "vllm"]) == 2
     assert "--peers" in capsys.readouterr().err
 
 
-def test_throughput_tiny(tmp_path):
+def test_throughput_beside_transformers(tmp_path, capsys):
+    """fastllava and transformers' batched generate (batches of 2, the last one of 1) on the
+    same 5 prompts: the same table, the ratio to fastllava and to the batch's roofline."""
     assert main(["bench", "throughput", "--tiny", "--num-prompts", "5", "--output-len", "6",
+                 "--peers", "eager,compiled", "--peer-batch-size", "2",
                  "--out", str(tmp_path)]) == 0
-    (row,) = check_results(tmp_path, "bench throughput --tiny")["rows"]
-    # no stop ids: every request generates exactly --output-len tokens
-    assert (row["requests"], row["ok"], row["errors"], row["out_tokens"]) == (5, 5, 0, 30), row
-    assert row["req_per_s"] == pytest.approx(5 / row["wall_s"])
-    assert row["total_tok_per_s"] == pytest.approx((30 + 5 * 24) / row["wall_s"]), row
+    data = check_results(tmp_path, "bench throughput --tiny")
+    rows = {r["impl"]: r for r in rows_of(data, "Offline batch")}
+    ours, eager = rows["fastllava"], rows["hf eager (DynamicCache)"]
+    assert (ours["max_batch"], eager["max_batch"]) == (5, 2)
+    bw, peak = ceilings(data)
+    # all 5 prompts at once: prefill, then 5 decode steps at the mean context 24 + 6/2
+    floor = (max(flops(5, 24, 0) / peak, step_bytes(TINY_TEXT, 5, 24, 4) / bw)
+             + 5 * max(step_bytes(TINY_TEXT, 5, 27, 4) / bw, flops(5, 1, 26.5) / peak))
+    for row in (ours, eager):
+        # no stop ids: every request generates exactly --output-len tokens
+        assert (row["requests"], row["ok"], row["errors"], row["out_tokens"]) == (5, 5, 0, 30), row
+        assert row["req_per_s"] == pytest.approx(5 / row["wall_s"])
+        assert row["total_tok_per_s"] == pytest.approx((30 + 5 * 24) / row["wall_s"]), row
+        assert row["roofline_out_tok_s"] == pytest.approx(30 / floor)
+        assert row["pct_roofline"] == pytest.approx(100 * row["out_tok_per_s"] * floor / 30)
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] <= row["e2e_p99_ms"], row
+    assert eager["fastllava_x_tput"] == pytest.approx(ours["out_tok_per_s"] / eager["out_tok_per_s"])
+    compiled = rows["hf compiled (StaticCache, reduce-overhead)"]
+    if not torch.cuda.is_available():
+        assert compiled["note"].startswith("n/a: CUDA graphs") and compiled["requests"] is None
+        assert compiled["pct_roofline"] is None and compiled["fastllava_x_tput"] is None
+    report = (tmp_path / "report.md").read_text()
+    assert "| hf eager (DynamicCache) | 2 | 5 | 5 | 0 |" in report and "pct_roofline = " in report
+    assert main(["bench", "throughput", "--tiny", "--peer-batch-size", "0"]) == 2
+    assert "--peer-batch-size" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
@@ -111,6 +173,19 @@ def test_suite_goes_on_past_a_failure(tmp_path, capsys):
         check_results(tmp_path / step, f"bench {step}")
 
 
+def test_suite_forwards_peers_to_latency_and_throughput_only():
+    from fastllava.benchmarks.cli import suite_steps
+    from fastllava.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "suite", "--smoke", "--peers", "eager"])
+    steps = dict(suite_steps(args))
+    for name in ("latency", "throughput"):
+        assert steps[name][-2:] == ["--peers", "eager"], steps[name]
+    assert "--peers" not in steps["kernels"]
+    default = dict(suite_steps(build_parser().parse_args(["bench", "suite", "--smoke"])))
+    assert not any("--peers" in argv for argv in default.values())
+
+
 def test_pytest_benchmark_components_smoke(tmp_path):
     """CI smoke of `pytest bench/ --benchmark-only` (tiny shapes on the CPU): the component
     benchmarks run and land in pytest-benchmark's JSON with their timings."""
@@ -139,13 +214,14 @@ def test_latency_and_throughput_on_a_checkpoint(tiny_llava, tmp_path):
     assert main(["bench", "latency", *common, "--iters", "2", "--warmup", "1",
                  "--out", str(tmp_path / "lat")]) == 0
     data = check_results(tmp_path / "lat", "bench latency --model")
-    (row,) = data["rows"]
+    (row,) = rows_of(data, "Single request")
+    assert all(c["note"].startswith("not measured: --model") for c in rows_of(data, CEILINGS))
     assert data["record"]["model"] == str(tiny_llava)
     assert (row["iters"], row["errors"]) == (2, 0) and 1 <= row["out_tokens"] <= 4, row
     assert 0 < row["ttft_p50_ms"] <= row["e2e_p50_ms"], row
     assert main(["bench", "throughput", *common, "--num-prompts", "3",
                  "--out", str(tmp_path / "thr")]) == 0
-    (row,) = check_results(tmp_path / "thr", "bench throughput --model")["rows"]
+    (row,) = rows_of(check_results(tmp_path / "thr", "bench throughput --model"), "Offline batch")
     assert (row["ok"], row["errors"]) == (3, 0) and 3 <= row["out_tokens"] <= 12, row
 
 
@@ -158,15 +234,51 @@ def test_fp8_kv_rows_beside_the_model_dtype(tmp_path, mode):
                  "--out", str(tmp_path)]) == 0
     data = check_results(tmp_path, "--kv-cache-dtype fp8")
     assert data["record"]["kv_cache_dtype"] == "auto and fp8"
-    rows = {r["impl"]: r for r in data["rows"]}
+    rows = {r["impl"]: r for r in rows_of(data, "Single request" if mode == "latency"
+                                          else "Offline batch")}
     assert set(rows) == {"fastllava", "fastllava (fp8 KV)"}, rows
     for row in rows.values():
         assert row["errors"] == 0 and row["out_tokens"] == (8 if mode == "latency" else 24), row
+        assert row["tp"] == 1, row
     if mode == "latency":
-        from fastllava.benchmarks.common import step_bytes
-        from fastllava.weights.random import TINY_CONFIG, llava_config
         t = llava_config(TINY_CONFIG).text
         fp8 = rows["fastllava (fp8 KV)"]
         per_step = step_bytes(t, 1, 24 + 8 / 2, 4, None, 1)
         assert fp8["decode_gb_s"] == pytest.approx(per_step * fp8["decode_tok_per_s_p50"] / 1e9)
+        assert fp8["decode_ceiling_tok_s"] == pytest.approx(ceilings(data)[0] / per_step)
         assert per_step < step_bytes(t, 1, 24 + 8 / 2, 4)
+
+
+def test_an_fp8_kv_row_is_rated_with_one_byte_kv():
+    """The roofline of a "fastllava (fp8 KV)" row counts its KV reads at 1 byte per element:
+    a higher decode ceiling and throughput roofline than the same row over model-dtype pages."""
+    from fastllava.benchmarks import roofline
+
+    t = llava_config(TINY_CONFIG).text
+    ceil = roofline.Ceilings(100.0, 50.0, [])
+    lat = [{"decode_tok_per_s_p50": 10.0, "ttft_p50_ms": 5.0},
+           {"kv_cache_dtype": "fp8", "decode_tok_per_s_p50": 10.0, "ttft_p50_ms": 5.0}]
+    roofline.rate_latency(lat, t, 4, 24, 8, ceil)
+    assert lat[1]["decode_ceiling_tok_s"] == pytest.approx(
+        100e9 / step_bytes(t, 1, 24 + 8 / 2, 4, None, 1))
+    assert lat[1]["decode_ceiling_tok_s"] > lat[0]["decode_ceiling_tok_s"]
+    tput = [{"out_tok_per_s": 10.0}, {"kv_cache_dtype": "fp8", "out_tok_per_s": 10.0}]
+    roofline.rate_throughput(tput, t, 4, 8, 24, 8, ceil)
+    assert tput[1]["roofline_out_tok_s"] > tput[0]["roofline_out_tok_s"]
+
+
+def test_a_tensor_parallel_row_is_rated_against_n_devices():
+    """TP rows: N GPUs read and multiply in parallel, so their ceilings are N x one device's."""
+    from fastllava.benchmarks import roofline
+    from fastllava.weights.random import TINY_CONFIG, llava_config
+
+    t = llava_config(TINY_CONFIG).text
+    ceil = roofline.Ceilings(100.0, 50.0, [])
+    lat = [{"tp": 1, "decode_tok_per_s_p50": 10.0, "ttft_p50_ms": 5.0},
+           {"tp": 2, "decode_tok_per_s_p50": 10.0, "ttft_p50_ms": 5.0}]
+    roofline.rate_latency(lat, t, 4, 24, 8, ceil)
+    assert lat[1]["decode_ceiling_tok_s"] == pytest.approx(2 * lat[0]["decode_ceiling_tok_s"])
+    assert lat[1]["ttft_floor_ms"] == pytest.approx(lat[0]["ttft_floor_ms"] / 2)
+    tput = [{"tp": 1, "out_tok_per_s": 10.0}, {"tp": 2, "out_tok_per_s": 10.0}]
+    roofline.rate_throughput(tput, t, 4, 8, 24, 8, ceil)
+    assert tput[1]["roofline_out_tok_s"] == pytest.approx(2 * tput[0]["roofline_out_tok_s"])

@@ -7,6 +7,9 @@
     clients.py   async HTTP drivers: OpenAI chat (SSE) and fal (stream / sync / queue)
     serve.py     `bench serve`: any server, fixed concurrency or Poisson rate, sweeps
     offline.py   `bench latency` / `bench throughput`: the engine in-process, random weights
+    engines.py   the engines they drive: the runtime over random weights, or the Python API
+    peers.py     transformers beside them: eager and compiled static cache, same weights
+    roofline.py  copy / matmul ceilings measured in the run, the floors figures are rated against
     kernels.py   `bench kernels`: wraps the kernel benchmark of a source checkout
     cli.py       the subcommand group and `bench suite`
 """

@@ -3,7 +3,6 @@ folder, going on past failures; non-zero exit if any failed)."""
 
 from __future__ import annotations
 
-import argparse
 import traceback
 from pathlib import Path
 
@@ -31,6 +30,8 @@ def add_bench_command(commands) -> None:
     p.add_argument("--config", default="llava-1.5-13b", help="latency/throughput random-weight "
                    "shapes (default llava-1.5-13b)")
     p.add_argument("--model", help="latency/throughput on this checkpoint instead")
+    p.add_argument("--peers", default="none", help="latency/throughput also time transformers: "
+                   "eager, compiled or both, comma-separated (default none)")
     p.add_argument("--base-url", help="also run `bench serve` against this server")
     p.add_argument("--protocol", choices=("openai", "fal"), default="openai",
                    help="serve protocol (default openai)")
@@ -42,7 +43,9 @@ def add_bench_command(commands) -> None:
 def suite_steps(args) -> list[tuple[str, list[str]]]:
     model = ["--model", args.model] if args.model else ["--config", args.config]
     tiny = ["--tiny"] if args.smoke else []
-    steps = [("latency", ["latency", *model, *tiny]), ("throughput", ["throughput", *model, *tiny]),
+    peers = ["--peers", args.peers] if args.peers != "none" else []
+    steps = [("latency", ["latency", *model, *tiny, *peers]),
+             ("throughput", ["throughput", *model, *tiny, *peers]),
              ("kernels", ["kernels", *(["--smoke"] if args.smoke else []),
                           *(["--only", args.kernel] if args.kernel else [])])]
     if args.base_url:

@@ -136,22 +136,44 @@ def time_ms(fns: Sequence[Callable[[], object]], mode: str) -> float:
     return triton.testing.do_bench_cudagraph(lambda: next(calls)(), rep=50, return_mode="median")
 
 
-def copy_ceiling() -> Row:
-    """Device-to-device copy of 1 GiB; GB/s counts bytes read + written."""
-    nbytes = 1 << 30
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+def copy_ceiling(nbytes: int = 1 << 30, device: str = "cuda") -> Row:
+    """Copy of nbytes (1 GiB device-to-device; on the CPU a host copy, e.g. 64 MiB, to keep a
+    smoke run short); GB/s counts bytes read + written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = time_ms([lambda: dst.copy_(src)], "eager")
-    return Row("ceiling", "copy 1 GiB d2d", "torch", ms, 2 * nbytes / ms / 1e6, "GB/s")
+    ms = _ceiling_ms(lambda: dst.copy_(src), device)
+    size = f"{nbytes >> 30} GiB" if nbytes >= 1 << 30 else f"{nbytes >> 20} MiB"
+    where = "d2d" if torch.device(device).type == "cuda" else "host"
+    return Row("ceiling", f"copy {size} {where}", "torch", ms, 2 * nbytes / ms / 1e6, "GB/s")
 
 
-def matmul_ceiling(label: str, M: int, N: int, K: int, dtype: torch.dtype) -> Row:
+def matmul_ceiling(label: str, M: int, N: int, K: int, dtype: torch.dtype,
+                   device: str = "cuda") -> Row:
     """F.linear(a (M, K), w (N, K)): the layout the model's projections use; 2MNK FLOPs."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.randn(M, K, device="cuda", dtype=dtype, generator=gen)
-    w = torch.randn(N, K, device="cuda", dtype=dtype, generator=gen)
-    ms = time_ms([lambda: torch.nn.functional.linear(a, w)], "eager")
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(M, K, device=device, dtype=dtype, generator=gen)
+    w = torch.randn(N, K, device=device, dtype=dtype, generator=gen)
+    ms = _ceiling_ms(lambda: torch.nn.functional.linear(a, w), device)
     return Row("ceiling", f"{label} {M}x{N}x{K}", "torch", ms, 2 * M * N * K / ms / 1e9, "TFLOP/s")
+
+
+def _ceiling_ms(fn: Callable[[], object], device: str, cpu_calls: int = 5) -> float:
+    """CUDA: do_bench median (cold L2). CPU: median wall time of `cpu_calls` after one warm-up."""
+    if torch.device(device).type == "cuda":
+        return time_ms([fn], "eager")
+    fn()
+    times = []
+    for _ in range(cpu_calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def linear_params(t) -> int:
+    """Weights of one decoder layer's linears: q, k, v, o and gate, up, down."""
+    h = t.hidden_size
+    return h * (t.q_size + 2 * t.kv_size) + t.q_size * h + 3 * h * t.intermediate_size
 
 
 def step_bytes(t, B: int, ctx: float, e: int, linear_e: int | None = None,
@@ -161,9 +183,9 @@ def step_bytes(t, B: int, ctx: float, e: int, linear_e: int | None = None,
     scales, < 0.1 % of those bytes, are left out); kv_e: bytes per cached K/V element when not
     e (1 for kv_cache_dtype "fp8")."""
     h, L = t.hidden_size, t.num_hidden_layers
-    linears = h * (t.q_size + 2 * t.kv_size) + t.q_size * h + 3 * h * t.intermediate_size
     rest = L * 2 * h + h + t.vocab_size * h + B * h   # norms, final norm, lm_head, embed rows
-    return L * linears * (linear_e or e) + rest * e + 2 * L * t.kv_size * ctx * B * (kv_e or e)
+    return (L * linear_params(t) * (linear_e or e) + rest * e
+            + 2 * L * t.kv_size * ctx * B * (kv_e or e))
 
 
 COLUMNS = ("kernel", "case", "impl", "ms", "value", "unit", "pct_ceiling", "bar", "vs_triton",

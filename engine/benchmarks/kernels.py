@@ -6,7 +6,6 @@ interpreted kernels: plumbing only); the real-shape run says it needs a GPU."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import subprocess
 import sys

@@ -12,6 +12,8 @@ latency: one request at a time, `--iters` times after `--warmup`: TTFT (submit �
 decode tok/s ((tokens - 1) / (last - first token)), e2e; p50/p90/p99 over the iterations.
 throughput: `--num-prompts` requests submitted at once (offline batch): requests/s, output
 tokens/s and total (prompt + output) tokens/s over the wall time.
+`--peers eager,compiled`: transformers on the same random weights and prompts (peers.py), and
+every figure as a ratio to the copy / matmul ceilings measured in the same run (roofline.py).
 `--kv-cache-dtype fp8`: the same runs again over an fp8 KV cache, a "fastllava (fp8 KV)" row
 beside the model-dtype one in the same results.
 """
@@ -20,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import random
-import threading
-import time
 from pathlib import Path
 
-from fastllava.benchmarks import plots, stats
+from fastllava.benchmarks import plots, roofline, stats
+from fastllava.benchmarks.engines import ApiEngine, RandomEngine
 from fastllava.benchmarks.record import Results, default_out, provenance
 
 
@@ -46,17 +47,22 @@ def add_parsers(sub) -> None:
           "+ question; --tiny 24)")
         a("--output-len", type=int, default=128, help="generated tokens (default 128; --tiny 8)")
         a("--seed", type=int, default=0, help="weights and prompt seed (default 0)")
+        a("--tensor-parallel-size", type=int, default=1, metavar="N",
+          help="split fastllava's decoder over N GPUs (ranks; CPU processes with --tiny); "
+          "transformers peers stay on one (default 1)")
+        a("--peers", default="none", help="also time transformers' LlamaForCausalLM on the same "
+          "prompts and random weights: eager, compiled (StaticCache + torch.compile "
+          "reduce-overhead, GPU) or both, comma-separated (default none; needs transformers)")
         a("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
           help="fp8: also run over fp8 KV pages, a row beside the model dtype's (default auto)")
         if name == "latency":
             a("--iters", type=int, default=10, help="timed requests (default 10; --tiny 3)")
             a("--warmup", type=int, default=2, help="untimed requests first (default 2)")
-            a("--peers", default="none", help="also time transformers on the same prompts and "
-              "random weights: eager, compiled (StaticCache + torch.compile, GPU) or both, "
-              "comma-separated (default none; needs transformers)")
         else:
             a("--num-prompts", type=int, default=64, help="requests in the batch (default 64; "
               "--tiny 8)")
+            a("--peer-batch-size", type=int, default=16, help="--peers: prompts per transformers "
+              "generate call, left-padded, batches in order (default 16; at most --num-prompts)")
         a("--out", type=Path, help=f"results folder (default ./bench-results/{name}-<UTC time>)")
         p.set_defaults(handler=run, mode=name)
 
@@ -71,234 +77,154 @@ def _sizes(args) -> None:
             args.num_prompts = 8 if args.num_prompts == 64 else args.num_prompts
     if min(args.input_len, args.output_len) < 1:
         raise ValueError("--input-len and --output-len must be >= 1")
+    if args.mode == "throughput" and min(args.num_prompts, args.peer_batch_size) < 1:
+        raise ValueError("--num-prompts and --peer-batch-size must be >= 1")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
 
 
-class RandomEngine:
-    """A runtime engine over random weights (config: a REAL_CONFIGS key, None for the tiny
-    config), stepped on the caller's thread. Also used by bench/test_components.py."""
-
-    def __init__(self, config: str | None, *, device: str | None = None, dtype: str | None = None,
-                 backend: str = "auto", max_len: int, max_seqs: int = 1, seed: int = 0,
-                 kv_cache_dtype: str = "auto"):
-        import torch
-
-        from fastllava.kernels.ops import get_ops
-        from fastllava.runtime.build import build_engine
-        from fastllava.runtime.config import RuntimeConfig
-        from fastllava.weights.random import REAL_CONFIGS, TINY_CONFIG, llava_config, random_model
-
-        if config is not None and config not in REAL_CONFIGS:
-            raise ValueError(f"--config {config!r}: known {', '.join(sorted(REAL_CONFIGS))}")
-        device = device or ("cuda" if torch.cuda.is_available() and config else "cpu")
-        if device == "cpu" and config is not None:
-            raise ValueError(f"random {config} weights need a GPU (none here, or --device cpu): "
-                             "pass --tiny for the CPU plumbing run, or --model")
-        self.dtype = getattr(torch, dtype) if dtype else (
-            torch.bfloat16 if device == "cuda" else torch.float32)
-        self.name = f"{config}, random weights" if config else "tiny random (--tiny)"
-        self.config = llava_config(REAL_CONFIGS[config] if config else TINY_CONFIG)
-        self.vocab, self.device, self.max_len = self.config.text.vocab_size, device, max_len
-        self.model = random_model(self.config, device, self.dtype, seed=seed)
-        rc = RuntimeConfig(max_num_seqs=min(max_seqs, 256), max_context=max_len,
-                           kv_cache_tokens=None if device == "cuda" else max_len * max_seqs,
-                           kv_cache_dtype=kv_cache_dtype)
-        self.engine, _ = build_engine(self.model, get_ops(backend, device), self.config.text,
-                                      self.dtype, device, rc)
-
-    def close(self) -> None:
-        """Free the model and KV pool (before a peer model is built); idempotent."""
-        import torch
-
-        if self.model is None:
-            return
-        self.engine.shutdown()
-        self.engine = self.model = None
-        if self.device == "cuda":
-            torch.cuda.empty_cache()
-
-    def run(self, prompts: list[list[int]], output_len: int, bar=None) -> list[stats.Trace]:
-        """All prompts added at once; per sequence the time of each generated token. bar: a
-        progress_bar, advanced per finished request."""
-        import torch
-
-        from fastllava.runtime.sequence import SamplingParams, Sequence
-
-        sched, runner = self.engine.scheduler, self.engine.runner
-        params = SamplingParams(max_tokens=output_len, temperature=0.0, stop_ids=())
-        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
-        seqs = [Sequence(p, params, self.max_len) for p in prompts]
-        traces = {s.seq_id: stats.Trace(time.perf_counter()) for s in seqs}
-        for s in seqs:
-            sched.add(s)
-        live = {s.seq_id: s for s in seqs}
-        while live:
-            batch = sched.schedule()
-            if batch is None:
-                raise RuntimeError(f"the scheduler stalled with {len(live)} requests left")
-            finished = sched.update(batch, runner.run(batch))
-            sync()
-            now = time.perf_counter()
-            for s in batch.seqs:
-                t = traces[s.seq_id]
-                t.events += [now] * (s.num_generated - len(t.events))
-            for s in finished:
-                runner.release(s)
-                traces[s.seq_id].end, traces[s.seq_id].tokens = now, s.num_generated
-                live.pop(s.seq_id, None)
-                if bar is not None:
-                    bar.update(1)
-        return list(traces.values())
-
-    def prompts(self, rng: random.Random, n: int, length: int) -> list[list[int]]:
-        return [[rng.randrange(self.vocab) for _ in range(length)] for _ in range(n)]
-
-
-class ApiEngine:
-    """A checkpoint through the public API; each request on its own thread, a generated image."""
-
-    def __init__(self, args, kv_cache_dtype: str = "auto"):
-        from fastllava.api import LLaVA
-        from fastllava.benchmarks.workload import generated_image
-
-        self.llava = LLaVA.from_pretrained(args.model, args.device, args.dtype,
-                                           backend=args.backend, progress=True,
-                                           kv_cache_dtype=kv_cache_dtype)
-        self.name, self.dtype = args.model, self.llava.dtype
-        self.image = generated_image(random.Random(args.seed), 672, 672, "jpeg")
-
-    def close(self) -> None:
-        self.llava.close()   # stops the runtime's engine thread
-
-    def prompts(self, rng: random.Random, n: int, length: int) -> list[str]:
-        words = "describe the image in detail what is shown where why how".split()
-        return [" ".join(rng.choice(words) for _ in range(max(1, length // 2))) for _ in range(n)]
-
-    def run(self, prompts: list[str], output_len: int, bar=None) -> list[stats.Trace]:
-        traces = [stats.Trace(0.0) for _ in prompts]
-
-        def one(i: int) -> None:
-            t = traces[i]
-            t.submit = time.perf_counter()
-            req = {"image_url": self.image, "prompt": prompts[i], "max_tokens": output_len}
-            try:
-                for ev in self.llava.stream_detailed(req, every_token=True):
-                    t.events += [time.perf_counter()] * (ev["completion_tokens"] - len(t.events))
-                    t.tokens = ev["completion_tokens"]
-                t.end = time.perf_counter()
-            except Exception as exc:  # noqa: BLE001 - reported per request
-                t.error = f"{type(exc).__name__}: {exc}"[:200]
-            if bar is not None:
-                bar.update(1)
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        return traces
-
-
-def _engine(args, kv_cache_dtype: str):
+def _engine(args, config: str | None, kv_cache_dtype: str):
     if args.model:
         return ApiEngine(args, kv_cache_dtype)
-    return RandomEngine(None if args.tiny else args.config, device=args.device, dtype=args.dtype,
-                        backend=args.backend, max_len=args.input_len + args.output_len + 1,
+    return RandomEngine(config, device=args.device, dtype=args.dtype, backend=args.backend,
+                        max_len=args.input_len + args.output_len + 1,
                         max_seqs=1 if args.mode == "latency" else args.num_prompts,
-                        seed=args.seed, kv_cache_dtype=kv_cache_dtype)
+                        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+                        kv_cache_dtype=kv_cache_dtype)
 
 
 def run(args) -> int:
-    from fastllava.weights.progress import progress_bar
-
     _sizes(args)
     _peer_kinds(args)   # bad --peers: refused before anything loads
+    config = None if args.tiny else args.config
+    # The ceilings first: the engine's KV pool then takes the GPU's free memory.
+    ceilings = roofline.absent(NO_FLOORS) if args.model else roofline.measure(
+        *RandomEngine.placement(config, args.device, args.dtype))
     kv_dtypes = ("auto", "fp8") if args.kv_cache_dtype == "fp8" else ("auto",)
     results = Results(args.out or default_out(args.mode), f"{args.mode.capitalize()} benchmark",
                       provenance(args.argv))
-    rows, series, all_traces, prompts = [], {}, [], None
+    latency = args.mode == "latency"
+    rows, series, traces, prompts = [], {}, [], None
     for kv in kv_dtypes:   # one engine at a time: the same prompts over each KV page dtype
-        engine = _engine(args, kv)
-        label = "fastllava" + (" (fp8 KV)" if kv == "fp8" else "")
+        engine = _engine(args, config, kv)
         if prompts is None:
-            n = args.warmup + args.iters if args.mode == "latency" else args.num_prompts
+            n = args.warmup + args.iters if latency else args.num_prompts
             prompts = engine.prompts(random.Random(args.seed), n, args.input_len)
-            results.record.update(model=engine.name,
-                                  dtype=str(engine.dtype).removeprefix("torch."),
+            results.record.update(model=engine.name, dtype=str(engine.dtype).removeprefix("torch."),
                                   input_len=str(args.input_len), output_len=str(args.output_len),
+                                  tensor_parallel_size=str(args.tensor_parallel_size),
                                   kv_cache_dtype=" and ".join(kv_dtypes))
-        if args.mode == "latency":
-            for prompt in prompts[:args.warmup]:
-                engine.run([prompt], args.output_len)
-            bar, traces = progress_bar(args.iters, f"latency {label}", "request"), []
-            for prompt in prompts[args.warmup:]:
-                traces += engine.run([prompt], args.output_len)
-                bar.update(1)
-            bar.close()
-            rows.append({"impl": label, **_latency_row(traces)})
-            series[f"{label} TTFT"] = [1e3 * t.ttft for t in traces if not t.error]
-            if kv == "auto":
-                for name, got in _peers(args, engine, prompts).items():
-                    rows.append({"impl": name, **(_latency_row(got) if isinstance(got, list)
-                                                  else {"note": got})})
-                    series[f"{name} TTFT"] = ([1e3 * t.ttft for t in got]
-                                              if isinstance(got, list) else [])
-        else:
-            engine.run(prompts[:1], 2)   # warm-up: lazy compilation out of the timed batch
-            bar = progress_bar(len(prompts), f"throughput {label}", "request")
-            traces = engine.run(prompts, args.output_len, bar)
-            bar.close()
-            row = {"impl": label, **stats.summarize(traces, {})}
-            row["total_tok_per_s"] = ((row["out_tokens"] or 0) + args.input_len * row["ok"]) \
-                / row["wall_s"]
-            rows.append(row)
-            series[f"{label} TTFT"] = [1e3 * t.ttft for t in traces if not t.error]
-            series[f"{label} e2e"] = [1e3 * (t.end - t.submit) for t in traces if not t.error]
-        all_traces += traces
+        got = (_latency if latency else _throughput)(args, engine, prompts, kv, series)
+        rows.append(got)
+        traces += got.pop("traces")
+        if kv == "auto":   # the peers once, beside the model-dtype row (they free the engine)
+            rows += _peer_rows(args, engine, prompts, series)
         engine.close()
-    if args.mode == "latency":
-        for r in rows:   # > 1: fastllava (model-dtype KV) is faster
-            for key, faster in (("ttft_p50_ms", lambda a, b: b / a),
-                                ("decode_tok_per_s_p50", lambda a, b: a / b)):
-                ours, theirs = rows[0].get(key), r.get(key)
-                r[f"fastllava_x_{key.split('_')[0]}"] = faster(ours, theirs) if ours and theirs else None
-        if not args.model:
-            _roofline(rows, engine, args)
-        results.add("Single request", rows, _LATENCY_COLUMNS)
-        fig = plots.cdf(results.out / "latency_cdf.png", "Single-request TTFT", "ms", series)
-    else:
-        cols = ["impl", "requests", "ok", "errors", "wall_s", "req_per_s", "out_tokens",
-                "out_tok_per_s", "total_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms",
-                "e2e_p99_ms"]
-        results.add("Offline batch", rows, cols)
-        fig = plots.cdf(results.out / "throughput_cdf.png", "Offline batch: per-request latency",
-                        "ms", series)
+    fig = (_rate_latency if latency else _rate_throughput)(args, engine, rows, series, results,
+                                                           ceilings, len(prompts))
+    results.add("Ceilings (measured in this run)", ceilings.rows, roofline.CEILING_COLUMNS)
     results.figures += [fig] if fig else []
     results.notes += [] if fig else [plots.NO_MATPLOTLIB]
-    results.notes += [f"request failed: {t.error}" for t in all_traces if t.error][:5]
+    results.notes += [f"request failed: {t.error}" for t in traces if t.error][:5]
     for path in results.write():
         print(f"wrote {path}")
     print(f"\n{(results.out / 'report.md').read_text()}")
-    return 1 if any(t.error for t in all_traces) else 0
+    return 1 if any(t.error for t in traces) else 0
+
+
+NO_FLOORS = ("not measured: --model prompts have tokenizer- and image-dependent lengths; the "
+             "floors need the fixed token counts of a random-weight run")
+
+
+def _label(kv: str) -> str:
+    return "fastllava" + (" (fp8 KV)" if kv == "fp8" else "")
+
+
+def _latency(args, engine, prompts, kv: str, series: dict) -> dict:
+    """fastllava's row over KV pages `kv` (its traces under "traces"); adds its TTFT series."""
+    from fastllava.weights.progress import progress_bar
+
+    label = _label(kv)
+    for prompt in prompts[:args.warmup]:
+        engine.run([prompt], args.output_len)
+    bar, traces = progress_bar(args.iters, f"latency {label}", "request"), []
+    for prompt in prompts[args.warmup:]:
+        traces += engine.run([prompt], args.output_len)
+        bar.update(1)
+    bar.close()
+    series[f"{label} TTFT"] = [1e3 * t.ttft for t in traces if not t.error]
+    # kv_cache_dtype: not a column; roofline counts an fp8 row's KV at one byte per element
+    return {"impl": label, "tp": args.tensor_parallel_size, "kv_cache_dtype": kv,
+            **_latency_row(traces), "traces": traces}
+
+
+def _throughput(args, engine, prompts, kv: str, series: dict) -> dict:
+    from fastllava.weights.progress import progress_bar
+
+    label = _label(kv)
+    engine.run(prompts[:1], 2)   # warm-up: lazy compilation out of the timed batch
+    bar = progress_bar(len(prompts), f"throughput {label}", "request")
+    traces = engine.run(prompts, args.output_len, bar)
+    bar.close()
+    series[f"{label} TTFT"] = [1e3 * t.ttft for t in traces if not t.error]
+    series[f"{label} e2e"] = [1e3 * (t.end - t.submit) for t in traces if not t.error]
+    return {"impl": label, "tp": args.tensor_parallel_size, "max_batch": engine.max_batch,
+            "kv_cache_dtype": kv, **_throughput_row(traces, args.input_len), "traces": traces}
+
+
+def _peer_rows(args, engine, prompts, series: dict) -> list[dict]:
+    """The transformers rows (--peers; none by default); adds their series."""
+    rows = []
+    for label, got in _peers(args, engine, prompts).items():
+        ok = isinstance(got, list)
+        if args.mode == "latency":
+            rows.append({"impl": label, "tp": 1, **(_latency_row(got) if ok else {"note": got})})
+            series[f"{label} TTFT"] = [1e3 * t.ttft for t in got] if ok else []
+        else:
+            rows.append({"impl": label, "tp": 1,
+                         "max_batch": min(args.peer_batch_size, len(prompts)),
+                         **(_throughput_row(got, args.input_len) if ok else {"note": got})})
+            series[f"{label} e2e"] = ([1e3 * (t.end - t.submit) for t in got if not t.error]
+                                      if ok else [])
+    return rows
+
+
+def _rate_latency(args, engine, rows, series, results, ceilings, _n):
+    for r in rows:   # > 1: fastllava (model-dtype KV, rows[0]) is faster
+        for key, faster in (("ttft_p50_ms", lambda a, b: b / a),
+                            ("decode_tok_per_s_p50", lambda a, b: a / b)):
+            ours, theirs = rows[0].get(key), r.get(key)
+            r[f"fastllava_x_{key.split('_')[0]}"] = faster(ours, theirs) if ours and theirs else None
+    if not args.model:
+        roofline.rate_latency(rows, engine.config.text, engine.dtype.itemsize, args.input_len,
+                              args.output_len, ceilings)
+    results.add("Single request", rows, _LATENCY_COLUMNS)
+    results.notes += roofline.LATENCY_LEGEND
+    return plots.cdf(results.out / "latency_cdf.png", "Single-request TTFT", "ms", series)
+
+
+def _rate_throughput(args, engine, rows, series, results, ceilings, num_prompts):
+    ours = rows[0]["out_tok_per_s"]
+    for r in rows:   # > 1: fastllava (model-dtype KV, rows[0]) is faster
+        theirs = r.get("out_tok_per_s")
+        r["fastllava_x_tput"] = ours / theirs if ours and theirs else None
+    if not args.model:
+        roofline.rate_throughput(rows, engine.config.text, engine.dtype.itemsize,
+                                 num_prompts, args.input_len, args.output_len, ceilings)
+    results.add("Offline batch", rows, _THROUGHPUT_COLUMNS)
+    results.notes += roofline.THROUGHPUT_LEGEND
+    return plots.cdf(results.out / "throughput_cdf.png", "Offline batch: per-request latency",
+                     "ms", series)
 
 
 _LATENCY_COLUMNS = ("impl", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
                     "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms", "decode_tok_per_s_p50", "out_tokens",
-                    "decode_gb_s", "pct_copy", "fastllava_x_ttft", "fastllava_x_decode", "note")
-
-
-def _roofline(rows: list[dict], engine, args) -> None:
-    """Decode as a ratio to the ceiling (docs/performance.md): GB/s = bytes a batch-1 step reads
-    (weights once + the KV at the mean context) x steps/s, over a 1 GiB copy measured now (CUDA
-    only: a CPU run has no ceiling here)."""
-    from fastllava.benchmarks.common import copy_ceiling, step_bytes
-
-    copy = copy_ceiling().value if engine.device == "cuda" else None
-    ctx = args.input_len + args.output_len / 2
-    for r in rows:
-        if r.get("decode_tok_per_s_p50"):
-            kv_e = 1 if r["impl"].endswith("(fp8 KV)") else None   # fp8 pages: 1 byte
-            per_step = step_bytes(engine.config.text, 1, ctx, engine.dtype.itemsize, None, kv_e)
-            r["decode_gb_s"] = per_step * r["decode_tok_per_s_p50"] / 1e9
-            r["pct_copy"] = 100 * r["decode_gb_s"] / copy if copy else None
+                    "decode_gb_s", "decode_ceiling_tok_s", "pct_copy", "ttft_floor_ms",
+                    "pct_ttft_floor", "fastllava_x_ttft", "fastllava_x_decode", "tp", "note")
+_THROUGHPUT_COLUMNS = ("impl", "max_batch", "requests", "ok", "errors", "wall_s", "req_per_s",
+                       "out_tokens", "out_tok_per_s", "total_tok_per_s", "ttft_p50_ms",
+                       "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "roofline_out_tok_s",
+                       "pct_roofline", "fastllava_x_tput", "tp", "note")
 
 
 def _peer_kinds(args) -> list[str]:
@@ -311,10 +237,23 @@ def _peer_kinds(args) -> list[str]:
 
 
 def _peers(args, engine, prompts) -> dict:
-    from fastllava.benchmarks.peers import peer_latency
+    """label → the peer's traces, or → why it did not run (peers.py); frees the engine first."""
+    from fastllava.benchmarks import peers
+    from fastllava.weights.progress import progress_bar
 
-    peers = _peer_kinds(args)
-    return peer_latency(engine, peers, prompts, args.output_len, args.warmup) if peers else {}
+    kinds = _peer_kinds(args)
+    if not kinds:
+        return {}
+    if args.mode == "latency":
+        return peers.peer_latency(engine, kinds, prompts, args.output_len, args.warmup)
+    return peers.peer_throughput(engine, kinds, prompts, args.output_len, args.peer_batch_size,
+                                 lambda label: progress_bar(len(prompts), label, "request"))
+
+
+def _throughput_row(traces: list[stats.Trace], input_len: int) -> dict:
+    row = stats.summarize(traces, {})
+    row["total_tok_per_s"] = ((row["out_tokens"] or 0) + input_len * row["ok"]) / row["wall_s"]
+    return row
 
 
 def _latency_row(traces: list[stats.Trace]) -> dict:

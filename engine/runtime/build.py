@@ -5,6 +5,7 @@ variant up, then the engine loop."""
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import logging
 import time
@@ -13,7 +14,7 @@ import torch
 
 from fastllava.config import TextConfig
 from fastllava.kernels.kv_quant import triton_fp8_ok
-from fastllava.kv_cache import KVCache, kv_storage_dtype
+from fastllava.kv_cache import KVCache
 from fastllava.runtime.block_manager import BlockManager
 from fastllava.runtime.config import RuntimeConfig
 from fastllava.runtime.cuda_graphs import DecodeGraphs
@@ -24,13 +25,16 @@ from fastllava.runtime.memory_plan import (CudaMemory, MemoryPlan, fixed_plan, m
                                            plan_kv_pool)
 from fastllava.runtime.model_runner import ModelRunner
 from fastllava.runtime.scheduler import Scheduler
+from fastllava.runtime.tp_memory import PoolParams
 
 log = logging.getLogger("fastllava.runtime")
 
 
-def memory_plan(steps: DummySteps, text: TextConfig, rc: RuntimeConfig, graphs: bool) -> MemoryPlan:
+def memory_plan(steps: DummySteps, text: TextConfig, rc: RuntimeConfig, graphs: bool,
+                tp=None) -> MemoryPlan:
     """rc.kv_cache_tokens if given; on CPU max_context (nothing is measured there); on CUDA the
-    pool that gpu_memory_fraction leaves beside the measured worst-case step (memory_plan.py)."""
+    pool that gpu_memory_fraction leaves beside the measured worst-case step (memory_plan.py),
+    under tensor parallelism (`tp`, the TPDriver) the smallest rank's (tp_memory.py)."""
     dtype, device = steps.dtype, steps.device
     # fp8 pages take half the bytes of bf16: the same memory holds twice the pages.
     page_bytes = KVCache.bytes_per_page(text.num_hidden_layers, rc.page_size,
@@ -44,41 +48,50 @@ def memory_plan(steps: DummySteps, text: TextConfig, rc: RuntimeConfig, graphs: 
         return fixed_plan(source, tokens, page_bytes=page_bytes, page_size=rc.page_size,
                           weights=weights, image_tokens=image_tokens)
     mem = CudaMemory(device)
-    decode = (lambda kv: steps.decode(kv, rc.max_num_seqs)) if graphs else None
-    measured = measure(mem, steps.scratch_kv, steps.worst_case, decode)
-    return plan_kv_pool(total=mem.total(), fraction=rc.gpu_memory_fraction, measured=measured,
-                        image_cache=rc.image_cache_rows * text.hidden_size * dtype.itemsize,
-                        page_bytes=page_bytes, page_size=rc.page_size,
-                        need_tokens=min(rc.max_context, text.max_position_embeddings),
-                        image_tokens=image_tokens)
+    decode = steps.decode_and_sample if graphs else None
+    pool = PoolParams(fraction=rc.gpu_memory_fraction,
+                      image_cache=rc.image_cache_rows * text.hidden_size * dtype.itemsize,
+                      page_bytes=page_bytes, page_size=rc.page_size,
+                      need_tokens=min(rc.max_context, text.max_position_embeddings),
+                      image_tokens=image_tokens)
+    if tp is not None:
+        return tp.measured_plan(mem, steps, decode, pool)
+    return plan_kv_pool(total=mem.total(), measured=measure(mem, steps.scratch_kv,
+                                                            steps.worst_case, decode),
+                        **dataclasses.asdict(pool))
 
 
 def build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device,
-                 rc: RuntimeConfig) -> tuple[Engine, int]:
+                 rc: RuntimeConfig, tp=None) -> tuple[Engine, int]:
     """(engine, max_len): max_len caps every request's prompt + output tokens. The memory plan
-    is on engine.runner.memory_plan."""
+    is on engine.runner.memory_plan. Tensor parallelism (runtime/tp_driver.build_tp_engine):
+    `tp` is the TPDriver, `model` its StepProxy and `text` the per-rank view (KVH/N heads)."""
     device = torch.device(device)
     check_kv_cache_dtype(rc.kv_cache_dtype, ops, device)
-    steps = DummySteps(model, ops, rc, dtype, device)
+    steps = DummySteps(model, ops, rc, dtype, device, text)
     # Only compiled Triton kernels have variants to build: the torch ops and the CPU interpreter
     # compile nothing, so there the warm-up is skipped (and so are the graphs).
     compiled = device.type == "cuda" and ops.name == "triton"
     use_graphs = rc.cuda_graphs and compiled
     with torch.inference_mode():
-        plan = memory_plan(steps, text, rc, use_graphs)
+        plan = memory_plan(steps, text, rc, use_graphs, tp)
     log.info(plan.summary())
     kv = KVCache(text.num_hidden_layers, plan.kv_pages, rc.page_size, text.num_key_value_heads,
                  text.head_dim, steps.kv_dtype, device)
     max_len = min(rc.max_context, text.max_position_embeddings, plan.kv_pages * rc.page_size)
-    graphs = None
-    if use_graphs:
+    graphs, max_pages = None, -(-max_len // rc.page_size)
+    if tp is not None:
+        # Every rank decodes from its padded static buffers, captured when use_graphs.
+        graphs = tp.decode_graphs(model, ops, kv, rc.max_num_seqs, max_pages, use_graphs)
+    elif use_graphs:
         # The torch reference ops sync with the host, so only the Triton kernels are captured.
-        graphs = DecodeGraphs(model, ops, kv, rc.max_num_seqs, -(-max_len // rc.page_size))
+        graphs = DecodeGraphs(model, ops, kv, rc.max_num_seqs, max_pages)
+    if graphs is not None and graphs.graphs:
         log.info("captured decode CUDA graphs for batch sizes %s", graphs.buckets)
     if compiled:
         start = time.perf_counter()
         with torch.inference_mode():
-            warm_up(steps, kv, [] if graphs else sorted({1, rc.max_num_seqs}))
+            warm_up(steps, kv, [] if graphs and graphs.graphs else sorted({1, rc.max_num_seqs}))
         torch.cuda.synchronize(device)
         log.info("warmed up every kernel variant in %.1f s", time.perf_counter() - start)
     runner = ModelRunner(model, ops, kv, ImageFeatureCache(rc.image_cache_rows), graphs,

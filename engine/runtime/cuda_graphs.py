@@ -1,4 +1,6 @@
-"""Decode steps replayed from CUDA graphs: one graph per batch-size bucket.
+"""Decode steps replayed from CUDA graphs, the sampler included: per batch-size bucket one decode
+graph (forward + greedy argmax) and two sampler graphs (temperature/top-p races without and with
+the top-p sort).
 
 A decode step of a 13B model is ~400 kernel launches; at batch 1 the launch overhead alone would
 eat most of a 7.7 ms token. Each bucket (1, 2, 4, 8, then steps of 16 up to max_batch_size) is
@@ -13,6 +15,32 @@ sequence cuts its own context into that many chunks, so a short context in the m
 table still spreads over every split. Capturing also compiles the decode kernels: the engine's
 warm-up (runtime/dummy_step.py) covers the other steps.
 
+What a step replays. The decode graph runs the forward and `logits.argmax(-1)`: a greedy step
+(every row temperature 0, most traffic) is that one replay, its ids ready with no further launch.
+A step with any sampled row then replays a sampler graph over the same bucket: `sample()` itself
+(runtime/sampler.py: host-sync free, static shapes, counter-based noise) reading the decode graph's
+logits output and static (bucket,) buffers of temperature, top_p, seed and step, so its ids are
+`sample(logits, params)`'s bit for bit (every sampler op is row-wise, so the bucket's extra rows
+change nothing). Which graph replays is picked on the host from the SamplingBatch's promises
+(`all_greedy`, `any_top_p`): no sync. The sampler is captured apart from the forward rather than
+as a second full decode graph per bucket: the forward (~400 kernels) is captured once, and a
+sampled step pays one more graph launch (a few µs) instead of ~90-100 eager sampler ops (counted
+with a dispatch mode: mostly the int64 hash of the noise), each a kernel launch.
+The logits output stays reachable (`run` returns it): rows that ask for logprobs read it.
+
+Padding rows of the sampler keep whatever parameters an earlier, larger batch left there (never
+written: a cheaper step); they only shape their own rows' ids, which nobody reads, and no op of
+the sampler writes outside its own temporaries and output.
+
+Memory: the sampler graphs' temporaries share the one pool. At the largest bucket B the top-p
+sampler's live tensors peak at ≈50 bytes per logit (≈32 without the top-p sort; counted on CPU
+over every op's outputs): fp32 scaled/sorted/softmax/cumsum copies, the int64 sort indices and the
+int64 (B, V) hash intermediates of the noise; CUDA adds the sort's scratch. B = 64 at V = 64,000
+is ≈0.2 GB beside the logits, far more than a decode forward's own activations at that batch.
+The memory plan's graph-pool term measures a decode step followed by the top-p sampler
+(`DummySteps.decode_and_sample`), so the KV pool leaves room for it. The other persistent
+additions are the ids outputs, (bucket,) int64 per graph: bytes.
+
 `capture=False` runs the same padded static-buffer path eagerly (CPU tests of the padding logic).
 """
 
@@ -21,6 +49,7 @@ from __future__ import annotations
 import torch
 
 from fastllava.models.context import ForwardContext
+from fastllava.runtime.sampler import SamplingBatch, sample
 from fastllava.runtime.step_io import to_device
 
 
@@ -46,13 +75,26 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(B, **i32)
         self.cu_seqlens = torch.arange(B + 1, **i32)         # unused by decode; kept consistent
         self.rows = torch.arange(B, **i64)
+        # The sampler graphs' parameters (SamplingBatch's fields, batch order, padding rows stale).
+        self.temperature = torch.zeros(B, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(B, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(B, **i64)
+        self.steps = torch.zeros(B, **i64)
         self.buckets = batch_buckets(max_batch_size)
-        self.outputs: dict[int, torch.Tensor] = {}
+        # Captured outputs: bucket → (logits (bs, V) fp32, greedy ids (bs,)); (bucket, any_top_p)
+        # → sampled ids (bs,). Blocks of the shared pool, valid until the next run(): a sampler
+        # graph's output may sit in blocks another graph uses as temporaries. The runner copies
+        # the ids out (future ring, pinned host) in stream order before it runs again.
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sampled: dict[tuple[int, bool], torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.sampler_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._last: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # the last run's
         if capture:
             self._capture()
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _decode(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode graph's body: (logits (bs, V) fp32, greedy ids (bs,) int64)."""
         ctx = ForwardContext(is_prefill=False, positions=self.positions[:bs],
                              slot_mapping=self.slot_mapping[:bs],
                              block_tables=self.block_tables[:bs],
@@ -60,19 +102,36 @@ class DecodeGraphs:
                              prefix_lens=self.context_lens[:bs],   # unused by decode
                              context_lens=self.context_lens[:bs], logits_rows=self.rows[:bs])
         embeds = self.model.embed(self.input_ids[:bs], None, None)
-        return self.model(self.ops, embeds, ctx, self.kv)
+        logits = self.model(self.ops, embeds, ctx, self.kv)
+        return logits, logits.argmax(dim=-1)    # sample()'s greedy rule: the first maximum
+
+    def _sample(self, bs: int, any_top_p: bool, logits: torch.Tensor) -> torch.Tensor:
+        """A sampler graph's body: sample() over the bucket's rows with the static parameters."""
+        params = SamplingBatch(temperature=self.temperature[:bs], top_p=self.top_p[:bs],
+                               seeds=self.seeds[:bs], steps=self.steps[:bs],
+                               all_greedy=False, any_top_p=any_top_p)
+        return sample(logits, params)
 
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = None
         for bs in reversed(self.buckets):                   # largest first: its pool fits all
-            self._forward(bs)                               # warm-up: compiles the kernels
+            self._decode(bs)                                # warm-up: compiles the kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self._forward(bs)
+                self.outputs[bs] = self._decode(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
+            logits = self.outputs[bs][0]
+            for any_top_p in (False, True):
+                # Read the decode graph's (live) logits; temporaries reuse the pool's free blocks.
+                self._sample(bs, any_top_p, logits)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.sampled[bs, any_top_p] = self._sample(bs, any_top_p, logits)
+                self.sampler_graphs[bs, any_top_p] = graph
         torch.cuda.synchronize()
 
     @torch.inference_mode()
@@ -81,7 +140,8 @@ class DecodeGraphs:
         """One decode token per sequence → fp32 logits (B, V). positions[i] is the new token's
         position; its KV goes to slot block_tables[i, p // S] * S + p % S. block_tables is the
         (B, width) int32 device table (`DeviceBlockTables.gather`); input ids < 0 are
-        placeholders that `future` (a `FutureTokens`) resolves on the device."""
+        placeholders that `future` (a `FutureTokens`) resolves on the device. `sample` then
+        gives the step's ids. Both are valid until the next run()."""
         B, S = len(input_ids), self.page_size
         bs = next(b for b in self.buckets if b >= B)
         # Only the columns the batch uses are written: entries past a row's context (and the rows
@@ -105,7 +165,31 @@ class DecodeGraphs:
         self.context_lens[B:bs].fill_(0)
         if self.graphs:
             self.graphs[bs].replay()
-            out = self.outputs[bs]
+            logits, greedy = self.outputs[bs]
         else:
-            out = self._forward(bs)
-        return out[:B]
+            logits, greedy = self._decode(bs)
+        self._last = (bs, B, logits, greedy)
+        return logits[:B]
+
+    @torch.inference_mode()
+    def sample(self, params: SamplingBatch) -> torch.Tensor:
+        """The ids (B,) int64 of the last `run`'s rows: `sample(logits, params)` bit for bit.
+        params: the B rows' SamplingBatch in batch order. An all-greedy step costs nothing here
+        (its argmax ran in the decode graph); otherwise the parameters are copied into the static
+        buffers (device to device, queued) and a sampler graph replays."""
+        if self._last is None:
+            raise RuntimeError("DecodeGraphs.sample() needs a run() first")
+        bs, B, logits, greedy = self._last
+        if params.temperature.shape != (B,):
+            raise ValueError(f"params hold {tuple(params.temperature.shape)} rows, the last run "
+                             f"{B}")
+        if params.all_greedy:
+            return greedy[:B]
+        for static, values in ((self.temperature, params.temperature), (self.top_p, params.top_p),
+                               (self.seeds, params.seeds), (self.steps, params.steps)):
+            static[:B].copy_(values)
+        key = (bs, params.any_top_p)
+        if self.sampler_graphs:
+            self.sampler_graphs[key].replay()
+            return self.sampled[key][:B]
+        return self._sample(*key, logits)[:B]

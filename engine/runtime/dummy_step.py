@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastllava.config import LlavaConfig
+from fastllava.config import LlavaConfig, TextConfig
 from fastllava.kv_cache import KVCache, kv_storage_dtype
 from fastllava.models.context import ForwardContext
 from fastllava.preprocess.anyres import anyres_grid, anyres_num_tokens
@@ -39,19 +39,26 @@ def image_shapes(config: LlavaConfig) -> list[ImageShape]:
 
 
 class DummySteps:
-    def __init__(self, model, ops, rc: RuntimeConfig, dtype: torch.dtype, device):
+    def __init__(self, model, ops, rc: RuntimeConfig, dtype: torch.dtype, device,
+                 text: TextConfig | None = None):
+        """text: the KV cache's view of the decoder (tensor parallelism: this rank's KVH/N
+        heads); default the model's."""
         self.model, self.ops, self.rc = model, ops, rc
         self.config: LlavaConfig = model.config
+        self.text = text or model.config.text
         self.dtype, self.device = dtype, torch.device(device)
         self.kv_dtype = kv_storage_dtype(rc.kv_cache_dtype, dtype)   # the pages' dtype
         self.max_positions = min(rc.max_context, self.config.text.max_position_embeddings)
 
-    def scratch_kv(self) -> KVCache:
+    @property
+    def scratch_pages(self) -> int:
         """Pages for one full prefill step plus one page per decoding sequence."""
-        t, S = self.config.text, self.rc.page_size
-        pages = -(-self.rc.max_num_batched_tokens // S) + self.rc.max_num_seqs + 1
-        return KVCache(t.num_hidden_layers, pages, S, t.num_key_value_heads, t.head_dim,
-                       self.kv_dtype, self.device)
+        return -(-self.rc.max_num_batched_tokens // self.rc.page_size) + self.rc.max_num_seqs + 1
+
+    def scratch_kv(self) -> KVCache:
+        t = self.text
+        return KVCache(t.num_hidden_layers, self.scratch_pages, self.rc.page_size,
+                       t.num_key_value_heads, t.head_dim, self.kv_dtype, self.device)
 
     def images(self, tiles: int, grid, image_hw) -> torch.Tensor:
         """One image of `tiles` tiles through the tower and projector → (tokens, hidden)."""
@@ -102,6 +109,12 @@ class DummySteps:
         rows = [(0.0 if greedy else 1.0, 1.0 if greedy else 0.9, i, 0)
                 for i in range(logits.shape[0])]
         return sample(logits, SamplingBatch.build(rows, self.device))
+
+    def decode_and_sample(self, kv: KVCache) -> None:
+        """The CUDA-graph pool's worst case: a decode at max_num_seqs rows, then the top-p sampler
+        over its logits (the largest sampler graph: its (B, V) temporaries outweigh a decode
+        forward's own activations many times over)."""
+        self.sample(self.decode(kv, self.rc.max_num_seqs), greedy=False)
 
     def worst_case(self, kv: KVCache) -> None:
         """The largest step the scheduler can form: the most tiles through the tower, a full

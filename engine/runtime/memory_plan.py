@@ -2,8 +2,9 @@
 
 On CUDA, `measure` empties the allocator cache, reads what the weights hold, then runs one
 worst-case dummy step (runtime/dummy_step.py: a full max_num_batched_tokens prefill with the most
-image tiles through the tower, the sampler at max_num_seqs, one eager decode at max_num_seqs for
-the CUDA-graph pool) and reads the allocator's peak above that. `plan_kv_pool` then does the
+image tiles through the tower, the sampler at max_num_seqs; then for the CUDA-graph pool one eager
+decode at max_num_seqs followed by the top-p sampler over its logits, as the largest decode and
+sampler graphs run) and reads the allocator's peak above that. `plan_kv_pool` then does the
 arithmetic, a pure function (unit-tested on CPU with a fake provider):
 
     KV bytes = total x gpu_memory_fraction - weights - activation peak - graph pool
@@ -61,7 +62,7 @@ class CudaMemory:
 class Measured:
     weights: int          # allocated bytes before the dummy step (weights and buffers)
     activations: int      # peak above that during the worst-case prefill + sampler
-    graph_pool: int       # peak above that during one eager decode at max_num_seqs (0: no graphs)
+    graph_pool: int       # peak above that, decode + top-p sampler at max_num_seqs (0: no graphs)
     outside_torch: int
 
 
@@ -130,13 +131,16 @@ class MemoryPlan:
 
 def plan_kv_pool(*, total: int, fraction: float, measured: Measured, image_cache: int,
                  page_bytes: int, page_size: int, need_tokens: int,
-                 image_tokens: int) -> MemoryPlan:
-    """The KV pool that fits `fraction` of `total` beside what was measured (see module doc).
+                 image_tokens: int, max_pages: int | None = None) -> MemoryPlan:
+    """The KV pool that fits `fraction` of `total` beside what was measured (see module doc),
+    at most max_pages (tensor parallelism: the smallest rank's pool, runtime/tp_memory.py).
     Refuses, naming every term, when it cannot hold one need_tokens-long request."""
     budget = int(total * fraction)
     held = measured.weights + measured.activations + measured.graph_pool + image_cache \
         + measured.outside_torch
     pages = max(0, (budget - held) // page_bytes)
+    if max_pages is not None:
+        pages = min(pages, max_pages)
     need = -(-need_tokens // page_size)
     if pages < need:
         raise ValueError(

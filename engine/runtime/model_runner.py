@@ -8,7 +8,8 @@ Each step rebuilds the flat inputs from the sequences (the source of truth):
   the runner has them (`DecodeGraphs`).
 Image features for chunks that touch an image come from the feature LRU or from one vision-tower
 run over all new images of the step (all tiles of all requests in one batch). Sampling happens on
-the device; the only host sync per step is reading the B sampled ids back.
+the device (inside the decode graphs when a decode step replays them); the only host sync per step
+is reading the B sampled ids back.
 
 `launch` queues a step and returns at once (`StepOutput`); the overlapped engine loop packs the
 next step meanwhile. Token ids may be placeholders for ids a step still in flight samples
@@ -56,6 +57,7 @@ class ModelRunner:
     def launch(self, batch: Batch) -> StepOutput:
         """Queue one step on the device and return without waiting for its sampled ids."""
         samples = batch.samples
+        graphed = batch.is_decode and self._graphed(batch.seqs)
         if batch.is_decode:
             logits = self._decode(batch.seqs)
         else:
@@ -73,7 +75,8 @@ class ModelRunner:
             rows = [(seq.params.temperature, seq.params.top_p, seq.params.seed,
                      seq.num_generated) for seq in picked]
             params = SamplingBatch.build(rows, self.device)
-        ids = sample(logits, params)
+        # A graphed decode samples inside the graphs (the same ids as sample(logits, params)).
+        ids = self.graphs.sample(params) if graphed else sample(logits, params)
         if any(seq.params.logprobs is not None for seq in picked):   # only when a request asks
             self._record_logprobs(picked, logits, ids)   # reads them back: a sync, for them only
         return StepOutput(samples, self._future.put(ids), ids)
@@ -201,13 +204,17 @@ class ModelRunner:
         S = self.kv.page_size
         positions = [len(seq) - 1 for seq in seqs]
         ids = [seq.token_ids[-1] for seq in seqs]
-        if self.graphs is not None and len(seqs) <= self.graphs.max_batch_size:
+        if self._graphed(seqs):
             return self.graphs.run(ids, positions, self.block_tables.gather(seqs), self._future)
         slots = [seq.block_table[p // S] * S + p % S for seq, p in zip(seqs, positions)]
         ids_t, ctx = self._context(False, seqs, ids, positions, slots, list(range(len(seqs) + 1)),
                                    positions, [p + 1 for p in positions], list(range(len(seqs))))
         embeds = self.model.embed(ids_t, None, None)
         return self.model(self.ops, embeds, ctx, self.kv)
+
+    def _graphed(self, seqs: list[Sequence]) -> bool:
+        """A decode step of these seqs replays from the CUDA graphs (forward and sampler)."""
+        return self.graphs is not None and len(seqs) <= self.graphs.max_batch_size
 
     def _context(self, is_prefill, seqs, ids, positions, slots, cu_seqlens, prefix_lens,
                  context_lens, logits_rows) -> tuple[torch.Tensor, ForwardContext]:

@@ -73,7 +73,7 @@ class TPComm:
 
     # ---- control (ctrl group, CPU int64) ------------------------------------------------------
     def broadcast_header(self, header: torch.Tensor, idle: bool = False) -> torch.Tensor:
-        """Rank 0's small int64 CPU tensor to every rank; idle=True waits without limit."""
+        """Rank 0's small CPU tensor to every rank; idle=True waits without limit."""
         self.ctrl.broadcast([header], dist.BroadcastOptions()).wait(_IDLE if idle else self.timeout)
         return header
 
@@ -83,3 +83,10 @@ class TPComm:
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
         self.ctrl.allreduce([flag]).wait(_IDLE if idle else self.timeout)
         return int(flag) == 0
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's list of ints (same length everywhere), in rank order, on every rank."""
+        mine = torch.tensor(values, dtype=torch.int64)
+        out = [torch.empty_like(mine) for _ in range(self.world)]
+        self.ctrl.allgather([out], [mine]).wait(self.timeout)
+        return [t.tolist() for t in out]

@@ -10,13 +10,16 @@ Failure handling: before every step the driver checks that every worker process 
 every collective has a timeout (tp_comm.py). A dead or silent worker fails the step in flight
 (its requests get a WorkerDiedError naming the rank, pid and exit code) and marks the driver
 broken: every later step and every new request is refused with the same error, never a hang.
-CUDA graphs are not captured under tensor parallelism yet (the NCCL all-reduces would need to be
-captured in the graphs with the decode): decode runs eagerly.
+
+Start-up, in build_engine's order: on CUDA the ranks measure their memory over the same dummy
+steps and agree on the smallest KV pool (OP_MEASURE, runtime/tp_memory.py); the pool is set up
+(OP_SETUP); the decode buckets are built, and captured as CUDA graphs with their collectives
+where graphs apply, on every rank at once (OP_GRAPHS, runtime/tp_graphs.py). Decode steps then
+replay a bucket on every rank (OP_DECODE); prefill and mixed steps go through the StepProxy.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import os
@@ -27,11 +30,15 @@ import torch.distributed as dist
 import subprocess
 import sys
 
+from fastllava.kernels.kv_quant import FP8_KV_DTYPE
 from fastllava.models.parallel import TensorParallel, local_text_config
 from fastllava.runtime import tp_step
 from fastllava.runtime.build import build_engine
 from fastllava.runtime.config import RuntimeConfig
+from fastllava.runtime.memory_plan import MemoryPlan
 from fastllava.runtime.tp_comm import TPComm
+from fastllava.runtime.tp_graphs import TPDecodeGraphs
+from fastllava.runtime.tp_memory import PoolParams, measure_and_agree
 from fastllava.runtime.tp_worker import WorkerArgs
 
 log = logging.getLogger("fastllava.tp")
@@ -48,17 +55,19 @@ class WorkerDiedError(RuntimeError):
 class TPDriver:
     def __init__(self, world: int, model: str, *, revision: str | None, device: torch.device,
                  dtype: torch.dtype, backend: str, timeout_s: float | None = None,
-                 random_config: str | None = None):
+                 random_config: str | None = None, random_seed: int = 0):
         """Start the workers; they load `model` (a checkpoint), or random weights of the
-        weights.random config `random_config` (benchmarks), while rank 0 loads its own shard."""
+        weights.random config `random_config` (benchmarks; fill seed `random_seed`), while
+        rank 0 loads its own shard."""
         self.world, self.broken, self._is_setup, self._closed = world, None, False, False
+        self._measuring = False
         self.comm = None
         timeout_s = STEP_TIMEOUT_S if timeout_s is None else timeout_s
         # The rendezvous waits for fresh interpreters to import torch: never less than a minute.
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=max(timeout_s, 60.0)))
         args = WorkerArgs(model, revision, str(device), str(dtype), backend, world, store.port,
-                          timeout_s, os.getpid(), random_config)
+                          timeout_s, os.getpid(), random_config, random_seed)
         # A fresh interpreter per worker (`python -m fastllava.runtime.tp_worker`), as the spawn
         # start method would give, but without multiprocessing re-importing the caller's main
         # script in every worker (a script without `if __name__ == "__main__"` would run again).
@@ -93,7 +102,7 @@ class TPDriver:
             return
         self.check()
         self.comm.broadcast_header(tp_step.header(tp_step.OP_SETUP, kv.num_pages, kv.page_size,
-                                                  int(kv.dtype == torch.float8_e4m3fn)))
+                                                  int(kv.dtype == FP8_KV_DTYPE)))
         self.comm.agree(True)
         self._is_setup = True
 
@@ -109,11 +118,50 @@ class TPDriver:
                 raise self.broken
 
     def step(self, fn, kv) -> torch.Tensor:
-        """fn(comm) with every rank: the descriptor broadcast and the forward."""
+        """fn(comm) with every rank: the descriptor broadcast and the forward. While the ranks
+        measure, each steps on its own scratch KV instead of the pool."""
+        if not self._measuring:
+            self.setup(kv)
+        return self._guarded(fn)
+
+    def measured_plan(self, mem, steps, decode, pool: PoolParams) -> MemoryPlan:
+        """Every rank measures its own memory over rank 0's dummy steps (worst-case prefill, and
+        the eager decode when graphs are captured); the pool is the smallest rank's."""
+        def with_every_rank(comm) -> MemoryPlan:
+            # The workers' scratch KV in rank 0's page dtype: fp8 pages measure as fp8 bytes.
+            comm.broadcast_header(tp_step.header(tp_step.OP_MEASURE, steps.scratch_pages,
+                                                 int(decode is not None),
+                                                 int(steps.kv_dtype == FP8_KV_DTYPE)))
+            comm.broadcast_header(pool.to_tensor())
+            self._measuring = True
+            try:
+                return measure_and_agree(comm, mem, steps.scratch_kv, steps.worst_case, decode,
+                                         pool)
+            finally:
+                self._measuring = False
+        return self._guarded(with_every_rank, refusals=(ValueError,))
+
+    def decode_graphs(self, proxy, ops, kv, max_batch_size: int, max_pages_per_seq: int,
+                      capture: bool) -> TPDecodeGraphs:
+        """Every rank builds its decode buckets over its KV pool at once (captured: the
+        collectives inside the graphs must be captured by all ranks together)."""
         self.setup(kv)
+
+        def with_every_rank(comm) -> TPDecodeGraphs:
+            comm.broadcast_header(tp_step.header(tp_step.OP_GRAPHS, max_batch_size,
+                                                 max_pages_per_seq, int(capture)))
+            return TPDecodeGraphs(proxy.shard, ops, kv, max_batch_size, max_pages_per_seq, comm,
+                                  capture=capture, driver=self)
+        return self._guarded(with_every_rank)
+
+    def _guarded(self, fn, refusals: tuple[type[Exception], ...] = ()):
+        """fn(comm) after the liveness check; a failure marks the driver broken, except the
+        `refusals`, which every rank reaches alike (the ranks stay in step)."""
         self.check()
         try:
             return fn(self.comm)
+        except refusals:
+            raise
         except Exception as e:
             self.broken = self._diagnose(e)
             raise self.broken from e
@@ -155,12 +203,7 @@ class TPDriver:
 
 
 def build_tp_engine(model, ops, text, dtype, device, rc: RuntimeConfig, driver: TPDriver):
-    """build_engine with the StepProxy as the model, the per-rank KV heads, no CUDA graphs, and
-    the KV pool sized by configuration (kv_cache_tokens, else max_context): the CUDA
-    measurement runs rank 0 alone, which the workers could not follow."""
-    rc = dataclasses.replace(rc, cuda_graphs=False, kv_cache_tokens=rc.kv_cache_tokens or min(
-        rc.max_context, text.max_position_embeddings))
-    engine, max_len = build_engine(tp_step.StepProxy(model, driver), ops,
-                                   local_text_config(text, driver.world), dtype, device, rc)
-    driver.setup(engine.runner.kv)
-    return engine, max_len
+    """build_engine with the StepProxy as the model and the per-rank KV heads; the driver
+    brings the workers along through the memory plan, the pool and the decode graphs."""
+    return build_engine(tp_step.StepProxy(model, driver), ops,
+                        local_text_config(text, driver.world), dtype, device, rc, tp=driver)

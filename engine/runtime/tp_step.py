@@ -10,6 +10,9 @@ forward call broadcasts them as one descriptor before every rank runs embed + de
                                block tables (B*W), cu_seqlens (B+1), prefix_lens (B),
                                context_lens (B), logits_rows (L)
     feats   (step group)       (F, hidden) model dtype, only when the step carries image rows
+
+Decode steps replayed from the padded static buffers (runtime/tp_graphs.py) send only a header
+naming the bucket (OP_DECODE); their inputs travel inside the replayed step itself.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from fastllava.models.context import ForwardContext
 
-OP_STEP, OP_SETUP, OP_STOP = 1, 2, 3
+OP_STEP, OP_SETUP, OP_STOP, OP_GRAPHS, OP_DECODE, OP_MEASURE = 1, 2, 3, 4, 5, 6
 HEADER_LEN = 8
 
 
@@ -92,10 +95,10 @@ class StepProxy:
     config, parameters) is the real model's: the tower runs on rank 0 only."""
 
     def __init__(self, model, driver):
-        self._model, self._driver = model, driver
+        self.shard, self._driver = model, driver    # shard: this rank's real model
 
     def __getattr__(self, name):
-        return getattr(self._model, name)
+        return getattr(self.shard, name)
 
     def embed(self, ids, image_mask, features):
         return _Recorded(ids, image_mask, features)
@@ -105,5 +108,5 @@ class StepProxy:
 
         def with_every_rank(comm) -> torch.Tensor:
             send(comm, step)
-            return run(self._model, ops, step, kv)
+            return run(self.shard, ops, step, kv)
         return self._driver.step(with_every_rank, kv)

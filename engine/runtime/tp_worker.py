@@ -34,6 +34,7 @@ class WorkerArgs:
     timeout_s: float
     parent_pid: int
     random_config: str | None = None   # bench: random weights of this REAL_CONFIGS name or "tiny"
+    random_seed: int = 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -64,18 +65,22 @@ def _load_shard(args: WorkerArgs, device: torch.device, dtype: torch.dtype, tp):
     from fastllava.weights.random import REAL_CONFIGS, TINY_CONFIG, llava_config, random_model
 
     config = TINY_CONFIG if args.random_config == "tiny" else REAL_CONFIGS[args.random_config]
-    return random_model(llava_config(config), device, dtype, tp=tp)
+    return random_model(llava_config(config), device, dtype, seed=args.random_seed, tp=tp)
 
 
 def worker_main(rank: int, args: WorkerArgs) -> None:
     # Imported here: the driver imports this module for WorkerArgs alone.
     import torch.distributed as dist
 
+    from fastllava.kernels.kv_quant import FP8_KV_DTYPE
     from fastllava.kernels.ops import get_ops
     from fastllava.kv_cache import KVCache
     from fastllava.models.parallel import TensorParallel, TensorParallelError, local_text_config
     from fastllava.runtime import tp_step
+    from fastllava.runtime.memory_plan import CudaMemory
     from fastllava.runtime.tp_comm import TPComm
+    from fastllava.runtime.tp_graphs import TPDecodeGraphs
+    from fastllava.runtime.tp_memory import PoolParams, measure_own
 
     threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
     device = _device(args, rank)
@@ -98,21 +103,41 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
     if not comm.agree(ok, idle=True) or not ok:
         return
     text = local_text_config(model.config.text, args.world)
-    kv = None
+    kv = graphs = None
+
+    def new_kv(num_pages: int, page_size: int, fp8: bool) -> KVCache:
+        """Own heads, rank 0's page count and page dtype (fp8: kv_cache_dtype "fp8")."""
+        return KVCache(text.num_hidden_layers, num_pages, page_size, text.num_key_value_heads,
+                       text.head_dim, FP8_KV_DTYPE if fp8 else dtype, device)
+
+    def next_step(kv: KVCache) -> None:
+        """Run the step rank 0 sends next (the dummy steps of the memory measurement)."""
+        h = comm.broadcast_header(tp_step.header(0))
+        if int(h[0]) != tp_step.OP_STEP:
+            raise SystemExit(0)   # rank 0 gave up measuring (its error is its own) and stops us
+        tp_step.run(model, ops, tp_step.receive(comm, h, device, dtype), kv)
+
     with torch.inference_mode():
         while True:
             h = comm.broadcast_header(tp_step.header(0), idle=True)
             op = int(h[0])
             if op == tp_step.OP_STOP:
                 return
-            if op == tp_step.OP_SETUP:   # the KV pool rank 0 planned: same pages, own heads
-                num_pages, page_size, fp8 = int(h[1]), int(h[2]), bool(h[3])
-                kv = KVCache(text.num_hidden_layers, num_pages, page_size,
-                             text.num_key_value_heads, text.head_dim,
-                             torch.float8_e4m3fn if fp8 else dtype, device)
+            if op == tp_step.OP_STEP:
+                tp_step.run(model, ops, tp_step.receive(comm, h, device, dtype), kv)
+            elif op == tp_step.OP_DECODE:
+                graphs.follow(int(h[1]))
+            elif op == tp_step.OP_SETUP:   # the KV pool rank 0 planned: same pages, own heads
+                kv = new_kv(int(h[1]), int(h[2]), bool(h[3]))
                 comm.agree(True)
-                continue
-            tp_step.run(model, ops, tp_step.receive(comm, h, device, dtype), kv)
+            elif op == tp_step.OP_GRAPHS:
+                graphs = TPDecodeGraphs(model, ops, kv, int(h[1]), int(h[2]), comm,
+                                        capture=bool(h[3]))
+            elif op == tp_step.OP_MEASURE:
+                pool = PoolParams.from_tensor(comm.broadcast_header(PoolParams.zeros()))
+                measure_own(comm, CudaMemory(device),
+                            lambda: new_kv(int(h[1]), pool.page_size, bool(h[3])),
+                            next_step, bool(h[2]), pool)
 
 
 if __name__ == "__main__":

@@ -76,12 +76,10 @@ def _device(llava) -> str:
 
 def _cuda_graphs(llava) -> str:
     graphs = llava.engine.runner.graphs
-    if graphs is not None:
+    if graphs is not None and graphs.graphs:   # (tensor parallelism builds uncaptured buckets)
         return f"on (batch sizes {min(graphs.buckets)}..{max(graphs.buckets)})"
     if not llava.runtime.cuda_graphs:
         return "off (--no-cuda-graphs)"
-    if getattr(llava, "tensor_parallel_size", 1) > 1:
-        return "off (not captured under tensor parallelism yet)"
     return "off (CUDA + triton backend only)"
 
 

@@ -217,6 +217,8 @@ def test_dummy_steps_and_warm_up_run_every_path(next_model):
     steps.worst_case(kv)
     assert calls["images"][0][0][0] == image_shapes(next_model.config)[-1][0]
     assert calls["prefill"][0][0] == (700, 3)
+    steps.decode_and_sample(kv)    # the graph pool's step: the largest decode + top-p sampler
+    assert calls["decode"][-1][0] == (3,) and calls["sample"][-1][1] == {"greedy": False}
     warm_up(steps, kv, [1, 3])
     assert len(calls["images"]) == 1 + len(image_shapes(next_model.config))
     prefixes = {kw.get("prefix", 0) for _, kw in calls["prefill"]}

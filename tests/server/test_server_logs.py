@@ -149,13 +149,16 @@ def test_cuda_fields_name_the_gpu_and_graphs(monkeypatch):
     from fastllava.server import serverlog
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
-    graphs = types.SimpleNamespace(buckets=[1, 2, 4, 8, 16, 32, 64])
+    buckets = [1, 2, 4, 8, 16, 32, 64]
+    graphs = types.SimpleNamespace(buckets=buckets, graphs=dict.fromkeys(buckets))   # captured
     llava = types.SimpleNamespace(device=torch.device("cuda:0"),
                                   runtime=types.SimpleNamespace(cuda_graphs=True),
                                   engine=types.SimpleNamespace(
                                       runner=types.SimpleNamespace(graphs=graphs)))
     assert serverlog._device(llava) == "cuda:0 (NVIDIA H200)"
     assert serverlog._cuda_graphs(llava) == "on (batch sizes 1..64)"
+    graphs.graphs = {}       # buckets built, none captured (tensor parallelism, torch backend)
+    assert serverlog._cuda_graphs(llava).startswith("off (CUDA + triton")
     llava.engine.runner.graphs = None
     assert serverlog._cuda_graphs(llava).startswith("off (CUDA + triton")
     llava.runtime.cuda_graphs = False
