@@ -4,6 +4,7 @@ weights), batch 1 / 8 / 32 at a ~600-token context, next to transformers on the 
     python bench/decode.py [--model llava-1.5-13b] [--batches 1,8,32] [--context 600] [--out DIR]
     python bench/decode.py --smoke        # tiny config on the CPU (CI: tests/test_bench_decode.py)
     python bench/decode.py --quantization fp8   # fastllava's decoder linears in FP8 (README "FP8")
+    python bench/decode.py --kv-cache-dtype fp8   # + fastllava rows over fp8 KV pages, same run
     python bench/decode.py --model llava-v1.6-34b --tensor-parallel-size 2   # 2 GPUs (README)
 
 Rows per batch size B (wall clock, torch.cuda.synchronize, median ms/step over --windows windows
@@ -15,6 +16,8 @@ of --steps steps, after --warmup steps):
 - hf eager: transformers LlamaForCausalLM of the same text config (a LLaVA decode step after
   prefill is exactly the language model), random weights, sdpa, DynamicCache.
 - hf compiled: the same with StaticCache + torch.compile(mode="reduce-overhead").
+- with --kv-cache-dtype fp8, the two fastllava rows again over an fp8 KV cache ("(fp8 KV)"),
+  in the same run, its KV bytes counted at one byte per element.
 Work per step: the weights a decode step reads (decoder layers, final norm, lm_head, B rows of
 the embedding table; not the vision tower) + the KV it attends over, 2*L*KVH*D*ctx*B*2 bytes at
 the mean context of the timed steps; GB/s is reported against a 1 GiB copy measured in the run.
@@ -43,6 +46,7 @@ from fastllava.benchmarks.peers import hf_llama
 BW_BARS = {1: 0.90, 8: 0.85, 32: 0.80}   # performance.md: fraction of copy bandwidth, by batch
 PEER_BAR = 1.5                            # ... and >= 1.5x the compiled static-cache peer
 ENGINE, REPLAY = "fastllava engine", "fastllava graph replay"
+FP8_KV = " (fp8 KV)"                      # suffix of the fastllava rows over fp8 KV pages
 HF_EAGER, HF_COMPILED = "hf eager (DynamicCache)", "hf compiled (StaticCache, reduce-overhead)"
 GIB = 1 << 30
 PAGE = 16                                 # KV page size (RuntimeConfig's default)
@@ -61,6 +65,7 @@ class Plan:
     quantization: str | None = None  # "fp8": fastllava's decoder linears in FP8 (peers stay dtype)
     tensor_parallel_size: int = 1    # fastllava rows only; the peers run on one device
     random_config: str = "tiny"      # the weights.random config name (the TP workers build it)
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)   # fastllava rows per KV page dtype
 
     @property
     def timed(self) -> int:
@@ -122,36 +127,54 @@ def fitting_batches(t, plan: Plan) -> tuple[list[int], list[Row]]:
 def fastllava_rows(config, plan: Plan) -> list[Row]:
     """Random weights → build_engine (the real runtime: paged KV, Triton ops and CUDA graphs on
     a GPU) → engine and graph-replay rows for every batch size whose KV fits. With
-    --tensor-parallel-size N the decoder is split over N ranks (README "Tensor parallelism")."""
+    --tensor-parallel-size N the decoder is split over N ranks (README "Tensor parallelism").
+    With --kv-cache-dtype fp8 the same again over fp8 KV pages ("(fp8 KV)" rows): a fresh runtime
+    per KV page dtype (same seed, so the same weights; under TP every rank sets up its pool
+    anew), one at a time."""
+    rows, batches = [], None
+    for kv in plan.kv_cache_dtypes:
+        batches, got = _runtime_rows(config, plan, kv, batches)
+        rows += got
+        free_memory(plan.device)
+    return rows
+
+
+def _runtime_rows(config, plan: Plan, kv: str, batches: list[int] | None):
+    """(batches, rows) over KV pages `kv`; batches None: found here (the first runtime's)."""
     from fastllava.benchmarks.random_runtime import RandomRuntime
     from fastllava.runtime.config import RuntimeConfig
 
+    suffix = FP8_KV if kv == "fp8" else ""
     runtime = RandomRuntime(plan.random_config, plan.device, plan.dtype,
                             backend="torch" if plan.device == "cpu" else "auto",
                             quantization=plan.quantization,
                             tensor_parallel_size=plan.tensor_parallel_size)
     try:
-        batches, rows = fitting_batches(config.text, plan)   # beside the weights just loaded
+        rows = []
+        if batches is None:
+            batches, rows = fitting_batches(config.text, plan)   # beside the weights just loaded
         if not batches:
-            return rows
+            return batches, rows
         pages = -(-plan.max_len // PAGE)
         engine, max_len = runtime.build(RuntimeConfig(
             page_size=PAGE, max_num_seqs=max(batches), kv_cache_tokens=max(batches) * pages * PAGE,
-            max_context=plan.max_len, max_num_batched_tokens=max(4096, max(batches))))
+            max_context=plan.max_len, max_num_batched_tokens=max(4096, max(batches)),
+            kv_cache_dtype=kv))
         if max_len < plan.max_len:
             raise ValueError(f"the engine caps requests at {max_len} tokens; --context "
                              f"{plan.context} needs {plan.max_len}")
         for B in batches:
             try:
-                rows += engine_batch(engine, config.text, B, plan)
+                rows += engine_batch(engine, config.text, B, plan, suffix)
             except Exception as exc:  # noqa: BLE001 - report the row, go on with the next batch
-                rows.append(Row(ENGINE, B, note=f"ERROR: {type(exc).__name__}: {exc}"[:200]))
-        return rows
+                rows.append(Row(ENGINE + suffix, B,
+                                note=f"ERROR: {type(exc).__name__}: {exc}"[:200]))
+        return batches, rows
     finally:
         runtime.close()
 
 
-def engine_batch(engine, t, B: int, plan: Plan) -> list[Row]:
+def engine_batch(engine, t, B: int, plan: Plan, suffix: str = "") -> list[Row]:
     from fastllava.runtime.sequence import SamplingParams, Sequence
 
     sched, runner = engine.scheduler, engine.runner
@@ -175,19 +198,19 @@ def engine_batch(engine, t, B: int, plan: Plan) -> list[Row]:
         for _ in range(plan.warmup):
             step(True)
         ctx = len(seqs[0]) + (plan.timed - 1) / 2
-        rows = [Row(ENGINE, B, ctx, time_steps(lambda: step(True), plan))]
+        rows = [Row(ENGINE + suffix, B, ctx, time_steps(lambda: step(True), plan))]
         graphs = runner.graphs
         if graphs is None or not graphs.graphs:
             tp = f", tensor parallelism {plan.tensor_parallel_size}" \
                 if plan.tensor_parallel_size > 1 else ""
-            rows.append(Row(REPLAY, B, note=f"n/a: no CUDA graphs (ops {runner.ops.name} on "
-                                            f"{plan.device}{tp})"))
+            rows.append(Row(REPLAY + suffix, B, note=f"n/a: no CUDA graphs (ops {runner.ops.name} "
+                                                     f"on {plan.device}{tp})"))
             return rows
         bs = next(b for b in graphs.buckets if b >= B)   # replays the last step's inputs
         # Under tensor parallelism every rank replays: rank 0 names the bucket to the workers.
         replay = functools.partial(graphs.replay, bs) if plan.tensor_parallel_size > 1 \
             else graphs.graphs[bs].replay
-        rows.append(Row(REPLAY, B, len(seqs[0]) - 1, time_steps(replay, plan),
+        rows.append(Row(REPLAY + suffix, B, len(seqs[0]) - 1, time_steps(replay, plan),
                         note="" if bs == B else f"bucket {bs}"))
         if not torch.isfinite(graphs.outputs[bs][0][:B]).all():     # (logits, greedy ids)
             rows[-1].note = "ERROR: non-finite logits from the random weights"
@@ -252,20 +275,23 @@ def hf_rows(t, plan: Plan, batches: list[int]) -> list[Row]:
 
 def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]:
     """Fill tok/s, GB/s, % of the copy, speedups and bars; order rows by batch, then impl."""
-    order = (ENGINE, REPLAY, HF_EAGER, HF_COMPILED)
+    order = (ENGINE, REPLAY, ENGINE + FP8_KV, REPLAY + FP8_KV, HF_EAGER, HF_COMPILED)
     rows.sort(key=lambda r: (r.B, order.index(r.impl)))
     engine = {r.B: r for r in rows if r.impl == ENGINE and r.ms}
     for r in rows:
         if r.ms is None:
             continue
         r.tok_s = r.B * 1e3 / r.ms
-        fp8 = plan.quantization == "fp8" and r.impl in (ENGINE, REPLAY)
-        r.gb_s = step_bytes(t, r.B, r.ctx, plan.dtype.itemsize, 1 if fp8 else None) / r.ms / 1e6
+        ours = r.impl.startswith("fastllava")
+        fp8 = plan.quantization == "fp8" and ours
+        kv_e = 1 if r.impl.endswith(FP8_KV) else None   # fp8 KV pages: one byte per element
+        r.gb_s = step_bytes(t, r.B, r.ctx, plan.dtype.itemsize, 1 if fp8 else None,
+                            kv_e) / r.ms / 1e6
         # Under tensor parallelism N GPUs read the step's bytes: their ceiling is N copies.
-        gpus = plan.tensor_parallel_size if r.impl in (ENGINE, REPLAY) else 1
+        gpus = plan.tensor_parallel_size if ours else 1
         r.pct = r.gb_s / (copy_gb_s * gpus) if copy_gb_s else None
         r.vs = r.ms / engine[r.B].ms if r.B in engine else None
-        if r.impl == ENGINE and r.pct is not None and r.B in BW_BARS:
+        if r.impl in (ENGINE, ENGINE + FP8_KV) and r.pct is not None and r.B in BW_BARS:
             r.bar = f">={BW_BARS[r.B]:.0%} BW: {'yes' if r.pct >= BW_BARS[r.B] else 'NO'}"
         if r.impl == HF_COMPILED and r.vs is not None:
             r.bar = f"fastllava >={PEER_BAR}x: {'yes' if r.vs >= PEER_BAR else 'NO'}"
@@ -289,7 +315,8 @@ def report(header: dict, ceilings, rows: list[Row], model: str, context: int) ->
     table += ["| " + " | ".join(fmt(c) for c in cells(r, model, context)) + " |" for r in rows]
     legend = ("GB/s: weights read once per step + KV at the mean context. % copy: of the copy "
               "ceiling (x N GPUs for the fastllava rows at tensor_parallel_size N). ms / engine "
-              "ms > 1: the fastllava engine is faster. Bars (performance.md, "
+              "ms > 1: the fastllava engine (KV in the model dtype) is faster; an fp8 KV row "
+              "below 1 is faster than it. Bars (performance.md, "
               f"H100): batch 1/8/32 >= 90/85/80% of the copy, >= {PEER_BAR}x the compiled peer.")
     return (f"# Decode benchmark\n\n{meta}\n\n## Ceiling (measured in this run)\n\n{ceil}\n\n"
             f"## Decode steps\n\n{legend}\n\n" + "\n".join(table) + "\n")
@@ -309,6 +336,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="folder for the .md and .csv (GPU default: bench/results/)")
     p.add_argument("--quantization", choices=("fp8",), help="fastllava's decoder linear layers "
                    "in FP8 (the transformers peers stay in the model dtype)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="fp8: also time fastllava over fp8 KV pages, beside the model-dtype rows")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split fastllava's decoder over N GPUs (ranks; CPU processes with "
                    "--smoke); the transformers peers stay on one")
@@ -317,9 +346,10 @@ def main(argv: list[str]) -> int:
     peers = tuple(x for x in args.peers.split(",") if x and x != "none")
     if set(peers) - {"eager", "compiled"}:
         fail(f"--peers takes eager, compiled or none, got {args.peers!r}")
+    kv_dtypes = ("auto", "fp8") if args.kv_cache_dtype == "fp8" else ("auto",)
     if args.smoke:
         plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers, args.quantization,
-                    args.tensor_parallel_size, "tiny")
+                    args.tensor_parallel_size, "tiny", kv_dtypes)
         config, name = llava_config(TINY_CONFIG), "tiny (smoke)"
     else:
         require_compiled_gpu("decode.py", "tiny config")
@@ -327,7 +357,8 @@ def main(argv: list[str]) -> int:
         if min(batches) < 1 or min(args.context, args.steps, args.windows) < 1:
             fail("--batches, --context, --steps and --windows must be >= 1")
         plan = Plan("cuda", torch.bfloat16, batches, args.context, args.warmup, args.steps,
-                    args.windows, peers, args.quantization, args.tensor_parallel_size, args.model)
+                    args.windows, peers, args.quantization, args.tensor_parallel_size, args.model,
+                    kv_dtypes)
         config, name = llava_config(REAL_CONFIGS[args.model]), args.model
     if plan.max_len > config.text.max_position_embeddings:
         fail(f"--context {plan.context} + {plan.max_len - plan.context} decode tokens exceeds "
@@ -338,7 +369,8 @@ def main(argv: list[str]) -> int:
         header["gpu"] = "cpu (--smoke, torch ops)"
     header.update(model=f"{name}, random weights (seed 0)", dtype=str(plan.dtype)[6:],
                   quantization=f"{plan.quantization or 'none'} (fastllava rows)",
-                  tensor_parallel_size=f"{plan.tensor_parallel_size} (fastllava rows)")
+                  tensor_parallel_size=f"{plan.tensor_parallel_size} (fastllava rows)",
+                  kv_cache_dtype=" and ".join(plan.kv_cache_dtypes) + " (fastllava rows)")
     ceilings = [copy_ceiling()] if plan.device == "cuda" else []
     rows = fastllava_rows(config, plan)
     free_memory(plan.device)

@@ -3,6 +3,7 @@ weights), from the JPEG bytes to the first sampled token.
 
     python bench/ttft.py [--models llava-1.5-13b,llava-v1.6-34b] [--image 1024x768] [--out DIR]
     python bench/ttft.py --smoke      # tiny config on the CPU (CI: tests/test_gpu_suite_smoke.py)
+    python bench/ttft.py --kv-cache-dtype fp8   # + a row per model over fp8 KV pages, same run
     python bench/ttft.py --models llava-v1.6-34b --tensor-parallel-size 2   # 2 GPUs (README)
 
 Per model: random weights (fastllava.weights.random) → `build_engine` (memory plan, CUDA graphs,
@@ -36,8 +37,8 @@ from common import fail, fmt, require_compiled_gpu, run_header, write_outputs
 
 BARS_MS = {"llava-1.5-13b": 35.0, "llava-v1.6-34b": 340.0}   # performance.md, TTFT p50, H100
 P99_BAR = 1.2
-COLUMNS = ("model", "tp", "image", "image_tokens", "prompt_tokens", "p50_ms", "p99_ms", "min_ms",
-           "preprocess_ms", "engine_ms", "bar", "note")
+COLUMNS = ("model", "tp", "kv_cache", "image", "image_tokens", "prompt_tokens", "p50_ms",
+           "p99_ms", "min_ms", "preprocess_ms", "engine_ms", "bar", "note")
 
 
 def jpeg(w: int, h: int, seed: int) -> bytes:
@@ -63,7 +64,14 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
 
 
-def model_row(name: str, args, device: str, dtype: torch.dtype) -> list:
+def model_rows(name: str, args, device: str, dtype: torch.dtype) -> list[list]:
+    """One row per --kv-cache-dtype page dtype ("auto", then "fp8" if asked): a fresh runtime
+    each (same seed, so the same random weights; under TP every rank sets up its own pool)."""
+    kv_dtypes = ("auto", "fp8") if args.kv_cache_dtype == "fp8" else ("auto",)
+    return [model_row(name, args, device, dtype, kv) for kv in kv_dtypes]
+
+
+def model_row(name: str, args, device: str, dtype: torch.dtype, kv: str) -> list:
     from fastllava.benchmarks.random_runtime import RandomRuntime
     from fastllava.runtime.config import RuntimeConfig
 
@@ -71,14 +79,14 @@ def model_row(name: str, args, device: str, dtype: torch.dtype) -> list:
                             tensor_parallel_size=args.tensor_parallel_size)
     try:
         rc = RuntimeConfig(max_num_seqs=4, kv_cache_tokens=8192, max_context=4096,
-                           max_num_batched_tokens=4096)
+                           max_num_batched_tokens=4096, kv_cache_dtype=kv)
         engine, max_len = runtime.build(rc)
-        return timed_row(name, runtime.config, engine, max_len, args, device)
+        return timed_row(name, runtime.config, engine, max_len, args, device, kv)
     finally:
         runtime.close()
 
 
-def timed_row(name: str, config, engine, max_len: int, args, device: str) -> list:
+def timed_row(name: str, config, engine, max_len: int, args, device: str, kv: str) -> list:
     from fastllava.preprocess.anyres import anyres_num_tokens
     from fastllava.preprocess.processor import preprocess
     from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
@@ -128,7 +136,8 @@ def timed_row(name: str, config, engine, max_len: int, args, device: str) -> lis
         ok = p50 <= bar and p99 <= P99_BAR * p50
         note = "meets the bar" if ok else "BELOW the bar"
     pre = statistics.median(pre_times)
-    return [name, args.tensor_parallel_size, f"{w}x{h}", n_image, args.prompt_tokens, p50, p99, min(times), pre, p50 - pre,
+    return [name, args.tensor_parallel_size, kv, f"{w}x{h}", n_image, args.prompt_tokens, p50,
+            p99, min(times), pre, p50 - pre,
             bar_text, note]
 
 
@@ -147,6 +156,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", help="folder for the .md and .csv (GPU default: bench/results/)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="fp8: also time each model over fp8 KV pages, beside the model dtype")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split the decoder over N GPUs (ranks; CPU processes with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, 2 requests")
@@ -175,11 +186,12 @@ def main(argv: list[str]) -> int:
     rows, failed = [], False
     for name in models:
         try:
-            rows.append(model_row(name, args, device, dtype))
+            rows += model_rows(name, args, device, dtype)
         except Exception as exc:  # noqa: BLE001 - report the row, go on with the next model
             failed = True
-            rows.append([name, args.tensor_parallel_size, args.image, "", "", None, None, None,
-                         None, None, "", f"ERROR: {type(exc).__name__}: {exc}"[:300]])
+            rows.append([name, args.tensor_parallel_size, args.kv_cache_dtype, args.image, "", "",
+                         None, None, None, None, None, "",
+                         f"ERROR: {type(exc).__name__}: {exc}"[:300]])
         finally:
             import gc
             gc.collect()

@@ -153,6 +153,7 @@ _RUNTIME_HELP = {
     "image_cache_rows": "image-feature LRU size, in image tokens",
     "cuda_graphs": "decode from CUDA graphs on CUDA",
     "overlap_scheduling": "schedule and pack the next step while the device runs this one",
+    "kv_cache_dtype": "KV-cache page dtype: auto (the model's) or fp8 (e4m3, half the bytes)",
 }
 
 
@@ -162,7 +163,7 @@ TP_HELP = ("split the decoder over N processes/GPUs (tensor parallelism; N must 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per RuntimeConfig field (booleans get --x / --no-x)."""
-    from fastllava.runtime.config import RuntimeConfig
+    from fastllava.runtime.config import KV_CACHE_DTYPES, RuntimeConfig
 
     group = parser.add_argument_group("runtime (fastllava.runtime.config.RuntimeConfig)")
     for f in dataclasses.fields(RuntimeConfig):
@@ -171,8 +172,12 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=f.default, help=f"{help_} (default: {f.default})")
             continue
-        kind = float if "float" in str(f.type) else int
         default = "" if f.default is None else f" (default: {f.default})"
+        if f.name == "kv_cache_dtype":   # the one string field: a choice
+            group.add_argument(flag, dest=f.name, choices=KV_CACHE_DTYPES, default=f.default,
+                               help=help_ + default)
+            continue
+        kind = float if "float" in str(f.type) else int
         group.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar="N",
                            help=help_ + default)
 

@@ -56,6 +56,9 @@ def check_attention_inputs(q, k, v, cu_seqlens, k_cache, v_cache, block_tables, 
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or not k_cache.is_contiguous():
         raise ValueError(f"k_cache/v_cache must be contiguous (P, S, KVH, D), got "
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if k_cache.dtype not in (q.dtype, torch.float8_e4m3fn) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"k_cache/v_cache must both be in q's dtype {q.dtype} or float8_e4m3fn, "
+                         f"got {k_cache.dtype}, {v_cache.dtype}")
     if k_cache.shape[2:] != k.shape[1:]:
         raise ValueError(f"cache (KVH, D) {tuple(k_cache.shape[2:])} != k's {tuple(k.shape[1:])}")
     B = cu_seqlens.shape[0] - 1

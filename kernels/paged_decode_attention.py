@@ -4,7 +4,9 @@ Sequence b's keys/values are the first context_lens[b] slots of the pages listed
 block_tables[b] (its own new token included: the KV write runs first). GQA as in prefill.
 Numerics: transformers' eager attention, as in prefill_attention.attend_ref.
 Shapes: q (B, H, D); k_cache, v_cache (P, S, KVH, D); block_tables (B, max_pages) int;
-context_lens (B,) int; out (B, H, D).
+context_lens (B,) int; out (B, H, D). The cache is in q's dtype or float8_e4m3fn; fp8 tiles are
+dequantized with the layer's k_scale / v_scale as they load (kernels/kv_quant.py), to exactly the
+values the reference's `load_kv_ref` gives, before the dots.
 
 Kernel: flash-decoding (split-K), two launches.
 - Stage 1, grid (B, KVH, num_splits): one program takes all `group = H // KVH` query heads that
@@ -45,6 +47,7 @@ import triton
 import triton.language as tl
 
 from fastllava.kernels.common import FP_FUSION, dot_precision
+from fastllava.kernels.kv_quant import FP8_KV_DTYPE, check_scales, is_fp8, load_kv, load_kv_ref
 
 BLOCK_N = 64  # KV tokens per inner step: 2 x 16 KiB K/V tiles at D=128 in 16-bit, 4 warps.
 TARGET_PROGRAMS = 264  # 2 stage-1 programs per SM on H100/H200 (132 SMs): enough loads in flight.
@@ -65,11 +68,12 @@ def _split_bounds(ctx, split, num_splits, BLOCK_N: tl.constexpr):
 
 @triton.jit(do_not_specialize=["stride_btb", "max_ctx", "num_splits"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_ptr, out_ptr, part_ptr,
-                         lse_ptr, qk_scale, stride_qb, stride_qh, stride_btb, max_ctx, num_splits,
+                         lse_ptr, qk_scale, k_scale, v_scale, stride_qb, stride_qh, stride_btb,
+                         max_ctx, num_splits,
                          H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
                          GROUP: tl.constexpr, SINGLE_SPLIT: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -94,7 +98,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_ptr, out_p
         slot = page.to(tl.int64) * S + t % S
         kv_off = slot[:, None] * (KVH * D) + kvh * D + d[None, :]       # (BLOCK_N, BLOCK_D)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        k = load_kv(k_cache_ptr + kv_off, kv_mask, k_scale, q, KV_FP8)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # fp32 (H, N)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # Every step holds >= 1 valid token (start < hi), so m_new is finite and no exp2 sees
@@ -103,7 +107,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, ctx_ptr, out_p
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = load_kv(v_cache_ptr + kv_off, kv_mask, v_scale, q, KV_FP8)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -159,12 +163,14 @@ def choose_num_splits(B: int, KVH: int, max_ctx: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *,
-                           scale: float, num_splits: int | None = None) -> torch.Tensor:
+                           scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                           num_splits: int | None = None) -> torch.Tensor:
     """Attention of q (B, H, D) over each sequence's paged KV → out (B, H, D) in q's dtype.
 
     num_splits forces the split count (tests); by default `choose_num_splits` picks it.
+    k_scale / v_scale dequantize an fp8 cache (ignored for others).
     """
-    _check(q, k_cache, v_cache, block_tables, context_lens)
+    _check(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale)
     B, H, D = q.shape
     _, S, KVH, _ = k_cache.shape
     max_ctx = block_tables.shape[1] * S
@@ -185,10 +191,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     BLOCK_D = triton.next_power_of_2(max(D, 16))
     _decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
-        scale * math.log2(math.e), q.stride(0), q.stride(1), block_tables.stride(0), max_ctx,
-        num_splits, H=H, KVH=KVH, D=D, S=S, GROUP=group, SINGLE_SPLIT=num_splits == 1,
+        scale * math.log2(math.e), k_scale, v_scale, q.stride(0), q.stride(1),
+        block_tables.stride(0), max_ctx, num_splits, H=H, KVH=KVH, D=D, S=S, GROUP=group,
+        SINGLE_SPLIT=num_splits == 1,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
+        DOT_PRECISION=dot_precision(q.dtype), KV_FP8=is_fp8(k_cache), num_warps=4,
         enable_fp_fusion=FP_FUSION)
     if num_splits > 1:
         _decode_merge_kernel[(B, H)](part, lse, out, num_splits, H=H, D=D,
@@ -198,7 +205,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
+def _check(q, k_cache, v_cache, block_tables, context_lens, k_scale, v_scale) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be (B, H, D), got shape {tuple(q.shape)}")
     B, H, D = q.shape
@@ -213,14 +220,18 @@ def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.dtype not in (q.dtype, FP8_KV_DTYPE):
+            raise ValueError(f"{name} must have q's dtype {q.dtype} or be float8_e4m3fn, "
+                             f"got {t.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (P, S, KVH, D)")
     if block_tables.dim() != 2 or block_tables.shape[0] != B:
         raise ValueError(f"block_tables must be ({B}, max_pages), got {tuple(block_tables.shape)}")
     if context_lens.shape != (B,):
         raise ValueError(f"context_lens must be ({B},), got shape {tuple(context_lens.shape)}")
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache must have k_cache's dtype {k_cache.dtype}, got {v_cache.dtype}")
+    check_scales(k_cache, k_scale, v_scale)
     for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
         if t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
@@ -238,7 +249,8 @@ def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, *,
-                               scale: float) -> torch.Tensor:
+                               scale: float, k_scale: float = 1.0,
+                               v_scale: float = 1.0) -> torch.Tensor:
     """Plain torch, batched: rows are taken in groups whose padded contexts total at most
     REF_GROUP_TOKENS (bounding the gathered K/V copy); each group gathers its pages (B, L, KVH, D), masks keys at or beyond each
     row's context length, and runs one masked softmax. Context-0 rows give zeros."""
@@ -253,19 +265,20 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
             L = max(L, lens[hi])
             hi += 1
         out[lo:hi] = _decode_rows_ref(q[lo:hi], k_cache, v_cache, block_tables[lo:hi],
-                                      context_lens[lo:hi], L, scale)
+                                      context_lens[lo:hi], L, scale, k_scale, v_scale)
         lo = hi
     return out
 
 
-def _decode_rows_ref(q, k_cache, v_cache, block_tables, context_lens, L: int, scale: float):
+def _decode_rows_ref(q, k_cache, v_cache, block_tables, context_lens, L: int, scale: float,
+                     k_scale: float, v_scale: float):
     """q (b, H, D) → (b, H, D) over the first L cached tokens of each row (masked per row)."""
     b, H, D = q.shape
     S, KVH = k_cache.shape[1], k_cache.shape[2]
     beyond = torch.arange(L, device=q.device)[None, :] >= context_lens[:, None].long()  # (b, L)
     pages = block_tables[:, :-(-L // S)].long()
-    k = k_cache[pages].flatten(1, 2)[:, :L].to(q.dtype)         # (b, L, KVH, D)
-    v = v_cache[pages].flatten(1, 2)[:, :L].to(q.dtype)
+    k = load_kv_ref(k_cache[pages].flatten(1, 2)[:, :L], k_scale, q.dtype)   # (b, L, KVH, D)
+    v = load_kv_ref(v_cache[pages].flatten(1, 2)[:, :L], v_scale, q.dtype)
     v = v.masked_fill(beyond[:, :, None, None], 0)                # unused slots may hold NaN
     qg = q.reshape(b, KVH, H // KVH, D)                           # GQA: group g of head kvh
     scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale       # (b, KVH, G, L), input dtype

@@ -12,6 +12,9 @@ probabilities rounded to the input dtype, then @ v in the input dtype. In bf16 t
 path bit-identical to transformers' eager run; flash-style kernels (fp32 scores, online softmax)
 are held to the FlashAttention bound against it: at most ~2x the error of this same-dtype run.
 Shapes: q (N, H, D); k, v (N, KVH, D); cu_seqlens (B+1,) int; out (N, H, D).
+A float8_e4m3fn cache (kv_cache_dtype "fp8") is dequantized with the layer's k_scale / v_scale as
+its tiles load (kernels/kv_quant.py); the step's own new tokens are read from k and v, which
+rotary_write_kv has already set to the values the fp8 cache gives back.
 
 The Triton kernel is FlashAttention-2: for a block of BLOCK_M queries of one head it walks the keys
 in BLOCK_N tiles — first the cached prefix through the block table, then the new tokens (up to the
@@ -36,6 +39,7 @@ import triton.language as tl
 
 from fastllava.kernels.common import (FP_FUSION, check_attention_inputs, dot_precision,
                                       interpreted)
+from fastllava.kernels.kv_quant import check_scales, is_fp8, load_kv, load_kv_ref
 
 _LOG2E = 1.4426950408889634
 
@@ -82,13 +86,13 @@ _STEP_INTS = ["B", "stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_v
 @triton.jit(do_not_specialize=_STEP_INTS)
 def _prefill_attention_kernel(
         Q, K, V, O, cu_seqlens, KC, VC, block_tables, prefix_lens,
-        B, qk_scale,
+        B, qk_scale, k_scale, v_scale,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
         stride_cp, stride_cs, stride_ch, stride_bt,
         GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr,
-        ALIGN: tl.constexpr):
+        ALIGN: tl.constexpr, KV_FP8: tl.constexpr):
     # Back to elements; the constexpr factor is what tells Triton every offset is ALIGN-aligned.
     stride_qn, stride_qh, stride_on, stride_oh = (stride_qn * ALIGN, stride_qh * ALIGN,
                                                   stride_on * ALIGN, stride_oh * ALIGN)
@@ -126,8 +130,9 @@ def _prefill_attention_kernel(
             page = tl.load(block_tables + b * stride_bt + j // S, mask=j_ok, other=0)
             row = page.to(tl.int64) * stride_cp + (j % S) * stride_cs + kvh * stride_ch
             kv_mask = j_ok[:, None] & d_ok[None, :]
-            k = tl.load(KC + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-            v = tl.load(VC + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            kv_ptrs = row[:, None] + offs_d[None, :]
+            k = load_kv(KC + kv_ptrs, kv_mask, k_scale, q, KV_FP8).to(q.dtype)
+            v = load_kv(VC + kv_ptrs, kv_mask, v_scale, q, KV_FP8).to(q.dtype)
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, j_ok[None, :], qk_scale,
                                           True, PRECISION)
 
@@ -198,12 +203,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cu_seqlens: torch.Tensor, *, causal: bool, scale: float,
                       k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                       block_tables: torch.Tensor | None = None,
-                      prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
+                      prefix_lens: torch.Tensor | None = None, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> torch.Tensor:
     """Triton launcher; same contract as prefill_attention_ref. q, k, v may be strided views
-    (only the last dim must be contiguous); the cache, if given, is (P, S, KVH, D) contiguous."""
+    (only the last dim must be contiguous); the cache, if given, is (P, S, KVH, D) contiguous,
+    in q's dtype or fp8 (dequantized with k_scale / v_scale)."""
     has_prefix = prefix_lens is not None
     check_attention_inputs(q, k, v, cu_seqlens, k_cache, v_cache, block_tables, prefix_lens,
                            has_prefix)
+    check_scales(k_cache, k_scale, v_scale)
     if has_prefix and not causal:
         raise ValueError("a cached prefix (prefix_lens) is only supported with causal=True")
     N, H, D = q.shape
@@ -227,11 +235,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     align, strides = _stride_units(*strided, *cache_strides[:3])
     grid = (N // BLOCK_M + B, H)
     _prefill_attention_kernel[grid](
-        q, k, v, out, cu_seqlens, kc, vc, bt, pl, B, scale * _LOG2E, *strides, cache_strides[3],
+        q, k, v, out, cu_seqlens, kc, vc, bt, pl, B, scale * _LOG2E, k_scale, v_scale, *strides,
+        cache_strides[3],
         GROUP=H // KVH, D=D, S=S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=causal, HAS_PREFIX=has_prefix,
         PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-        ALIGN=align, enable_fp_fusion=FP_FUSION)
+        ALIGN=align, KV_FP8=has_prefix and is_fp8(k_cache), enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -263,7 +272,8 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           cu_seqlens: torch.Tensor, *, causal: bool, scale: float,
                           k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                           block_tables: torch.Tensor | None = None,
-                          prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
+                          prefix_lens: torch.Tensor | None = None, k_scale: float = 1.0,
+                          v_scale: float = 1.0) -> torch.Tensor:
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for b in range(len(bounds) - 1):
@@ -273,7 +283,9 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kb, vb = k[lo:hi], v[lo:hi]
         prefix = int(prefix_lens[b]) if prefix_lens is not None else 0
         if prefix:
-            kb = torch.cat((gather_pages(k_cache, block_tables[b], prefix).to(k.dtype), kb))
-            vb = torch.cat((gather_pages(v_cache, block_tables[b], prefix).to(v.dtype), vb))
+            kb = torch.cat((load_kv_ref(gather_pages(k_cache, block_tables[b], prefix), k_scale,
+                                        k.dtype), kb))
+            vb = torch.cat((load_kv_ref(gather_pages(v_cache, block_tables[b], prefix), v_scale,
+                                        v.dtype), vb))
         out[lo:hi] = attend_ref(q[lo:hi], kb, vb, scale, prefix if causal else None)
     return out

@@ -17,6 +17,8 @@ prefill step as a 1-token chunk. Multi-token prefill chunks run one sequence per
 the T x L math, not the call), except equal-length bidirectional batches (the vision tower's tiles),
 which are one batched call.
 Shapes: q (N, H, D); k, v (N, KVH, D); caches (P, S, KVH, D); block_tables (B, max_pages).
+An fp8 cache is gathered as stored (1 byte per element) and dequantized with the layer's
+k_scale / v_scale (kernels/kv_quant.load_kv_ref) into the model dtype before SDPA.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import threading
 
 import torch
 import torch.nn.functional as F
+
+from fastllava.kernels.kv_quant import load_kv_ref
 
 MIN_BUCKET = 64  # keys a decode row is padded to, at least: a multiple of every SIMD width
 
@@ -93,38 +97,42 @@ def _by_bucket(lens: list[int]) -> dict[int, list[int]]:
     return groups
 
 
+def _gather_kv(q, k_cache, v_cache, block_tables, T: int, k_scale: float, v_scale: float):
+    """The first T slots of each row's keys and values in q's dtype, (b, T, KVH, D) each."""
+    return (load_kv_ref(gather_context(k_cache, block_tables, T, "k"), k_scale, q.dtype),
+            load_kv_ref(gather_context(v_cache, block_tables, T, "v"), v_scale, q.dtype))
+
+
 def paged_decode_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, context_lens: torch.Tensor, *,
-                                scale: float) -> torch.Tensor:
+                                scale: float, k_scale: float = 1.0,
+                                v_scale: float = 1.0) -> torch.Tensor:
     lens = context_lens.long()
     groups = _by_bucket(lens.tolist())
     if len(groups) == 1:   # the common case: no row indexing at all
         (T, _), = groups.items()
-        k = gather_context(k_cache, block_tables, T, "k").to(q.dtype)
-        v = gather_context(v_cache, block_tables, T, "v").to(q.dtype)
+        k, v = _gather_kv(q, k_cache, v_cache, block_tables, T, k_scale, v_scale)
         return attend_one_token(q, k, v, lens, scale)
     out = torch.empty_like(q)
     for T, rows in groups.items():
         idx = torch.tensor(rows, device=q.device)
-        tables = block_tables[idx]
-        k = gather_context(k_cache, tables, T, "k").to(q.dtype)
-        v = gather_context(v_cache, tables, T, "v").to(q.dtype)
+        k, v = _gather_kv(q, k_cache, v_cache, block_tables[idx], T, k_scale, v_scale)
         out[idx] = attend_one_token(q[idx], k, v, lens[idx], scale)
     return out
 
 
 def _one_token_rows(q, k, v, rows, starts, prefixes, k_cache, v_cache, block_tables, scale,
-                    out) -> None:
+                    k_scale, v_scale, out) -> None:
     """1-token chunks over a cached prefix (decodes riding a prefill step): the decode path's
     padded rows, with the new token's K/V placed at its position, so they round exactly as in a
-    decode step."""
+    decode step. (With an fp8 cache, k and v already hold the dequantized values the cache gives:
+    kernels/rotary_write_kv.)"""
     for T, group in _by_bucket([prefixes[b] + 1 for b in rows]).items():
         seqs = [rows[i] for i in group]
         idx = torch.tensor(seqs, device=q.device)
         tok = torch.tensor([starts[b] for b in seqs], device=q.device)
         pos = torch.tensor([prefixes[b] for b in seqs], device=q.device)
-        keys = gather_context(k_cache, block_tables[idx], T, "k").to(q.dtype)
-        vals = gather_context(v_cache, block_tables[idx], T, "v").to(q.dtype)
+        keys, vals = _gather_kv(q, k_cache, v_cache, block_tables[idx], T, k_scale, v_scale)
         ar = torch.arange(len(seqs), device=q.device)
         keys[ar, pos], vals[ar, pos] = k[tok], v[tok]
         out[tok] = attend_one_token(q[tok], keys, vals, pos + 1, scale)
@@ -139,7 +147,8 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens: torch.Tensor, *, causal: bool, scale: float,
                            k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                            block_tables: torch.Tensor | None = None,
-                           prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
+                           prefix_lens: torch.Tensor | None = None, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     B = len(bounds) - 1
@@ -153,16 +162,16 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     riders = [b for b in range(B) if causal and lens[b] == 1 and prefixes[b] > 0]
     if riders:
         _one_token_rows(q, k, v, riders, bounds, prefixes, k_cache, v_cache, block_tables, scale,
-                        out)
+                        k_scale, v_scale, out)
     for b in set(range(B)) - set(riders):
         lo, hi, prefix = bounds[b], bounds[b + 1], prefixes[b]
         if hi == lo:
             continue
         kb, vb = k[lo:hi], v[lo:hi]                                    # (T, KVH, D)
         if prefix:
-            table = block_tables[b:b + 1]
-            kb = torch.cat((gather_context(k_cache, table, prefix, "k")[0].to(k.dtype), kb))
-            vb = torch.cat((gather_context(v_cache, table, prefix, "v")[0].to(v.dtype), vb))
+            kp, vp = _gather_kv(q, k_cache, v_cache, block_tables[b:b + 1], prefix, k_scale,
+                                v_scale)
+            kb, vb = torch.cat((kp[0], kb)), torch.cat((vp[0], vb))
         mask = _causal_from(hi - lo, kb.shape[0], q.device) if causal and prefix else None
         # 4-D inputs: CPU SDPA runs its flash kernel only on (B, H, T, D), else eager math.
         o = F.scaled_dot_product_attention(

@@ -225,6 +225,48 @@ def test_latency_and_throughput_on_a_checkpoint(tiny_llava, tmp_path):
     assert (row["ok"], row["errors"]) == (3, 0) and 3 <= row["out_tokens"] <= 12, row
 
 
+@pytest.mark.parametrize("mode", ["latency", "throughput"])
+def test_fp8_kv_rows_beside_the_model_dtype(tmp_path, mode):
+    """--kv-cache-dtype fp8: one results table holding the model-dtype row and the fp8-KV row,
+    the same prompts through each; latency counts the fp8 row's KV bytes at one byte."""
+    extra = ["--iters", "2"] if mode == "latency" else ["--num-prompts", "3"]
+    assert main(["bench", mode, "--tiny", "--kv-cache-dtype", "fp8", *extra,
+                 "--out", str(tmp_path)]) == 0
+    data = check_results(tmp_path, "--kv-cache-dtype fp8")
+    assert data["record"]["kv_cache_dtype"] == "auto and fp8"
+    rows = {r["impl"]: r for r in rows_of(data, "Single request" if mode == "latency"
+                                          else "Offline batch")}
+    assert set(rows) == {"fastllava", "fastllava (fp8 KV)"}, rows
+    for row in rows.values():
+        assert row["errors"] == 0 and row["out_tokens"] == (8 if mode == "latency" else 24), row
+        assert row["tp"] == 1, row
+    if mode == "latency":
+        t = llava_config(TINY_CONFIG).text
+        fp8 = rows["fastllava (fp8 KV)"]
+        per_step = step_bytes(t, 1, 24 + 8 / 2, 4, None, 1)
+        assert fp8["decode_gb_s"] == pytest.approx(per_step * fp8["decode_tok_per_s_p50"] / 1e9)
+        assert fp8["decode_ceiling_tok_s"] == pytest.approx(ceilings(data)[0] / per_step)
+        assert per_step < step_bytes(t, 1, 24 + 8 / 2, 4)
+
+
+def test_an_fp8_kv_row_is_rated_with_one_byte_kv():
+    """The roofline of a "fastllava (fp8 KV)" row counts its KV reads at 1 byte per element:
+    a higher decode ceiling and throughput roofline than the same row over model-dtype pages."""
+    from fastllava.benchmarks import roofline
+
+    t = llava_config(TINY_CONFIG).text
+    ceil = roofline.Ceilings(100.0, 50.0, [])
+    lat = [{"decode_tok_per_s_p50": 10.0, "ttft_p50_ms": 5.0},
+           {"kv_cache_dtype": "fp8", "decode_tok_per_s_p50": 10.0, "ttft_p50_ms": 5.0}]
+    roofline.rate_latency(lat, t, 4, 24, 8, ceil)
+    assert lat[1]["decode_ceiling_tok_s"] == pytest.approx(
+        100e9 / step_bytes(t, 1, 24 + 8 / 2, 4, None, 1))
+    assert lat[1]["decode_ceiling_tok_s"] > lat[0]["decode_ceiling_tok_s"]
+    tput = [{"out_tok_per_s": 10.0}, {"kv_cache_dtype": "fp8", "out_tok_per_s": 10.0}]
+    roofline.rate_throughput(tput, t, 4, 8, 24, 8, ceil)
+    assert tput[1]["roofline_out_tok_s"] > tput[0]["roofline_out_tok_s"]
+
+
 def test_a_tensor_parallel_row_is_rated_against_n_devices():
     """TP rows: N GPUs read and multiply in parallel, so their ceilings are N x one device's."""
     from fastllava.benchmarks import roofline

@@ -94,3 +94,25 @@ def test_smoke_with_fp8_counts_one_byte_per_decoder_weight(tmp_path, bench_scrip
             expected = step_bytes(t, int(B), float(r[4]), 4, linear_e) / float(r[5]) / 1e6
             assert abs(float(r[7]) - expected) <= 0.01 * expected, (r, expected)
         assert step_bytes(t, int(B), 30.0, 4, 1) < 0.8 * step_bytes(t, int(B), 30.0, 4)
+
+
+def test_smoke_with_fp8_kv_times_both_caches_in_one_run(tmp_path, bench_script):
+    """--kv-cache-dtype fp8: the fastllava rows over model-dtype pages and over fp8 pages, for
+    every batch, in one run; the fp8 rows count their KV at one byte per element."""
+    from fastllava.weights.random import TINY_CONFIG, llava_config
+
+    fp8_impls = tuple(i + " (fp8 KV)" for i in IMPLS[:2])
+    proc = run_bench("--smoke", "--kv-cache-dtype", "fp8", "--peers", "none", "--out",
+                     str(tmp_path))
+    assert proc.returncode == 0, describe(proc)
+    assert "- kv_cache_dtype: `auto and fp8 (fastllava rows)`" in proc.stdout
+    rows = {(r[1], r[3]): r for r in table_rows(proc.stdout, COLUMNS, 3, IMPLS + fp8_impls)}
+    step_bytes, t = bench_script("decode").step_bytes, llava_config(TINY_CONFIG).text
+    for B in SMOKE_BATCHES:
+        for impl, kv_e in (("fastllava engine", None), ("fastllava engine (fp8 KV)", 1)):
+            r = rows[(B, impl)]
+            assert r[11] == "-" and float(r[5]) > 0, r
+            expected = step_bytes(t, int(B), float(r[4]), 4, None, kv_e) / float(r[5]) / 1e6
+            assert abs(float(r[7]) - expected) <= 0.01 * expected, (r, expected)
+        assert rows[(B, "fastllava graph replay (fp8 KV)")][11].startswith("n/a: "), rows
+        assert step_bytes(t, int(B), 300.0, 4, None, 1) < step_bytes(t, int(B), 300.0, 4)

@@ -15,7 +15,7 @@ from benchkit import describe, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "kernels.py"
-NOT_KERNELS = {"__init__", "ops", "common"}
+NOT_KERNELS = {"__init__", "ops", "common", "kv_quant"}   # helpers, no launcher of their own
 # Every kernel file in kernels/ must have a benchmark row: a new kernel without one fails here.
 STEMS = sorted(p.stem for p in (REPO / "kernels").glob("*.py") if p.stem not in NOT_KERNELS)
 COLUMNS = 10

@@ -13,7 +13,7 @@ from benchkit import check_results, describe, table_rows
 from fastllava.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-TTFT_COLUMNS = 12    # bench/ttft.py COLUMNS
+TTFT_COLUMNS = 13    # bench/ttft.py COLUMNS
 
 
 def children() -> list[int]:
@@ -48,5 +48,5 @@ def test_ttft_tp2_smoke():
                            "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, describe(proc)
     (row,) = table_rows(proc.stdout, TTFT_COLUMNS, 0, ("tiny",))
-    assert row[1] == "2" and float(row[5]) > 0, row
+    assert row[1] == "2" and float(row[6]) > 0, row
     assert "--tensor-parallel-size 2" in proc.stdout

@@ -20,7 +20,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import fp8_checkpoint as ck
 from fastllava import LLaVA
+from fastllava.runtime.config import RuntimeConfig
 from fastllava.runtime.memory_plan import GB, Measured, plan_kv_pool
 from fastllava.runtime.sequence import SamplingParams, Sequence
 from fastllava.runtime.tp_comm import TPComm
@@ -196,3 +198,59 @@ def test_tp2_cuda_graphs_capture_collectives(tiny_next):
         two.close()
     assert 3 in seen
     assert got == want, f"TP=2 graph replay differs from TP=1:\n tp2 {got}\n tp1 {want}"
+
+
+# ---- fp8 KV pages on every rank -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rescaled(tiny_next, tmp_path_factory):
+    """The non-degenerate tiny checkpoint of the FP8 accuracy tests."""
+    return ck.rescaled(tiny_next, tmp_path_factory.mktemp("tpfp8") / "ckpt")
+
+
+def test_tp2_fp8_kv_decodes_like_tp1_fp8(rescaled):
+    """kv_cache_dtype "fp8" under TP=2: rank 0 tells the worker to hold its KV heads in fp8 pages
+    too (OP_SETUP), so the greedy tokens are TP=1 fp8's. The rescaled checkpoint's K/V are large
+    enough that fp8 rounding changes its tokens (checked here), so a worker on model-dtype pages
+    would not give TP=1 fp8's tokens."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 400) for _ in range(n)] for n in (5, 17, 30, 41)]
+    got = {}
+    for kv, tp in (("auto", 1), ("fp8", 1), ("fp8", 2)):
+        llava = LLaVA.from_pretrained(rescaled, device="cpu", dtype="float32",
+                                      tensor_parallel_size=tp,
+                                      runtime=RuntimeConfig(kv_cache_dtype=kv))
+        try:
+            assert llava.engine.runner.kv.k[0].dtype == (
+                torch.float8_e4m3fn if kv == "fp8" else torch.float32)
+            got[kv, tp] = greedy(llava, prompts)
+        finally:
+            llava.close()
+    assert got["fp8", 1] != got["auto", 1], "fp8 KV changed no token: the check proves nothing"
+    assert got["fp8", 2] == got["fp8", 1], \
+        f"TP=2 fp8 KV differs from TP=1 fp8 KV:\n tp2 {got['fp8', 2]}\n tp1 {got['fp8', 1]}"
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_measure_header_carries_the_kv_page_dtype(kv_dtype):
+    """OP_MEASURE tells the workers rank 0's page dtype (h[3], as OP_SETUP does): a worker's
+    scratch KV, part of the peak it measures, is then in fp8 pages when rank 0's is (on CUDA;
+    the CPU has no measured pool, so the TP=2 run above never sends OP_MEASURE)."""
+    from types import SimpleNamespace
+
+    from fastllava.runtime import tp_step
+    from fastllava.runtime.tp_driver import TPDriver
+
+    sent = []
+
+    class Comm:   # records rank 0's first header, then stops the measurement
+        def broadcast_header(self, h, idle=False):
+            sent.append(h.clone())
+            raise ValueError("stop")
+    driver = object.__new__(TPDriver)   # no workers: only the message rank 0 would send
+    driver.broken, driver.procs, driver.comm, driver._measuring = None, [], Comm(), False
+    steps = SimpleNamespace(scratch_pages=7, kv_dtype=kv_dtype, scratch_kv=None, worst_case=None)
+    with pytest.raises(ValueError, match="stop"):
+        driver.measured_plan(None, steps, None, POOL)
+    fp8 = int(kv_dtype == torch.float8_e4m3fn)
+    assert torch.equal(sent[0], tp_step.header(tp_step.OP_MEASURE, 7, 0, fp8)), sent

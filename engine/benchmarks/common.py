@@ -176,13 +176,16 @@ def linear_params(t) -> int:
     return h * (t.q_size + 2 * t.kv_size) + t.q_size * h + 3 * h * t.intermediate_size
 
 
-def step_bytes(t, B: int, ctx: float, e: int, linear_e: int | None = None) -> float:
+def step_bytes(t, B: int, ctx: float, e: int, linear_e: int | None = None,
+               kv_e: int | None = None) -> float:
     """Minimum bytes one decode step reads: weights once + KV of B sequences at ctx tokens.
     linear_e: bytes per decoder linear weight when not e (1 for FP8; its fp32 per-channel
-    scales, < 0.1 % of those bytes, are left out)."""
+    scales, < 0.1 % of those bytes, are left out); kv_e: bytes per cached K/V element when not
+    e (1 for kv_cache_dtype "fp8")."""
     h, L = t.hidden_size, t.num_hidden_layers
     rest = L * 2 * h + h + t.vocab_size * h + B * h   # norms, final norm, lm_head, embed rows
-    return L * linear_params(t) * (linear_e or e) + (rest + 2 * L * t.kv_size * ctx * B) * e
+    return (L * linear_params(t) * (linear_e or e) + rest * e
+            + 2 * L * t.kv_size * ctx * B * (kv_e or e))
 
 
 COLUMNS = ("kernel", "case", "impl", "ms", "value", "unit", "pct_ceiling", "bar", "vs_triton",

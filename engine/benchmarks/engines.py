@@ -17,7 +17,8 @@ class RandomEngine:
 
     def __init__(self, config: str | None, *, device: str | None = None, dtype: str | None = None,
                  backend: str = "auto", max_len: int, max_seqs: int = 1, seed: int = 0,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto"):
+        """kv_cache_dtype: RuntimeConfig.kv_cache_dtype ("fp8": KV pages in float8_e4m3fn)."""
         from fastllava.benchmarks.random_runtime import RandomRuntime
         from fastllava.runtime.config import RuntimeConfig
 
@@ -28,7 +29,8 @@ class RandomEngine:
         self.config, self.model = self.runtime.config, self.runtime.model
         self.vocab, self.device, self.max_len = self.config.text.vocab_size, device, max_len
         rc = RuntimeConfig(max_num_seqs=min(max_seqs, 256), max_context=max_len,
-                           kv_cache_tokens=None if device == "cuda" else max_len * max_seqs)
+                           kv_cache_tokens=None if device == "cuda" else max_len * max_seqs,
+                           kv_cache_dtype=kv_cache_dtype)
         self.max_batch = rc.max_num_seqs
         self.engine, _ = self.runtime.build(rc)
 
@@ -99,13 +101,14 @@ class RandomEngine:
 class ApiEngine:
     """A checkpoint through the public API; each request on its own thread, a generated image."""
 
-    def __init__(self, args):
+    def __init__(self, args, kv_cache_dtype: str = "auto"):
         from fastllava.api import LLaVA
         from fastllava.benchmarks.workload import generated_image
 
         self.llava = LLaVA.from_pretrained(args.model, args.device, args.dtype,
                                            backend=args.backend, progress=True,
-                                           tensor_parallel_size=args.tensor_parallel_size)
+                                           tensor_parallel_size=args.tensor_parallel_size,
+                                           kv_cache_dtype=kv_cache_dtype)
         self.name, self.dtype, self.max_batch = args.model, self.llava.dtype, None
         self.image = generated_image(random.Random(args.seed), 672, 672, "jpeg")
 

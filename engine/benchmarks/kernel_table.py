@@ -61,35 +61,42 @@ def _sdpa_peers(*, causal: bool, scale: float) -> dict:
 
 
 def decode_cases(sh: Shapes, gen) -> Iterator[Case]:
+    """Over caches in the model dtype and, tagged "fp8 KV", in float8_e4m3fn (kv_cache_dtype
+    "fp8": half the KV bytes; the SDPA peers get the pages dequantized, outside the timing)."""
     from fastllava.kernels import paged_decode_attention as mod
     S, dt = sh.page_size, sh.dtype
-    e = dt.itemsize
     for m in sh.decoders:
         for ctx in sh.contexts:
             for B in sh.decode_batches:
-                pages = -(-ctx // S)
-                k_cache = _randn(gen, B * pages, S, m.KVH, m.D, dtype=dt)
-                v_cache = _randn(gen, B * pages, S, m.KVH, m.D, dtype=dt)
-                tables = torch.randperm(B * pages, generator=gen, device=gen.device)
-                tables = tables.view(B, pages).to(torch.int32)   # shuffled pages, as after churn
-                lens = torch.full((B,), ctx, dtype=torch.int32, device=gen.device)
-                q = _qkv(gen, B, m.H, m.KVH, m.D, dt)[0]
-                kv_bytes = 2 * B * ctx * m.KVH * m.D * e
-                work = kv_bytes + 2 * B * m.H * m.D * e + tables.numel() * 4 + B * 4
+                for kv_dt in (dt, torch.float8_e4m3fn):
+                    yield _decode_case(mod, m, ctx, B, S, dt, kv_dt, gen)
 
-                def dense(args, ctx=ctx):  # SDPA inputs, gathered untimed: k, v (B, KVH, ctx, D)
-                    q, k_cache, v_cache, tables = args[:4]
-                    k, v = (c[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
-                            for c in (k_cache, v_cache))
-                    return q.unsqueeze(2), k, v
-                yield Case("paged_decode_attention", f"{m.name} B={B} ctx={ctx}", work, "GB/s",
-                           (q, k_cache, v_cache, tables, lens),
-                           {"triton": mod.paged_decode_attention,
-                            "torch ref": mod.paged_decode_attention_ref,
-                            **_sdpa_peers(causal=False, scale=m.D ** -0.5)},
-                           {"scale": m.D ** -0.5}, prep=dense, view=lambda o: o[:, :, 0],
-                           bar=lambda v, pct: "" if pct is None else
-                           f">=85% BW: {'yes' if pct >= DECODE_BAR else 'NO'}")
+
+def _decode_case(mod, m, ctx: int, B: int, S: int, dt, kv_dt, gen) -> Case:
+    pages = -(-ctx // S)
+    k_cache = _randn(gen, B * pages, S, m.KVH, m.D, dtype=dt).to(kv_dt)
+    v_cache = _randn(gen, B * pages, S, m.KVH, m.D, dtype=dt).to(kv_dt)
+    tables = torch.randperm(B * pages, generator=gen, device=gen.device)
+    tables = tables.view(B, pages).to(torch.int32)   # shuffled pages, as after churn
+    lens = torch.full((B,), ctx, dtype=torch.int32, device=gen.device)
+    q = _qkv(gen, B, m.H, m.KVH, m.D, dt)[0]
+    kv_bytes = 2 * B * ctx * m.KVH * m.D * kv_dt.itemsize
+    work = kv_bytes + 2 * B * m.H * m.D * dt.itemsize + tables.numel() * 4 + B * 4
+
+    def dense(args, ctx=ctx):  # SDPA inputs, gathered untimed: k, v (B, KVH, ctx, D)
+        q, k_cache, v_cache, tables = args[:4]
+        k, v = (c[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).to(q.dtype).contiguous()
+                for c in (k_cache, v_cache))
+        return q.unsqueeze(2), k, v
+    tag = " fp8 KV" if kv_dt != dt else ""
+    return Case("paged_decode_attention", f"{m.name} B={B} ctx={ctx}{tag}", work, "GB/s",
+                (q, k_cache, v_cache, tables, lens),
+                {"triton": mod.paged_decode_attention,
+                 "torch ref": mod.paged_decode_attention_ref,
+                 **_sdpa_peers(causal=False, scale=m.D ** -0.5)},
+                {"scale": m.D ** -0.5}, prep=dense, view=lambda o: o[:, :, 0],
+                bar=lambda v, pct: "" if pct is None else
+                f">=85% BW: {'yes' if pct >= DECODE_BAR else 'NO'}")
 
 
 def prefill_cases(sh: Shapes, gen) -> Iterator[Case]:
@@ -126,17 +133,20 @@ def _token_rows(sh: Shapes):
 def kv_write_cases(sh: Shapes, gen) -> Iterator[Case]:
     from fastllava.kernels import kv_cache_write as mod
     S, dt, e = sh.page_size, sh.dtype, sh.dtype.itemsize
-    for m, N, tag in _token_rows(sh):
+    for (m, N, tag), kv_dt in ((row, kv) for row in _token_rows(sh)
+                               for kv in (dt, torch.float8_e4m3fn)):   # fp8: quantize on store
         P = -(-N // S) + 1
 
-        def build(g, m=m, N=N, P=P):  # k, v: strided views of a fused qkv; N distinct slots
+        def build(g, m=m, N=N, P=P, kv_dt=kv_dt):  # k, v: views of a fused qkv; N distinct slots
             k, v = _qkv(g, N, m.KVH, m.KVH, m.D, dt)[1:]
-            caches = [_randn(g, P, S, m.KVH, m.D, dtype=dt) for _ in range(2)]
+            caches = [_randn(g, P, S, m.KVH, m.D, dtype=dt).to(kv_dt) for _ in range(2)]
             return (k, v, *caches, torch.randperm(P * S, generator=g, device=g.device)[:N])
         make = _fresh(gen, build)
-        yield Case("kv_cache_write", tag, 4 * N * m.KVH * m.D * e + 8 * N, "GB/s", make(),
+        yield Case("kv_cache_write", tag + (" fp8 KV" if kv_dt != dt else ""),
+                   2 * N * m.KVH * m.D * (e + kv_dt.itemsize) + 8 * N, "GB/s", make(),
                    {"triton": mod.write_kv, "torch ref": mod.write_kv_ref}, make=make,
-                   outputs=lambda ret, a: (a[2], a[3]), exact=True)
+                   outputs=lambda ret, a: (a[2].view(torch.uint8), a[3].view(torch.uint8))
+                   if a[2].dtype == torch.float8_e4m3fn else (a[2], a[3]), exact=True)
 
 
 def rms_norm_cases(sh: Shapes, gen) -> Iterator[Case]:

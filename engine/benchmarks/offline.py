@@ -14,6 +14,8 @@ throughput: `--num-prompts` requests submitted at once (offline batch): requests
 tokens/s and total (prompt + output) tokens/s over the wall time.
 `--peers eager,compiled`: transformers on the same random weights and prompts (peers.py), and
 every figure as a ratio to the copy / matmul ceilings measured in the same run (roofline.py).
+`--kv-cache-dtype fp8`: the same runs again over an fp8 KV cache, a "fastllava (fp8 KV)" row
+beside the model-dtype one in the same results.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def add_parsers(sub) -> None:
         a("--peers", default="none", help="also time transformers' LlamaForCausalLM on the same "
           "prompts and random weights: eager, compiled (StaticCache + torch.compile "
           "reduce-overhead, GPU) or both, comma-separated (default none; needs transformers)")
+        a("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+          help="fp8: also run over fp8 KV pages, a row beside the model dtype's (default auto)")
         if name == "latency":
             a("--iters", type=int, default=10, help="timed requests (default 10; --tiny 3)")
             a("--warmup", type=int, default=2, help="untimed requests first (default 2)")
@@ -79,6 +83,16 @@ def _sizes(args) -> None:
         raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
 
 
+def _engine(args, config: str | None, kv_cache_dtype: str):
+    if args.model:
+        return ApiEngine(args, kv_cache_dtype)
+    return RandomEngine(config, device=args.device, dtype=args.dtype, backend=args.backend,
+                        max_len=args.input_len + args.output_len + 1,
+                        max_seqs=1 if args.mode == "latency" else args.num_prompts,
+                        seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+                        kv_cache_dtype=kv_cache_dtype)
+
+
 def run(args) -> int:
     _sizes(args)
     _peer_kinds(args)   # bad --peers: refused before anything loads
@@ -86,19 +100,28 @@ def run(args) -> int:
     # The ceilings first: the engine's KV pool then takes the GPU's free memory.
     ceilings = roofline.absent(NO_FLOORS) if args.model else roofline.measure(
         *RandomEngine.placement(config, args.device, args.dtype))
-    engine = ApiEngine(args) if args.model else RandomEngine(
-        config, device=args.device, dtype=args.dtype, backend=args.backend,
-        max_len=args.input_len + args.output_len + 1,
-        max_seqs=1 if args.mode == "latency" else args.num_prompts, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size)
+    kv_dtypes = ("auto", "fp8") if args.kv_cache_dtype == "fp8" else ("auto",)
     results = Results(args.out or default_out(args.mode), f"{args.mode.capitalize()} benchmark",
                       provenance(args.argv))
-    results.record.update(model=engine.name, dtype=str(engine.dtype).removeprefix("torch."),
-                          input_len=str(args.input_len), output_len=str(args.output_len),
-                          tensor_parallel_size=str(args.tensor_parallel_size))
-    bench = _latency if args.mode == "latency" else _throughput
-    traces, fig = bench(args, engine, random.Random(args.seed), results, ceilings)
-    engine.close()
+    latency = args.mode == "latency"
+    rows, series, traces, prompts = [], {}, [], None
+    for kv in kv_dtypes:   # one engine at a time: the same prompts over each KV page dtype
+        engine = _engine(args, config, kv)
+        if prompts is None:
+            n = args.warmup + args.iters if latency else args.num_prompts
+            prompts = engine.prompts(random.Random(args.seed), n, args.input_len)
+            results.record.update(model=engine.name, dtype=str(engine.dtype).removeprefix("torch."),
+                                  input_len=str(args.input_len), output_len=str(args.output_len),
+                                  tensor_parallel_size=str(args.tensor_parallel_size),
+                                  kv_cache_dtype=" and ".join(kv_dtypes))
+        got = (_latency if latency else _throughput)(args, engine, prompts, kv, series)
+        rows.append(got)
+        traces += got.pop("traces")
+        if kv == "auto":   # the peers once, beside the model-dtype row (they free the engine)
+            rows += _peer_rows(args, engine, prompts, series)
+        engine.close()
+    fig = (_rate_latency if latency else _rate_throughput)(args, engine, rows, series, results,
+                                                           ceilings, len(prompts))
     results.add("Ceilings (measured in this run)", ceilings.rows, roofline.CEILING_COLUMNS)
     results.figures += [fig] if fig else []
     results.notes += [] if fig else [plots.NO_MATPLOTLIB]
@@ -113,24 +136,61 @@ NO_FLOORS = ("not measured: --model prompts have tokenizer- and image-dependent 
              "floors need the fixed token counts of a random-weight run")
 
 
-def _latency(args, engine, rng, results, ceilings):
+def _label(kv: str) -> str:
+    return "fastllava" + (" (fp8 KV)" if kv == "fp8" else "")
+
+
+def _latency(args, engine, prompts, kv: str, series: dict) -> dict:
+    """fastllava's row over KV pages `kv` (its traces under "traces"); adds its TTFT series."""
     from fastllava.weights.progress import progress_bar
 
-    prompts = engine.prompts(rng, args.warmup + args.iters, args.input_len)
+    label = _label(kv)
     for prompt in prompts[:args.warmup]:
         engine.run([prompt], args.output_len)
-    bar, traces = progress_bar(args.iters, "latency", "request"), []
+    bar, traces = progress_bar(args.iters, f"latency {label}", "request"), []
     for prompt in prompts[args.warmup:]:
         traces += engine.run([prompt], args.output_len)
         bar.update(1)
     bar.close()
-    rows = [{"impl": "fastllava", "tp": args.tensor_parallel_size, **_latency_row(traces)}]
-    series = {"fastllava TTFT": [1e3 * t.ttft for t in traces if not t.error]}
+    series[f"{label} TTFT"] = [1e3 * t.ttft for t in traces if not t.error]
+    # kv_cache_dtype: not a column; roofline counts an fp8 row's KV at one byte per element
+    return {"impl": label, "tp": args.tensor_parallel_size, "kv_cache_dtype": kv,
+            **_latency_row(traces), "traces": traces}
+
+
+def _throughput(args, engine, prompts, kv: str, series: dict) -> dict:
+    from fastllava.weights.progress import progress_bar
+
+    label = _label(kv)
+    engine.run(prompts[:1], 2)   # warm-up: lazy compilation out of the timed batch
+    bar = progress_bar(len(prompts), f"throughput {label}", "request")
+    traces = engine.run(prompts, args.output_len, bar)
+    bar.close()
+    series[f"{label} TTFT"] = [1e3 * t.ttft for t in traces if not t.error]
+    series[f"{label} e2e"] = [1e3 * (t.end - t.submit) for t in traces if not t.error]
+    return {"impl": label, "tp": args.tensor_parallel_size, "max_batch": engine.max_batch,
+            "kv_cache_dtype": kv, **_throughput_row(traces, args.input_len), "traces": traces}
+
+
+def _peer_rows(args, engine, prompts, series: dict) -> list[dict]:
+    """The transformers rows (--peers; none by default); adds their series."""
+    rows = []
     for label, got in _peers(args, engine, prompts).items():
-        rows.append({"impl": label, "tp": 1, **(_latency_row(got) if isinstance(got, list)
-                                       else {"note": got})})
-        series[f"{label} TTFT"] = [1e3 * t.ttft for t in got] if isinstance(got, list) else []
-    for r in rows:   # > 1: fastllava is faster
+        ok = isinstance(got, list)
+        if args.mode == "latency":
+            rows.append({"impl": label, "tp": 1, **(_latency_row(got) if ok else {"note": got})})
+            series[f"{label} TTFT"] = [1e3 * t.ttft for t in got] if ok else []
+        else:
+            rows.append({"impl": label, "tp": 1,
+                         "max_batch": min(args.peer_batch_size, len(prompts)),
+                         **(_throughput_row(got, args.input_len) if ok else {"note": got})})
+            series[f"{label} e2e"] = ([1e3 * (t.end - t.submit) for t in got if not t.error]
+                                      if ok else [])
+    return rows
+
+
+def _rate_latency(args, engine, rows, series, results, ceilings, _n):
+    for r in rows:   # > 1: fastllava (model-dtype KV, rows[0]) is faster
         for key, faster in (("ttft_p50_ms", lambda a, b: b / a),
                             ("decode_tok_per_s_p50", lambda a, b: a / b)):
             ours, theirs = rows[0].get(key), r.get(key)
@@ -140,38 +200,21 @@ def _latency(args, engine, rng, results, ceilings):
                               args.output_len, ceilings)
     results.add("Single request", rows, _LATENCY_COLUMNS)
     results.notes += roofline.LATENCY_LEGEND
-    return traces, plots.cdf(results.out / "latency_cdf.png", "Single-request TTFT", "ms", series)
+    return plots.cdf(results.out / "latency_cdf.png", "Single-request TTFT", "ms", series)
 
 
-def _throughput(args, engine, rng, results, ceilings):
-    from fastllava.weights.progress import progress_bar
-
-    prompts = engine.prompts(rng, args.num_prompts, args.input_len)
-    engine.run(prompts[:1], 2)   # warm-up: lazy compilation out of the timed batch
-    bar = progress_bar(len(prompts), "throughput", "request")
-    traces = engine.run(prompts, args.output_len, bar)
-    bar.close()
-    rows = [{"impl": "fastllava", "tp": args.tensor_parallel_size, "max_batch": engine.max_batch,
-             **_throughput_row(traces, args.input_len)}]
-    series = {"fastllava e2e": [1e3 * (t.end - t.submit) for t in traces if not t.error]}
-    for label, got in _peers(args, engine, prompts).items():
-        ok = isinstance(got, list)
-        rows.append({"impl": label, "tp": 1, "max_batch": min(args.peer_batch_size, len(prompts)),
-                     **(_throughput_row(got, args.input_len) if ok else {"note": got})})
-        series[f"{label} e2e"] = [1e3 * (t.end - t.submit) for t in got if not t.error] if ok else []
+def _rate_throughput(args, engine, rows, series, results, ceilings, num_prompts):
     ours = rows[0]["out_tok_per_s"]
-    for r in rows:   # > 1: fastllava is faster
+    for r in rows:   # > 1: fastllava (model-dtype KV, rows[0]) is faster
         theirs = r.get("out_tok_per_s")
         r["fastllava_x_tput"] = ours / theirs if ours and theirs else None
     if not args.model:
         roofline.rate_throughput(rows, engine.config.text, engine.dtype.itemsize,
-                                 len(prompts), args.input_len, args.output_len, ceilings)
+                                 num_prompts, args.input_len, args.output_len, ceilings)
     results.add("Offline batch", rows, _THROUGHPUT_COLUMNS)
     results.notes += roofline.THROUGHPUT_LEGEND
-    return traces, plots.cdf(results.out / "throughput_cdf.png",
-                             "Offline batch: per-request latency", "ms", {
-                                 "fastllava TTFT": [1e3 * t.ttft for t in traces if not t.error],
-                                 **series})
+    return plots.cdf(results.out / "throughput_cdf.png", "Offline batch: per-request latency",
+                     "ms", series)
 
 
 _LATENCY_COLUMNS = ("impl", "iters", "errors", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",

@@ -10,7 +10,7 @@ measured at small sizes (a 64 MiB host copy, 512^3), median of 5 calls: indicati
 Counts, per the text config (L layers, h hidden, q = H·D, kv = KVH·D, e bytes per element;
 linear = the weights of one layer's q, k, v, o, gate, up, down):
 - decode step of B sequences at context c: bytes = all weights once + B embedding rows + the KV
-  read, 2·L·kv·c·B·e (common.step_bytes); FLOPs = 2·B·(L·linear + vocab·h) + 4·B·L·q·c
+  read, 2·L·kv·c·B·e (common.step_bytes; e = 1 for the KV of an fp8-KV row); FLOPs = 2·B·(L·linear + vocab·h) + 4·B·L·q·c
   (q·Kᵀ and p·V over c keys).
 - prefill of P tokens: FLOPs = 2·P·L·linear + 2·L·q·P(P+1) (causal attention: P(P+1)/2 pairs,
   q·Kᵀ and p·V) + 2·h·vocab (logits of the last token only); bytes = step_bytes(B=1, c=P).
@@ -36,14 +36,15 @@ LATENCY_LEGEND = (
     "pct_ttft_floor = ttft_floor_ms / TTFT p50 (prefill MFU when compute-bound).",
     "fastllava_x_ttft / fastllava_x_decode: the peer's TTFT / fastllava's, fastllava's decode "
     "tok/s / the peer's (> 1: fastllava is faster). A row with tp N is rated against N x the "
-    "one-device ceilings (N GPUs' bandwidth and peak).")
+    "one-device ceilings (N GPUs' bandwidth and peak); a \"fastllava (fp8 KV)\" row's KV bytes "
+    "count 1 per element.")
 THROUGHPUT_LEGEND = (
     "roofline_out_tok_s: all prompts in one batch (an upper bound: memory may cap the batch), "
     "floor time = max(prompts x prefill FLOPs / matmul peak, weights + prompt KV bytes / copy) "
     "+ (output - 1) decode steps x max(step bytes / copy, step FLOPs / matmul peak) at the mean "
     "context (prompt + output/2); roofline_out_tok_s = prompts x output tokens / floor time; "
     "pct_roofline = out_tok_per_s / roofline_out_tok_s; a row with tp N: N x the one-device "
-    "ceilings.",
+    "ceilings; a \"fastllava (fp8 KV)\" row: KV bytes at 1 per element.",
     "fastllava_x_tput = fastllava's out_tok_per_s / the row's (> 1: fastllava is faster); "
     "max_batch: the most requests a forward holds (fastllava: max_num_seqs; transformers: "
     "--peer-batch-size, prompts left-padded, batches run in order).")
@@ -98,13 +99,19 @@ def _ok(x) -> bool:
     return x is not None and x == x and x > 0     # not None, not nan, positive
 
 
+def _kv_e(row: dict) -> int | None:
+    """Bytes per cached K/V element of a row over fp8 KV pages (kv_cache_dtype "fp8"): 1."""
+    return 1 if row.get("kv_cache_dtype") == "fp8" else None
+
+
 def rate_latency(rows: list[dict], t, e: int, P: int, O: int, ceil: Ceilings) -> None:
     """Adds decode_gb_s and, with ceilings, decode_ceiling_tok_s, pct_copy, ttft_floor_ms and
     pct_ttft_floor to each timed row (LATENCY_LEGEND)."""
-    per_step = step_bytes(t, 1, P + O / 2, e)
     for r in rows:
         tok, ttft = r.get("decode_tok_per_s_p50"), r.get("ttft_p50_ms")
         n = r.get("tp", 1)        # a row split over n devices is rated against n devices' ceilings
+        kv_e = _kv_e(r)
+        per_step = step_bytes(t, 1, P + O / 2, e, None, kv_e)
         if _ok(tok):
             r["decode_gb_s"] = per_step * tok / 1e9
         if ceil.measured and _ok(tok):
@@ -113,7 +120,7 @@ def rate_latency(rows: list[dict], t, e: int, P: int, O: int, ceil: Ceilings) ->
         if ceil.measured and _ok(ttft):
             r["ttft_floor_ms"] = 1e3 * max(
                 prefill_flops(t, P) / (n * ceil.matmul_tflop_s * 1e12),
-                step_bytes(t, 1, P, e) / (n * ceil.copy_gb_s * 1e9))
+                step_bytes(t, 1, P, e, None, kv_e) / (n * ceil.copy_gb_s * 1e9))
             r["pct_ttft_floor"] = 100 * r["ttft_floor_ms"] / ttft
 
 
@@ -125,8 +132,9 @@ def rate_throughput(rows: list[dict], t, e: int, N: int, P: int, O: int, ceil: C
     for r in filter(lambda r: _ok(r.get("out_tok_per_s")), rows):
         n = r.get("tp", 1)        # a row split over n devices is rated against n devices' ceilings
         bw, peak = n * ceil.copy_gb_s * 1e9, n * ceil.matmul_tflop_s * 1e12
-        floor_s = (max(N * prefill_flops(t, P) / peak, step_bytes(t, N, P, e) / bw)
-                   + (O - 1) * max(step_bytes(t, N, ctx, e) / bw,
+        kv_e = _kv_e(r)
+        floor_s = (max(N * prefill_flops(t, P) / peak, step_bytes(t, N, P, e, None, kv_e) / bw)
+                   + (O - 1) * max(step_bytes(t, N, ctx, e, None, kv_e) / bw,
                                    decode_step_flops(t, N, ctx) / peak))
         r["roofline_out_tok_s"] = N * O / floor_s
         r["pct_roofline"] = 100 * r["out_tok_per_s"] / r["roofline_out_tok_s"]

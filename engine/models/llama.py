@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastllava.config import TextConfig
+from fastllava.kv_cache import LayerKV
 from fastllava.models.context import ForwardContext
 from fastllava.models.layers import MergedLinear, RMSNorm, RotaryTable
 
@@ -25,25 +26,27 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=False)
         self.splits = (c.q_size, c.kv_size, c.kv_size)
 
-    def forward(self, ops, x, ctx: ForwardContext, rope: RotaryTable, k_cache, v_cache):
+    def forward(self, ops, x, ctx: ForwardContext, rope: RotaryTable, kv: LayerKV):
         N = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.splits, dim=-1)
         q = q.reshape(N, self.num_heads, self.head_dim)      # (N, H, D)
         k = k.reshape(N, self.num_kv_heads, self.head_dim)   # (N, KVH, D)
         v = v.reshape(N, self.num_kv_heads, self.head_dim)
-        # q and k rotated in place (cos/sin rows by position), k and v written to their slots.
-        ops.rotary_write_kv(q, k, v, ctx.positions, rope.cos, rope.sin, k_cache, v_cache,
-                            ctx.slot_mapping)
+        # q and k rotated in place (cos/sin rows by position), k and v written to their slots
+        # (quantized there when the cache is fp8; k and v themselves keep the model dtype).
+        scales = dict(k_scale=kv.k_scale, v_scale=kv.v_scale)
+        ops.rotary_write_kv(q, k, v, ctx.positions, rope.cos, rope.sin, kv.k, kv.v,
+                            ctx.slot_mapping, **scales)
         scale = self.head_dim ** -0.5
         if ctx.is_prefill and ctx.has_prefix:   # some sequence attends to cached tokens too
             o = ops.prefill_attention(q, k, v, ctx.cu_seqlens, causal=True, scale=scale,
-                                      k_cache=k_cache, v_cache=v_cache,
-                                      block_tables=ctx.block_tables, prefix_lens=ctx.prefix_lens)
+                                      k_cache=kv.k, v_cache=kv.v, block_tables=ctx.block_tables,
+                                      prefix_lens=ctx.prefix_lens, **scales)
         elif ctx.is_prefill:                    # the cheaper kernel variant: new tokens only
             o = ops.prefill_attention(q, k, v, ctx.cu_seqlens, causal=True, scale=scale)
         else:
-            o = ops.paged_decode_attention(q, k_cache, v_cache, ctx.block_tables,
-                                           ctx.context_lens, scale=scale)
+            o = ops.paged_decode_attention(q, kv.k, kv.v, ctx.block_tables, ctx.context_lens,
+                                           scale=scale, **scales)
         return self.o_proj(o.reshape(N, -1))
 
 
@@ -65,9 +68,9 @@ class LlamaLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = LlamaMLP(c)
 
-    def forward(self, ops, x, residual, ctx, rope, k_cache, v_cache):
+    def forward(self, ops, x, residual, ctx, rope, kv: LayerKV):
         h, residual = self.input_layernorm(ops, x, residual)
-        x = self.self_attn(ops, h, ctx, rope, k_cache, v_cache)
+        x = self.self_attn(ops, h, ctx, rope, kv)
         h, residual = self.post_attention_layernorm(ops, x, residual)
         return self.mlp(ops, h), residual
 
@@ -90,5 +93,5 @@ class LlamaModel(nn.Module):
         """embeds (N, hidden) → final hidden states (N, hidden)."""
         x, residual = embeds, None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(ops, x, residual, ctx, self.rope, kv_cache.k[i], kv_cache.v[i])
+            x, residual = layer(ops, x, residual, ctx, self.rope, kv_cache.layer(i))
         return self.norm(ops, x, residual)[0]

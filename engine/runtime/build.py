@@ -13,6 +13,7 @@ import time
 import torch
 
 from fastllava.config import TextConfig
+from fastllava.kernels.kv_quant import triton_fp8_ok
 from fastllava.kv_cache import KVCache
 from fastllava.runtime.block_manager import BlockManager
 from fastllava.runtime.config import RuntimeConfig
@@ -35,8 +36,9 @@ def memory_plan(steps: DummySteps, text: TextConfig, rc: RuntimeConfig, graphs: 
     pool that gpu_memory_fraction leaves beside the measured worst-case step (memory_plan.py),
     under tensor parallelism (`tp`, the TPDriver) the smallest rank's (tp_memory.py)."""
     dtype, device = steps.dtype, steps.device
+    # fp8 pages take half the bytes of bf16: the same memory holds twice the pages.
     page_bytes = KVCache.bytes_per_page(text.num_hidden_layers, rc.page_size,
-                                        text.num_key_value_heads, text.head_dim, dtype)
+                                        text.num_key_value_heads, text.head_dim, steps.kv_dtype)
     image_tokens = max(shape[3] for shape in image_shapes(steps.config))
     if rc.kv_cache_tokens is not None or device.type != "cuda":
         weights = sum(t.numel() * t.element_size()
@@ -65,6 +67,7 @@ def build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device,
     is on engine.runner.memory_plan. Tensor parallelism (runtime/tp_driver.build_tp_engine):
     `tp` is the TPDriver, `model` its StepProxy and `text` the per-rank view (KVH/N heads)."""
     device = torch.device(device)
+    check_kv_cache_dtype(rc.kv_cache_dtype, ops, device)
     steps = DummySteps(model, ops, rc, dtype, device, text)
     # Only compiled Triton kernels have variants to build: the torch ops and the CPU interpreter
     # compile nothing, so there the warm-up is skipped (and so are the graphs).
@@ -74,7 +77,7 @@ def build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device,
         plan = memory_plan(steps, text, rc, use_graphs, tp)
     log.info(plan.summary())
     kv = KVCache(text.num_hidden_layers, plan.kv_pages, rc.page_size, text.num_key_value_heads,
-                 text.head_dim, dtype, device)
+                 text.head_dim, steps.kv_dtype, device)
     max_len = min(rc.max_context, text.max_position_embeddings, plan.kv_pages * rc.page_size)
     graphs, max_pages = None, -(-max_len // rc.page_size)
     if tp is not None:
@@ -97,6 +100,16 @@ def build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device,
                           BlockManager(plan.kv_pages, rc.page_size, rc.prefix_caching))
     freeze_heap()
     return Engine(scheduler, runner, overlap=rc.overlap_scheduling), max_len
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, ops, device: torch.device) -> None:
+    """Every backend reads and writes fp8 pages; compiled Triton only on GPUs with fp8 types."""
+    if kv_cache_dtype == "fp8" and ops.name == "triton" and not triton_fp8_ok(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"kv_cache_dtype 'fp8' with the Triton kernels needs a GPU with FP8 "
+                         f"support (compute capability >= 8.9: L4, H100, H200); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use "
+                         f"kv_cache_dtype 'auto' or backend 'torch'")
 
 
 def freeze_heap() -> None:

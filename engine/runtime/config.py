@@ -6,6 +6,8 @@ import dataclasses
 
 from fastllava.runtime.scheduler import SchedulerConfig
 
+KV_CACHE_DTYPES = ("auto", "fp8")   # RuntimeConfig.kv_cache_dtype (pages: fastllava.kv_cache)
+
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
@@ -26,6 +28,9 @@ class RuntimeConfig:
     # Schedule and pack step N+1 while step N runs on the device (its sampled ids are referenced
     # there as placeholders); stop decisions lag one step. Same tokens as the serial loop.
     overlap_scheduling: bool = True
+    # "fp8": KV pages in float8_e4m3fn (half of bf16: ~2x the pages in the same memory), per-layer
+    # scales (README "FP8"); "auto": the model dtype.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         for name in ("page_size", "max_context", "max_num_seqs", "max_num_batched_tokens",
@@ -41,6 +46,9 @@ class RuntimeConfig:
         if self.image_cache_rows < 0:
             raise ValueError(f"RuntimeConfig.image_cache_rows must be >= 0, got "
                              f"{self.image_cache_rows}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"RuntimeConfig.kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
         self.scheduler_config()                                # its budget check
 
     def scheduler_config(self) -> SchedulerConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastllava.config import LlavaConfig, TextConfig
-from fastllava.kv_cache import KVCache
+from fastllava.kv_cache import KVCache, kv_storage_dtype
 from fastllava.models.context import ForwardContext
 from fastllava.preprocess.anyres import anyres_grid, anyres_num_tokens
 from fastllava.runtime.config import RuntimeConfig
@@ -47,6 +47,7 @@ class DummySteps:
         self.config: LlavaConfig = model.config
         self.text = text or model.config.text
         self.dtype, self.device = dtype, torch.device(device)
+        self.kv_dtype = kv_storage_dtype(rc.kv_cache_dtype, dtype)   # the pages' dtype
         self.max_positions = min(rc.max_context, self.config.text.max_position_embeddings)
 
     @property
@@ -57,7 +58,7 @@ class DummySteps:
     def scratch_kv(self) -> KVCache:
         t = self.text
         return KVCache(t.num_hidden_layers, self.scratch_pages, self.rc.page_size,
-                       t.num_key_value_heads, t.head_dim, self.dtype, self.device)
+                       t.num_key_value_heads, t.head_dim, self.kv_dtype, self.device)
 
     def images(self, tiles: int, grid, image_hw) -> torch.Tensor:
         """One image of `tiles` tiles through the tower and projector → (tokens, hidden)."""

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import subprocess
 import sys
 
+from fastllava.kernels.kv_quant import FP8_KV_DTYPE
 from fastllava.models.parallel import TensorParallel, local_text_config
 from fastllava.runtime import tp_step
 from fastllava.runtime.build import build_engine
@@ -96,11 +97,12 @@ class TPDriver:
             raise self.broken
 
     def setup(self, kv) -> None:
-        """Tell the workers the KV pool rank 0 planned (pages, page size); idempotent."""
+        """Tell the workers the KV pool rank 0 planned (pages, page size, fp8 pages); idempotent."""
         if self._is_setup:
             return
         self.check()
-        self.comm.broadcast_header(tp_step.header(tp_step.OP_SETUP, kv.num_pages, kv.page_size))
+        self.comm.broadcast_header(tp_step.header(tp_step.OP_SETUP, kv.num_pages, kv.page_size,
+                                                  int(kv.dtype == FP8_KV_DTYPE)))
         self.comm.agree(True)
         self._is_setup = True
 
@@ -126,8 +128,10 @@ class TPDriver:
         """Every rank measures its own memory over rank 0's dummy steps (worst-case prefill, and
         the eager decode when graphs are captured); the pool is the smallest rank's."""
         def with_every_rank(comm) -> MemoryPlan:
+            # The workers' scratch KV in rank 0's page dtype: fp8 pages measure as fp8 bytes.
             comm.broadcast_header(tp_step.header(tp_step.OP_MEASURE, steps.scratch_pages,
-                                                 int(decode is not None)))
+                                                 int(decode is not None),
+                                                 int(steps.kv_dtype == FP8_KV_DTYPE)))
             comm.broadcast_header(pool.to_tensor())
             self._measuring = True
             try:

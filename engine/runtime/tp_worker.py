@@ -72,6 +72,7 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
     # Imported here: the driver imports this module for WorkerArgs alone.
     import torch.distributed as dist
 
+    from fastllava.kernels.kv_quant import FP8_KV_DTYPE
     from fastllava.kernels.ops import get_ops
     from fastllava.kv_cache import KVCache
     from fastllava.models.parallel import TensorParallel, TensorParallelError, local_text_config
@@ -104,9 +105,10 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
     text = local_text_config(model.config.text, args.world)
     kv = graphs = None
 
-    def new_kv(num_pages: int, page_size: int) -> KVCache:   # own heads, rank 0's page count
+    def new_kv(num_pages: int, page_size: int, fp8: bool) -> KVCache:
+        """Own heads, rank 0's page count and page dtype (fp8: kv_cache_dtype "fp8")."""
         return KVCache(text.num_hidden_layers, num_pages, page_size, text.num_key_value_heads,
-                       text.head_dim, dtype, device)
+                       text.head_dim, FP8_KV_DTYPE if fp8 else dtype, device)
 
     def next_step(kv: KVCache) -> None:
         """Run the step rank 0 sends next (the dummy steps of the memory measurement)."""
@@ -125,15 +127,16 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
                 tp_step.run(model, ops, tp_step.receive(comm, h, device, dtype), kv)
             elif op == tp_step.OP_DECODE:
                 graphs.follow(int(h[1]))
-            elif op == tp_step.OP_SETUP:
-                kv = new_kv(int(h[1]), int(h[2]))
+            elif op == tp_step.OP_SETUP:   # the KV pool rank 0 planned: same pages, own heads
+                kv = new_kv(int(h[1]), int(h[2]), bool(h[3]))
                 comm.agree(True)
             elif op == tp_step.OP_GRAPHS:
                 graphs = TPDecodeGraphs(model, ops, kv, int(h[1]), int(h[2]), comm,
                                         capture=bool(h[3]))
             elif op == tp_step.OP_MEASURE:
                 pool = PoolParams.from_tensor(comm.broadcast_header(PoolParams.zeros()))
-                measure_own(comm, CudaMemory(device), lambda: new_kv(int(h[1]), pool.page_size),
+                measure_own(comm, CudaMemory(device),
+                            lambda: new_kv(int(h[1]), pool.page_size, bool(h[3])),
                             next_step, bool(h[2]), pool)
 
 

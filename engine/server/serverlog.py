@@ -100,7 +100,8 @@ def startup_lines(app) -> list[str]:
         f"backend: {llava.ops.name}",
         f"weights: {_size(weights)}",
         f"KV cache: {kv.num_pages * kv.page_size} tokens ({kv.num_pages} pages of "
-        f"{kv.page_size}), {_size(kv_bytes)}",
+        f"{kv.page_size}), {_size(kv_bytes)}"
+        + (", fp8 e4m3 pages" if rc.kv_cache_dtype == "fp8" else ""),
         f"max context: {llava.max_len} tokens",
         f"max concurrent sequences: {rc.max_num_seqs} ({rc.max_num_batched_tokens} tokens/step)",
         f"CUDA graphs: {_cuda_graphs(llava)}",

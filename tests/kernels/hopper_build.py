@@ -127,6 +127,25 @@ def _cases():
             lambda q=q, k=k, v=v, c=c, N=N: rotary_write_kv.rotary_write_kv(
                 q, k, v, torch.zeros(N, dtype=torch.int64), torch.empty(4096, 128, dtype=bf16),
                 torch.empty(4096, 128, dtype=bf16), c, c, torch.zeros(N, dtype=torch.int64)))
+    # kv_cache_dtype "fp8": the same launchers over float8_e4m3fn pages (KV_FP8 variants).
+    fp8 = torch.float8_e4m3fn
+    f34, f13 = cache(400, 8, 128, fp8), cache(400, 40, 128, fp8)
+    kv_scales = dict(k_scale=0.5, v_scale=0.25)
+    yield "decode 34B batch 1 split-K bf16 fp8 KV", lambda: (
+        paged_decode_attention.paged_decode_attention(q34[:1], f34, f34, bt[:1], lens[:1],
+                                                      scale=0.088, **kv_scales))
+    yield "decode 13B batch 32 bf16 fp8 KV", lambda: paged_decode_attention.paged_decode_attention(
+        q13[:32], f13, f13, bt, lens, scale=0.088, **kv_scales)
+    yield "prefill 13B causal + paged prefix bf16 fp8 KV", lambda: (
+        prefill_attention.prefill_attention(
+            q13, k13, v13, cu(600), causal=True, scale=0.088, k_cache=f13, v_cache=f13,
+            block_tables=bt[:1], prefix_lens=torch.tensor([64], dtype=torch.int32), **kv_scales))
+    yield "kv write 34B bf16 fp8 KV", lambda: kv_cache_write.write_kv(
+        k34, v34, f34, f34, torch.zeros(3000, dtype=torch.int64), **kv_scales)
+    yield "rotary + kv write 34B bf16 fp8 KV", lambda: rotary_write_kv.rotary_write_kv(
+        q34, k34, v34, torch.zeros(3000, dtype=torch.int64), torch.empty(4096, 128, dtype=bf16),
+        torch.empty(4096, 128, dtype=bf16), f34, f34, torch.zeros(3000, dtype=torch.int64),
+        **kv_scales)
     yield "silu_and_mul 34B bf16", lambda: silu_and_mul.silu_and_mul(
         torch.empty(32, 2 * 20480, dtype=bf16))
     for variant in ("quick", "tanh", "erf"):

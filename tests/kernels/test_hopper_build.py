@@ -47,3 +47,10 @@ def test_kernels_fit_an_sm_and_do_not_spill(built):
         assert b["shared_bytes"] <= SHARED_LIMIT, where
         assert b["registers"] * 32 * b["num_warps"] <= REGISTERS_PER_SM, where
         assert b["spill_bytes"] == 0, where
+
+
+def test_fp8_kv_variants_are_built(built):
+    """Every kernel that reads or writes KV pages also builds over float8_e4m3fn pages."""
+    fp8 = {b["kernel"] for b in built if b["case"].endswith("fp8 KV")}
+    assert fp8 == {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_attention_kernel",
+                   "_write_kv_kernel", "_rotary_write_kv_kernel"}

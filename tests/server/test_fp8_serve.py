@@ -35,3 +35,24 @@ def test_serve_quantization_fp8(server_factory, tiny_llava):
     finally:
         llava.close()
     assert r.json()["output"] == expected, (r.json(), expected)
+
+
+def test_serve_kv_cache_dtype_fp8(server_factory, tiny_llava):
+    """--kv-cache-dtype fp8: the startup block names the fp8 pages (their bytes a quarter of the
+    fp32 model's), and the answer is the in-process fp8-KV model's."""
+    server = server_factory(tiny_llava, "--kv-cache-dtype", "fp8", "--kv-cache-tokens", "1024",
+                            "--log-level", "info")
+    fields = startup_block(server.log_text())
+    assert fields["KV cache"].startswith("1024 tokens (64 pages of 16), "), fields
+    assert fields["KV cache"].endswith(", fp8 e4m3 pages"), fields
+    req = {"image_url": _image(), "prompt": "what is in this image", "max_tokens": 12,
+           "temperature": 0}
+    with server.client() as client:
+        r = client.post(f"/{EP}", json=req)
+    assert r.status_code == 200, r.text
+    llava = LLaVA.from_pretrained(tiny_llava, device="cpu", dtype="float32", kv_cache_dtype="fp8")
+    try:
+        expected = llava.generate(req)["output"]
+    finally:
+        llava.close()
+    assert r.json()["output"] == expected, (r.json(), expected)
