@@ -182,7 +182,7 @@ def main(argv: list[str]) -> int:
               f"the references: throughput {new['req_per_s'] / old['req_per_s']:.2f}x, idle TTFT "
               f"{new['idle_ttft_p50_ms'] / old['idle_ttft_p50_ms']:.2f}x")
     notes = bad or [f"torch and reference backends: all {len(workload)} outputs identical"]
-    text = (f"# CPU path benchmark\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in header.items())
+    text = ("# CPU path benchmark\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in header.items())
             + f"\n- workload: {len(workload)} greedy requests x max_tokens {args.max_tokens}, "
             f"all at once (idle TTFT: the first {args.idle} alone)\n\n" + "\n".join(table)
             + "\n\n" + "\n".join([ratios, *notes]) + "\n")
