@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastllava import checkpoint_files
-from fastllava.quant_config import QUANTIZATIONS, parse_quantization_config
+from fastllava.quant_config import QUANTIZATIONS, has_kv_cache_scales, parse_quantization_config
 
 # transformers 5.23 class defaults for fields a hub config may omit.
 _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -167,6 +167,7 @@ class LlavaConfig:
     pad_to_square: bool = False            # original v1.5 image_aspect_ratio "pad"
     mm_vision_tower: str | None = None     # original v1.5: separate CLIP checkpoint
     quantization: str | None = None        # "fp8": the checkpoint stores FP8-dynamic weights
+    kv_cache_scales: bool = False          # it stores calibrated per-layer FP8 k/v scales too
 
     def __post_init__(self):
         if self.kind not in ("llava", "next"):
@@ -254,12 +255,12 @@ def load_config(path: Path, vision_tower_config: dict | None = None) -> LlavaCon
     """Parse `path/config.json`. For original checkpoints whose tower is separate (v1.5), pass the
     tower's config.json as `vision_tower_config`; `needs_separate_tower` says when."""
     d = read_json(Path(path) / "config.json")
-    quantization = parse_quantization_config(d, ConfigError)
+    quant = dict(quantization=parse_quantization_config(d, ConfigError),
+                 kv_cache_scales=has_kv_cache_scales(d))
     if d.get("model_type") in ("llava", "llava_next") and "text_config" in d:
-        return dataclasses.replace(_from_hf(d), quantization=quantization)
+        return dataclasses.replace(_from_hf(d), **quant)
     if "mm_vision_tower" in d or "mm_projector_type" in d:
-        return dataclasses.replace(_from_original(d, vision_tower_config),
-                                   quantization=quantization)
+        return dataclasses.replace(_from_original(d, vision_tower_config), **quant)
     raise ConfigError(f"{path}/config.json is not a LLaVA config "
                       f"(model_type={d.get('model_type')!r}, no text_config or mm_* fields)")
 

@@ -2,7 +2,9 @@
 
 quantization="fp8" (or a checkpoint whose config.json declares compressed-tensors FP8-dynamic)
 builds the decoder's linear layers as Fp8Linear (models/layers.py); the loader quantizes floating
-checkpoint weights into them as they stream in, or copies pre-quantized ones.
+checkpoint weights into them as they stream in, or copies pre-quantized ones. A checkpoint
+that also declares a `kv_cache_scheme` gives calibrated per-layer FP8 KV-cache scales
+(weights/kv_scales.py), kept on `LlavaModel.kv_scales` for an fp8 KV cache to use.
 
 Original liuhaotian v1.5 checkpoints ship no vision weights: the tower (and its image processor
 config) come from the CLIP checkpoint named by `mm_vision_tower`, a local folder or a hub id.
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fastllava.config import LlavaConfig, eos_token_ids, is_original_layout, load_config, read_json
+from fastllava.kv_cache import KVScales
 from fastllava.models.layers import use_fp8_linears
 from fastllava.models.llava import LlavaModel
 from fastllava.models.parallel import TensorParallel, TensorParallelError, shard_decoder
@@ -24,6 +27,7 @@ from fastllava.text.template import BUILTIN_TEMPLATES, load_chat_template, templ
 from fastllava.text.tokenizer import Tokenizer
 from fastllava.weights.discover import CheckpointNotFoundError, list_safetensors, resolve_model_path
 from fastllava.weights.keymaps import detect_layout
+from fastllava.weights.kv_scales import read_kv_scales
 from fastllava.weights.loader import load_weights
 from fastllava.weights.progress import ProgressCallback
 
@@ -134,9 +138,14 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
     llava.reset_buffers()
     llava.eval().requires_grad_(False)
 
+    read_elsewhere = frozenset()
+    if config.kv_cache_scales:   # scalars, read whole by every tensor-parallel rank
+        k, v, read_elsewhere = read_kv_scales(path, sources[0][1], config.text.num_hidden_layers)
+        llava.kv_scales = KVScales(k, v)
     bar = ProgressCallback("loading weights", "tensor") if progress else None
     try:
-        load_weights(llava, sources, dtype=dtype, device=device, progress=bar)
+        load_weights(llava, sources, dtype=dtype, device=device, progress=bar,
+                     read_elsewhere=read_elsewhere)
     finally:
         if bar is not None:
             bar.close()

@@ -5,7 +5,7 @@ as published for llava-hf models, e.g. nm-testing/llava-1.5-7b-hf-FP8-dynamic):
 
     "quantization_config": {
       "quant_method": "compressed-tensors", "format": "float-quantized",
-      "quantization_status": "compressed", "kv_cache_scheme": null,
+      "quantization_status": "compressed", "kv_cache_scheme": null,   (or, see below)
       "config_groups": {"group_0": {
         "targets": ["Linear"],
         "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": true,
@@ -19,8 +19,18 @@ i.e. weights stored as float8_e4m3fn with `<module>.weight_scale` (out, 1), acti
 quantized per token at run time. Older exports name the block `compression_config`. Which
 tensors are quantized is read from the tensors themselves (dtype F8_E4M3 plus a scale): the
 loader holds FP8 only for the decoder's linear layers and names any other FP8 tensor.
-Anything else (static or per-tensor scales, int8, groups, blocks, an FP8 KV-cache scheme) is
-refused by name rather than run with the wrong numerics.
+
+A `kv_cache_scheme` may come with it: llm-compressor's calibrated FP8 KV cache,
+
+    "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor",
+                        "symmetric": true, "dynamic": false, "group_size": null, ...}
+
+i.e. one static scale per layer for K and one for V (`self_attn.k_scale` / `v_scale`, read by
+weights/kv_scales.py), dequantized K = fp8 * k_scale. Per-head or per-channel strategies,
+asymmetric (zero points), dynamic, int or other bit widths are refused by field.
+
+Anything else (static or per-tensor weight scales, int8, groups, blocks) is refused by name
+rather than run with the wrong numerics.
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ _WEIGHTS = {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": 
             "dynamic": False}
 _ACTIVATIONS = {"type": "float", "num_bits": 8, "strategy": "token", "symmetric": True,
                 "dynamic": True}
+# One static e4m3 scale per layer for K and one for V: what the KV cache holds (kv_cache.py).
+_KV_CACHE = {"type": "float", "num_bits": 8, "strategy": "tensor", "symmetric": True,
+             "dynamic": False}
 _ABSENT_OR_NULL = ("group_size", "block_structure")
 
 
@@ -57,7 +70,8 @@ def parse_quantization_config(d: dict, error: type[Exception]) -> str | None:
     status = q.get("quantization_status", "compressed")
     need(status == "compressed", "quantization_status", status, "'compressed'")
     kv = q.get("kv_cache_scheme")
-    need(kv is None, "kv_cache_scheme", kv, "no KV-cache quantization")
+    if kv is not None:
+        _check_args(kv, "kv_cache_scheme", _KV_CACHE, need)
     groups = q.get("config_groups")
     need(isinstance(groups, dict) and len(groups) > 0, "config_groups", groups,
          "at least one group")
@@ -76,6 +90,13 @@ def parse_quantization_config(d: dict, error: type[Exception]) -> str | None:
     need(isinstance(ignore, list) and all(isinstance(i, str) for i in ignore), "ignore", ignore,
          "a list of module names")
     return "fp8"
+
+
+def has_kv_cache_scales(d: dict) -> bool:
+    """Whether a config.json that `parse_quantization_config` accepted declares calibrated
+    per-layer FP8 KV-cache scales (a `kv_cache_scheme`)."""
+    q = d.get("quantization_config", d.get("compression_config"))
+    return isinstance(q, dict) and q.get("kv_cache_scheme") is not None
 
 
 def _check_args(args: Any, path: str, expected: dict, need) -> None:

@@ -8,7 +8,9 @@
   for llava-hf models (e.g. nm-testing/llava-1.5-7b-hf-FP8-dynamic): decoder linear weights as
   float8_e4m3fn plus `<module>.weight_scale` (out, 1) = amax/448 per output channel, quantized
   here independently of fastllava's code; the rest as stored; a quantization_config whose
-  `ignore` names every other Linear (vision tower, projector, lm_head).
+  `ignore` names every other Linear (vision tower, projector, lm_head). With `kv_scales=(k, v)`
+  also llm-compressor's calibrated FP8 KV cache: `kv_cache_scheme` (KV_CACHE_SCHEME) and one
+  scalar `self_attn.k_scale` / `v_scale` per decoder layer (dequantized K = fp8 * k_scale).
 
 Both write one model.safetensors (tiny models are small) and copy every other file.
 """
@@ -47,6 +49,12 @@ FP8_DYNAMIC_CONFIG = {
                               "observer": "memoryless", "observer_kwargs": {}}}},
     "ignore": [],
 }
+
+
+# llm-compressor's kv_cache_scheme for an FP8 KV cache with static per-tensor (per-layer) scales
+KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                   "dynamic": False, "group_size": None, "block_structure": None,
+                   "actorder": None, "observer": "minmax", "observer_kwargs": {}}
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -88,9 +96,11 @@ def quantize_channels(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_dynamic(src: Path, dst: Path, *, scale_dtype: torch.dtype = torch.float32,
-                damage: Callable[[dict, dict], None] | None = None) -> Path:
-    """Write `src` in the FP8-dynamic layout; `damage(tensors, quantization_config)` may alter
-    both before they are written (strict-loading tests)."""
+                damage: Callable[[dict, dict], None] | None = None,
+                kv_scales: tuple[list[float], list[float]] | None = None) -> Path:
+    """Write `src` in the FP8-dynamic layout (with per-layer KV-cache scales `kv_scales`);
+    `damage(tensors, quantization_config)` may alter both before they are written
+    (strict-loading tests)."""
     tensors, quantized = {}, read_tensors(src)
     ignore = []
     for key, t in quantized.items():
@@ -104,6 +114,12 @@ def fp8_dynamic(src: Path, dst: Path, *, scale_dtype: torch.dtype = torch.float3
     config = json.loads((Path(src) / "config.json").read_text())
     qc = copy.deepcopy(FP8_DYNAMIC_CONFIG)
     qc["ignore"] = sorted(ignore)
+    if kv_scales is not None:
+        qc["kv_cache_scheme"] = copy.deepcopy(KV_CACHE_SCHEME)
+        for i, (k, v) in enumerate(zip(*kv_scales)):
+            layer = f"language_model.model.layers.{i}.self_attn."
+            tensors[layer + "k_scale"] = torch.tensor(k, dtype=torch.float32)
+            tensors[layer + "v_scale"] = torch.tensor(v, dtype=torch.float32)
     if damage is not None:
         damage(tensors, qc)
     config["quantization_config"] = qc

@@ -55,18 +55,20 @@ class _Copy:
 
 def load_weights(model: torch.nn.Module, sources: list[tuple[pathlib.Path, str, str]], *,
                  dtype: torch.dtype, device: torch.device | str,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 read_elsewhere: frozenset[str] = frozenset()) -> None:
     """Fill every parameter of `model` exactly once from `sources`.
 
     sources: (checkpoint folder, layout, prefix) triples; prefix is prepended to that source's
     canonical names (e.g. "vision_tower." for a stand-alone CLIP checkpoint).
     Floating parameters must already be `dtype` on `device` (built there or via `to_empty`;
     FP8 weights float8_e4m3fn, their `weight_scale` fp32); checkpoint tensors are converted to
-    them. progress(done, total) is called after each tensor.
+    them. progress(done, total) is called after each tensor. read_elsewhere: checkpoint keys
+    another reader took (the FP8 KV-cache scales, weights/kv_scales.py), skipped here.
     """
     planner = _Planner(model, dtype, torch.device(device))
     for folder, layout, prefix in sources:
-        planner.add_source(pathlib.Path(folder), layout, prefix)
+        planner.add_source(pathlib.Path(folder), layout, prefix, read_elsewhere)
     plan = planner.finish()
 
     by_file: dict[pathlib.Path, list[_Copy]] = defaultdict(list)
@@ -153,8 +155,11 @@ class _Planner:
         if param is not None:
             self.reported.add(param)
 
-    def add_source(self, folder: pathlib.Path, layout: str, prefix: str) -> None:
+    def add_source(self, folder: pathlib.Path, layout: str, prefix: str,
+                   read_elsewhere: frozenset[str]) -> None:
         for key, info in read_shards(folder).items():  # headers already checked for damage
+            if key in read_elsewhere:
+                continue
             where = f"{key!r} ({info.file.name})"
             try:
                 mapped = canonical_name(key, layout)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastllava.config import LlavaConfig
+from fastllava.kv_cache import KVScales
 from fastllava.models.context import ForwardContext
 from fastllava.models.llama import LlamaModel
 from fastllava.models.vision_tower import VisionTower
@@ -43,6 +44,9 @@ class LlavaModel(nn.Module):
             self.image_newline = nn.Parameter(torch.empty(config.text.hidden_size))
         self.language_model = LlamaModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        # Calibrated fp8 KV-cache scales per decoder layer, from a checkpoint that stores them
+        # (weights/kv_scales.py); None: 1.0. Used only when the KV cache is fp8.
+        self.kv_scales: KVScales | None = None
         # The tower stops at the deepest selected layer: the checkpoint's later layers are
         # deliberately not held (the weight loader asks; the key maps already ignore
         # post_layernorm and SigLIP's pooling head).

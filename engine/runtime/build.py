@@ -77,7 +77,11 @@ def build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device,
         plan = memory_plan(steps, text, rc, use_graphs, tp)
     log.info(plan.summary())
     kv = KVCache(text.num_hidden_layers, plan.kv_pages, rc.page_size, text.num_key_value_heads,
-                 text.head_dim, steps.kv_dtype, device)
+                 text.head_dim, steps.kv_dtype, device, model.kv_scales)
+    if model.kv_scales is not None:   # as vLLM: the user chooses the page dtype, not the checkpoint
+        log.info("KV-cache scales: the checkpoint's calibrated per-layer ones" if rc.kv_cache_dtype
+                 == "fp8" else "the checkpoint's calibrated fp8 KV-cache scales are not used: "
+                 "the KV cache is in the model dtype (kv_cache_dtype 'fp8' would use them)")
     max_len = min(rc.max_context, text.max_position_embeddings, plan.kv_pages * rc.page_size)
     graphs, max_pages = None, -(-max_len // rc.page_size)
     if tp is not None:

@@ -58,7 +58,8 @@ class DummySteps:
     def scratch_kv(self) -> KVCache:
         t = self.text
         return KVCache(t.num_hidden_layers, self.scratch_pages, self.rc.page_size,
-                       t.num_key_value_heads, t.head_dim, self.kv_dtype, self.device)
+                       t.num_key_value_heads, t.head_dim, self.kv_dtype, self.device,
+                       self.model.kv_scales)
 
     def images(self, tiles: int, grid, image_hw) -> torch.Tensor:
         """One image of `tiles` tiles through the tower and projector → (tokens, hidden)."""

@@ -108,7 +108,7 @@ def worker_main(rank: int, args: WorkerArgs) -> None:
     def new_kv(num_pages: int, page_size: int, fp8: bool) -> KVCache:
         """Own heads, rank 0's page count and page dtype (fp8: kv_cache_dtype "fp8")."""
         return KVCache(text.num_hidden_layers, num_pages, page_size, text.num_key_value_heads,
-                       text.head_dim, FP8_KV_DTYPE if fp8 else dtype, device)
+                       text.head_dim, FP8_KV_DTYPE if fp8 else dtype, device, model.kv_scales)
 
     def next_step(kv: KVCache) -> None:
         """Run the step rank 0 sends next (the dummy steps of the memory measurement)."""
