@@ -141,8 +141,10 @@ class LLaVA(EvaluationMixin, AsyncMixin):
         (compressed-tensors FP8-dynamic), which loads as FP8. FP8 output is close to, but no
         longer token-exact with, the unquantized model (README "FP8").
         kv_cache_dtype="fp8" stores the KV cache in FP8 e4m3 (half the bytes: about twice the
-        cached tokens in the same memory); None takes runtime.kv_cache_dtype ("auto": the model
-        dtype). Shorthand for runtime=RuntimeConfig(kv_cache_dtype=...).
+        cached tokens in the same memory), with the checkpoint's calibrated per-layer scales when
+        it has them (a compressed-tensors kv_cache_scheme), else 1.0; None takes
+        runtime.kv_cache_dtype ("auto": the model dtype, any checkpoint scales unused).
+        Shorthand for runtime=RuntimeConfig(kv_cache_dtype=...).
         tensor_parallel_size=N > 1 splits the decoder over N ranks: this process is rank 0 and
         starts N-1 worker processes (README "Tensor parallelism"); `close()` stops them."""
         if quantization is not None and quantization not in QUANTIZATIONS:
