@@ -5,7 +5,7 @@ as published for llava-hf models, e.g. nm-testing/llava-1.5-7b-hf-FP8-dynamic):
 
     "quantization_config": {
       "quant_method": "compressed-tensors", "format": "float-quantized",
-      "quantization_status": "compressed", "kv_cache_scheme": null,   (or, see below)
+      "quantization_status": "compressed", "kv_cache_scheme": null (or as below),
       "config_groups": {"group_0": {
         "targets": ["Linear"],
         "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "symmetric": true,
@@ -71,7 +71,8 @@ def parse_quantization_config(d: dict, error: type[Exception]) -> str | None:
     need(status == "compressed", "quantization_status", status, "'compressed'")
     kv = q.get("kv_cache_scheme")
     if kv is not None:
-        _check_args(kv, "kv_cache_scheme", _KV_CACHE, need)
+        _check_args(kv, "kv_cache_scheme", _KV_CACHE, need,
+                    "; the KV cache takes one static FP8 scale per layer for K and one for V")
     groups = q.get("config_groups")
     need(isinstance(groups, dict) and len(groups) > 0, "config_groups", groups,
          "at least one group")
@@ -99,10 +100,10 @@ def has_kv_cache_scales(d: dict) -> bool:
     return isinstance(q, dict) and q.get("kv_cache_scheme") is not None
 
 
-def _check_args(args: Any, path: str, expected: dict, need) -> None:
-    need(isinstance(args, dict), path, args, "an object")
+def _check_args(args: Any, path: str, expected: dict, need, why: str = "") -> None:
+    need(isinstance(args, dict), path, args, "an object" + why)
     for key, value in expected.items():
         need(args.get(key) == value and type(args.get(key)) is type(value), f"{path}.{key}",
-             args.get(key), f"{key} {value!r}")
+             args.get(key), f"{key} {value!r}{why}")
     for key in _ABSENT_OR_NULL:
-        need(args.get(key) is None, f"{path}.{key}", args.get(key), "null")
+        need(args.get(key) is None, f"{path}.{key}", args.get(key), "null" + why)
