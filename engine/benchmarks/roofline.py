@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from fastllava.benchmarks.common import copy_ceiling, linear_params, matmul_ceiling, step_bytes
 
 CEILING_COLUMNS = ("ceiling", "ms", "value", "unit", "note")
@@ -64,6 +62,8 @@ class Ceilings:
 
 def measure(device: str, dtype) -> Ceilings:
     """Copy bandwidth and matmul peak on `device` in `dtype` (small sizes on a CPU)."""
+    import torch     # not at import: `fastllava run`'s flag errors come before torch loads
+
     cuda = torch.device(device).type == "cuda"
     n = 8192 if cuda else 512
     note = "" if cuda else "CPU: small sizes, median of 5 calls (indicative only)"
