@@ -49,7 +49,9 @@ from __future__ import annotations
 import torch
 
 from fastllava.models.context import ForwardContext
+from fastllava.runtime.decode_inputs import DecodeInputs, StaticInputs
 from fastllava.runtime.sampler import SamplingBatch, sample
+from fastllava.runtime.sequence import Sequence
 from fastllava.runtime.step_io import to_device
 
 
@@ -68,11 +70,11 @@ class DecodeGraphs:
         device = kv.k[0].device
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
         B = max_batch_size
-        self.input_ids = torch.zeros(B, **i64)
-        self.positions = torch.zeros(B, **i64)
-        self.slot_mapping = torch.full((B,), -1, **i64)
+        # ids, positions, slots, context lengths: views of the layout DecodeInputs builds in.
+        self.inputs = StaticInputs(B, device)
+        self.input_ids, self.positions = self.inputs.ids, self.inputs.positions
+        self.slot_mapping, self.context_lens = self.inputs.slots, self.inputs.context_lens
         self.block_tables = torch.zeros(B, max_pages_per_seq, **i32)
-        self.context_lens = torch.zeros(B, **i32)
         self.cu_seqlens = torch.arange(B + 1, **i32)         # unused by decode; kept consistent
         self.rows = torch.arange(B, **i64)
         # The sampler graphs' parameters (SamplingBatch's fields, batch order, padding rows stale).
@@ -134,35 +136,52 @@ class DecodeGraphs:
                 self.sampler_graphs[bs, any_top_p] = graph
         torch.cuda.synchronize()
 
+    def bucket(self, batch_size: int) -> int:
+        return next(b for b in self.buckets if b >= batch_size)
+
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor,
-            future=None) -> torch.Tensor:
-        """One decode token per sequence → fp32 logits (B, V). positions[i] is the new token's
-        position; its KV goes to slot block_tables[i, p // S] * S + p % S. block_tables is the
-        (B, width) int32 device table (`DeviceBlockTables.gather`); input ids < 0 are
-        placeholders that `future` (a `FutureTokens`) resolves on the device. `sample` then
-        gives the step's ids. Both are valid until the next run()."""
+    def run_batch(self, seqs: list[Sequence], inputs: DecodeInputs, block_tables: torch.Tensor
+                  ) -> torch.Tensor:
+        """The engine's decode step: one token per seq (its last) → fp32 logits (B, V).
+        `inputs.fill` writes ids, positions, slots and lengths straight into the static buffers
+        (a steady step: two in-place adds and the ids from the ring, no host lists); block_tables
+        is the (B, width) int32 device table (`DeviceBlockTables.gather`). `sample` then gives the
+        step's ids. Both are valid until the next run."""
+        B = len(seqs)
+        bs = self.bucket(B)
+        inputs.fill(seqs, self.inputs, bs)
+        self._copy_tables(B, block_tables)
+        return self._replay(bs, B)
+
+    @torch.inference_mode()
+    def run(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor
+            ) -> torch.Tensor:
+        """The same step from host lists (ids known, no placeholders): positions[i] is the new
+        token's position, its KV slot block_tables[i, p // S] * S + p % S computed on the device.
+        The reference `run_batch` is tested against, and the TP workers' placeholder step."""
         B, S = len(input_ids), self.page_size
-        bs = next(b for b in self.buckets if b >= B)
-        # Only the columns the batch uses are written: entries past a row's context (and the rows
-        # of padding, context 0) are never read, so leftovers from earlier steps are harmless and
-        # the copy stays O(B x pages in use), not O(bucket x max_pages_per_seq).
-        width = block_tables.shape[1]
+        bs = self.bucket(B)
+        self.inputs.filled = None           # DecodeInputs' carried-over rows are overwritten
         pad = [0] * (bs - B)
-        # Host lists go through pinned memory and non_blocking copies: the CPU stays ahead.
-        ids = to_device(input_ids + pad, torch.int64, self.input_ids.device)
-        if future is not None:
-            ids = future.resolve(ids, input_ids + pad)
-        self.input_ids[:bs].copy_(ids)
+        self.input_ids[:bs].copy_(to_device(input_ids + pad, torch.int64, self.input_ids.device))
         pos = to_device(positions + pad, torch.int64, self.positions.device)
         self.positions[:bs].copy_(pos)
-        self.block_tables[:B, :width].copy_(block_tables)
+        self._copy_tables(B, block_tables)
         # slot = table[row, p // S] * S + p % S, computed from the device table (no host lists).
         page = self.block_tables[:B].gather(1, (pos[:B] // S)[:, None]).squeeze(1).to(torch.int64)
         self.slot_mapping[:B].copy_(page * S + pos[:B] % S)
         self.slot_mapping[B:bs].fill_(-1)
         self.context_lens[:bs].copy_(pos + 1)
         self.context_lens[B:bs].fill_(0)
+        return self._replay(bs, B)
+
+    def _copy_tables(self, B: int, block_tables: torch.Tensor) -> None:
+        """Only the columns the batch uses are written: entries past a row's context (and the
+        rows of padding, context 0) are never read, so leftovers from earlier steps are harmless
+        and the copy stays O(B x pages in use), not O(bucket x max_pages_per_seq)."""
+        self.block_tables[:B, :block_tables.shape[1]].copy_(block_tables)
+
+    def _replay(self, bs: int, B: int) -> torch.Tensor:
         if self.graphs:
             self.graphs[bs].replay()
             logits, greedy = self.outputs[bs]

@@ -196,9 +196,7 @@ class ModelRunner:
     # ---- decode steps -------------------------------------------------------------------------
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         if self._graphed(seqs):
-            positions = [len(seq) - 1 for seq in seqs]
-            ids = [seq.token_ids[-1] for seq in seqs]
-            return self.graphs.run(ids, positions, self.block_tables.gather(seqs), self._future)
+            return self.graphs.run_batch(seqs, self._decode_inputs, self.block_tables.gather(seqs))
         ids_t, ctx = self._decode_inputs.build(seqs, self.block_tables.gather(seqs))
         embeds = self.model.embed(ids_t, None, None)
         return self.model(self.ops, embeds, ctx, self.kv)
