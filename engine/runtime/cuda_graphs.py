@@ -7,7 +7,17 @@ eat most of a 7.7 ms token. Each bucket (1, 2, 4, 8, then steps of 16 up to max_
 captured once, largest first, into one shared memory pool (smaller graphs reuse the largest one's
 activations). Inputs go through static buffers; a batch of B < bucket rows is padded with rows
 whose KV slot is -1 (the KV-write kernel skips them) and whose context length is 0 (paged decode
-returns zeros for them), so padding never touches real pages.
+returns zeros for them; id and position 0), so padding never touches real pages.
+
+Filling the inputs (`run_batch`, the engine's path): ids, positions, slots and context lengths are
+views of one `StaticInputs` (runtime/decode_inputs.py), laid out as `DecodeInputs` packs, and
+`DecodeInputs.fill` builds the step there directly: in a steady decode (the same sequences as the
+step before) that is two in-place adds and the ids copied from the future-token ring, no host
+lists and no host→device copy (a new page: one small scatter); otherwise one packed copy per
+dtype, padding rows included. Then the batch's block-table columns are copied in (one device copy
+of `DeviceBlockTables.gather`'s view). `run` takes host lists instead (ids, positions; slots from
+the device table): the reference run_batch is tested against, and the TP workers' placeholder
+step; it marks the buffers as written by someone else, so the next fill packs afresh.
 
 The block-table buffer is (max_batch_size, max_pages_per_seq): the decode kernel picks its split
 count from shapes only, so a captured graph stays valid for every context length, and each
