@@ -34,7 +34,8 @@ reads 8 logits per row: the CPU sampler streams hundreds of MB per step at B = 6
 noise), which evicts the host's caches, so every host phase after it runs cold; on a GPU that
 work is on the device and the host's caches stay warm. With the stand-in, the host phases are
 the host's own cost (the sampling parameters are still built and reused as usual; the tokens
-differ from the real sampler's). Sampled cases then run the full `--steps`.
+differ from the real sampler's). Sampled cases then run the full `--steps`. With `--graphs` the
+decode graph's greedy argmax (a B x V pass as well) then sees only those 8 logits per row.
 
 `--graphs` times the decode path a GPU serving loop takes: the runner decodes through
 `DecodeGraphs(capture=False)`, which runs the padded static-buffer step the CUDA graphs capture,
@@ -145,6 +146,10 @@ def run_case(shape: str, B: int, sampled: bool, loop: str, steps: int, forward_u
     max_len = ctx + 51 + steps + 8                       # every prompt + every timed step
     pages = B * (-(-max_len // PAGE)) + 8
     model = StubModel(vocab, B, timers, clock)
+    if graphs and stub_sampler:
+        # The decode graph's greedy argmax is a B x V pass too (device work on a GPU): with the
+        # stand-in sampler the graph body sees the 8 logits per row the stand-in reads.
+        model.logits = model.logits[:, :8].contiguous()
     kw = {"max_num_seqs": B} if loop != "main" else {}
     kv = StubKV(pages)
     decode = cuda_graphs.DecodeGraphs(model, None, kv, B, -(-max_len // PAGE), capture=False) \

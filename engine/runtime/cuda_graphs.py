@@ -101,6 +101,7 @@ class DecodeGraphs:
         self.sampled: dict[tuple[int, bool], torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sampler_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._params: SamplingBatch | None = None    # in the static parameter rows [:B]
         self._last: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # the last run's
         if capture:
             self._capture()
@@ -205,7 +206,9 @@ class DecodeGraphs:
         """The ids (B,) int64 of the last `run`'s rows: `sample(logits, params)` bit for bit.
         params: the B rows' SamplingBatch in batch order. An all-greedy step costs nothing here
         (its argmax ran in the decode graph); otherwise the parameters are copied into the static
-        buffers (device to device, queued) and a sampler graph replays."""
+        buffers (device to device, queued) and a sampler graph replays. The batch of the sampled
+        step before, reused (`SamplingBatches`: the same rows, only `steps` advanced in place;
+        a SamplingBatch's other fields never change), copies its steps alone."""
         if self._last is None:
             raise RuntimeError("DecodeGraphs.sample() needs a run() first")
         bs, B, logits, greedy = self._last
@@ -214,9 +217,12 @@ class DecodeGraphs:
                              f"{B}")
         if params.all_greedy:
             return greedy[:B]
-        for static, values in ((self.temperature, params.temperature), (self.top_p, params.top_p),
-                               (self.seeds, params.seeds), (self.steps, params.steps)):
-            static[:B].copy_(values)
+        if params is not self._params:
+            for static, values in ((self.temperature, params.temperature),
+                                   (self.top_p, params.top_p), (self.seeds, params.seeds)):
+                static[:B].copy_(values)
+            self._params = params     # held: its id is not reused while compared against
+        self.steps[:B].copy_(params.steps)
         key = (bs, params.any_top_p)
         if self.sampler_graphs:
             self.sampler_graphs[key].replay()
