@@ -283,7 +283,7 @@ def main() -> None:
     p.add_argument("--case", action="append", metavar="SHAPE,B,MODE",
                    help="only these cases (e.g. 13b,1,greedy; repeatable); default: all")
     p.add_argument("--graphs", action="store_true",
-                   help="decode through DecodeGraphs(capture=False): the CUDA-graph path's host work")
+                   help="decode through DecodeGraphs(capture=False): the graph path's host work")
     p.add_argument("--worker-json", help=argparse.SUPPRESS)     # shape,B,sampled: one case
     args = p.parse_args()
     if args.smoke:

@@ -15,14 +15,15 @@ the same order, each exactly one token further, no page freed since) nothing is 
 
 "Steady" is checked on every call from the sequences themselves (identity, positions, page
 resets), never assumed: anything else (a new, finished or preempted row, a mixed step in between)
-packs afresh.
+packs afresh. Per-step host work at batch 1 is a few list comprehensions and two adds instead of
+two packed copies and their views (tests/runtime/test_decode_inputs.py compares both paths).
 
 `build` packs into tensors of its own (the eager decode, which reads a ForwardContext); `fill`
 builds the same inputs in place in the CUDA-graph decode's static buffers (`StaticInputs`, views
 `DecodeGraphs` reads, rows past the batch up to the bucket padded: slot -1, context 0), so the
-graphed path gets the same shortcuts with no copy in between. A steady fill also requires that
-the buffers were last written by this DecodeInputs' previous fill (`StaticInputs.filled`). Per-step host work at batch 1 is a few list comprehensions and two adds instead of
-two packed copies and their views (tests/runtime/test_decode_inputs.py compares both paths).
+graphed path gets the same shortcuts with no copy in between (ids from the ring take one device
+copy: a graph reads them at a fixed address). A steady fill also requires that the buffers were
+last written by this DecodeInputs' previous fill (`StaticInputs.filled`).
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def test_static_buffers_cover_the_largest_bucket(llava):
     assert not graphs.graphs, "capture=False must not capture"
 
 
-# ---- the engine's graphed decode: inputs built in place against the list-built step ---------------
+# ---- the engine's graphed decode: inputs built in place against the list-built step -------------
 
 @pytest.mark.parametrize("num_pages", [64, 8])        # 8 pages of 4: preemption
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])

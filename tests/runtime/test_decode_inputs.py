@@ -76,7 +76,8 @@ def built_in_place(inputs: DecodeInputs, home: StaticInputs, batch: list[Sequenc
         rows = getattr(home, name)[B:bucket]
         assert (rows == pad).all(), f"padding {name}: {rows.tolist()}"
     return dict(ids=home.ids[:B], positions=home.positions[:B], slot_mapping=home.slots[:B],
-                block_tables=tables.gather(batch), cu_seqlens=torch.arange(B + 1, dtype=torch.int32),
+                block_tables=tables.gather(batch),
+                cu_seqlens=torch.arange(B + 1, dtype=torch.int32),
                 prefix_lens=home.prefix_lens[:B], context_lens=home.context_lens[:B],
                 logits_rows=torch.arange(B), has_prefix=any(len(s.token_ids) > 1 for s in batch))
 
