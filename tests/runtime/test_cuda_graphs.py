@@ -10,6 +10,8 @@ logits and new K/V must match the eager unpadded `ModelRunner` decode of the sam
   from the same rows inside a full bucket in the last ulp (~2e-7 observed), never more.
 Padding must never write the cache: every slot that no real row owns is NaN before the step and must
 still be NaN after it, and cached slots must not change at all.
+The engine's path (`run_batch`: DecodeInputs builds the inputs in place, carried over between
+steady steps) must equal the list-built `run` bit for bit at every step of a scripted engine run.
 
 GPU (CUDA + compiled kernels): captured graphs replayed against `RuntimeConfig(cuda_graphs=False)`.
 """

@@ -11,7 +11,8 @@ argmax, and `sample()` over the whole bucket reading the static parameter buffer
   of a near-tie for the comparison to count;
 - unchanged when the padding rows carry garbage parameters (NaN / inf / negative temperature,
   top_p outside (0, 1], negative seeds and steps) and garbage logits; sampling never writes the KV
-  cache or the parameter buffers' padding rows.
+  cache or the parameter buffers' padding rows;
+- the same when a reused SamplingBatch (steps advanced in place) copies only its steps.
 Through ModelRunner.launch (one step, with logprobs rows reading the graph's logits) and the
 engine (serial and overlapped loops, arrivals and a cancel): the same ids / events with the graph
 path as without it.
