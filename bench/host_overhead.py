@@ -1,12 +1,13 @@
 """Host work per engine step, model stubbed: serial vs overlapped loop (and today's main).
 
     python bench/host_overhead.py [--steps N] [--forward-us F] [--baseline-python PY] [--out DIR]
-                                  [--smoke] [--stub-sampler]
+                                  [--smoke] [--stub-sampler] [--graphs] [--case SHAPE,B,MODE ...]
 
 The real scheduler, block manager, input packing, sampler and event delivery run; the model is a
 stub whose forward costs nothing and returns fp32 logits of the real vocabulary (random, fixed).
 Cases: 13B-like (vocab 32064, contexts around 700 tokens) and 34B-like (vocab 64064, around 2000),
-B = 1 / 16 / 64 running sequences, greedy and sampled (temperature 0.7, top_p 0.9). Each case
+B = 1 / 16 / 64 running sequences, greedy and sampled (temperature 0.7, top_p 0.9); `--case
+13b,1,greedy` (repeatable) runs only the cases named. Each case
 first prefills its B prompts (not timed), then times `--steps` decode steps of the engine loop,
 driven on this thread (`Engine._step` / `Engine._overlapped_step`), with every token delivered to
 an event callback as the server's would be.
@@ -33,7 +34,15 @@ reads 8 logits per row: the CPU sampler streams hundreds of MB per step at B = 6
 noise), which evicts the host's caches, so every host phase after it runs cold; on a GPU that
 work is on the device and the host's caches stay warm. With the stand-in, the host phases are
 the host's own cost (the sampling parameters are still built and reused as usual; the tokens
-differ from the real sampler's). Sampled cases then run the full `--steps`.
+differ from the real sampler's). Sampled cases then run the full `--steps`. With `--graphs` the
+decode graph's greedy argmax (a B x V pass as well) then sees only those 8 logits per row.
+
+`--graphs` times the decode path a GPU serving loop takes: the runner decodes through
+`DecodeGraphs(capture=False)`, which runs the padded static-buffer step the CUDA graphs capture,
+eagerly (buckets = B, so no padding rows). `forward` is then the graph body (the stub's forward and
+the greedy argmax, device work inside the decode graph on a GPU) and `sample` the sampler graph's
+body; `pack` is the host work around the replays (inputs into the static buffers, block tables,
+sampling parameters). Rows carry `decode` = graphs (eager otherwise).
 
 `--baseline-python` runs the same cases with another interpreter (one whose `fastllava` is today's
 main, e.g. /work/main/.venv/bin/python): its rows are `impl` = main-serial and main-overlap (or
@@ -54,6 +63,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import fastllava.runtime.cuda_graphs as cuda_graphs  # noqa: E402
 import fastllava.runtime.model_runner as model_runner  # noqa: E402
 from fastllava.runtime.block_manager import BlockManager  # noqa: E402
 try:
@@ -128,15 +138,23 @@ def stub_sample(logits, params):
 
 
 def run_case(shape: str, B: int, sampled: bool, loop: str, steps: int, forward_us: float,
-             smoke: bool, stub_sampler: bool = False) -> dict:
+             smoke: bool, stub_sampler: bool = False, graphs: bool = False) -> dict:
     vocab, ctx = (SMOKE_SHAPES if smoke else SHAPES)[shape]
-    timers = dict.fromkeys(("schedule", "launch", "forward", "sample", "wait", "wait_cpu"), 0.0)
+    timers = dict.fromkeys(("schedule", "launch", "forward", "replay", "sample", "wait",
+                            "wait_cpu"), 0.0)
     clock = Clock(forward_us * 1e-6)
     max_len = ctx + 51 + steps + 8                       # every prompt + every timed step
     pages = B * (-(-max_len // PAGE)) + 8
     model = StubModel(vocab, B, timers, clock)
+    if graphs and stub_sampler:
+        # The decode graph's greedy argmax is a B x V pass too (device work on a GPU): with the
+        # stand-in sampler the graph body sees the 8 logits per row the stand-in reads.
+        model.logits = model.logits[:, :8].contiguous()
     kw = {"max_num_seqs": B} if loop != "main" else {}
-    runner = model_runner.ModelRunner(model, None, StubKV(pages), ImageFeatureCache(0), **kw)
+    kv = StubKV(pages)
+    decode = cuda_graphs.DecodeGraphs(model, None, kv, B, -(-max_len // PAGE), capture=False) \
+        if graphs else None
+    runner = model_runner.ModelRunner(model, None, kv, ImageFeatureCache(0), decode, **kw)
     budget = B * max_len                                  # prefill every prompt in one step
     sched = Scheduler(SchedulerConfig(B, budget, budget), BlockManager(pages, PAGE))
     engine = Engine(sched, runner, overlap=True) if loop == "overlap" else Engine(sched, runner)
@@ -156,6 +174,10 @@ def run_case(shape: str, B: int, sampled: bool, loop: str, steps: int, forward_u
     # Instrument after the prefill: schedule, launch/run, the sampler, and the device wait.
     sched.schedule = timed(timers, "schedule", sched.schedule)
     model_runner.sample = timed(timers, "sample", stub_sample if stub_sampler else SAMPLE)
+    if graphs:    # the graph bodies: device work on a GPU (the stub's forward counts inside)
+        cuda_graphs.sample = stub_sample if stub_sampler else SAMPLE
+        decode._decode = timed(timers, "replay", decode._decode)
+        decode._sample = timed(timers, "sample", decode._sample)
     if loop == "main":
         run = runner.run
 
@@ -196,8 +218,10 @@ def run_case(shape: str, B: int, sampled: bool, loop: str, steps: int, forward_u
     for _ in range(steps):
         step()
     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-    model_runner.sample = SAMPLE
+    model_runner.sample = cuda_graphs.sample = SAMPLE
     us = {k: v / steps * 1e6 for k, v in timers.items()}
+    if graphs:
+        us["forward"] = us["replay"]
     row = {"schedule": us["schedule"], "forward": us["forward"], "sample": us["sample"],
            "pack": us["launch"] - us["forward"] - us["sample"]}
     # The wait spins its last 100 µs (CPU time): count the step's CPU time outside the wait.
@@ -236,11 +260,12 @@ def worker(args, case) -> list[dict]:
             for _ in range(args.repeats):
                 for loop in loops:
                     row = run_case(shape, B, sampled, loop, steps, forward_us, args.smoke,
-                                   args.stub_sampler)
+                                   args.stub_sampler, args.graphs)
                     if loop not in best or row["host"] < best[loop]["host"]:
                         best[loop] = row
             for loop, row in best.items():
                 out.append(dict(shape=shape, B=B, mode="sampled" if sampled else "greedy",
+                                decode="graphs" if args.graphs else "eager",
                                 forward_us=forward_us, impl=loop, steps=steps, **row))
     return out
 
@@ -255,6 +280,10 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny vocab/contexts, B = 1 / 4")
     p.add_argument("--stub-sampler", action="store_true",
                    help="diagnostic: a cache-neutral stand-in for the sampler's torch ops")
+    p.add_argument("--case", action="append", metavar="SHAPE,B,MODE",
+                   help="only these cases (e.g. 13b,1,greedy; repeatable); default: all")
+    p.add_argument("--graphs", action="store_true",
+                   help="decode through DecodeGraphs(capture=False): the graph path's host work")
     p.add_argument("--worker-json", help=argparse.SUPPRESS)     # shape,B,sampled: one case
     args = p.parse_args()
     if args.smoke:
@@ -267,7 +296,16 @@ def main() -> None:
     from common import run_header, write_outputs
     load0 = os.getloadavg()[0]
     rows = []
-    for shape, B, sampled in cases(args.smoke):     # each case: this engine, then the baseline
+    todo = list(cases(args.smoke))
+    if args.case:
+        named = {f"{shape},{B},{'sampled' if sampled else 'greedy'}": (shape, B, sampled)
+                 for shape, B, sampled in todo}
+        unknown = [c for c in args.case if c not in named]
+        if unknown:
+            p.error(f"--case {unknown}: not among the cases {sorted(named)}")
+        picked = {named[c] for c in args.case}
+        todo = [c for c in todo if c in picked]
+    for shape, B, sampled in todo:     # each case: this engine, then the baseline
         rows += worker(args, (shape, B, sampled))
         if args.baseline_python:
             cmd = [args.baseline_python, os.path.abspath(__file__),
@@ -275,6 +313,7 @@ def main() -> None:
                    "--forward-us", str(args.forward_us), "--repeats", str(args.repeats)]
             cmd += ["--smoke"] if args.smoke else []
             cmd += ["--stub-sampler"] if args.stub_sampler else []
+            cmd += ["--graphs"] if args.graphs else []
             done = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                   env={**os.environ, "PYTHONPATH": ""})
             for row in json.loads(done.stdout.strip().splitlines()[-1]):
@@ -285,11 +324,14 @@ def main() -> None:
                   threads="1 (torch.set_num_threads)", cores=str(os.cpu_count()),
                   load=f"{load0:.1f} before, {os.getloadavg()[0]:.1f} after",
                   steps=str(args.steps),
+                  decode="DecodeGraphs(capture=False): the CUDA-graph path's host work (--graphs)"
+                  if args.graphs else "eager (ModelRunner without graphs)",
                   sampler="stand-in, 8 logits per row (--stub-sampler: host phases without the "
                           "CPU sampler's cache eviction)" if args.stub_sampler else "real")
     order = {"main": 0, "main-serial": 1, "main-overlap": 2, "serial": 3, "overlap": 4}
     rows.sort(key=lambda r: (r["forward_us"], r["shape"], r["B"], r["mode"], order[r["impl"]]))
-    cols = ("shape", "B", "mode", "forward_us", "impl", "steps", *PHASES, "wall", "idle")
+    cols = ("shape", "B", "mode", "decode", "forward_us", "impl", "steps", *PHASES, "wall",
+            "idle")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.0f}" if isinstance(r[c], float) else str(r[c])

@@ -56,3 +56,19 @@ def test_stub_sampler_diagnostic_runs_and_is_recorded(tmp_path):
     with open(next(tmp_path.glob("host_overhead-*.csv")), newline="") as f:
         seen = {(r["shape"], r["B"], r["mode"], r["impl"]) for r in csv.DictReader(f)}
     assert {(s, B, m, impl) for s, B, m in CASES for impl in ("serial", "overlap")} <= seen, seen
+
+
+def test_graphs_times_the_graph_decode_path(tmp_path):
+    """--graphs: every case and loop decodes through DecodeGraphs(capture=False), said so in the
+    run record and in each row; the graph bodies (forward + argmax) count as forward, not pack."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--graphs", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    text = next(tmp_path.glob("host_overhead-*.md")).read_text()
+    assert "- decode: `DecodeGraphs(capture=False)" in text, text[:800]
+    with open(next(tmp_path.glob("host_overhead-*.csv")), newline="") as f:
+        records = list(csv.DictReader(f))
+    assert records and all(r["decode"] == "graphs" for r in records), records[:2]
+    seen = {(r["shape"], r["B"], r["mode"], r["impl"]) for r in records}
+    assert {(s, B, m, impl) for s, B, m in CASES for impl in ("serial", "overlap")} <= seen, seen
+    assert all(float(r["forward"]) > 0 for r in records), "the graph body was not timed"

@@ -53,8 +53,8 @@ def greedy(llava: LLaVA, prompts: list[list[int]]) -> list[list[int]]:
 
 def batch_sizes(graphs) -> list[int]:
     """Record the batch size of every decode step that goes through `graphs` (rank 0's)."""
-    seen, run = [], graphs.run
-    graphs.run = lambda ids, *a, **k: seen.append(len(ids)) or run(ids, *a, **k)
+    seen, run = [], graphs.run_batch
+    graphs.run_batch = lambda seqs, *a: seen.append(len(seqs)) or run(seqs, *a)
     return seen
 
 

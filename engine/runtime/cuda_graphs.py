@@ -7,7 +7,17 @@ eat most of a 7.7 ms token. Each bucket (1, 2, 4, 8, then steps of 16 up to max_
 captured once, largest first, into one shared memory pool (smaller graphs reuse the largest one's
 activations). Inputs go through static buffers; a batch of B < bucket rows is padded with rows
 whose KV slot is -1 (the KV-write kernel skips them) and whose context length is 0 (paged decode
-returns zeros for them), so padding never touches real pages.
+returns zeros for them; id and position 0), so padding never touches real pages.
+
+Filling the inputs (`run_batch`, the engine's path): ids, positions, slots and context lengths are
+views of one `StaticInputs` (runtime/decode_inputs.py), laid out as `DecodeInputs` packs, and
+`DecodeInputs.fill` builds the step there directly: in a steady decode (the same sequences as the
+step before) that is two in-place adds and the ids copied from the future-token ring, no host
+lists and no host→device copy (a new page: one small scatter); otherwise one packed copy per
+dtype, padding rows included. Then the batch's block-table columns are copied in (one device copy
+of `DeviceBlockTables.gather`'s view). `run` takes host lists instead (ids, positions; slots from
+the device table): the reference run_batch is tested against, and the TP workers' placeholder
+step; it marks the buffers as written by someone else, so the next fill packs afresh.
 
 The block-table buffer is (max_batch_size, max_pages_per_seq): the decode kernel picks its split
 count from shapes only, so a captured graph stays valid for every context length, and each
@@ -49,7 +59,9 @@ from __future__ import annotations
 import torch
 
 from fastllava.models.context import ForwardContext
+from fastllava.runtime.decode_inputs import DecodeInputs, StaticInputs
 from fastllava.runtime.sampler import SamplingBatch, sample
+from fastllava.runtime.sequence import Sequence
 from fastllava.runtime.step_io import to_device
 
 
@@ -68,11 +80,11 @@ class DecodeGraphs:
         device = kv.k[0].device
         i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
         B = max_batch_size
-        self.input_ids = torch.zeros(B, **i64)
-        self.positions = torch.zeros(B, **i64)
-        self.slot_mapping = torch.full((B,), -1, **i64)
+        # ids, positions, slots, context lengths: views of the layout DecodeInputs builds in.
+        self.inputs = StaticInputs(B, device)
+        self.input_ids, self.positions = self.inputs.ids, self.inputs.positions
+        self.slot_mapping, self.context_lens = self.inputs.slots, self.inputs.context_lens
         self.block_tables = torch.zeros(B, max_pages_per_seq, **i32)
-        self.context_lens = torch.zeros(B, **i32)
         self.cu_seqlens = torch.arange(B + 1, **i32)         # unused by decode; kept consistent
         self.rows = torch.arange(B, **i64)
         # The sampler graphs' parameters (SamplingBatch's fields, batch order, padding rows stale).
@@ -89,6 +101,7 @@ class DecodeGraphs:
         self.sampled: dict[tuple[int, bool], torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.sampler_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._params: SamplingBatch | None = None    # in the static parameter rows [:B]
         self._last: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # the last run's
         if capture:
             self._capture()
@@ -134,35 +147,52 @@ class DecodeGraphs:
                 self.sampler_graphs[bs, any_top_p] = graph
         torch.cuda.synchronize()
 
+    def bucket(self, batch_size: int) -> int:
+        return next(b for b in self.buckets if b >= batch_size)
+
+    def run_batch(self, seqs: list[Sequence], inputs: DecodeInputs, block_tables: torch.Tensor
+                  ) -> torch.Tensor:
+        """The engine's decode step: one token per seq (its last) → fp32 logits (B, V).
+        `inputs.fill` writes ids, positions, slots and lengths straight into the static buffers
+        (a steady step: two in-place adds and the ids from the ring, no host lists); block_tables
+        is the (B, width) int32 device table (`DeviceBlockTables.gather`). `sample` then gives the
+        step's ids. Both are valid until the next run. Called in inference mode (from
+        ModelRunner.launch: a decorator here would cost ~1 µs a step for nothing)."""
+        B = len(seqs)
+        bs = self.bucket(B)
+        inputs.fill(seqs, self.inputs, bs)
+        self._copy_tables(B, block_tables)
+        return self._replay(bs, B)
+
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor,
-            future=None) -> torch.Tensor:
-        """One decode token per sequence → fp32 logits (B, V). positions[i] is the new token's
-        position; its KV goes to slot block_tables[i, p // S] * S + p % S. block_tables is the
-        (B, width) int32 device table (`DeviceBlockTables.gather`); input ids < 0 are
-        placeholders that `future` (a `FutureTokens`) resolves on the device. `sample` then
-        gives the step's ids. Both are valid until the next run()."""
+    def run(self, input_ids: list[int], positions: list[int], block_tables: torch.Tensor
+            ) -> torch.Tensor:
+        """The same step from host lists (ids known, no placeholders): positions[i] is the new
+        token's position, its KV slot block_tables[i, p // S] * S + p % S computed on the device.
+        The reference `run_batch` is tested against, and the TP workers' placeholder step."""
         B, S = len(input_ids), self.page_size
-        bs = next(b for b in self.buckets if b >= B)
-        # Only the columns the batch uses are written: entries past a row's context (and the rows
-        # of padding, context 0) are never read, so leftovers from earlier steps are harmless and
-        # the copy stays O(B x pages in use), not O(bucket x max_pages_per_seq).
-        width = block_tables.shape[1]
+        bs = self.bucket(B)
+        self.inputs.filled = None           # DecodeInputs' carried-over rows are overwritten
         pad = [0] * (bs - B)
-        # Host lists go through pinned memory and non_blocking copies: the CPU stays ahead.
-        ids = to_device(input_ids + pad, torch.int64, self.input_ids.device)
-        if future is not None:
-            ids = future.resolve(ids, input_ids + pad)
-        self.input_ids[:bs].copy_(ids)
+        self.input_ids[:bs].copy_(to_device(input_ids + pad, torch.int64, self.input_ids.device))
         pos = to_device(positions + pad, torch.int64, self.positions.device)
         self.positions[:bs].copy_(pos)
-        self.block_tables[:B, :width].copy_(block_tables)
+        self._copy_tables(B, block_tables)
         # slot = table[row, p // S] * S + p % S, computed from the device table (no host lists).
         page = self.block_tables[:B].gather(1, (pos[:B] // S)[:, None]).squeeze(1).to(torch.int64)
         self.slot_mapping[:B].copy_(page * S + pos[:B] % S)
         self.slot_mapping[B:bs].fill_(-1)
         self.context_lens[:bs].copy_(pos + 1)
         self.context_lens[B:bs].fill_(0)
+        return self._replay(bs, B)
+
+    def _copy_tables(self, B: int, block_tables: torch.Tensor) -> None:
+        """Only the columns the batch uses are written: entries past a row's context (and the
+        rows of padding, context 0) are never read, so leftovers from earlier steps are harmless
+        and the copy stays O(B x pages in use), not O(bucket x max_pages_per_seq)."""
+        self.block_tables[:B, :block_tables.shape[1]].copy_(block_tables)
+
+    def _replay(self, bs: int, B: int) -> torch.Tensor:
         if self.graphs:
             self.graphs[bs].replay()
             logits, greedy = self.outputs[bs]
@@ -176,7 +206,9 @@ class DecodeGraphs:
         """The ids (B,) int64 of the last `run`'s rows: `sample(logits, params)` bit for bit.
         params: the B rows' SamplingBatch in batch order. An all-greedy step costs nothing here
         (its argmax ran in the decode graph); otherwise the parameters are copied into the static
-        buffers (device to device, queued) and a sampler graph replays."""
+        buffers (device to device, queued) and a sampler graph replays. The batch of the sampled
+        step before, reused (`SamplingBatches`: the same rows, only `steps` advanced in place;
+        a SamplingBatch's other fields never change), copies its steps alone."""
         if self._last is None:
             raise RuntimeError("DecodeGraphs.sample() needs a run() first")
         bs, B, logits, greedy = self._last
@@ -185,9 +217,12 @@ class DecodeGraphs:
                              f"{B}")
         if params.all_greedy:
             return greedy[:B]
-        for static, values in ((self.temperature, params.temperature), (self.top_p, params.top_p),
-                               (self.seeds, params.seeds), (self.steps, params.steps)):
-            static[:B].copy_(values)
+        if params is not self._params:
+            for static, values in ((self.temperature, params.temperature),
+                                   (self.top_p, params.top_p), (self.seeds, params.seeds)):
+                static[:B].copy_(values)
+            self._params = params     # held: its id is not reused while compared against
+        self.steps[:B].copy_(params.steps)
         key = (bs, params.any_top_p)
         if self.sampler_graphs:
             self.sampler_graphs[key].replay()

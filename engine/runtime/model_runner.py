@@ -5,7 +5,8 @@ Each step rebuilds the flat inputs from the sequences (the source of truth):
   chunks with their whole context as cached prefix), varlen attention over cu_seqlens with the
   cached prefix read through the block tables;
 - decode steps: one token per sequence, paged decode attention, replayed from a CUDA graph when
-  the runner has them (`DecodeGraphs`).
+  the runner has them (`DecodeGraphs`); either way the inputs come from `DecodeInputs` (carried
+  over on the device in a steady decode; built in place in the graphs' static buffers).
 Image features for chunks that touch an image come from the feature LRU or from one vision-tower
 run over all new images of the step (all tiles of all requests in one batch). Sampling happens on
 the device (inside the decode graphs when a decode step replays them); the only host sync per step
@@ -196,9 +197,7 @@ class ModelRunner:
     # ---- decode steps -------------------------------------------------------------------------
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         if self._graphed(seqs):
-            positions = [len(seq) - 1 for seq in seqs]
-            ids = [seq.token_ids[-1] for seq in seqs]
-            return self.graphs.run(ids, positions, self.block_tables.gather(seqs), self._future)
+            return self.graphs.run_batch(seqs, self._decode_inputs, self.block_tables.gather(seqs))
         ids_t, ctx = self._decode_inputs.build(seqs, self.block_tables.gather(seqs))
         embeds = self.model.embed(ids_t, None, None)
         return self.model(self.ops, embeds, ctx, self.kv)

@@ -2,14 +2,15 @@
 buffers (runtime/cuda_graphs.DecodeGraphs), captured as a CUDA graph with the NCCL collectives
 inside it on CUDA, run eagerly (capture=False) elsewhere.
 
-A step: rank 0 fills its static buffers (`DecodeGraphs.run`: ids with the on-device future
-tokens resolved, positions, KV slots, context lengths, block tables), announces the bucket on the
-ctrl group (one int64 header, OP_DECODE), then replays. The first op of every captured step is a
+A step: rank 0 announces the bucket on the ctrl group (one int64 header, OP_DECODE), fills its
+static buffers (`DecodeGraphs.run_batch`: `DecodeInputs.fill` writes ids with the on-device
+future tokens resolved, positions, KV slots and context lengths in place, advanced on the device
+in a steady decode; then the block tables), then replays. The first op of every captured step is a
 broadcast of rank 0's static inputs, packed as one int64 tensor, into every rank's buffers (it
 rides on the model's `embed`, the decode body's first call: `_SharingInputs`); then embed, decoder
 and lm_head with their all-reduces / all-gather. A worker's host work per step is the header and
 `follow(bucket)`: DecodeGraphs.run over placeholder rows (a few small copies the broadcast then
-overwrites) and the replay. Only the public `run` of DecodeGraphs is used, no private method.
+overwrites) and the replay. Only public methods of DecodeGraphs are used, no private one.
 Workers capture (and never replay) the sampler graphs DecodeGraphs may hold: rank 0 samples.
 
 Capture rules followed (NCCL >= 2.9.6 captures collectives; torch >= 2.2 keeps captured work off
@@ -35,7 +36,7 @@ from fastllava.runtime.cuda_graphs import DecodeGraphs
 
 
 class TPDecodeGraphs(DecodeGraphs):
-    """DecodeGraphs of one rank. Rank 0 (`driver` given) steps through `run`; a worker calls
+    """DecodeGraphs of one rank. Rank 0 (`driver` given) steps through `run_batch`; a worker calls
     `follow(bucket)` when rank 0's header names the bucket."""
 
     def __init__(self, model, ops, kv, max_batch_size: int, max_pages_per_seq: int, comm, *,
@@ -53,16 +54,21 @@ class TPDecodeGraphs(DecodeGraphs):
             for view, part in zip(views, packed.split([v.numel() for v in views])):
                 view.copy_(part)
 
-    def bucket(self, batch_size: int) -> int:
-        return next(b for b in self.buckets if b >= batch_size)
+    def run_batch(self, seqs, *args) -> torch.Tensor:
+        """Rank 0's decode step (DecodeGraphs.run_batch: DecodeInputs fills the static buffers),
+        with the workers told the bucket first."""
+        return self._with_every_rank(len(seqs), DecodeGraphs.run_batch, seqs, *args)
 
-    def run(self, input_ids: list[int], *args, **kwargs) -> torch.Tensor:
-        """Rank 0: DecodeGraphs.run, with the workers told the bucket first."""
-        bs = self.bucket(len(input_ids))
+    def run(self, input_ids: list[int], *args) -> torch.Tensor:
+        """Rank 0: the list-built DecodeGraphs.run, with the workers told the bucket first."""
+        return self._with_every_rank(len(input_ids), DecodeGraphs.run, input_ids, *args)
+
+    def _with_every_rank(self, batch_size: int, step, *args) -> torch.Tensor:
+        bs = self.bucket(batch_size)
 
         def with_every_rank(comm) -> torch.Tensor:
             comm.broadcast_header(tp_step.header(tp_step.OP_DECODE, bs))
-            return DecodeGraphs.run(self, input_ids, *args, **kwargs)
+            return step(self, *args)
         return self.driver.step(with_every_rank, self.kv)
 
     def follow(self, bs: int) -> None:

@@ -10,6 +10,8 @@ logits and new K/V must match the eager unpadded `ModelRunner` decode of the sam
   from the same rows inside a full bucket in the last ulp (~2e-7 observed), never more.
 Padding must never write the cache: every slot that no real row owns is NaN before the step and must
 still be NaN after it, and cached slots must not change at all.
+The engine's path (`run_batch`: DecodeInputs builds the inputs in place, carried over between
+steady steps) must equal the list-built `run` bit for bit at every step of a scripted engine run.
 
 GPU (CUDA + compiled kernels): captured graphs replayed against `RuntimeConfig(cuda_graphs=False)`.
 """
@@ -169,6 +171,73 @@ def test_static_buffers_cover_the_largest_bucket(llava):
     assert not graphs.graphs, "capture=False must not capture"
 
 
+# ---- the engine's graphed decode: inputs built in place against the list-built step -------------
+
+@pytest.mark.parametrize("num_pages", [64, 8])        # 8 pages of 4: preemption
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_run_batch_equals_the_list_built_step(tiny_llava, overlap, num_pages):
+    """The engine decodes through DecodeGraphs (capture=False) with DecodeInputs filling the
+    static buffers in place (`run_batch`). Before every such step the same step runs through the
+    list-built `run` of a second DecodeGraphs over the same KV cache (restored afterwards): the
+    static inputs (padding rows included), the logits and the KV writes must be identical, through
+    arrivals, stops, cancels, page boundaries (4-token pages) and preemption."""
+    from test_overlap import assert_clean, make_engine, requests, run_script
+
+    llava = LLaVA.from_pretrained(tiny_llava, device="cpu", dtype="float32", backend="torch")
+    try:
+        engine = make_engine(llava, overlap, num_pages=num_pages, graphs=True, capture=False)
+        runner, graphs = engine.runner, engine.runner.graphs
+        ref = DecodeGraphs(runner.model, runner.ops, runner.kv, graphs.max_batch_size,
+                           graphs.block_tables.shape[1], capture=False)
+        steps, packs, errors = [], [], []
+        pack = runner._decode_inputs._pack
+        runner._decode_inputs._pack = lambda *a: packs.append(1) or pack(*a)
+        run_batch = graphs.run_batch
+
+        def checked(seqs, inputs, tables):
+            try:
+                return check(seqs, inputs, tables)
+            except AssertionError as e:     # the engine would fail the step's requests: keep it
+                errors.append(e)
+                raise
+
+        def check(seqs, inputs, tables):
+            caches = runner.kv.k + runner.kv.v
+            saved = [c.clone() for c in caches]
+            host_ids = [seq.token_ids[-1] for seq in seqs]
+            ids = runner._future.resolve(torch.tensor(host_ids), host_ids).tolist()
+            want = ref.run(ids, [len(seq) - 1 for seq in seqs], tables).clone()
+            want_kv = [c.clone() for c in caches]
+            for c, old in zip(caches, saved):
+                c.copy_(old)
+            got = run_batch(seqs, inputs, tables)
+            bs = graphs.bucket(len(seqs))
+            for name in ("input_ids", "positions", "slot_mapping", "context_lens"):
+                g, r = getattr(graphs, name)[:bs], getattr(ref, name)[:bs]
+                assert torch.equal(g, r), f"step {len(steps)} {name}: {g.tolist()} != {r.tolist()}"
+            bad = mismatch(got, want, exact=True)
+            assert not bad.any(), f"step {len(steps)}: " + describe_mismatch(got, want, bad)
+            for i, (c, w) in enumerate(zip(caches, want_kv)):
+                assert torch.equal(c.nan_to_num(7.0), w.nan_to_num(7.0)), f"cache {i}"
+            steps.append(len(seqs))
+            return got
+        graphs.run_batch = checked
+        reqs = requests(10)            # odd ones sample with a seed, some with top_p
+        for r in reqs:                 # long enough for runs of steady decode steps
+            r["params"]["max_tokens"] += 8
+        arrive, cancel = {0: [0, 1], 1: [2], 2: [3, 4], 5: [5], 6: [6, 7], 9: [8, 9]}, {4: [1]}
+        run_script(engine, reqs, arrive, cancel)
+        assert not errors, errors[0]
+        assert_clean(engine)
+        assert max(steps) > 1 and len(steps) > 12, steps
+        # Steady steps carry over (no pack); arrivals, finishes and preemption pack.
+        assert 3 <= len(packs) <= len(steps) - 5, (len(packs), steps)
+        if num_pages == 8:
+            assert sum(m.num_preemptions for m in engine.test_metrics) > 0, "nothing preempted"
+    finally:
+        llava.close()
+
+
 # ---- GPU: captured graphs ------------------------------------------------------------------------
 
 GPU_RUNTIME = dict(kv_cache_tokens=16384, max_num_seqs=16, max_context=1024)
@@ -229,8 +298,8 @@ def test_graph_replay_greedy_tokens_equal_eager(tiny_next, tmp_path):
             assert (runner.graphs is not None) == graphs_on
             replays = []
             if graphs_on:
-                run = runner.graphs.run
-                runner.graphs.run = lambda *a: replays.append(len(a[0])) or run(*a)
+                run = runner.graphs.run_batch
+                runner.graphs.run_batch = lambda *a: replays.append(len(a[0])) or run(*a)
             out = [None] * len(reqs)
             barrier = threading.Barrier(len(reqs))
 

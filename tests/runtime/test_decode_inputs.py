@@ -6,7 +6,9 @@ device) and `FutureTokens.latest`.
 Random runs change the batch between steps in every way the engine can (arrivals, finishes,
 reordering, a row preempted and refilled with other pages while its position moved by one, a
 mixed step moving a row two tokens, page boundaries every 4 tokens): whatever happened, every
-field must equal the list-built one, so a stale carried-over value fails."""
+field must equal the list-built one, so a stale carried-over value fails. The same holds for the
+inputs built in place in the decode graphs' static buffers (`DecodeInputs.fill`), whose padding
+rows must stay padding, and whose carried-over rows must not survive another writer."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import random
 import pytest
 import torch
 
-from fastllava.runtime.decode_inputs import DecodeInputs
+from fastllava.runtime.cuda_graphs import batch_buckets
+from fastllava.runtime.decode_inputs import DecodeInputs, StaticInputs
 from fastllava.runtime.sampler import SamplingBatch, SamplingBatches
 from fastllava.runtime.sequence import SamplingParams, Sequence
 from fastllava.runtime.step_io import DeviceBlockTables, FutureTokens
@@ -61,11 +64,41 @@ def list_built(seqs: list[Sequence], future: FutureTokens) -> dict:
         logits_rows=torch.arange(len(seqs), dtype=i64), has_prefix=any(positions))
 
 
+def built_in_place(inputs: DecodeInputs, home: StaticInputs, batch: list[Sequence],
+                   tables: DeviceBlockTables) -> dict:
+    """`DecodeInputs.fill` into the graphs' static buffers, read back as `list_built`'s fields,
+    after checking the padding rows up to the bucket: id 0, position 0, slot -1, context 0."""
+    B = len(batch)
+    bucket = next(b for b in batch_buckets(8) if b >= B)
+    inputs.fill(batch, home, bucket)
+    assert home.filled is not None
+    for name, pad in (("ids", 0), ("positions", 0), ("slots", -1), ("context_lens", 0)):
+        rows = getattr(home, name)[B:bucket]
+        assert (rows == pad).all(), f"padding {name}: {rows.tolist()}"
+    return dict(ids=home.ids[:B], positions=home.positions[:B], slot_mapping=home.slots[:B],
+                block_tables=tables.gather(batch),
+                cu_seqlens=torch.arange(B + 1, dtype=torch.int32),
+                prefix_lens=home.prefix_lens[:B], context_lens=home.context_lens[:B],
+                logits_rows=torch.arange(B), has_prefix=any(len(s.token_ids) > 1 for s in batch))
+
+
+def overwrite(home: StaticInputs) -> None:
+    """Another writer (the list-built DecodeGraphs.run, a TP broadcast): garbage everywhere."""
+    home.ints.random_(-5, 10**6)
+    home.lens.random_(-5, 10**6)
+    home.filled = None
+
+
+@pytest.mark.parametrize("into", ["own", "static"], ids=["own-tensors", "static-buffers"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
-def test_decode_inputs_equal_the_list_built_ones(overlap):
+def test_decode_inputs_equal_the_list_built_ones(overlap, into):
+    """own tensors: `build` (the eager decode); static buffers: `fill` into the decode graphs'
+    buffers (with now and then an eager build or a foreign write in between, which must not be
+    carried over from)."""
     rng = random.Random(5 + overlap)
     pages, future = Pages(), FutureTokens(8, CPU)
     inputs, tables = DecodeInputs(CPU, S, future), DeviceBlockTables(CPU, rows=2, width=2)
+    home = StaticInputs(8, CPU)
     packs = []
     inputs._pack = (lambda pack: lambda *a: packs.append(1) or pack(*a))(inputs._pack)
     batch: list[Sequence] = []
@@ -88,9 +121,18 @@ def test_decode_inputs_equal_the_list_built_ones(overlap):
         batch = batch[:8]
         for seq in batch:
             pages.fill(seq)
-        ids_t, ctx = inputs.build(batch, tables.gather(batch))
         want = list_built(batch, future)
-        got = dict(ids=ids_t, **{k: getattr(ctx, k) for k in want if k != "ids"})
+        if into == "static":
+            if rng.random() < 0.03:     # a step the graphs do not take (B > max batch size)
+                ids_t, ctx = inputs.build(batch, tables.gather(batch))
+                assert torch.equal(ids_t, want["ids"]) and \
+                    torch.equal(ctx.slot_mapping, want["slot_mapping"]), step
+            if rng.random() < 0.03:
+                overwrite(home)
+            got = built_in_place(inputs, home, batch, tables)
+        else:
+            ids_t, ctx = inputs.build(batch, tables.gather(batch))
+            got = dict(ids=ids_t, **{k: getattr(ctx, k) for k in want if k != "ids"})
         for key, value in want.items():
             if key == "has_prefix":
                 assert got[key] == value, (step, key)

@@ -11,7 +11,8 @@ argmax, and `sample()` over the whole bucket reading the static parameter buffer
   of a near-tie for the comparison to count;
 - unchanged when the padding rows carry garbage parameters (NaN / inf / negative temperature,
   top_p outside (0, 1], negative seeds and steps) and garbage logits; sampling never writes the KV
-  cache or the parameter buffers' padding rows.
+  cache or the parameter buffers' padding rows;
+- the same when a reused SamplingBatch (steps advanced in place) copies only its steps.
 Through ModelRunner.launch (one step, with logprobs rows reading the graph's logits) and the
 engine (serial and overlapped loops, arrivals and a cancel): the same ids / events with the graph
 path as without it.
@@ -152,6 +153,22 @@ def test_padding_rows_with_garbage_do_not_change_real_rows(llava, B, bucket):
         assert graphs.temperature[B].isnan(), "the padding parameters were rewritten: untested"
         assert_same_ids(got, clean, f"B={B} {kind}: garbage padding vs clean")
         assert_same_ids(got, sample(logits, params), f"B={B} {kind}: vs sample()")
+
+
+def test_a_reused_batch_copies_only_its_steps_and_a_new_one_everything(llava):
+    """SamplingBatches hands the same batch object to consecutive steps with its steps advanced
+    in place: the graphs then copy only the steps. Each step's ids must still be sample()'s on
+    that step's logits, and a new batch (other temperatures, seeds) must replace every field."""
+    _, graphs, _, _ = decode_step(llava, 5, 8, capture=False, seed=3)
+    reused = make_params("mixed", 5, llava.device, seed=1)
+    logits = graphs._last[2][:5]
+    for step in range(3):
+        assert_same_ids(graphs.sample(reused), sample(logits, reused), f"reused, step {step}")
+        reused.steps.add_(1)
+    for seed in (7, 8):
+        other = make_params("top_p", 5, llava.device, seed=seed)
+        assert_same_ids(graphs.sample(other), sample(logits, other), f"new batch {seed}")
+    assert_same_ids(graphs.sample(reused), sample(logits, reused), "the first batch again")
 
 
 def test_sample_refuses_a_mismatched_batch(llava):

@@ -37,11 +37,13 @@ def parts(tiny_llava):
 
 
 def make_engine(llava, overlap: bool, num_pages: int = 64, max_num_seqs: int = 8,
-                graphs: bool = False) -> Engine:
+                graphs: bool = False, capture: bool = True) -> Engine:
+    """graphs: decode through DecodeGraphs (captured, or run eagerly with capture=False)."""
     t, model, ops = llava.config.text, llava.engine.runner.model, llava.engine.runner.ops
     kv = KVCache(t.num_hidden_layers, num_pages, S, t.num_key_value_heads, t.head_dim,
                  torch.float32, llava.device)
-    captured = DecodeGraphs(model, ops, kv, max_num_seqs, MAX_LEN // S) if graphs else None
+    captured = DecodeGraphs(model, ops, kv, max_num_seqs, MAX_LEN // S, capture=capture) \
+        if graphs else None
     runner = ModelRunner(model, ops, kv, ImageFeatureCache(0), captured,
                          max_num_seqs=max_num_seqs)
     sched = Scheduler(SchedulerConfig(max_num_seqs, 64, 16), BlockManager(num_pages, S))
