@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastllava.benchmarks.common import copy_ceiling, linear_params, matmul_ceiling, step_bytes
+# benchmarks.common (and torch) are imported inside the functions: the `fastllava` CLI imports
+# this module to build its parser, and `fastllava run` refuses bad flags and images before torch.
 
 CEILING_COLUMNS = ("ceiling", "ms", "value", "unit", "note")
 
@@ -62,7 +63,9 @@ class Ceilings:
 
 def measure(device: str, dtype) -> Ceilings:
     """Copy bandwidth and matmul peak on `device` in `dtype` (small sizes on a CPU)."""
-    import torch     # not at import: `fastllava run`'s flag errors come before torch loads
+    import torch
+
+    from fastllava.benchmarks.common import copy_ceiling, matmul_ceiling
 
     cuda = torch.device(device).type == "cuda"
     n = 8192 if cuda else 512
@@ -85,11 +88,15 @@ def absent(reason: str) -> Ceilings:
 
 
 def decode_step_flops(t, B: int, ctx: float) -> float:
+    from fastllava.benchmarks.common import linear_params
+
     L = t.num_hidden_layers
     return 2 * B * (L * linear_params(t) + t.vocab_size * t.hidden_size) + 4 * B * L * t.q_size * ctx
 
 
 def prefill_flops(t, P: int) -> float:
+    from fastllava.benchmarks.common import linear_params
+
     L = t.num_hidden_layers
     return (2 * P * L * linear_params(t) + 2 * L * t.q_size * P * (P + 1)
             + 2 * t.hidden_size * t.vocab_size)
@@ -107,6 +114,8 @@ def _kv_e(row: dict) -> int | None:
 def rate_latency(rows: list[dict], t, e: int, P: int, O: int, ceil: Ceilings) -> None:
     """Adds decode_gb_s and, with ceilings, decode_ceiling_tok_s, pct_copy, ttft_floor_ms and
     pct_ttft_floor to each timed row (LATENCY_LEGEND)."""
+    from fastllava.benchmarks.common import step_bytes
+
     for r in rows:
         tok, ttft = r.get("decode_tok_per_s_p50"), r.get("ttft_p50_ms")
         n = r.get("tp", 1)        # a row split over n devices is rated against n devices' ceilings
@@ -126,6 +135,8 @@ def rate_latency(rows: list[dict], t, e: int, P: int, O: int, ceil: Ceilings) ->
 
 def rate_throughput(rows: list[dict], t, e: int, N: int, P: int, O: int, ceil: Ceilings) -> None:
     """Adds roofline_out_tok_s and pct_roofline to each timed row (THROUGHPUT_LEGEND)."""
+    from fastllava.benchmarks.common import step_bytes
+
     if not ceil.measured:
         return
     ctx = P + O / 2
