@@ -10,7 +10,7 @@ Semantics per row (the same as the single-request reference `sample_ref`):
 The draw is the exponential race (Gumbel-max): with E_v ~ Exp(1) independent,
     argmax_v p_v / E_v  ==  argmax_v (logits_v / T - log E_v)
 is distributed exactly as softmax(logits / T) over the kept set. E_v = -log u_v, and u_v comes from a
-counter-based hash of (seed, step, v) in int64 torch ops, so a row's token depends only on its own
+counter-based hash of (seed, step, v) in integer torch ops, so a row's token depends only on its own
 logits, temperature, top_p, seed and step: not on the other rows of the batch or their order, not on
 how often the step was run (a preempted request re-runs a step to the same token), and the whole
 function is a fixed sequence of device kernels with static shapes (CUDA-graph capturable).
@@ -34,6 +34,7 @@ _SEED_SALT, _INDEX_SALT = 0x9E3779B9, 0x85EBCA6B  # so that seed 0 / index 0 are
 # 2**-24 - 2**-48 in fp32 and m + 1 <= 2**24 is exact, so one correctly rounded fp32 multiply gives
 # the same bits on every device; the largest value is exactly 1 - 2**-24 < 1, the smallest > 0.
 _U_SCALE = 2.0**-24 - 2.0**-48
+_SIGN32 = 0x8000_0000
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,33 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = (x * _MUL2) & _MASK32
     return x ^ (x >> 15)
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) → int32 holding the same 32 bits (two's complement)."""
+    return ((x ^ _SIGN32) - _SIGN32).to(torch.int32)
+
+
+def _xor_shifted_(x: torch.Tensor, shift: int, tmp: torch.Tensor) -> None:
+    """x ^= x >> shift on int32 holding uint32 bits, the shift logical: torch's is arithmetic, so
+    the copies of the sign bit it shifts in are masked off. tmp: scratch of x's shape."""
+    torch.bitwise_right_shift(x, shift, out=tmp)
+    x.bitwise_xor_(tmp.bitwise_and_((1 << (32 - shift)) - 1))
+
+
+def _mix32_int32_(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """`_mix32` in place on contiguous int32 holding the uint32 bits, with one scratch tensor:
+    4 bytes per value instead of int64's 8 and no new tensor per op. int32 multiplies wrap mod
+    2**32 on CPU and CUDA, which in two's complement is the uint32 product `_mix32` masks out of its
+    int64 one; xor touches the same bits either way (tests compare both over edge and random values).
+    x ^= x >> 16 only xors the high half-word into the low one: as int16 pairs (little-endian, as
+    CPUs and CUDA GPUs are: low half first) that is one op writing 2 bytes per value, not three."""
+    halves = x.view(torch.int16)
+    halves[..., 0::2].bitwise_xor_(halves[..., 1::2])
+    x.mul_(_MUL1)
+    _xor_shifted_(x, 15, tmp)
+    x.mul_(_MUL2)
+    _xor_shifted_(x, 15, tmp)
 
 
 def _row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -67,12 +95,22 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
     """(B,) int64 seeds, (B,) int64 steps → (B, V) fp32 in (0, 1), on seeds.device.
 
     u[b, v] is a pure function of (seeds[b], steps[b], v): 24 bits of mix32(key(seed, step) ^
-    mix32(v ^ salt)). Integer math plus one exact-operand multiply: bit-identical on CPU and CUDA.
+    mix32(v ^ salt)), as `bits_to_uniform`. Integer math plus one exact-operand multiply:
+    bit-identical on CPU and CUDA. The (B, V) work runs in place on two int32 tensors, and u takes
+    the scratch one's memory: 8 bytes per value live, about 60 written.
     """
-    index = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
-    index_hash = _mix32(index ^ _INDEX_SALT)  # (V,)
-    h = _mix32(_row_keys(seeds, steps)[:, None] ^ index_hash[None, :])  # (B, V)
-    return bits_to_uniform(h >> 8)  # the top 24 of the 32 mixed bits
+    index = torch.arange(vocab_size, dtype=torch.int32, device=seeds.device)
+    index.bitwise_xor_(_INDEX_SALT - 2**32)  # the salt's 32 bits as an int32
+    _mix32_int32_(index, torch.empty_like(index))  # (V,)
+    B = seeds.shape[0]
+    h = torch.empty(B, vocab_size, dtype=torch.int32, device=seeds.device)
+    tmp = torch.empty_like(h)
+    torch.bitwise_xor(_as_int32(_row_keys(seeds, steps))[:, None], index[None, :], out=h)
+    _mix32_int32_(h, tmp)
+    h.bitwise_right_shift_(8).bitwise_and_(0xFF_FFFF).add_(1)  # m + 1, m = the top 24 bits
+    u = tmp.view(torch.float32)
+    u.copy_(h)  # exact: m + 1 <= 2**24
+    return u.mul_(_U_SCALE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,28 +226,45 @@ def _check(logits: torch.Tensor, batch: SamplingBatch) -> None:
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def _top_p_drop(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                scratch: torch.Tensor) -> torch.Tensor:
+    """(B, V) bool: the tokens top-p drops from logits / temperature (transformers' TopPLogitsWarper:
+    sort ascending, softmax, cumsum, drop mass <= 1 - top_p, keep the most likely; never in
+    top_p == 1 rows). Overwrites `scratch` ((B, V) fp32). Each tensor is written once, into memory
+    freed by a previous step where possible: peak 17 bytes per logit (the sort's values, int64 ids,
+    scratch and the bool mask), instead of a new (B, V) tensor per op."""
+    torch.div(logits, temperature[:, None], out=scratch)
+    # Stable sort: tied logits are ordered by id in every row, whatever the batch holds.
+    sorted_logits, sorted_idx = torch.sort(scratch, dim=-1, stable=True)
+    probs = torch.softmax(sorted_logits, dim=-1, out=scratch)
+    cum = torch.cumsum(probs, dim=-1, out=sorted_logits)  # (B, V) ascending cumulative mass
+    drop_sorted = cum <= (1 - top_p)[:, None]
+    del probs, cum, sorted_logits
+    drop_sorted[:, -1] = False  # always keep the most likely token
+    drop_sorted &= (top_p < 1)[:, None]  # top_p == 1 rows are never filtered
+    return torch.zeros_like(drop_sorted).scatter_(-1, sorted_idx, drop_sorted)
+
+
 def race_scores(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """(B, V) fp32 logits → (B, V) fp32 scores logits/T - log(E), -inf where top-p drops a token.
 
     argmax over a row is that row's sampled token. Greedy rows are scored with T = 1 (their result
     is replaced by the plain argmax in `sample`); exposed so tests can see how close a race was.
+    The same fp32 ops as the straightforward form, run in place: peak ≈17 bytes per logit with
+    top-p (the sort), ≈12 without (scores and the noise's two int32 tensors).
     """
     _check(logits, batch)
     greedy = batch.temperature == 0
     temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
-    scaled = logits / temperature[:, None]  # (B, V), the same fp32 division as the reference
-    if batch.any_top_p:
-        # Stable sort: tied logits are ordered by id in every row, whatever the batch holds.
-        sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, stable=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V) ascending cumulative mass
-        drop_sorted = cum <= (1 - batch.top_p)[:, None]
-        drop_sorted[:, -1] = False  # always keep the most likely token
-        drop_sorted &= (batch.top_p < 1)[:, None]  # top_p == 1 rows are never filtered
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, sorted_idx, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    u = uniform_noise(batch.seeds, batch.steps, logits.shape[1])
+    scores = torch.empty_like(logits)
+    drop = _top_p_drop(logits, temperature, batch.top_p, scores) if batch.any_top_p else None
+    torch.div(logits, temperature[:, None], out=scores)  # the same fp32 division as the reference
+    if drop is not None:
+        scores.masked_fill_(drop, float("-inf"))
+        del drop
+    gumbel = uniform_noise(batch.seeds, batch.steps, logits.shape[1])
     # Gumbel form of the race: -log(E) with E = -log(u) in (6e-8, 16.7], so no log(0) or inf.
-    return scaled - torch.log(-torch.log(u))
+    return scores.sub_(gumbel.log_().neg_().log_())
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
