@@ -10,6 +10,7 @@ Bytes are counted over every op's output with a TorchDispatchMode: peak live and
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import pytest
@@ -167,7 +168,7 @@ def test_same_ids_and_scores_as_before(B, V):
         logits, batch = random_case(B, V, g)
         check_same(logits, batch, f"B={B} V={V} trial {trial}")
         # The same rows with the top-p sort skipped (a batch promising no top_p < 1 row).
-        ones = dataclass_replace(batch, top_p=torch.ones(B), any_top_p=False)
+        ones = dataclasses.replace(batch, top_p=torch.ones(B), any_top_p=False)
         check_same(logits, ones, f"B={B} V={V} trial {trial}, no top-p")
 
 
@@ -188,11 +189,6 @@ def test_same_ids_for_garbage_padding_rows():
         seeds=torch.tensor([-1, -2**63, 5, 2**63 - 1, 0, -7, 3, 4]),
         steps=torch.tensor([-1, 0, -2**63, 2**63 - 1, 1, 2, -3, 4]), all_greedy=False, any_top_p=True)
     check_same(logits, batch, "garbage rows")
-
-
-def dataclass_replace(batch, **changes):
-    import dataclasses
-    return dataclasses.replace(batch, **changes)
 
 
 # -- bytes -------------------------------------------------------------------------------------------
