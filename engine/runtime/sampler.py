@@ -232,7 +232,11 @@ def _top_p_drop(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     sort ascending, softmax, cumsum, drop mass <= 1 - top_p, keep the most likely; never in
     top_p == 1 rows). Overwrites `scratch` ((B, V) fp32). Each tensor is written once, into memory
     freed by a previous step where possible: peak 17 bytes per logit (the sort's values, int64 ids,
-    scratch and the bool mask), instead of a new (B, V) tensor per op."""
+    scratch and the bool mask), instead of a new (B, V) tensor per op. The ids are what maps the
+    drop back: comparing logits with a per-row threshold value instead would assume the dropped
+    set is a prefix of the sorted order, true for the CPU's sequential cumsum but not for a
+    parallel scan, whose partial sums can dip by an ulp (and tied values at the threshold split
+    by id: the sort's id of the first kept token)."""
     torch.div(logits, temperature[:, None], out=scratch)
     # Stable sort: tied logits are ordered by id in every row, whatever the batch holds.
     sorted_logits, sorted_idx = torch.sort(scratch, dim=-1, stable=True)
