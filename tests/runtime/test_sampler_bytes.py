@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastllava.runtime import sampler
+from fastllava.runtime import sampling_noise
 from fastllava.runtime.sampler import SamplingBatch, race_scores, sample
 
-# -- the frozen reference (sampler.py before 2026-12-02's rewrite) -----------------------------------
+# -- the frozen reference (sampler.py before 2026-12-02's rewrite) ---------------------------------
 
 _MASK32 = 0xFFFF_FFFF
 
@@ -67,7 +67,7 @@ def _sample_before_2026_12_02(logits, batch):
     return torch.where(batch.temperature == 0, greedy_ids, sampled_ids)
 
 
-# -- the int32 mixer ---------------------------------------------------------------------------------
+# -- the int32 mixer -------------------------------------------------------------------------------
 
 def edge_words() -> torch.Tensor:
     """32-bit words where sign handling and wrap-around would show: 0, 1, every power of two and its
@@ -83,9 +83,9 @@ def edge_words() -> torch.Tensor:
 def test_int32_mixer_equals_the_int64_one(n):
     g = torch.Generator().manual_seed(n)
     x = torch.cat([edge_words(), torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64)])
-    x32 = sampler._as_int32(x)
+    x32 = sampling_noise._as_int32(x)
     assert torch.equal(x32.to(torch.int64) & _MASK32, x), "_as_int32 changed the low 32 bits"
-    sampler._mix32_int32_(x32, torch.empty_like(x32))
+    sampling_noise._mix32_int32_(x32, torch.empty_like(x32))
     want = _mix32_before(x)
     got = x32.to(torch.int64) & _MASK32
     bad = (got != want).nonzero().flatten()
@@ -95,13 +95,15 @@ def test_int32_mixer_equals_the_int64_one(n):
 
 def test_noise_equals_the_int64_noise():
     seeds = torch.cat([torch.tensor([0, 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1]),
-                       torch.randint(0, 2**63 - 1, (11,), generator=torch.Generator().manual_seed(1))])
+                       torch.randint(0, 2**63 - 1, (11,),
+                                     generator=torch.Generator().manual_seed(1))])
     steps = torch.tensor([0, 2**32 - 1, 2**32, 2**63 - 1, 5, 2**40] + list(range(11)))
     for V in (1, 13, 4099, 64000):
-        assert torch.equal(sampler.uniform_noise(seeds, steps, V), _noise_before(seeds, steps, V)), V
+        got = sampling_noise.uniform_noise(seeds, steps, V)
+        assert torch.equal(got, _noise_before(seeds, steps, V)), f"V={V}"
 
 
-# -- the rewrite against the frozen sampler ----------------------------------------------------------
+# -- the rewrite against the frozen sampler --------------------------------------------------------
 
 def random_case(B: int, V: int, g: torch.Generator):
     """Logits with ties (quantised, and copies of the row maximum), -inf / +inf entries, and rows
@@ -124,7 +126,8 @@ def random_case(B: int, V: int, g: torch.Generator):
         r = torch.rand(4, generator=g).tolist()
         temperature = [0.0, 0.0, 1.0, 0.7, 1e-30, 1e-6, 1e30, 3.0][int(r[0] * 8)]
         top_p = [1.0, 1.0, 0.9, 0.5, 1e-9, 1e-6, 0.999999, r[2] or 1.0][int(r[1] * 8)]
-        seed = int(torch.randint(0, 2**63 - 1, (), generator=g)) if r[3] < 0.8 else [0, 2**63 - 1][b % 2]
+        seed = int(torch.randint(0, 2**63 - 1, (), generator=g)) if r[3] < 0.8 \
+            else [0, 2**63 - 1][b % 2]
         step = int(torch.randint(0, 2**62, (), generator=g)) if r[3] < 0.5 else b
         rows.append([temperature, top_p, seed, step])
     # top_p exactly at a cumulative mass: 1 - top_p equals cum[j] in fp32 (exact for cum >= 0.5).
@@ -187,11 +190,12 @@ def test_same_ids_for_garbage_padding_rows():
         temperature=torch.tensor([float("nan"), float("inf"), -1.0, 0.5, -0.0, 1.0, 2.0, 1e-40]),
         top_p=torch.tensor([0.5, float("nan"), 2.0, -1.0, 0.0, float("inf"), 0.7, 0.3]),
         seeds=torch.tensor([-1, -2**63, 5, 2**63 - 1, 0, -7, 3, 4]),
-        steps=torch.tensor([-1, 0, -2**63, 2**63 - 1, 1, 2, -3, 4]), all_greedy=False, any_top_p=True)
+        steps=torch.tensor([-1, 0, -2**63, 2**63 - 1, 1, 2, -3, 4]),
+        all_greedy=False, any_top_p=True)
     check_same(logits, batch, "garbage rows")
 
 
-# -- bytes -------------------------------------------------------------------------------------------
+# -- bytes -----------------------------------------------------------------------------------------
 
 ALLOCATE_ONLY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default}
 
@@ -249,7 +253,8 @@ def test_sampler_bytes_per_logit():
     for top_p in (0.9, 1.0):
         peak, written = sampler_bytes(sample, B, V, top_p)
         peak0, written0 = sampler_bytes(_sample_before_2026_12_02, B, V, top_p)
-        print(f"top_p={top_p}: peak {peak0:.1f} → {peak:.1f}, written {written0:.1f} → {written:.1f}"
-              " bytes per logit")
+        print(f"top_p={top_p}: peak {peak0:.1f} → {peak:.1f}, written {written0:.1f} → "
+              f"{written:.1f} bytes per logit")
         assert peak <= (17.5 if top_p < 1 else 12.5), (top_p, peak)
-        assert peak <= peak0 / 2 and written <= 0.8 * written0, (top_p, peak, peak0, written, written0)
+        assert peak <= peak0 / 2 and written <= 0.8 * written0, \
+            (top_p, peak, peak0, written, written0)
