@@ -195,6 +195,18 @@ def test_same_ids_for_garbage_padding_rows():
     check_same(logits, batch, "garbage rows")
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,V", [(64, 64000), (17, 1000), (3, 37)])
+def test_same_ids_and_scores_as_before_on_cuda(B, V):
+    """The same check on CUDA kernels (int32 wrap-around multiplies, the int16 half-word xor,
+    out= softmax / cumsum, in-place log): the rewrite against the frozen sampler, both on CUDA."""
+    logits, batch = random_case(B, V, torch.Generator().manual_seed(B + V))
+    dev = torch.device("cuda")
+    on_dev = dataclasses.replace(batch, **{name: getattr(batch, name).to(dev) for name in
+                                           ("temperature", "top_p", "seeds", "steps")})
+    check_same(logits.to(dev), on_dev, f"CUDA B={B} V={V}")
+
 # -- bytes -----------------------------------------------------------------------------------------
 
 ALLOCATE_ONLY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default}
