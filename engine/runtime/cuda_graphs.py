@@ -34,8 +34,8 @@ logits output and static (bucket,) buffers of temperature, top_p, seed and step,
 change nothing). Which graph replays is picked on the host from the SamplingBatch's promises
 (`all_greedy`, `any_top_p`): no sync. The sampler is captured apart from the forward rather than
 as a second full decode graph per bucket: the forward (~400 kernels) is captured once, and a
-sampled step pays one more graph launch (a few µs) instead of ~90-100 eager sampler ops (counted
-with a dispatch mode: mostly the int64 hash of the noise), each a kernel launch.
+sampled step pays one more graph launch (a few µs) instead of ~90-110 eager sampler ops (counted
+with a dispatch mode: mostly the integer hash of the noise), each a kernel launch.
 The logits output stays reachable (`run` returns it): rows that ask for logprobs read it.
 
 Padding rows of the sampler keep whatever parameters an earlier, larger batch left there (never
@@ -43,10 +43,11 @@ written: a cheaper step); they only shape their own rows' ids, which nobody read
 the sampler writes outside its own temporaries and output.
 
 Memory: the sampler graphs' temporaries share the one pool. At the largest bucket B the top-p
-sampler's live tensors peak at ≈50 bytes per logit (≈32 without the top-p sort; counted on CPU
-over every op's outputs): fp32 scaled/sorted/softmax/cumsum copies, the int64 sort indices and the
-int64 (B, V) hash intermediates of the noise; CUDA adds the sort's scratch. B = 64 at V = 64,000
-is ≈0.2 GB beside the logits, far more than a decode forward's own activations at that batch.
+sampler's live tensors peak at ≈17 bytes per logit (≈12 without the top-p sort; counted on CPU
+over every op's outputs, tests/runtime/test_sampler_bytes.py): the sort's fp32 values and int64
+indices beside one fp32 (B, V) scratch, then the scores and the noise's two int32 (B, V) tensors;
+CUDA adds the sort's scratch. B = 64 at V = 64,000 is ≈70 MB beside the logits (≈190 MB before
+the sampler ran in place), still more than a decode forward's own activations at that batch.
 The memory plan's graph-pool term measures a decode step followed by the top-p sampler
 (`DummySteps.decode_and_sample`), so the KV pool leaves room for it. The other persistent
 additions are the ids outputs, (bucket,) int64 per graph: bytes.

@@ -10,10 +10,11 @@ Semantics per row (the same as the single-request reference `sample_ref`):
 The draw is the exponential race (Gumbel-max): with E_v ~ Exp(1) independent,
     argmax_v p_v / E_v  ==  argmax_v (logits_v / T - log E_v)
 is distributed exactly as softmax(logits / T) over the kept set. E_v = -log u_v, and u_v comes from a
-counter-based hash of (seed, step, v) in int64 torch ops, so a row's token depends only on its own
-logits, temperature, top_p, seed and step: not on the other rows of the batch or their order, not on
-how often the step was run (a preempted request re-runs a step to the same token), and the whole
-function is a fixed sequence of device kernels with static shapes (CUDA-graph capturable).
+counter-based hash of (seed, step, v) (runtime/sampling_noise.py), so a row's token depends only on
+its own logits, temperature, top_p, seed and step: not on the other rows of the batch or their
+order, not on how often the step was run (a preempted request re-runs a step to the same token),
+and the whole function is a fixed sequence of device kernels with static shapes (CUDA-graph
+capturable). The (B, V) work writes into a few reused buffers (see `race_scores`).
 
 Shapes: B rows (sequences), V vocabulary entries.
 """
@@ -24,55 +25,7 @@ import dataclasses
 
 import torch
 
-_MASK32 = 0xFFFF_FFFF
-# lowbias32-style mixer (xorshift-multiply, constants from skeeto/hash-prospector, 2-round variant
-# by TheIronBorn). Both multipliers are < 2**31, so for x < 2**32 every product is < 2**63 and int64
-# never overflows; masking to 32 bits after each multiply gives exactly uint32 wrap-around.
-_MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97
-_SEED_SALT, _INDEX_SALT = 0x9E3779B9, 0x85EBCA6B  # so that seed 0 / index 0 are not fixed points
-# u = (m + 1) * fp32(1 / (2**24 + 1)) for the 24-bit integer m: the constant is exactly
-# 2**-24 - 2**-48 in fp32 and m + 1 <= 2**24 is exact, so one correctly rounded fp32 multiply gives
-# the same bits on every device; the largest value is exactly 1 - 2**-24 < 1, the smallest > 0.
-_U_SCALE = 2.0**-24 - 2.0**-48
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """Bijective 32-bit mix of int64 values in [0, 2**32) (any shape) → same range."""
-    x = x ^ (x >> 16)
-    x = (x * _MUL1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _MUL2) & _MASK32
-    return x ^ (x >> 15)
-
-
-def _row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 seeds in [0, 2**63) and steps >= 0 → (B,) 32-bit keys in int64.
-
-    Absorbs the seed's low and high words, then the step's high and low words, each through the
-    bijective mixer: for a fixed seed, steps < 2**32 get distinct keys (the last absorption is a
-    bijection of the step's low word), and a seed change in any bit (0 or 40 alike) changes the key.
-    """
-    k = _mix32((seeds & _MASK32) ^ _SEED_SALT)
-    k = _mix32(k ^ ((seeds >> 32) & _MASK32))
-    k = _mix32(k ^ ((steps >> 32) & _MASK32))
-    return _mix32(k ^ (steps & _MASK32))
-
-
-def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
-    """int64 integers m in [0, 2**24) → fp32 u ≈ (m + 1) / (2**24 + 1), strictly inside (0, 1)."""
-    return (bits + 1).to(torch.float32) * _U_SCALE
-
-
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B,) int64 seeds, (B,) int64 steps → (B, V) fp32 in (0, 1), on seeds.device.
-
-    u[b, v] is a pure function of (seeds[b], steps[b], v): 24 bits of mix32(key(seed, step) ^
-    mix32(v ^ salt)). Integer math plus one exact-operand multiply: bit-identical on CPU and CUDA.
-    """
-    index = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
-    index_hash = _mix32(index ^ _INDEX_SALT)  # (V,)
-    h = _mix32(_row_keys(seeds, steps)[:, None] ^ index_hash[None, :])  # (B, V)
-    return bits_to_uniform(h >> 8)  # the top 24 of the 32 mixed bits
+from fastllava.runtime.sampling_noise import uniform_noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,28 +141,49 @@ def _check(logits: torch.Tensor, batch: SamplingBatch) -> None:
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def _top_p_drop(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                scratch: torch.Tensor) -> torch.Tensor:
+    """(B, V) bool: the tokens top-p drops from logits / temperature (transformers' TopPLogitsWarper:
+    sort ascending, softmax, cumsum, drop mass <= 1 - top_p, keep the most likely; never in
+    top_p == 1 rows). Overwrites `scratch` ((B, V) fp32). Each tensor is written once, into memory
+    freed by a previous step where possible: peak 17 bytes per logit (the sort's values, int64 ids,
+    scratch and the bool mask), instead of a new (B, V) tensor per op. The ids are what maps the
+    drop back: comparing logits with a per-row threshold value instead would assume the dropped
+    set is a prefix of the sorted order, true for the CPU's sequential cumsum but not for a
+    parallel scan, whose partial sums can dip by an ulp (and tied values at the threshold split
+    by id: the sort's id of the first kept token)."""
+    torch.div(logits, temperature[:, None], out=scratch)
+    # Stable sort: tied logits are ordered by id in every row, whatever the batch holds.
+    sorted_logits, sorted_idx = torch.sort(scratch, dim=-1, stable=True)
+    probs = torch.softmax(sorted_logits, dim=-1, out=scratch)
+    cum = torch.cumsum(probs, dim=-1, out=sorted_logits)  # (B, V) ascending cumulative mass
+    drop_sorted = cum <= (1 - top_p)[:, None]
+    del probs, cum, sorted_logits
+    drop_sorted[:, -1] = False  # always keep the most likely token
+    drop_sorted &= (top_p < 1)[:, None]  # top_p == 1 rows are never filtered
+    return torch.zeros_like(drop_sorted).scatter_(-1, sorted_idx, drop_sorted)
+
+
 def race_scores(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """(B, V) fp32 logits → (B, V) fp32 scores logits/T - log(E), -inf where top-p drops a token.
 
     argmax over a row is that row's sampled token. Greedy rows are scored with T = 1 (their result
     is replaced by the plain argmax in `sample`); exposed so tests can see how close a race was.
+    The same fp32 ops as the straightforward form, run in place: peak ≈17 bytes per logit with
+    top-p (the sort), ≈12 without (scores and the noise's two int32 tensors).
     """
     _check(logits, batch)
     greedy = batch.temperature == 0
     temperature = torch.where(greedy, torch.ones_like(batch.temperature), batch.temperature)
-    scaled = logits / temperature[:, None]  # (B, V), the same fp32 division as the reference
-    if batch.any_top_p:
-        # Stable sort: tied logits are ordered by id in every row, whatever the batch holds.
-        sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, stable=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V) ascending cumulative mass
-        drop_sorted = cum <= (1 - batch.top_p)[:, None]
-        drop_sorted[:, -1] = False  # always keep the most likely token
-        drop_sorted &= (batch.top_p < 1)[:, None]  # top_p == 1 rows are never filtered
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, sorted_idx, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    u = uniform_noise(batch.seeds, batch.steps, logits.shape[1])
+    scores = torch.empty_like(logits)
+    drop = _top_p_drop(logits, temperature, batch.top_p, scores) if batch.any_top_p else None
+    torch.div(logits, temperature[:, None], out=scores)  # the same fp32 division as the reference
+    if drop is not None:
+        scores.masked_fill_(drop, float("-inf"))
+        del drop
+    gumbel = uniform_noise(batch.seeds, batch.steps, logits.shape[1])
     # Gumbel form of the race: -log(E) with E = -log(u) in (6e-8, 16.7], so no log(0) or inf.
-    return scaled - torch.log(-torch.log(u))
+    return scores.sub_(gumbel.log_().neg_().log_())
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

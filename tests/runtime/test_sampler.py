@@ -12,9 +12,8 @@ import math
 import pytest
 import torch
 
-from fastllava.runtime.sampler import (
-    SamplingBatch, bits_to_uniform, race_scores, sample, sample_ref, uniform_noise,
-)
+from fastllava.runtime.sampler import SamplingBatch, race_scores, sample, sample_ref
+from fastllava.runtime.sampling_noise import bits_to_uniform, uniform_noise
 
 ALPHA = 1e-6
 
