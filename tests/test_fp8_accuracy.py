@@ -58,14 +58,15 @@ def models(rescaled):
 
 
 def _generate(llava: LLaVA, request: dict) -> tuple[list[int], torch.Tensor]:
-    """Greedy ids and the logits of each step (N, vocab)."""
+    """Greedy ids and the logits of each step (N, vocab). Steps that sample nothing (the early
+    chunks of a chunked prefill) return no logits rows and are dropped."""
     recorded, forward = [], llava.model.forward
     llava.model.forward = lambda *a, **k: recorded.append(forward(*a, **k)) or recorded[-1]
     try:
         ids = llava.generate_ids(request)
     finally:
         del llava.model.forward
-    return ids, torch.cat(recorded[: len(ids)])
+    return ids, torch.cat([x for x in recorded if x.shape[0]][: len(ids)])
 
 
 def _report(lines: list[str], record_property, key: str, value) -> None:

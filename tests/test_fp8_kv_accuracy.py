@@ -210,18 +210,6 @@ def test_logits_and_greedy_agreement(models, requests_, record_property, capsys)
     record_property("fp8_kv_logits_rel_error", round(worst, 5))
 
 
-def generate_rows(llava: LLaVA, request: dict) -> tuple[list[int], torch.Tensor]:
-    """_generate for chunked prefills too: steps that sample nothing (early chunks) return no
-    logits rows and are dropped."""
-    recorded, forward = [], llava.model.forward
-    llava.model.forward = lambda *a, **k: recorded.append(forward(*a, **k)) or recorded[-1]
-    try:
-        ids = llava.generate_ids(request)
-    finally:
-        del llava.model.forward
-    return ids, torch.cat([x for x in recorded if x.shape[0]][: len(ids)])
-
-
 def test_prefix_cache_and_chunked_prefill_keep_their_tokens(rescaled, requests_):
     """A warm prefix-cache hit and a prefill in 16-token chunks read quantized K/V where a cold,
     whole prefill computed them: the same tokens and logits to rounding, since the step's own
@@ -231,10 +219,10 @@ def test_prefix_cache_and_chunked_prefill_keep_their_tokens(rescaled, requests_)
                    max_prefill_tokens_while_decoding=16)
     try:
         for r in requests_[:3]:
-            ids, logits = generate_rows(cold, r)
+            ids, logits = _generate(cold, r)
             hits = chunked.stats()["prefix_hit_tokens"]
             for run in range(2):   # the second run hits the prefix cache
-                got, got_logits = generate_rows(chunked, r)
+                got, got_logits = _generate(chunked, r)
                 assert got == ids, (r["prompt"], run)
                 torch.testing.assert_close(got_logits, logits, rtol=0, atol=LOGITS_ATOL)
             assert chunked.stats()["prefix_hit_tokens"] > hits
