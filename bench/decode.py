@@ -3,7 +3,7 @@ weights), batch 1 / 8 / 32 at a ~600-token context, next to transformers on the 
 
     python bench/decode.py [--model llava-1.5-13b] [--batches 1,8,32] [--context 600] [--out DIR]
     python bench/decode.py --smoke        # tiny config on the CPU (CI: tests/test_bench_decode.py)
-    python bench/decode.py --quantization fp8   # fastllava's decoder linears in FP8 (README "FP8")
+    python bench/decode.py --quantization fp8   # + fastllava rows with FP8 linears (README "FP8")
     python bench/decode.py --kv-cache-dtype fp8   # + fastllava rows over fp8 KV pages, same run
     python bench/decode.py --model llava-v1.6-34b --tensor-parallel-size 2   # 2 GPUs (README)
 
@@ -16,8 +16,12 @@ of --steps steps, after --warmup steps):
 - hf eager: transformers LlamaForCausalLM of the same text config (a LLaVA decode step after
   prefill is exactly the language model), random weights, sdpa, DynamicCache.
 - hf compiled: the same with StaticCache + torch.compile(mode="reduce-overhead").
-- with --kv-cache-dtype fp8, the two fastllava rows again over an fp8 KV cache ("(fp8 KV)"),
-  in the same run, its KV bytes counted at one byte per element.
+- with --quantization fp8 and/or --kv-cache-dtype fp8, the two fastllava rows again, in the
+  same run after the model-dtype ones, for every other (weights, KV pages) combination asked:
+  "(fp8)" FP8 decoder linears (their bytes counted at one byte per weight), "(fp8 KV)" an fp8 KV
+  cache (one byte per element), "(fp8, fp8 KV)" both. One runtime at a time, each closed and
+  its memory freed before the next (34B in bf16, then in fp8, on one GPU). Below the table, per
+  such variant: its batch-1 engine tok/s / the model-dtype engine's (the FP8 target: >= 1.7x).
 Work per step: the weights a decode step reads (decoder layers, final norm, lm_head, B rows of
 the embedding table; not the vision tower) + the KV it attends over, 2*L*KVH*D*ctx*B*2 bytes at
 the mean context of the timed steps; GB/s is reported against a 1 GiB copy measured in the run.
@@ -46,7 +50,7 @@ from fastllava.benchmarks.peers import hf_llama
 BW_BARS = {1: 0.90, 8: 0.85, 32: 0.80}   # performance.md: fraction of copy bandwidth, by batch
 PEER_BAR = 1.5                            # ... and >= 1.5x the compiled static-cache peer
 ENGINE, REPLAY = "fastllava engine", "fastllava graph replay"
-FP8_KV = " (fp8 KV)"                      # suffix of the fastllava rows over fp8 KV pages
+FP8_TARGET = 1.7                          # issue 15: FP8-weight batch-1 decode tok/s vs bf16 (34B)
 HF_EAGER, HF_COMPILED = "hf eager (DynamicCache)", "hf compiled (StaticCache, reduce-overhead)"
 GIB = 1 << 30
 PAGE = 16                                 # KV page size (RuntimeConfig's default)
@@ -62,10 +66,10 @@ class Plan:
     steps: int                   # decode steps per timed window
     windows: int
     peers: tuple[str, ...]       # "eager", "compiled"
-    quantization: str | None = None  # "fp8": fastllava's decoder linears in FP8 (peers stay dtype)
     tensor_parallel_size: int = 1    # fastllava rows only; the peers run on one device
     random_config: str = "tiny"      # the weights.random config name (the TP workers build it)
-    kv_cache_dtypes: tuple[str, ...] = ("auto",)   # fastllava rows per KV page dtype
+    # fastllava rows per (weights quantization, KV page dtype); the first is the model dtype's
+    variants: tuple[tuple[str | None, str], ...] = ((None, "auto"),)
 
     @property
     def timed(self) -> int:
@@ -86,6 +90,7 @@ class Row:
     gb_s: float | None = None
     pct: float | None = None     # of the copy ceiling
     vs: float | None = None      # this row's ms / the fastllava engine's ms (> 1: fastllava faster)
+    variant: tuple[str | None, str] = (None, "auto")   # fastllava rows: (quantization, KV dtype)
     bar: str = ""
     note: str = ""
 
@@ -124,30 +129,46 @@ def fitting_batches(t, plan: Plan) -> tuple[list[int], list[Row]]:
     return fits, skipped
 
 
+def variants(quantization: str | None, kv_cache_dtype: str) -> tuple[tuple[str | None, str], ...]:
+    """The model dtype first (the reference every ratio divides by), then every other combination
+    of the fp8 weights and fp8 KV pages asked for."""
+    return tuple((q, kv) for q in dict.fromkeys((None, quantization))
+                 for kv in dict.fromkeys(("auto", kv_cache_dtype)))
+
+
+def suffix(variant: tuple[str | None, str]) -> str:
+    """" (fp8)", " (fp8 KV)", " (fp8, fp8 KV)" or "" (the model dtype) after a fastllava row."""
+    q, kv = variant
+    parts = [q] * (q is not None) + ["fp8 KV"] * (kv == "fp8")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def fastllava_rows(config, plan: Plan) -> list[Row]:
     """Random weights → build_engine (the real runtime: paged KV, Triton ops and CUDA graphs on
     a GPU) → engine and graph-replay rows for every batch size whose KV fits. With
     --tensor-parallel-size N the decoder is split over N ranks (README "Tensor parallelism").
-    With --kv-cache-dtype fp8 the same again over fp8 KV pages ("(fp8 KV)" rows): a fresh runtime
-    per KV page dtype (same seed, so the same weights; under TP every rank sets up its pool
-    anew), one at a time."""
+    Then the same again per other plan.variants entry (FP8 linears, fp8 KV pages): a fresh
+    runtime each (same seed, so the same weights; under TP every rank sets up its pool anew),
+    one at a time, the last one closed and its memory freed first. The batch sizes are the
+    first (model-dtype, so largest) runtime's."""
     rows, batches = [], None
-    for kv in plan.kv_cache_dtypes:
-        batches, got = _runtime_rows(config, plan, kv, batches)
+    for variant in plan.variants:
+        batches, got = _runtime_rows(config, plan, variant, batches)
         rows += got
         free_memory(plan.device)
     return rows
 
 
-def _runtime_rows(config, plan: Plan, kv: str, batches: list[int] | None):
-    """(batches, rows) over KV pages `kv`; batches None: found here (the first runtime's)."""
+def _runtime_rows(config, plan: Plan, variant: tuple[str | None, str],
+                  batches: list[int] | None):
+    """(batches, rows) for one (quantization, KV dtype); batches None: found here."""
     from fastllava.benchmarks.random_runtime import RandomRuntime
     from fastllava.runtime.config import RuntimeConfig
 
-    suffix = FP8_KV if kv == "fp8" else ""
+    quantization, kv = variant
     runtime = RandomRuntime(plan.random_config, plan.device, plan.dtype,
                             backend="torch" if plan.device == "cpu" else "auto",
-                            quantization=plan.quantization,
+                            quantization=quantization,
                             tensor_parallel_size=plan.tensor_parallel_size)
     try:
         rows = []
@@ -165,17 +186,19 @@ def _runtime_rows(config, plan: Plan, kv: str, batches: list[int] | None):
                              f"{plan.context} needs {plan.max_len}")
         for B in batches:
             try:
-                rows += engine_batch(engine, config.text, B, plan, suffix)
+                rows += engine_batch(engine, config.text, B, plan, variant)
             except Exception as exc:  # noqa: BLE001 - report the row, go on with the next batch
-                rows.append(Row(ENGINE + suffix, B,
+                rows.append(Row(ENGINE + suffix(variant), B, variant=variant,
                                 note=f"ERROR: {type(exc).__name__}: {exc}"[:200]))
         return batches, rows
     finally:
-        runtime.close()
+        runtime.close()   # drops the weights and the KV pool before the next variant's runtime
 
 
-def engine_batch(engine, t, B: int, plan: Plan, suffix: str = "") -> list[Row]:
+def engine_batch(engine, t, B: int, plan: Plan, variant=(None, "auto")) -> list[Row]:
     from fastllava.runtime.sequence import SamplingParams, Sequence
+
+    label = suffix(variant)
 
     sched, runner = engine.scheduler, engine.runner
     rng = random.Random(B)
@@ -198,20 +221,21 @@ def engine_batch(engine, t, B: int, plan: Plan, suffix: str = "") -> list[Row]:
         for _ in range(plan.warmup):
             step(True)
         ctx = len(seqs[0]) + (plan.timed - 1) / 2
-        rows = [Row(ENGINE + suffix, B, ctx, time_steps(lambda: step(True), plan))]
+        rows = [Row(ENGINE + label, B, ctx, time_steps(lambda: step(True), plan),
+                    variant=variant)]
         graphs = runner.graphs
         if graphs is None or not graphs.graphs:
             tp = f", tensor parallelism {plan.tensor_parallel_size}" \
                 if plan.tensor_parallel_size > 1 else ""
-            rows.append(Row(REPLAY + suffix, B, note=f"n/a: no CUDA graphs (ops {runner.ops.name} "
-                                                     f"on {plan.device}{tp})"))
+            rows.append(Row(REPLAY + label, B, variant=variant,
+                            note=f"n/a: no CUDA graphs (ops {runner.ops.name} on {plan.device}{tp})"))
             return rows
         bs = next(b for b in graphs.buckets if b >= B)   # replays the last step's inputs
         # Under tensor parallelism every rank replays: rank 0 names the bucket to the workers.
         replay = functools.partial(graphs.replay, bs) if plan.tensor_parallel_size > 1 \
             else graphs.graphs[bs].replay
-        rows.append(Row(REPLAY + suffix, B, len(seqs[0]) - 1, time_steps(replay, plan),
-                        note="" if bs == B else f"bucket {bs}"))
+        rows.append(Row(REPLAY + label, B, len(seqs[0]) - 1, time_steps(replay, plan),
+                        variant=variant, note="" if bs == B else f"bucket {bs}"))
         if not torch.isfinite(graphs.outputs[bs][0][:B]).all():     # (logits, greedy ids)
             rows[-1].note = "ERROR: non-finite logits from the random weights"
         return rows
@@ -275,7 +299,7 @@ def hf_rows(t, plan: Plan, batches: list[int]) -> list[Row]:
 
 def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]:
     """Fill tok/s, GB/s, % of the copy, speedups and bars; order rows by batch, then impl."""
-    order = (ENGINE, REPLAY, ENGINE + FP8_KV, REPLAY + FP8_KV, HF_EAGER, HF_COMPILED)
+    order = [i + suffix(v) for v in plan.variants for i in (ENGINE, REPLAY)] + [HF_EAGER, HF_COMPILED]
     rows.sort(key=lambda r: (r.B, order.index(r.impl)))
     engine = {r.B: r for r in rows if r.impl == ENGINE and r.ms}
     for r in rows:
@@ -283,15 +307,15 @@ def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]
             continue
         r.tok_s = r.B * 1e3 / r.ms
         ours = r.impl.startswith("fastllava")
-        fp8 = plan.quantization == "fp8" and ours
-        kv_e = 1 if r.impl.endswith(FP8_KV) else None   # fp8 KV pages: one byte per element
-        r.gb_s = step_bytes(t, r.B, r.ctx, plan.dtype.itemsize, 1 if fp8 else None,
-                            kv_e) / r.ms / 1e6
+        quantization, kv = r.variant   # fp8 linears / KV pages: one byte per weight / element
+        r.gb_s = step_bytes(t, r.B, r.ctx, plan.dtype.itemsize,
+                            1 if quantization == "fp8" else None,
+                            1 if kv == "fp8" else None) / r.ms / 1e6
         # Under tensor parallelism N GPUs read the step's bytes: their ceiling is N copies.
         gpus = plan.tensor_parallel_size if ours else 1
         r.pct = r.gb_s / (copy_gb_s * gpus) if copy_gb_s else None
         r.vs = r.ms / engine[r.B].ms if r.B in engine else None
-        if r.impl in (ENGINE, ENGINE + FP8_KV) and r.pct is not None and r.B in BW_BARS:
+        if r.impl.startswith(ENGINE) and r.pct is not None and r.B in BW_BARS:
             r.bar = f">={BW_BARS[r.B]:.0%} BW: {'yes' if r.pct >= BW_BARS[r.B] else 'NO'}"
         if r.impl == HF_COMPILED and r.vs is not None:
             r.bar = f"fastllava >={PEER_BAR}x: {'yes' if r.vs >= PEER_BAR else 'NO'}"
@@ -308,18 +332,32 @@ def cells(r: Row, model: str, context: int) -> tuple:
             r.note or None)
 
 
-def report(header: dict, ceilings, rows: list[Row], model: str, context: int) -> str:
+def ratio_lines(rows: list[Row], plan: Plan, B: int = 1) -> list[str]:
+    """Per non-model-dtype variant: its engine tok/s at batch B / the model-dtype engine's."""
+    tok_s = {r.variant: r.tok_s for r in rows if r.impl.startswith(ENGINE) and r.B == B}
+    base, lines = tok_s.get(plan.variants[0]), []
+    for v in plan.variants[1:]:
+        name = suffix(v).strip(" ()")
+        ratio = f"{tok_s[v] / base:.2f}x" if base and tok_s.get(v) else "n/a (not measured)"
+        target = f" (target >= {FP8_TARGET}x for 34B)" if v == ("fp8", "auto") else ""
+        lines.append(f"- {name} / model dtype decode tok/s at B={B}: {ratio}{target}")
+    return lines
+
+
+def report(header: dict, ceilings, rows: list[Row], model: str, context: int,
+           ratios: list[str] = ()) -> str:
     meta = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     ceil = markdown(ceilings) if ceilings else "skipped (--smoke: no GPU)"
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(fmt(c) for c in cells(r, model, context)) + " |" for r in rows]
     legend = ("GB/s: weights read once per step + KV at the mean context. % copy: of the copy "
               "ceiling (x N GPUs for the fastllava rows at tensor_parallel_size N). ms / engine "
-              "ms > 1: the fastllava engine (KV in the model dtype) is faster; an fp8 KV row "
+              "ms > 1: the fastllava engine (model-dtype weights and KV) is faster; an fp8 row "
               "below 1 is faster than it. Bars (performance.md, "
               f"H100): batch 1/8/32 >= 90/85/80% of the copy, >= {PEER_BAR}x the compiled peer.")
+    summary = "\n\n" + "\n".join(ratios) if ratios else ""
     return (f"# Decode benchmark\n\n{meta}\n\n## Ceiling (measured in this run)\n\n{ceil}\n\n"
-            f"## Decode steps\n\n{legend}\n\n" + "\n".join(table) + "\n")
+            f"## Decode steps\n\n{legend}\n\n" + "\n".join(table) + summary + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -334,8 +372,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peers", default="eager,compiled", help="transformers peers, or 'none'")
     p.add_argument("--out", help="folder for the .md and .csv (GPU default: bench/results/)")
-    p.add_argument("--quantization", choices=("fp8",), help="fastllava's decoder linear layers "
-                   "in FP8 (the transformers peers stay in the model dtype)")
+    p.add_argument("--quantization", choices=("fp8",), help="fp8: also time fastllava with its "
+                   "decoder linears in FP8, after the model-dtype rows (peers: model dtype)")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                    help="fp8: also time fastllava over fp8 KV pages, beside the model-dtype rows")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
@@ -346,10 +384,10 @@ def main(argv: list[str]) -> int:
     peers = tuple(x for x in args.peers.split(",") if x and x != "none")
     if set(peers) - {"eager", "compiled"}:
         fail(f"--peers takes eager, compiled or none, got {args.peers!r}")
-    kv_dtypes = ("auto", "fp8") if args.kv_cache_dtype == "fp8" else ("auto",)
+    asked = variants(args.quantization, args.kv_cache_dtype)
     if args.smoke:
-        plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers, args.quantization,
-                    args.tensor_parallel_size, "tiny", kv_dtypes)
+        plan = Plan("cpu", torch.float32, (1, 3), 20, 1, 3, 2, peers,
+                    args.tensor_parallel_size, "tiny", asked)
         config, name = llava_config(TINY_CONFIG), "tiny (smoke)"
     else:
         require_compiled_gpu("decode.py", "tiny config")
@@ -357,8 +395,7 @@ def main(argv: list[str]) -> int:
         if min(batches) < 1 or min(args.context, args.steps, args.windows) < 1:
             fail("--batches, --context, --steps and --windows must be >= 1")
         plan = Plan("cuda", torch.bfloat16, batches, args.context, args.warmup, args.steps,
-                    args.windows, peers, args.quantization, args.tensor_parallel_size, args.model,
-                    kv_dtypes)
+                    args.windows, peers, args.tensor_parallel_size, args.model, asked)
         config, name = llava_config(REAL_CONFIGS[args.model]), args.model
     if plan.max_len > config.text.max_position_embeddings:
         fail(f"--context {plan.context} + {plan.max_len - plan.context} decode tokens exceeds "
@@ -368,16 +405,18 @@ def main(argv: list[str]) -> int:
     if args.smoke:   # the smoke run uses the torch ops, not the interpreted kernels
         header["gpu"] = "cpu (--smoke, torch ops)"
     header.update(model=f"{name}, random weights (seed 0)", dtype=str(plan.dtype)[6:],
-                  quantization=f"{plan.quantization or 'none'} (fastllava rows)",
+                  quantization=" and ".join(dict.fromkeys(q or "none" for q, _ in plan.variants))
+                  + " (fastllava rows)",
                   tensor_parallel_size=f"{plan.tensor_parallel_size} (fastllava rows)",
-                  kv_cache_dtype=" and ".join(plan.kv_cache_dtypes) + " (fastllava rows)")
+                  kv_cache_dtype=" and ".join(dict.fromkeys(kv for _, kv in plan.variants))
+                  + " (fastllava rows)")
     ceilings = [copy_ceiling()] if plan.device == "cuda" else []
     rows = fastllava_rows(config, plan)
     free_memory(plan.device)
     measured = sorted({r.B for r in rows if r.impl == ENGINE and not r.note.startswith("n/a")})
     rows += hf_rows(config.text, plan, measured)
     rows = finish(rows, config.text, plan, ceilings[0].value if ceilings else None)
-    text = report(header, ceilings, rows, name, plan.context)
+    text = report(header, ceilings, rows, name, plan.context, ratio_lines(rows, plan))
     print(text)
     if out:
         print("wrote", ", ".join(write_outputs(out, "decode", header, text, COLUMNS,

@@ -77,23 +77,58 @@ def test_bad_peer_name_is_refused():
     assert proc.returncode == 2 and "vllm" in proc.stderr, describe(proc)
 
 
-def test_smoke_with_fp8_counts_one_byte_per_decoder_weight(tmp_path, bench_script):
-    """--quantization fp8: fastllava's rows run FP8 decoder linears and their GB/s counts them at
-    one byte; the transformers peer (fp32 here) keeps the full bytes."""
+def ratio_line(stdout: str, name: str) -> float:
+    """The X of the report's "- <name> / model dtype decode tok/s at B=1: X.XXx" line."""
+    [line] = [ln for ln in stdout.splitlines()
+              if ln.startswith(f"- {name} / model dtype decode tok/s at B=1: ")]
+    return float(line.split(": ")[1].split("x")[0])
+
+
+def test_smoke_with_fp8_times_model_dtype_then_fp8_weights_in_one_run(tmp_path, bench_script):
+    """--quantization fp8: fastllava's model-dtype rows AND its FP8-linear rows ("(fp8)"), in one
+    run; the fp8 rows count decoder weights at one byte, the model-dtype rows and the
+    transformers peer (fp32 here) the full bytes; the report gives fp8 / model dtype tok/s at
+    B=1 (the issue's >= 1.7x number), computed from the two engine rows."""
     from fastllava.weights.random import TINY_CONFIG, llava_config
 
+    fp8_impls = tuple(i + " (fp8)" for i in IMPLS[:2])
     proc = run_bench("--smoke", "--quantization", "fp8", "--peers", "eager", "--out",
                      str(tmp_path))
     assert proc.returncode == 0, describe(proc)
-    assert "- quantization: `fp8 (fastllava rows)`" in proc.stdout
-    rows = {(r[1], r[3]): r for r in table_rows(proc.stdout, COLUMNS, 3, IMPLS)}
+    assert "- quantization: `none and fp8 (fastllava rows)`" in proc.stdout
+    table = table_rows(proc.stdout, COLUMNS, 3, IMPLS + fp8_impls)
+    assert {(r[1], r[3]) for r in table} == {(b, i) for b in SMOKE_BATCHES
+                                            for i in IMPLS + fp8_impls}, table
+    rows = {(r[1], r[3]): r for r in table}
     step_bytes, t = bench_script("decode").step_bytes, llava_config(TINY_CONFIG).text
     for B in SMOKE_BATCHES:
-        for impl, linear_e in (("fastllava engine", 1), ("hf eager (DynamicCache)", None)):
+        for impl, linear_e in (("fastllava engine", None), ("fastllava engine (fp8)", 1),
+                               ("hf eager (DynamicCache)", None)):
             r = rows[(B, impl)]
+            assert r[11] == "-" and float(r[5]) > 0, r
             expected = step_bytes(t, int(B), float(r[4]), 4, linear_e) / float(r[5]) / 1e6
             assert abs(float(r[7]) - expected) <= 0.01 * expected, (r, expected)
         assert step_bytes(t, int(B), 30.0, 4, 1) < 0.8 * step_bytes(t, int(B), 30.0, 4)
+    ratio = float(rows[("1", "fastllava engine (fp8)")][6]) / float(rows[("1", "fastllava engine")][6])
+    assert abs(ratio_line(proc.stdout, "fp8") - ratio) <= 0.01 + 0.01 * ratio, proc.stdout
+    [md] = tmp_path.glob("decode-cpu-*.md")
+    assert ratio_line(md.read_text(), "fp8") == ratio_line(proc.stdout, "fp8")
+
+
+def test_smoke_with_fp8_weights_and_kv_times_every_combination(tmp_path):
+    """--quantization fp8 --kv-cache-dtype fp8: model dtype, "(fp8 KV)", "(fp8)" and
+    "(fp8, fp8 KV)" fastllava rows in that order per batch, and a ratio line per fp8 variant."""
+    suffixes = ("", " (fp8 KV)", " (fp8)", " (fp8, fp8 KV)")
+    impls = tuple(i + s for s in suffixes for i in IMPLS[:2])
+    proc = run_bench("--smoke", "--quantization", "fp8", "--kv-cache-dtype", "fp8",
+                     "--peers", "none")
+    assert proc.returncode == 0, describe(proc)
+    rows = table_rows(proc.stdout, COLUMNS, 3, impls + IMPLS[2:])
+    for B in SMOKE_BATCHES:
+        assert [r[3] for r in rows if r[1] == B] == list(impls + IMPLS[2:]), rows
+        assert all(float(r[5]) > 0 for r in rows if r[1] == B and "engine" in r[3]), rows
+    for name in ("fp8 KV", "fp8", "fp8, fp8 KV"):
+        assert ratio_line(proc.stdout, name) > 0, proc.stdout
 
 
 def test_smoke_with_fp8_kv_times_both_caches_in_one_run(tmp_path, bench_script):
