@@ -42,7 +42,7 @@ import time
 import torch
 
 from common import REPO, copy_ceiling, fail, fmt, markdown, require_compiled_gpu, run_header
-from common import write_outputs
+from common import variant_suffix, variants, write_outputs
 
 from fastllava.benchmarks.common import step_bytes  # noqa: F401  (tests use decode.step_bytes)
 from fastllava.benchmarks.peers import hf_llama
@@ -129,20 +129,6 @@ def fitting_batches(t, plan: Plan) -> tuple[list[int], list[Row]]:
     return fits, skipped
 
 
-def variants(quantization: str | None, kv_cache_dtype: str) -> tuple[tuple[str | None, str], ...]:
-    """The model dtype first (the reference every ratio divides by), then every other combination
-    of the fp8 weights and fp8 KV pages asked for."""
-    return tuple((q, kv) for q in dict.fromkeys((None, quantization))
-                 for kv in dict.fromkeys(("auto", kv_cache_dtype)))
-
-
-def suffix(variant: tuple[str | None, str]) -> str:
-    """" (fp8)", " (fp8 KV)", " (fp8, fp8 KV)" or "" (the model dtype) after a fastllava row."""
-    q, kv = variant
-    parts = [q] * (q is not None) + ["fp8 KV"] * (kv == "fp8")
-    return f" ({', '.join(parts)})" if parts else ""
-
-
 def fastllava_rows(config, plan: Plan) -> list[Row]:
     """Random weights → build_engine (the real runtime: paged KV, Triton ops and CUDA graphs on
     a GPU) → engine and graph-replay rows for every batch size whose KV fits. With
@@ -188,7 +174,7 @@ def _runtime_rows(config, plan: Plan, variant: tuple[str | None, str],
             try:
                 rows += engine_batch(engine, config.text, B, plan, variant)
             except Exception as exc:  # noqa: BLE001 - report the row, go on with the next batch
-                rows.append(Row(ENGINE + suffix(variant), B, variant=variant,
+                rows.append(Row(ENGINE + variant_suffix(variant), B, variant=variant,
                                 note=f"ERROR: {type(exc).__name__}: {exc}"[:200]))
         return batches, rows
     finally:
@@ -198,7 +184,7 @@ def _runtime_rows(config, plan: Plan, variant: tuple[str | None, str],
 def engine_batch(engine, t, B: int, plan: Plan, variant=(None, "auto")) -> list[Row]:
     from fastllava.runtime.sequence import SamplingParams, Sequence
 
-    label = suffix(variant)
+    label = variant_suffix(variant)
 
     sched, runner = engine.scheduler, engine.runner
     rng = random.Random(B)
@@ -299,7 +285,8 @@ def hf_rows(t, plan: Plan, batches: list[int]) -> list[Row]:
 
 def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]:
     """Fill tok/s, GB/s, % of the copy, speedups and bars; order rows by batch, then impl."""
-    order = [i + suffix(v) for v in plan.variants for i in (ENGINE, REPLAY)] + [HF_EAGER, HF_COMPILED]
+    order = [i + variant_suffix(v) for v in plan.variants for i in (ENGINE, REPLAY)]
+    order += [HF_EAGER, HF_COMPILED]
     rows.sort(key=lambda r: (r.B, order.index(r.impl)))
     engine = {r.B: r for r in rows if r.impl == ENGINE and r.ms}
     for r in rows:
@@ -337,7 +324,7 @@ def ratio_lines(rows: list[Row], plan: Plan, B: int = 1) -> list[str]:
     tok_s = {r.variant: r.tok_s for r in rows if r.impl.startswith(ENGINE) and r.B == B}
     base, lines = tok_s.get(plan.variants[0]), []
     for v in plan.variants[1:]:
-        name = suffix(v).strip(" ()")
+        name = variant_suffix(v).strip(" ()")
         ratio = f"{tok_s[v] / base:.2f}x" if base and tok_s.get(v) else "n/a (not measured)"
         target = f" (target >= {FP8_TARGET}x for 34B)" if v == ("fp8", "auto") else ""
         lines.append(f"- {name} / model dtype decode tok/s at B={B}: {ratio}{target}")

@@ -4,6 +4,7 @@ weights), from the JPEG bytes to the first sampled token.
     python bench/ttft.py [--models llava-1.5-13b,llava-v1.6-34b] [--image 1024x768] [--out DIR]
     python bench/ttft.py --smoke      # tiny config on the CPU (CI: tests/test_gpu_suite_smoke.py)
     python bench/ttft.py --kv-cache-dtype fp8   # + a row per model over fp8 KV pages, same run
+    python bench/ttft.py --quantization fp8     # + a row per model with FP8 decoder linears
     python bench/ttft.py --models llava-v1.6-34b --tensor-parallel-size 2   # 2 GPUs (README)
 
 Per model: random weights (fastllava.weights.random) → `build_engine` (memory plan, CUDA graphs,
@@ -17,6 +18,11 @@ Each request gets fresh random prompt ids and its own image key, so neither the 
 the image-feature cache can hit: the idle, cold-cache TTFT. Reported: p50, p99 and min over the
 repeats, the p50 split into preprocess and engine ms, and the performance.md bars (13B p50
 ≤ 35 ms; 34B ≤ 340 ms, set at a 672 px image; p99 ≤ 1.2 x p50).
+With --quantization fp8 and/or --kv-cache-dtype fp8, each model's model-dtype row comes first,
+then one row per other (weights, KV pages) combination asked (columns `quantization`,
+`kv_cache`), in the same run: a fresh runtime each (same seed, so the same random weights),
+the previous one closed and its memory freed first; below the table, per such row, its p50 /
+the model-dtype row's p50.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import fail, fmt, require_compiled_gpu, run_header, write_outputs
+from common import fail, fmt, require_compiled_gpu, run_header, variant_suffix, variants
+from common import write_outputs
 
 BARS_MS = {"llava-1.5-13b": 35.0, "llava-v1.6-34b": 340.0}   # performance.md, TTFT p50, H100
 P99_BAR = 1.2
-COLUMNS = ("model", "tp", "kv_cache", "image", "image_tokens", "prompt_tokens", "p50_ms",
+COLUMNS = ("model", "tp", "quantization", "kv_cache", "image", "image_tokens", "prompt_tokens", "p50_ms",
            "p99_ms", "min_ms", "preprocess_ms", "engine_ms", "bar", "note")
 
 
@@ -64,29 +71,26 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
 
 
-def model_rows(name: str, args, device: str, dtype: torch.dtype) -> list[list]:
-    """One row per --kv-cache-dtype page dtype ("auto", then "fp8" if asked): a fresh runtime
-    each (same seed, so the same random weights; under TP every rank sets up its own pool)."""
-    kv_dtypes = ("auto", "fp8") if args.kv_cache_dtype == "fp8" else ("auto",)
-    return [model_row(name, args, device, dtype, kv) for kv in kv_dtypes]
-
-
-def model_row(name: str, args, device: str, dtype: torch.dtype, kv: str) -> list:
+def model_row(name: str, args, device: str, dtype: torch.dtype, variant) -> list:
+    """The row of one (quantization, KV page dtype): a fresh runtime (seed 0, so the same random
+    weights for every variant; under TP every rank sets up its own pool), closed on return."""
     from fastllava.benchmarks.random_runtime import RandomRuntime
     from fastllava.runtime.config import RuntimeConfig
 
+    quantization, kv = variant
     runtime = RandomRuntime(name, device, dtype, backend="torch" if device == "cpu" else "auto",
+                            quantization=quantization,
                             tensor_parallel_size=args.tensor_parallel_size)
     try:
         rc = RuntimeConfig(max_num_seqs=4, kv_cache_tokens=8192, max_context=4096,
                            max_num_batched_tokens=4096, kv_cache_dtype=kv)
         engine, max_len = runtime.build(rc)
-        return timed_row(name, runtime.config, engine, max_len, args, device, kv)
+        return timed_row(name, runtime.config, engine, max_len, args, device, variant)
     finally:
-        runtime.close()
+        runtime.close()   # drops the weights and the KV pool before the next variant's runtime
 
 
-def timed_row(name: str, config, engine, max_len: int, args, device: str, kv: str) -> list:
+def timed_row(name: str, config, engine, max_len: int, args, device: str, variant) -> list:
     from fastllava.preprocess.anyres import anyres_num_tokens
     from fastllava.preprocess.processor import preprocess
     from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
@@ -136,7 +140,7 @@ def timed_row(name: str, config, engine, max_len: int, args, device: str, kv: st
         ok = p50 <= bar and p99 <= P99_BAR * p50
         note = "meets the bar" if ok else "BELOW the bar"
     pre = statistics.median(pre_times)
-    return [name, args.tensor_parallel_size, kv, f"{w}x{h}", n_image, args.prompt_tokens, p50,
+    return [name, args.tensor_parallel_size, variant[0] or "none", variant[1], f"{w}x{h}", n_image, args.prompt_tokens, p50,
             p99, min(times), pre, p50 - pre,
             bar_text, note]
 
@@ -145,6 +149,20 @@ def markdown(rows: list[list]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(c) if c != "" else "-" for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def ratio_lines(rows: list[list]) -> list[str]:
+    """Per model and non-model-dtype row: its TTFT p50 / the model-dtype row's (< 1: faster)."""
+    p50 = {(r[0], r[2], r[3]): r[COLUMNS.index("p50_ms")] for r in rows}
+    lines = []
+    for model, q, kv in p50:
+        if (q, kv) == ("none", "auto"):
+            continue
+        base, mine = p50.get((model, "none", "auto")), p50[(model, q, kv)]
+        name = variant_suffix((None if q == "none" else q, kv)).strip(" ()")
+        ratio = f"{mine / base:.2f}x" if base and mine else "n/a (not measured)"
+        lines.append(f"- {model}, {name} / model dtype TTFT p50: {ratio}")
+    return lines
 
 
 def main(argv: list[str]) -> int:
@@ -158,6 +176,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="folder for the .md and .csv (GPU default: bench/results/)")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                    help="fp8: also time each model over fp8 KV pages, beside the model dtype")
+    p.add_argument("--quantization", choices=("fp8",),
+                   help="fp8: also time each model with its decoder linears in FP8")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split the decoder over N GPUs (ranks; CPU processes with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny config on the CPU, 2 requests")
@@ -185,20 +205,22 @@ def main(argv: list[str]) -> int:
     header = run_header(["bench/ttft.py", *argv], device)
     rows, failed = [], False
     for name in models:
-        try:
-            rows += model_rows(name, args, device, dtype)
-        except Exception as exc:  # noqa: BLE001 - report the row, go on with the next model
-            failed = True
-            rows.append([name, args.tensor_parallel_size, args.kv_cache_dtype, args.image, "", "",
-                         None, None, None, None, None, "",
-                         f"ERROR: {type(exc).__name__}: {exc}"[:300]])
-        finally:
-            import gc
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        for variant in variants(args.quantization, args.kv_cache_dtype):
+            try:
+                rows.append(model_row(name, args, device, dtype, variant))
+            except Exception as exc:  # noqa: BLE001 - report the row, go on with the next one
+                failed = True
+                rows.append([name, args.tensor_parallel_size, variant[0] or "none", variant[1],
+                             "x".join(map(str, args.image)), "", "", None, None, None, None, None, "",
+                             f"ERROR: {type(exc).__name__}: {exc}"[:300]])
+            finally:
+                import gc
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     meta = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
-    text = f"# TTFT, idle, one image\n\n{meta}\n\n{markdown(rows)}\n"
+    ratios = "".join(f"\n{line}" for line in ratio_lines(rows))
+    text = f"# TTFT, idle, one image\n\n{meta}\n\n{markdown(rows)}\n" + (ratios and ratios + "\n")
     print(text)
     out = args.out or (None if args.smoke else os.path.join(os.path.dirname(__file__), "results"))
     if out:

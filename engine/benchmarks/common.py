@@ -188,6 +188,20 @@ def step_bytes(t, B: int, ctx: float, e: int, linear_e: int | None = None,
             + 2 * L * t.kv_size * ctx * B * (kv_e or e))
 
 
+def variants(quantization: str | None, kv_cache_dtype: str) -> tuple[tuple[str | None, str], ...]:
+    """The model dtype first (the reference every ratio divides by), then every other combination
+    of the fp8 weights and fp8 KV pages asked for."""
+    return tuple((q, kv) for q in dict.fromkeys((None, quantization))
+                 for kv in dict.fromkeys(("auto", kv_cache_dtype)))
+
+
+def variant_suffix(variant: tuple[str | None, str]) -> str:
+    """" (fp8)", " (fp8 KV)", " (fp8, fp8 KV)" or "" (the model dtype) after a bench row's impl."""
+    q, kv = variant
+    parts = [q] * (q is not None) + ["fp8 KV"] * (kv == "fp8")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 COLUMNS = ("kernel", "case", "impl", "ms", "value", "unit", "pct_ceiling", "bar", "vs_triton",
            "note")
 
