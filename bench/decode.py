@@ -213,8 +213,8 @@ def engine_batch(engine, t, B: int, plan: Plan, variant=(None, "auto")) -> list[
         if graphs is None or not graphs.graphs:
             tp = f", tensor parallelism {plan.tensor_parallel_size}" \
                 if plan.tensor_parallel_size > 1 else ""
-            rows.append(Row(REPLAY + label, B, variant=variant,
-                            note=f"n/a: no CUDA graphs (ops {runner.ops.name} on {plan.device}{tp})"))
+            rows.append(Row(REPLAY + label, B, variant=variant, note=f"n/a: no CUDA graphs "
+                            f"(ops {runner.ops.name} on {plan.device}{tp})"))
             return rows
         bs = next(b for b in graphs.buckets if b >= B)   # replays the last step's inputs
         # Under tensor parallelism every rank replays: rank 0 names the bucket to the workers.

@@ -44,8 +44,8 @@ from common import write_outputs
 
 BARS_MS = {"llava-1.5-13b": 35.0, "llava-v1.6-34b": 340.0}   # performance.md, TTFT p50, H100
 P99_BAR = 1.2
-COLUMNS = ("model", "tp", "quantization", "kv_cache", "image", "image_tokens", "prompt_tokens", "p50_ms",
-           "p99_ms", "min_ms", "preprocess_ms", "engine_ms", "bar", "note")
+COLUMNS = ("model", "tp", "quantization", "kv_cache", "image", "image_tokens", "prompt_tokens",
+           "p50_ms", "p99_ms", "min_ms", "preprocess_ms", "engine_ms", "bar", "note")
 
 
 def jpeg(w: int, h: int, seed: int) -> bytes:
@@ -140,7 +140,8 @@ def timed_row(name: str, config, engine, max_len: int, args, device: str, varian
         ok = p50 <= bar and p99 <= P99_BAR * p50
         note = "meets the bar" if ok else "BELOW the bar"
     pre = statistics.median(pre_times)
-    return [name, args.tensor_parallel_size, variant[0] or "none", variant[1], f"{w}x{h}", n_image, args.prompt_tokens, p50,
+    return [name, args.tensor_parallel_size, variant[0] or "none", variant[1], f"{w}x{h}",
+            n_image, args.prompt_tokens, p50,
             p99, min(times), pre, p50 - pre,
             bar_text, note]
 
@@ -211,7 +212,8 @@ def main(argv: list[str]) -> int:
             except Exception as exc:  # noqa: BLE001 - report the row, go on with the next one
                 failed = True
                 rows.append([name, args.tensor_parallel_size, variant[0] or "none", variant[1],
-                             "x".join(map(str, args.image)), "", "", None, None, None, None, None, "",
+                             "x".join(map(str, args.image)), "", "", None, None, None, None,
+                             None, "",
                              f"ERROR: {type(exc).__name__}: {exc}"[:300]])
             finally:
                 import gc
