@@ -13,6 +13,9 @@ Parts, in order (each a subprocess with its own time budget; `--only` picks some
   ttft         bench/ttft.py: 13B and 34B, one 1024x768 JPEG, idle
   preprocess   bench/preprocess.py: the image-preprocessing rows (CPU and CUDA)
   serving      bench/serving.py: a short serving run of the tiny random LLaVA-NeXT on the GPU
+  fp8-34b      bench/decode.py: LLaVA-v1.6-34B batch 1 in bf16, FP8 weights, FP8 KV and both,
+               one run, with the fp8 / bf16 tok/s ratio (issue 15's >= 1.7x); last, so the
+               default budget runs it only when time is left (or `--only fp8-34b`)
 Every part writes its tables (.md + .csv, each with GPU, commit, date, versions, command, and
 the performance.md bar beside each figure where the part has one) and its full log into one
 folder, bench/results/suite-<gpu>-<UTC time>/ (copied to $OUT/ after every part when $OUT is
@@ -72,6 +75,11 @@ PARTS = (
     Part("serving", 40, ["bench/serving.py", "--requests", "16", "--device", "cuda", "--out",
                          "{out}"],
          ["bench/serving.py", "--smoke", "--device", "cpu", "--requests", "4", "--out", "{out}"]),
+    Part("fp8-34b", 120,
+         ["bench/decode.py", "--model", "llava-v1.6-34b", "--batches", "1", "--peers", "none",
+          "--quantization", "fp8", "--kv-cache-dtype", "fp8", "--windows", "3", "--out", "{out}"],
+         ["bench/decode.py", "--smoke", "--peers", "none", "--quantization", "fp8",
+          "--out", "{out}"]),
 )
 NAMES = tuple(p.name for p in PARTS)
 

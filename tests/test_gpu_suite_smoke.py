@@ -28,7 +28,7 @@ def test_smoke_runs_every_part(tmp_path):
     [suite] = [p for p in tmp_path.iterdir() if p.name.startswith("suite-")]
     summary = (suite / "SUMMARY.md").read_text()
     for part in ("gpu-tests", "kernels", "decode-13b", "decode-34b", "ttft", "preprocess",
-                 "serving"):
+                 "serving", "fp8-34b"):
         assert f"| {part} | ok |" in summary, summary[:3000]
         assert (suite / f"{part}.log").stat().st_size > 0
     for stem in ("kernels", "decode", "ttft", "preprocess", "serving"):
