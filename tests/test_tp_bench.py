@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from benchkit import check_results, describe, table_rows
+from test_bench_ttft import COLUMNS as TTFT_COLUMNS
 from fastllava.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-TTFT_COLUMNS = 13    # bench/ttft.py COLUMNS
 
 
 def children() -> list[int]:
@@ -47,6 +47,9 @@ def test_ttft_tp2_smoke():
     proc = subprocess.run([sys.executable, "bench/ttft.py", "--smoke", "--tensor-parallel-size",
                            "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, describe(proc)
+    [header] = [line for line in proc.stdout.splitlines() if line.startswith("| model |")]
+    names = [c.strip() for c in header.strip("|").split("|")]
     (row,) = table_rows(proc.stdout, TTFT_COLUMNS, 0, ("tiny",))
-    assert row[1] == "2" and float(row[6]) > 0, row
+    got = dict(zip(names, row))
+    assert got["tp"] == "2" and float(got["p50_ms"]) > 0, got
     assert "--tensor-parallel-size 2" in proc.stdout
