@@ -20,21 +20,26 @@ def _image() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def test_serve_quantization_fp8(server_factory, tiny_llava):
-    server = server_factory(tiny_llava, "--quantization", "fp8", "--log-level", "info")
-    fields = startup_block(server.log_text())
-    assert fields["dtype"] == "float32 (decoder linear layers fp8)", fields
+def assert_answers_like_in_process(server, tiny_llava, **fp8) -> None:
+    """The served greedy answer equals the in-process model's built with the same fp8 option."""
     req = {"image_url": _image(), "prompt": "what is in this image", "max_tokens": 12,
            "temperature": 0}
     with server.client() as client:
         r = client.post(f"/{EP}", json=req)
     assert r.status_code == 200, r.text
-    llava = LLaVA.from_pretrained(tiny_llava, device="cpu", dtype="float32", quantization="fp8")
+    llava = LLaVA.from_pretrained(tiny_llava, device="cpu", dtype="float32", **fp8)
     try:
         expected = llava.generate(req)["output"]
     finally:
         llava.close()
     assert r.json()["output"] == expected, (r.json(), expected)
+
+
+def test_serve_quantization_fp8(server_factory, tiny_llava):
+    server = server_factory(tiny_llava, "--quantization", "fp8", "--log-level", "info")
+    fields = startup_block(server.log_text())
+    assert fields["dtype"] == "float32 (decoder linear layers fp8)", fields
+    assert_answers_like_in_process(server, tiny_llava, quantization="fp8")
 
 
 def test_serve_kv_cache_dtype_fp8(server_factory, tiny_llava):
@@ -45,14 +50,4 @@ def test_serve_kv_cache_dtype_fp8(server_factory, tiny_llava):
     fields = startup_block(server.log_text())
     assert fields["KV cache"].startswith("1024 tokens (64 pages of 16), "), fields
     assert fields["KV cache"].endswith(", fp8 e4m3 pages"), fields
-    req = {"image_url": _image(), "prompt": "what is in this image", "max_tokens": 12,
-           "temperature": 0}
-    with server.client() as client:
-        r = client.post(f"/{EP}", json=req)
-    assert r.status_code == 200, r.text
-    llava = LLaVA.from_pretrained(tiny_llava, device="cpu", dtype="float32", kv_cache_dtype="fp8")
-    try:
-        expected = llava.generate(req)["output"]
-    finally:
-        llava.close()
-    assert r.json()["output"] == expected, (r.json(), expected)
+    assert_answers_like_in_process(server, tiny_llava, kv_cache_dtype="fp8")
