@@ -45,13 +45,18 @@ def test_smoke_times_both_loops_and_writes_the_run_record(tmp_path):
         assert r["command"].endswith("--smoke --out " + str(tmp_path)), r["command"]
 
 
+def smoke_report(tmp_path, flag: str) -> str:
+    """Runs the bench's --smoke with `flag` into tmp_path → the markdown report's text."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", flag, "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return next(tmp_path.glob("host_overhead-*.md")).read_text()
+
+
 def test_stub_sampler_diagnostic_runs_and_is_recorded(tmp_path):
     """--stub-sampler (host phases without the CPU sampler's cache eviction) is a run of its own,
     said so in the run record, with every case and loop present."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--stub-sampler", "--out",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    text = next(tmp_path.glob("host_overhead-*.md")).read_text()
+    text = smoke_report(tmp_path, "--stub-sampler")
     assert "- sampler: `stand-in" in text, text[:800]
     with open(next(tmp_path.glob("host_overhead-*.csv")), newline="") as f:
         seen = {(r["shape"], r["B"], r["mode"], r["impl"]) for r in csv.DictReader(f)}
@@ -61,10 +66,7 @@ def test_stub_sampler_diagnostic_runs_and_is_recorded(tmp_path):
 def test_graphs_times_the_graph_decode_path(tmp_path):
     """--graphs: every case and loop decodes through DecodeGraphs(capture=False), said so in the
     run record and in each row; the graph bodies (forward + argmax) count as forward, not pack."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--graphs", "--out",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    text = next(tmp_path.glob("host_overhead-*.md")).read_text()
+    text = smoke_report(tmp_path, "--graphs")
     assert "- decode: `DecodeGraphs(capture=False)" in text, text[:800]
     with open(next(tmp_path.glob("host_overhead-*.csv")), newline="") as f:
         records = list(csv.DictReader(f))
