@@ -25,6 +25,7 @@ import dataclasses
 
 import torch
 
+from fastllava.runtime.row_sort import stable_sort_rows_
 from fastllava.runtime.sampling_noise import uniform_noise
 
 
@@ -153,12 +154,14 @@ def _top_p_drop(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     parallel scan, whose partial sums can dip by an ulp (and tied values at the threshold split
     by id: the sort's id of the first kept token)."""
     torch.div(logits, temperature[:, None], out=scratch)
-    # Stable sort: tied logits are ordered by id in every row, whatever the batch holds.
-    sorted_logits, sorted_idx = torch.sort(scratch, dim=-1, stable=True)
-    probs = torch.softmax(sorted_logits, dim=-1, out=scratch)
+    # Stable sort: tied logits are ordered by id in every row, whatever the batch holds. On the
+    # CPU it sorts scratch in place (row_sort.py: ~5x torch.sort's speed, the same order).
+    sorted_logits, sorted_idx = stable_sort_rows_(scratch)
+    spare = torch.empty_like(scratch) if sorted_logits.data_ptr() == scratch.data_ptr() else scratch
+    probs = torch.softmax(sorted_logits, dim=-1, out=spare)
     cum = torch.cumsum(probs, dim=-1, out=sorted_logits)  # (B, V) ascending cumulative mass
     drop_sorted = cum <= (1 - top_p)[:, None]
-    del probs, cum, sorted_logits
+    del probs, cum, sorted_logits, spare
     drop_sorted[:, -1] = False  # always keep the most likely token
     drop_sorted &= (top_p < 1)[:, None]  # top_p == 1 rows are never filtered
     return torch.zeros_like(drop_sorted).scatter_(-1, sorted_idx, drop_sorted)
