@@ -25,94 +25,28 @@ of --steps steps, after --warmup steps):
 Work per step: the weights a decode step reads (decoder layers, final norm, lm_head, B rows of
 the embedding table; not the vision tower) + the KV it attends over, 2*L*KVH*D*ctx*B*2 bytes at
 the mean context of the timed steps; GB/s is reported against a 1 GiB copy measured in the run.
+Beside this file: decode_plan.py (Plan, Row, the step timer), decode_peers.py (the transformers
+rows), decode_report.py (GB/s, bars and the Markdown table).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
-import gc
 import os
 import random
-import statistics
 import sys
-import time
 
 import torch
 
-from common import REPO, copy_ceiling, fail, fmt, markdown, require_compiled_gpu, run_header
-from common import variant_suffix, variants, write_outputs
+from common import REPO, copy_ceiling, fail, require_compiled_gpu, run_header, variant_suffix
+from common import variants, write_outputs
+from decode_peers import hf_rows
+from decode_plan import ENGINE, HF_COMPILED, HF_EAGER, REPLAY, Plan, Row, free_memory, time_steps
+from decode_report import COLUMNS, cells, finish, ratio_lines, report
 
-from fastllava.benchmarks.common import step_bytes  # noqa: F401  (tests use decode.step_bytes)
-from fastllava.benchmarks.peers import hf_llama
-
-BW_BARS = {1: 0.90, 8: 0.85, 32: 0.80}   # performance.md: fraction of copy bandwidth, by batch
-PEER_BAR = 1.5                            # ... and >= 1.5x the compiled static-cache peer
-ENGINE, REPLAY = "fastllava engine", "fastllava graph replay"
-FP8_TARGET = 1.7                          # issue 15: FP8-weight batch-1 decode tok/s vs bf16 (34B)
-HF_EAGER, HF_COMPILED = "hf eager (DynamicCache)", "hf compiled (StaticCache, reduce-overhead)"
 GIB = 1 << 30
-PAGE = 16                                 # KV page size (RuntimeConfig's default)
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    device: str
-    dtype: torch.dtype
-    batches: tuple[int, ...]
-    context: int                 # prompt tokens per sequence (cached when decoding starts)
-    warmup: int
-    steps: int                   # decode steps per timed window
-    windows: int
-    peers: tuple[str, ...]       # "eager", "compiled"
-    tensor_parallel_size: int = 1    # fastllava rows only; the peers run on one device
-    random_config: str = "tiny"      # the weights.random config name (the TP workers build it)
-    # fastllava rows per (weights quantization, KV page dtype); the first is the model dtype's
-    variants: tuple[tuple[str | None, str], ...] = ((None, "auto"),)
-
-    @property
-    def timed(self) -> int:
-        return self.steps * self.windows
-
-    @property
-    def max_len(self) -> int:    # prompt + prefill token + warm-up + timed steps, with slack
-        return self.context + max(self.warmup, 4) + self.timed + 16
-
-
-@dataclasses.dataclass
-class Row:
-    impl: str
-    B: int
-    ctx: float | None = None     # mean context of the timed steps (tokens attended per sequence)
-    ms: float | None = None
-    tok_s: float | None = None
-    gb_s: float | None = None
-    pct: float | None = None     # of the copy ceiling
-    vs: float | None = None      # this row's ms / the fastllava engine's ms (> 1: fastllava faster)
-    variant: tuple[str | None, str] = (None, "auto")   # fastllava rows: (quantization, KV dtype)
-    bar: str = ""
-    note: str = ""
-
-
-def time_steps(step, plan: Plan) -> float:
-    """Median over plan.windows of wall-clock ms per step (synchronised at window edges)."""
-    sync = torch.cuda.synchronize if plan.device == "cuda" else (lambda: None)
-    times = []
-    for _ in range(plan.windows):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(plan.steps):
-            step()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3 / plan.steps)
-    return statistics.median(times)
-
-
-def free_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+PAGE = 16   # KV page size (RuntimeConfig's default)
 
 
 def fitting_batches(t, plan: Plan) -> tuple[list[int], list[Row]]:
@@ -231,120 +165,6 @@ def engine_batch(engine, t, B: int, plan: Plan, variant=(None, "auto")) -> list[
             runner.release(seq)
         if sched.bm.num_used_pages:
             raise RuntimeError(f"{sched.bm.num_used_pages} KV pages still used after abort")
-
-
-@torch.no_grad()   # as transformers' generate (cudagraph trees and inference_mode mix badly)
-def hf_batch(model, cfg, B: int, plan: Plan, compiled: bool) -> Row:
-    """Prefill B random prompts eagerly, then time greedy decode steps (argmax fed back)."""
-    from transformers import DynamicCache, StaticCache
-
-    gen = torch.Generator(device=plan.device).manual_seed(B)
-    ids = torch.randint(cfg.vocab_size, (B, plan.context), generator=gen, device=plan.device)
-    cache = (StaticCache(config=cfg, max_cache_len=plan.max_len) if compiled
-             else DynamicCache(config=cfg))
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    forward = (torch.compile(model.forward, mode="reduce-overhead", dynamic=False) if compiled
-               else model.forward)
-    state = [out.logits[:, -1:].argmax(-1)]
-
-    def step() -> None:
-        logits = forward(input_ids=state[0], past_key_values=cache, use_cache=True).logits
-        state[0] = logits[:, -1:].argmax(-1)
-
-    warmup = max(plan.warmup, 4) if compiled else plan.warmup   # compile + cudagraph recording
-    for _ in range(warmup):
-        step()
-    ctx = plan.context + 1 + warmup + (plan.timed - 1) / 2
-    return Row(HF_COMPILED if compiled else HF_EAGER, B, ctx, time_steps(step, plan))
-
-
-def hf_rows(t, plan: Plan, batches: list[int]) -> list[Row]:
-    """The transformers peers at each batch size; a peer that cannot run gets an n/a row."""
-    runnable = {k for k in plan.peers if k == "eager" or plan.device == "cuda"}
-    model, cfg = hf_llama(t, plan.device, plan.dtype) if runnable and batches else (None, None)
-    rows: list[Row] = []
-    for kind, impl in (("eager", HF_EAGER), ("compiled", HF_COMPILED)):
-        for B in batches:
-            if kind not in plan.peers:
-                rows.append(Row(impl, B, note="n/a: not asked for (--peers)"))
-            elif kind not in runnable:
-                rows.append(Row(impl, B, note="n/a: CUDA graphs need a GPU (--smoke runs eager)"))
-            else:
-                try:
-                    rows.append(hf_batch(model, cfg, B, plan, compiled=kind == "compiled"))
-                except Exception as exc:  # noqa: BLE001 - a peer that cannot run reads n/a
-                    rows.append(Row(impl, B, note=f"n/a: {type(exc).__name__}: "
-                                                  f"{' '.join(str(exc).split())[:160]}"))
-                if kind == "compiled":
-                    torch._dynamo.reset()   # drop this batch's graphs (and their memory pool)
-                free_memory(plan.device)
-    del model
-    free_memory(plan.device)
-    return rows
-
-
-def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]:
-    """Fill tok/s, GB/s, % of the copy, speedups and bars; order rows by batch, then impl."""
-    order = [i + variant_suffix(v) for v in plan.variants for i in (ENGINE, REPLAY)]
-    order += [HF_EAGER, HF_COMPILED]
-    rows.sort(key=lambda r: (r.B, order.index(r.impl)))
-    engine = {r.B: r for r in rows if r.impl == ENGINE and r.ms}
-    for r in rows:
-        if r.ms is None:
-            continue
-        r.tok_s = r.B * 1e3 / r.ms
-        ours = r.impl.startswith("fastllava")
-        quantization, kv = r.variant   # fp8 linears / KV pages: one byte per weight / element
-        r.gb_s = step_bytes(t, r.B, r.ctx, plan.dtype.itemsize,
-                            1 if quantization == "fp8" else None,
-                            1 if kv == "fp8" else None) / r.ms / 1e6
-        # Under tensor parallelism N GPUs read the step's bytes: their ceiling is N copies.
-        gpus = plan.tensor_parallel_size if ours else 1
-        r.pct = r.gb_s / (copy_gb_s * gpus) if copy_gb_s else None
-        r.vs = r.ms / engine[r.B].ms if r.B in engine else None
-        if r.impl.startswith(ENGINE) and r.pct is not None and r.B in BW_BARS:
-            r.bar = f">={BW_BARS[r.B]:.0%} BW: {'yes' if r.pct >= BW_BARS[r.B] else 'NO'}"
-        if r.impl == HF_COMPILED and r.vs is not None:
-            r.bar = f"fastllava >={PEER_BAR}x: {'yes' if r.vs >= PEER_BAR else 'NO'}"
-    return rows
-
-
-COLUMNS = ("model", "B", "context", "impl", "mean ctx", "ms/step", "tok/s", "GB/s", "% copy",
-           "ms / engine ms", "bar", "note")
-
-
-def cells(r: Row, model: str, context: int) -> tuple:
-    pct = None if r.pct is None else f"{100 * r.pct:.1f}%"
-    return (model, r.B, context, r.impl, r.ctx, r.ms, r.tok_s, r.gb_s, pct, r.vs, r.bar or None,
-            r.note or None)
-
-
-def ratio_lines(rows: list[Row], plan: Plan, B: int = 1) -> list[str]:
-    """Per non-model-dtype variant: its engine tok/s at batch B / the model-dtype engine's."""
-    tok_s = {r.variant: r.tok_s for r in rows if r.impl.startswith(ENGINE) and r.B == B}
-    base, lines = tok_s.get(plan.variants[0]), []
-    for v in plan.variants[1:]:
-        name = variant_suffix(v).strip(" ()")
-        ratio = f"{tok_s[v] / base:.2f}x" if base and tok_s.get(v) else "n/a (not measured)"
-        target = f" (target >= {FP8_TARGET}x for 34B)" if v == ("fp8", "auto") else ""
-        lines.append(f"- {name} / model dtype decode tok/s at B={B}: {ratio}{target}")
-    return lines
-
-
-def report(header: dict, ceilings, rows: list[Row], model: str, context: int,
-           ratios: list[str] = ()) -> str:
-    meta = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
-    ceil = markdown(ceilings) if ceilings else "skipped (--smoke: no GPU)"
-    table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    table += ["| " + " | ".join(fmt(c) for c in cells(r, model, context)) + " |" for r in rows]
-    legend = ("GB/s: weights read once per step + KV at the mean context. % copy: of the copy "
-              "ceiling (x N GPUs for the fastllava rows at tensor_parallel_size N). ms / engine "
-              "ms > 1: the fastllava engine (model-dtype weights and KV) is faster; an fp8 row "
-              "below 1 is faster than it. Bars (performance.md, "
-              f"H100): batch 1/8/32 >= 90/85/80% of the copy, >= {PEER_BAR}x the compiled peer.")
-    summary = "\n\n" + "\n".join(ratios) if ratios else ""
-    return (f"# Decode benchmark\n\n{meta}\n\n## Ceiling (measured in this run)\n\n{ceil}\n\n"
-            f"## Decode steps\n\n{legend}\n\n" + "\n".join(table) + summary + "\n")
 
 
 def main(argv: list[str]) -> int:

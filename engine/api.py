@@ -4,7 +4,8 @@ Requests use the fal model schema {image_url, prompt, max_tokens=64, temperature
 (+ optional seed); results are {"output": str, "partial": bool}. Every call may come from any
 thread (or, with `agenerate` / `astream` from async_api.py, from an asyncio loop): requests go
 to one engine thread that batches them continuously (fastllava.runtime), so concurrent calls
-share steps.
+share steps. `LLaVA` gathers mixins: loading (pretrained.py), request → inputs
+(prompt_inputs.py), scoring and n choices (evaluation.py), asyncio (async_api.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import torch
 from PIL import Image
 
 from fastllava.config import LlavaConfig
@@ -25,45 +25,20 @@ from fastllava.async_api import AsyncMixin
 from fastllava.evaluation import EvaluationMixin, check_logprobs
 from fastllava.kernels.ops import get_ops
 from fastllava.messages import chat_messages
-from fastllava.loading import LoadedCheckpoint, load_checkpoint
-from fastllava.preprocess.anyres import anyres_num_tokens
-from fastllava.preprocess.image_io import ImageLimits, load_image
-from fastllava.preprocess.processor import ProcessedImage, preprocess
-from fastllava.quant_config import QUANTIZATIONS
-from fastllava.runtime.build import build_engine, check_kv_cache_dtype
+from fastllava.loading import LoadedCheckpoint
+from fastllava.preprocess.image_io import ImageLimits
+from fastllava.pretrained import PretrainedMixin
+from fastllava.prompt_inputs import PreparedPrompt, PromptMixin
+from fastllava.runtime.build import build_engine
 from fastllava.runtime.config import RuntimeConfig
 from fastllava.runtime.tp_driver import TPDriver, build_tp_engine
-from fastllava.runtime.sequence import ImageSpan, SamplingParams, Sequence
-from fastllava.schema import GenerationRequest, RequestValidationError, parse_request
+from fastllava.runtime.sequence import SamplingParams, Sequence
+from fastllava.schema import GenerationRequest, RequestValidationError
 from fastllava.snapshots import Snapshots
-from fastllava.text.prompt import build_input_ids
-from fastllava.text.template import render_messages, render_prompt
 
 
 # Original checkpoints splice images at a sentinel id outside the vocabulary (the original repo's -200).
 IMAGE_SENTINEL_ID = -200
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class PreparedPrompt:
-    """A request turned into model inputs (exposed for tests and the runtime): the prompt ids with
-    each image's placeholder expanded to its own token count, in prompt order."""
-    input_ids: list[int]
-    images: tuple[ProcessedImage, ...]
-    image_token_counts: tuple[int, ...]
-    image_token_id: int
-
-    @property
-    def image(self) -> ProcessedImage | None:
-        """The first image (None for a text-only prompt)."""
-        return self.images[0] if self.images else None
-
-    @property
-    def num_image_tokens(self) -> int:
-        """Image tokens of all images together."""
-        return sum(self.image_token_counts)
 
 
 def _plain(events: Iterator[dict]) -> Iterator[dict]:
@@ -73,23 +48,7 @@ def _plain(events: Iterator[dict]) -> Iterator[dict]:
             yield {"output": e["output"], "partial": e["partial"]}
 
 
-def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available")
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        dtype = _DTYPES[dtype]
-    elif dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    return device, dtype
-
-
-class LLaVA(EvaluationMixin, AsyncMixin):
+class LLaVA(PretrainedMixin, PromptMixin, EvaluationMixin, AsyncMixin):
     def __init__(self, ckpt: LoadedCheckpoint, backend: str, runtime: RuntimeConfig,
                  image_limits: ImageLimits, tp: TPDriver | None = None):
         self.config: LlavaConfig = ckpt.config
@@ -121,137 +80,6 @@ class LLaVA(EvaluationMixin, AsyncMixin):
             raise ValueError(f"config.json image_token_index is {self.config.image_token_id} but the "
                              f"tokenizer's <image> token is {tok_id}")
         self.image_token_id = IMAGE_SENTINEL_ID if tok_id is None else tok_id
-
-    @classmethod
-    def from_pretrained(cls, model: str | Path, device=None, dtype=None, *, progress: bool = False,
-                        backend: str = "auto", revision: str | None = None,
-                        runtime: RuntimeConfig = RuntimeConfig(),
-                        image_limits: ImageLimits = ImageLimits(),
-                        quantization: str | None = None, tensor_parallel_size: int = 1,
-                        kv_cache_dtype: str | None = None) -> LLaVA:
-        """Load a LLaVA-1.5 / LLaVA-NeXT checkpoint from a local folder or a hub id.
-
-        device None → CUDA when available, else CPU; dtype None → bf16 on CUDA, fp32 on CPU.
-        progress=True shows a progress bar while the weights load. `runtime` sizes the KV pool,
-        batching, caches and CUDA graphs (see RuntimeConfig); a request's prompt (image included)
-        plus output is capped at min(max_context, max_position_embeddings, the KV pool).
-        quantization="fp8" runs the decoder's linear layers in FP8 e4m3 (per-channel weight
-        scales, per-token activation scales), quantizing a bf16/fp16/fp32 checkpoint as it
-        loads; None keeps the model dtype unless the checkpoint is stored pre-quantized
-        (compressed-tensors FP8-dynamic), which loads as FP8. FP8 output is close to, but no
-        longer token-exact with, the unquantized model (README "FP8").
-        kv_cache_dtype="fp8" stores the KV cache in FP8 e4m3 (half the bytes: about twice the
-        cached tokens in the same memory), with the checkpoint's calibrated per-layer scales when
-        it has them (a compressed-tensors kv_cache_scheme), else 1.0; None takes
-        runtime.kv_cache_dtype ("auto": the model dtype, any checkpoint scales unused).
-        Shorthand for runtime=RuntimeConfig(kv_cache_dtype=...).
-        tensor_parallel_size=N > 1 splits the decoder over N ranks: this process is rank 0 and
-        starts N-1 worker processes (README "Tensor parallelism"); `close()` stops them."""
-        if quantization is not None and quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got "
-                             f"{quantization!r}")
-        if kv_cache_dtype is not None and kv_cache_dtype != runtime.kv_cache_dtype:
-            if runtime.kv_cache_dtype != "auto":
-                raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} contradicts "
-                                 f"runtime.kv_cache_dtype {runtime.kv_cache_dtype!r}: set one")
-            runtime = dataclasses.replace(runtime, kv_cache_dtype=kv_cache_dtype)  # validates
-        device, dtype = _resolve_device_dtype(device, dtype)
-        ops = get_ops(backend, device.type)  # fail fast on a bad backend, before reading weights
-        check_kv_cache_dtype(runtime.kv_cache_dtype, ops, device)
-        if tensor_parallel_size == 1:
-            ckpt = load_checkpoint(str(model), device=device, dtype=dtype, revision=revision,
-                                   progress=progress, quantization=quantization)
-            return cls(ckpt, backend, runtime, image_limits)
-        return cls._tensor_parallel(tensor_parallel_size, str(model), device, dtype, backend,
-                                    revision, progress, runtime, image_limits, quantization)
-
-    @classmethod
-    def _tensor_parallel(cls, world, model, device, dtype, backend, revision, progress, runtime,
-                         image_limits, quantization) -> LLaVA:
-        if not isinstance(world, int) or world < 1:
-            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {world!r}")
-        if device.type == "cuda" and (device.index or 0) + world > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size {world} needs GPUs {device.index or 0}.."
-                             f"{(device.index or 0) + world - 1} (one per rank, from {device}); "
-                             f"{torch.cuda.device_count()} are visible")
-        # The workers load their shards while rank 0 loads its own.
-        driver = TPDriver(world, model, revision=revision, device=device, dtype=dtype,
-                          backend=backend)
-        try:
-            ckpt = load_checkpoint(model, device=device, dtype=dtype, revision=revision,
-                                   progress=progress, quantization=quantization, tp=driver.tp)
-        except BaseException:
-            driver.confirm_loaded(False)
-            raise
-        driver.confirm_loaded(True)
-        try:
-            return cls(ckpt, backend, runtime, image_limits, tp=driver)
-        except BaseException:
-            driver.close()
-            raise
-
-    # ---- request → inputs -----------------------------------------------------------------------
-    def num_image_tokens(self, image: ProcessedImage) -> int:
-        c = self.config
-        if c.kind == "llava":
-            return c.tokens_per_tile
-        return anyres_num_tokens(image.image_size, c.pinpoints, c.vision.image_size,
-                                 c.vision.patch_size, c.tokens_per_tile)
-
-    def prepare(self, request: GenerationRequest, rendered: str | None = None,
-                image: Image.Image | None = None, *,
-                messages: list[dict] | None = None) -> PreparedPrompt:
-        """Load and preprocess the images, render the prompt and expand each <image> into its
-        image's token count.
-
-        Without `messages`: one user turn, `request.prompt` after the request's image (or
-        `image`, that image already loaded), or text alone when the request has no image_url.
-        With `messages` (see `render_chat`): the chat's image parts, in order, each carrying its
-        source ({"type": "image", "image": URL, path or PIL image}); parts without a source take
-        request.image_url (the one-image form). `rendered`: the chat already rendered."""
-        if messages is None:
-            sources = [image if image is not None else request.image_url] \
-                if image is not None or request.image_url is not None else []
-            if rendered is None:
-                rendered = render_prompt(self.template, request.prompt, self.tokenizer,
-                                         len(sources))
-        else:
-            sources = [p.get("image", request.image_url) for m in messages
-                       for p in m["content"] if p["type"] == "image"]
-            if image is not None and sources:
-                sources[0] = image
-            if any(src is None for src in sources):
-                raise RequestValidationError("image_url", "an image part has no source and the "
-                                             "request has no image_url", "missing")
-            if rendered is None:
-                rendered = self.render_chat(messages)
-        loaded = [src if isinstance(src, Image.Image) else load_image(src, self.image_limits)
-                  for src in sources]
-        images = tuple(preprocess(im, self.image_config, self.device) for im in loaded)
-        counts = tuple(self.num_image_tokens(im) for im in images)
-        ids = build_input_ids(self.tokenizer, rendered, "<image>", self.image_token_id, counts)
-        return PreparedPrompt(ids, images, counts, self.image_token_id)
-
-    def render_chat(self, messages: list[dict]) -> str:
-        """A chat [{"role": "system"|"user"|"assistant", "content": [{"type": "image"} |
-        {"type": "text", "text": str}, ...]}, ...] rendered with the checkpoint's template and a
-        generation prompt. Templates that drop system messages (the mistral family) get the
-        system text folded into the first user turn instead, so no instruction is lost silently."""
-        rendered = render_messages(self.template, messages, self.tokenizer)
-        system = [p["text"] for m in messages if m["role"] == "system"
-                  for p in m["content"] if p["type"] == "text" and p["text"].strip()]
-        if all(text in rendered for text in system):
-            return rendered
-        folded, prefix = [], "\n\n".join(system)
-        for m in messages:
-            if m["role"] == "system":
-                continue
-            if m["role"] == "user" and prefix:
-                m = {"role": "user", "content": [{"type": "text", "text": prefix + "\n\n"},
-                                                 *m["content"]]}
-                prefix = ""
-            folded.append(m)
-        return render_messages(self.template, folded, self.tokenizer)
 
     # ---- generation -----------------------------------------------------------------------------
     def check_context(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -289,21 +117,6 @@ class LLaVA(EvaluationMixin, AsyncMixin):
                                 **(sampling or {}))
         return Sequence(prepared.input_ids, params, self.max_len, self._image_spans(prepared),
                         payload=prepared.images)
-
-    @staticmethod
-    def _image_spans(prepared: PreparedPrompt) -> tuple[ImageSpan, ...]:
-        """Each image's run of placeholder tokens, in prompt order (its key names it in the
-        prefix and image-feature caches, so a repeated image is cached per image)."""
-        ids, spans, start = prepared.input_ids, [], 0
-        for image, n in zip(prepared.images, prepared.image_token_counts):
-            start = ids.index(prepared.image_token_id, start)
-            if ids[start:start + n] != [prepared.image_token_id] * n:
-                raise ValueError("the image placeholder tokens are not contiguous in the prompt")
-            spans.append(ImageSpan(start, n, image.key))
-            start += n
-        if prepared.image_token_id in ids[start:]:
-            raise ValueError("the prompt has more image placeholder tokens than its images")
-        return tuple(spans)
 
     def _engine_events(self, prepared: PreparedPrompt, req: GenerationRequest,
                        sampling: Mapping[str, Any] | None = None
@@ -384,17 +197,6 @@ class LLaVA(EvaluationMixin, AsyncMixin):
                           max_prompt_chars=max_prompt_chars)
         return self._events(req, messages, every_token, clamp_max_tokens=clamp_max_tokens,
                             sampling=sampling)
-
-    @staticmethod
-    def _parse(request: Mapping[str, Any], messages: list[dict] | None, **limits
-               ) -> GenerationRequest:
-        """parse_request for the Python API: image_url optional (a text-only turn, or a chat
-        whose images come with its messages); a chat's text stands in for a missing prompt."""
-        if messages is not None and isinstance(request, Mapping) and "prompt" not in request:
-            text = "\n".join(p["text"] for m in messages for p in m["content"]
-                             if p["type"] == "text")
-            request = {**request, "prompt": text if text.strip() else "(image only)"}
-        return parse_request(request, image_required=False, **limits)
 
     def _events(self, req: GenerationRequest, messages: list[dict] | None, every_token: bool, *,
                 image: Image.Image | None = None, clamp_max_tokens: bool = False,

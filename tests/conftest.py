@@ -28,23 +28,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def bench_script():
     """bench_script(name): a bench/ script imported in-process (bench/ is a folder of scripts, not
-    a package); unimported again afterwards, with the `common` / `harness` it pulled in."""
+    a package); unimported again afterwards, with every bench/ module it pulled in (`common`,
+    decode.py's `decode_plan`, ...)."""
     import importlib
     import sys
     from pathlib import Path
 
-    folder = str(Path(__file__).resolve().parents[1] / "bench")
-    sys.path.insert(0, folder)
-    loaded = []
-
-    def load(name: str):
-        loaded.append(name)
-        return importlib.import_module(name)
-
-    yield load
-    sys.path.remove(folder)
-    for name in (*loaded, "common", "harness"):
-        sys.modules.pop(name, None)
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(folder))
+    yield importlib.import_module
+    sys.path.remove(str(folder))
+    for name, module in list(sys.modules.items()):
+        if Path(getattr(module, "__file__", None) or "/").parent == folder:
+            del sys.modules[name]
 
 
 def _build(tmp_path_factory, name: str, spec: tiny.Spec, **kwargs):

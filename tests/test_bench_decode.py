@@ -100,7 +100,7 @@ def test_smoke_with_fp8_times_model_dtype_then_fp8_weights_in_one_run(tmp_path, 
     assert {(r[1], r[3]) for r in table} == {(b, i) for b in SMOKE_BATCHES
                                             for i in IMPLS + fp8_impls}, table
     rows = {(r[1], r[3]): r for r in table}
-    step_bytes, t = bench_script("decode").step_bytes, llava_config(TINY_CONFIG).text
+    step_bytes, t = bench_script("decode_report").step_bytes, llava_config(TINY_CONFIG).text
     for B in SMOKE_BATCHES:
         for impl, linear_e in (("fastllava engine", None), ("fastllava engine (fp8)", 1),
                                ("hf eager (DynamicCache)", None)):
@@ -143,7 +143,7 @@ def test_smoke_with_fp8_kv_times_both_caches_in_one_run(tmp_path, bench_script):
     assert proc.returncode == 0, describe(proc)
     assert "- kv_cache_dtype: `auto and fp8 (fastllava rows)`" in proc.stdout
     rows = {(r[1], r[3]): r for r in table_rows(proc.stdout, COLUMNS, 3, IMPLS + fp8_impls)}
-    step_bytes, t = bench_script("decode").step_bytes, llava_config(TINY_CONFIG).text
+    step_bytes, t = bench_script("decode_report").step_bytes, llava_config(TINY_CONFIG).text
     for B in SMOKE_BATCHES:
         for impl, kv_e in (("fastllava engine", None), ("fastllava engine (fp8 KV)", 1)):
             r = rows[(B, impl)]

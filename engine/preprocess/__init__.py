@@ -2,6 +2,7 @@
 
 - `image_io`: `load_image(src, limits)` for URLs, data URIs and local paths, with byte, pixel and
   time limits and typed errors (`ImageError` and subclasses).
+- `image_fetch`: its guarded http(s) download (host policy at connect time, total deadline).
 - `processor`: `ImageProcessorConfig` + `preprocess(image, cfg, device)`, bit-identical to
   transformers' CLIPImageProcessorPil / LlavaNextImageProcessorPil, and `image_key` (the caches'
   image identity).

@@ -13,15 +13,9 @@ composited; for animated images, the first frame). Around that it enforces, for 
   follows the shape, not only the pixel count: a 1x40,000,000 PNG decodes in 0.5 s but its
   bicubic resizes take seconds (anyres), a shortest-edge resize blows it up to 336 x 13.4e9
   (LLaVA-1.5), and padding to a square makes a 40M x 40M canvas;
-- network: with `allow_private_hosts=False` every address a host name resolves to must be public
-  (`is_public_address`), checked when each connection (redirects included) is opened; the socket
-  then connects to that checked address while the Host header and TLS SNI/certificate check keep
-  the original name, so a DNS answer that changes between check and use cannot reach an internal
-  address. Environment proxies are not used in that mode (the proxy would resolve the name);
-- time: `timeout_s` is the wall time of the whole fetch (DNS, connect, headers, body). The fetch
-  runs in a daemon thread; at the deadline the caller gets ImageFetchError and the thread's
-  sockets are shut down, so a server that accepts and never answers, or trickles bytes, cannot
-  hang the caller (a stuck DNS lookup can only leave the abandoned thread waiting).
+- network and time (`allow_private_hosts`, `timeout_s`): URLs are fetched by image_fetch.py,
+  which checks every connected address against the host policy and bounds the wall time of the
+  whole fetch.
 
 Every failure is an `ImageError` (a ValueError) subclass whose message names the source.
 """
@@ -30,26 +24,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import io
 import os
 import re
-import socket
-import threading
-import time
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+# Public here too (webhooks and tests import it from this module); image_fetch.py applies it.
 from .addresses import is_public_address
 
 __all__ = ["ImageError", "ImageFetchError", "ImageDecodeError", "ImageTooLargeError",
            "ImageLimits", "is_public_address", "load_image"]
 
-_CHUNK = 64 * 1024
 # Raster formats PIL may try. Untrusted bytes never reach EPS (it runs Ghostscript), WMF or the
 # many scientific/legacy plugins; anything else is "not an image in a supported format".
 _FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA", "QOI",
@@ -135,7 +123,8 @@ def load_image(src: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
     match = _SCHEME.match(src)
     scheme = match.group(1).lower() if match else ""
     if scheme in ("http", "https"):
-        data = _fetch_url(src, name, limits)
+        from .image_fetch import fetch_url  # here, not above: image_fetch imports our errors
+        data = fetch_url(src, name, limits)
     elif scheme == "data":
         data = _decode_data_uri(src, name, limits)
     elif not limits.allow_local_paths:
@@ -216,188 +205,3 @@ def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
         raise ImageTooLargeError(f"out of memory decoding image {name}") from e
     except Exception as e:  # PIL plugins raise OSError, SyntaxError, struct.error, ... on bad data
         raise ImageDecodeError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP(S) fetch with a total deadline.
-
-
-class _Watchdog:
-    """Tracks the sockets a fetch opens; `expire()` shuts them down to unblock the fetch thread."""
-
-    def __init__(self, timeout_s: float):
-        self.deadline = time.monotonic() + timeout_s
-        self.expired = False
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def remaining(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0 or self.expired:
-            raise TimeoutError("deadline passed")
-        return left
-
-    def register(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.append(sock)
-            if not self.expired:
-                return
-        self._shutdown(sock)
-
-    def expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            socks = list(self._socks)
-        for sock in socks:
-            self._shutdown(sock)
-
-    @staticmethod
-    def _shutdown(sock: socket.socket) -> None:
-        try:  # the plain-socket shutdown also works under an SSL wrapper; recv then returns EOF
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
-def _checked_create_connection(name: str):
-    """socket.create_connection that connects only to public addresses of the host."""
-
-    def create(address, timeout=socket.getdefaulttimeout(), source_address=None, **kwargs):
-        host, port = address[0], address[1]
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as e:
-            raise ImageFetchError(f"cannot resolve host {host!r} of image {name}: {e}") from e
-        if not infos or not all(is_public_address(info[4][0]) for info in infos):
-            # The message names the host as given, never the address it resolved to: a client
-            # must not be able to map the server's internal DNS through refusals.
-            raise ImageFetchError(
-                f"image host {host!r} of {name} resolves to a non-public address: loopback, "
-                "private, link-local, multicast and reserved addresses are refused by the "
-                "server's policy")
-        error: OSError | None = None
-        for family, type_, proto, _, sockaddr in infos:  # connect to the address just checked
-            sock = socket.socket(family, type_, proto)
-            try:
-                sock.settimeout(timeout)
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect(sockaddr)
-                return sock
-            except OSError as e:
-                sock.close()
-                error = e
-        raise error
-
-    return create
-
-
-def _connection_factory(base, watchdog: _Watchdog, limits: ImageLimits, name: str):
-    """An http.client connection class (for urllib's do_open) that reports its socket and, when
-    private hosts are refused, opens it through `_checked_create_connection`."""
-
-    def make(host, timeout=None, **kwargs):
-        conn = base(host, timeout=min(watchdog.remaining(), timeout or watchdog.remaining()), **kwargs)
-        if not limits.allow_private_hosts:
-            # http.client opens its socket through this attribute; HTTPS wraps that socket
-            # with server_hostname=conn.host, the original name (SNI and certificate check).
-            conn._create_connection = _checked_create_connection(name)
-        connect = conn.connect
-
-        def connect_and_register():
-            connect()
-            watchdog.register(conn.sock)
-
-        conn.connect = connect_and_register
-        return conn
-
-    return make
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, watchdog, limits, name):
-        super().__init__()
-        self.args = (watchdog, limits, name)
-
-    def http_open(self, req):
-        return self.do_open(_connection_factory(http.client.HTTPConnection, *self.args), req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, watchdog, limits, name):
-        super().__init__()
-        self.args = (watchdog, limits, name)
-
-    def https_open(self, req):
-        return self.do_open(_connection_factory(http.client.HTTPSConnection, *self.args), req,
-                            context=self._context)
-
-
-def _opener(watchdog: _Watchdog, limits: ImageLimits, name: str) -> urllib.request.OpenerDirector:
-    # Only http(s), redirects (max 10) and error mapping: no file:, ftp: or data: handlers, so a
-    # redirect cannot reach a local file. Proxies from the environment are honoured unless
-    # private hosts are refused (a proxy would resolve the name where we cannot check it).
-    proxies = None if limits.allow_private_hosts else {}
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(proxies), _HTTPHandler(watchdog, limits, name),
-                    _HTTPSHandler(watchdog, limits, name), urllib.request.HTTPRedirectHandler(),
-                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    return opener
-
-
-def _download(url: str, name: str, limits: ImageLimits, watchdog: _Watchdog) -> bytes:
-    req = urllib.request.Request(url, headers={"User-Agent": "fastllava", "Accept": "image/*,*/*"})
-    with _opener(watchdog, limits, name).open(req, timeout=watchdog.remaining()) as resp:
-        length = resp.headers.get("Content-Length")
-        if length and length.strip().isdigit() and int(length) > limits.max_bytes:
-            raise ImageTooLargeError(f"image at {name} is {int(length)} bytes (Content-Length), "
-                                     f"over the limit of {limits.max_bytes}")
-        chunks, total = [], 0
-        while True:
-            chunk = resp.read1(_CHUNK)  # returns what one recv gives: trickled bytes surface here
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limits.max_bytes:
-                raise ImageTooLargeError(f"image at {name} is over the limit of {limits.max_bytes} bytes")
-            chunks.append(chunk)
-            watchdog.remaining()
-        if watchdog.expired:
-            raise TimeoutError("deadline passed")
-    return b"".join(chunks)
-
-
-def _fetch_url(url: str, name: str, limits: ImageLimits) -> bytes:
-    watchdog = _Watchdog(limits.timeout_s)
-    box: dict = {}
-    done = threading.Event()
-
-    def work():
-        try:
-            box["data"] = _download(url, name, limits, watchdog)
-        except BaseException as e:  # handed to the caller below
-            box["error"] = e
-        finally:
-            done.set()
-
-    threading.Thread(target=work, name="fastllava-image-fetch", daemon=True).start()
-    if not done.wait(max(0.0, watchdog.deadline - time.monotonic())) or watchdog.expired:
-        watchdog.expire()
-        raise ImageFetchError(f"timed out after {limits.timeout_s:g} s fetching image {name}")
-    watchdog.expire()  # also closes anything left open on the success path
-    err = box.get("error")
-    if err is None:
-        return box["data"]
-    if isinstance(err, ImageError):
-        raise err
-    if isinstance(err, urllib.error.HTTPError):
-        raise ImageFetchError(f"HTTP {err.code} {err.reason} fetching image {name}") from err
-    if isinstance(err, (TimeoutError, socket.timeout)) or (
-            isinstance(err, urllib.error.URLError) and isinstance(err.reason, (TimeoutError, socket.timeout))):
-        raise ImageFetchError(f"timed out after {limits.timeout_s:g} s fetching image {name}") from err
-    if isinstance(err, urllib.error.URLError):
-        raise ImageFetchError(f"cannot fetch image {name}: {err.reason}") from err
-    if isinstance(err, (OSError, http.client.HTTPException, ValueError)):
-        raise ImageFetchError(f"cannot fetch image {name}: {type(err).__name__}: {err}") from err
-    raise err

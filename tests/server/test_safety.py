@@ -18,7 +18,7 @@ import threading
 import httpx
 import pytest
 
-from fastllava.preprocess import image_io
+from fastllava.preprocess import image_fetch
 from fastllava.preprocess.image_io import ImageFetchError, ImageLimits, load_image
 from fastllava.schema import RequestValidationError
 from fastllava.server.app import create_app
@@ -63,7 +63,7 @@ def hosts(monkeypatch):
     except OSError as e:
         pytest.skip(f"cannot bind 127.0.0.2: {e}")
     a = _serve("127.0.0.1", png, seen_a)
-    monkeypatch.setattr(image_io, "is_public_address", lambda addr: addr == "127.0.0.1")
+    monkeypatch.setattr(image_fetch, "is_public_address", lambda addr: addr == "127.0.0.1")
     yield a.server_address[1], b.server_address[1], seen_a, seen_b
     for httpd in (a, b):
         httpd.shutdown()
