@@ -136,3 +136,37 @@ def test_run_tasks_does_not_wait_for_a_busy_pool():
     finally:
         release.set()
     assert all(f.result() for f in busy)
+
+
+@pytest.mark.parametrize("sizes", [[], [(768, 1024)], [(768, 300)], [(336, 448), (336, 336)],
+                                   [(2000, 1500)]])
+def test_extra_tasks_run_once_with_any_number_of_stages(sizes):
+    """The cache key rides along with whichever stage has room: no resize at all (no stage), a
+    no-op resize, one pass, two passes for two resizes, an upscale. Each extra task runs exactly
+    once and its result comes back in order; the resizes are still Pillow's."""
+    img = noise(1024, 768, seed=7)
+    calls = []
+    extra = [lambda i=i: calls.append(i) or f"extra{i}" for i in range(2)]
+    outs, done = resize_in_bands([(img, s) for s in sizes], 3, extra)
+    assert done == ["extra0", "extra1"] and sorted(calls) == [0, 1]
+    for (h, w), out in zip(sizes, outs):
+        assert np.array_equal(out, np.asarray(img.resize((w, h), 3)))
+
+
+def test_numpy_normalize_of_strided_parts_equals_one_array():
+    """`NumpyPixels.cat` keeps the parts apart and `normalize` looks each one up in row bands:
+    the same floats as one lookup over the concatenated batch, for strided (tile) views too."""
+    import torch
+
+    from fastllava.preprocess.pixels import NumpyPixels
+
+    rng = np.random.default_rng(3)
+    canvas = rng.integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
+    tiles = canvas.reshape(2, 32, 3, 32, 3).transpose(0, 2, 1, 3, 4).reshape(6, 32, 32, 3)
+    base = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)[:, :, ::-1]   # negative stride
+    table = torch.randn(3, 256)
+    px = NumpyPixels(key_task=None)
+    got = px.normalize(px.cat([base, canvas[:, :32, :32], tiles]), table)
+    whole = np.concatenate([base, canvas[:, :32, :32], tiles])
+    want = table[torch.arange(3)[None, :, None, None], torch.from_numpy(whole).permute(0, 3, 1, 2).long()]
+    assert got.shape == (8, 3, 32, 32) and torch.equal(got, want)

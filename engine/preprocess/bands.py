@@ -10,8 +10,9 @@ pass), and the bands pasted back: the same integers in the same order, in Pillow
 run in parallel on plain threads; each stays single-threaded, which holds up when other
 processes share the cores (torch's OpenMP kernels do not).
 
-Work is scheduled in stages: every first-pass band of every resize of an image (and any other
-job, e.g. the cache key) is one task of `run_tasks`; then every second-pass band.
+Work is scheduled in stages: every first-pass band of every resize of an image is one task of
+`run_tasks`; then every second-pass band. Any other job (e.g. the cache key) runs with the
+first stage that would leave a thread idle, else with the last.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from PIL import Image
 
 from fastllava.preprocess.resample import vertical_first, window_span
 
-__all__ = ["BandedResize", "num_workers", "resize_in_bands", "run_tasks"]
+__all__ = ["BandedResize", "even_spans", "num_workers", "resize_in_bands", "run_tasks"]
 
 # Below this many source pixels per band a thread hand-off costs more than the band's work.
 MIN_BAND_PIXELS = 1 << 18
@@ -84,7 +85,8 @@ def run_tasks(tasks: list) -> list:
     return results
 
 
-def _spans(n: int, parts: int) -> list[tuple[int, int]]:
+def even_spans(n: int, parts: int) -> list[tuple[int, int]]:
+    """0..n cut into `parts` contiguous (lo, hi) spans of near-equal length (empty ones dropped)."""
     cuts = [n * i // parts for i in range(parts + 1)]
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
@@ -133,7 +135,7 @@ class BandedResize:
         along = img.height if axis == "h" else img.width        # rows or columns to split
         pixels = img.width * img.height
         parts = max(1, min(max(self.bands, -(-pixels // MAX_BAND_PIXELS)), pixels // MIN_BAND_PIXELS, along))
-        self.spans = _spans(along, parts)
+        self.spans = even_spans(along, parts)
         return [functools.partial(self._band, img, axis, size, span, lo, hi) for lo, hi in self.spans]
 
     def take(self, outputs: list) -> None:
@@ -173,16 +175,20 @@ def resize_in_bands(jobs: list[tuple], resample: int, extra: list = ()) -> tuple
     """Every (image, (h, w)[, window]) job resized as Pillow would (HWC uint8 arrays, cut to
     the window), and the results of the `extra` tasks, which run with the first stage's bands."""
     resizes = [BandedResize(*job[:2], resample, *job[2:]) for job in jobs]
-    extra_out = None
+    extra_out, pending = None, list(extra)
     while True:
         stage = [r.tasks() for r in resizes]
-        first = list(extra) if extra_out is None else []     # first: the extra tasks are long ones
-        todo = first + [t for ts in stage for t in ts]
+        bands = [t for ts in stage for t in ts]
+        # The extra tasks join the first stage with fewer bands than threads (else idle) or the
+        # last stage, and go first there: they are long ones, the bands balance around them.
+        last = all(len(r.passes) <= 1 for r in resizes)
+        first = pending if pending and (last or len(bands) < num_workers()) else []
+        todo = first + bands
         if not todo:
             break
         out = run_tasks(todo)
-        if extra_out is None:
-            extra_out, out = out[:len(first)], out[len(first):]
+        if first:
+            extra_out, out, pending = out[:len(first)], out[len(first):], []
         for r, ts in zip(resizes, stage):
             if ts:
                 r.take(out[:len(ts)])
