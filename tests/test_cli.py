@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -350,8 +351,11 @@ def test_python_dash_m_and_script_entry_point():
     done = subprocess.run([sys.executable, "-m", "fastllava", "run", "--help"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("usage: fastllava run"), done
-    script = shutil.which("fastllava")
-    if script is not None:  # installed console script (pip install -e .)
+    # the console script of this interpreter's install (pip install -e .): the one beside
+    # sys.executable, else on PATH (another environment's script may run another install)
+    beside = Path(sys.executable).with_name("fastllava")
+    script = str(beside) if beside.exists() else shutil.which("fastllava")
+    if script is not None:
         done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and done.stdout.startswith("fastllava "), done
 
