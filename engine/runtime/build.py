@@ -5,6 +5,7 @@ variant up, then the engine loop."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -65,8 +66,18 @@ def build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device,
                  rc: RuntimeConfig, tp=None) -> tuple[Engine, int]:
     """(engine, max_len): max_len caps every request's prompt + output tokens. The memory plan
     is on engine.runner.memory_plan. Tensor parallelism (runtime/tp_driver.build_tp_engine):
-    `tp` is the TPDriver, `model` its StepProxy and `text` the per-rank view (KVH/N heads)."""
+    `tp` is the TPDriver, `model` its StepProxy and `text` the per-rank view (KVH/N heads).
+
+    On CUDA the build runs with `device` as the current device: Triton launches and graph capture
+    use the current device (and its streams), not the tensors', so a model on cuda:1 built from a
+    thread whose current device is cuda:0 would launch its kernels on the wrong GPU."""
     device = torch.device(device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _build_engine(model, ops, text, dtype, device, rc, tp)
+
+
+def _build_engine(model, ops, text: TextConfig, dtype: torch.dtype, device: torch.device,
+                  rc: RuntimeConfig, tp) -> tuple[Engine, int]:
     check_kv_cache_dtype(rc.kv_cache_dtype, ops, device)
     steps = DummySteps(model, ops, rc, dtype, device, text)
     # Only compiled Triton kernels have variants to build: the torch ops and the CPU interpreter

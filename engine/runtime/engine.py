@@ -27,6 +27,8 @@ import threading
 import time
 from typing import Callable
 
+import torch
+
 from fastllava.runtime.scheduler import Scheduler
 from fastllava.runtime.sequence import Sequence, Status
 
@@ -111,6 +113,11 @@ class Engine:
 
     # ---- the engine thread --------------------------------------------------------------------
     def _loop(self) -> None:
+        device = getattr(self.runner, "device", None)
+        if device is not None and device.type == "cuda":
+            # A new thread's current device is cuda:0, and Triton launches (and the graphs'
+            # replays) go to the current device: make it the model's.
+            torch.cuda.set_device(device)
         try:
             while True:
                 # Block while idle; otherwise take whatever arrived during the last step.

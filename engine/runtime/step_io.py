@@ -228,7 +228,7 @@ class StepOutput:
             host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
             host.copy_(ids, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(ids.device))   # the copy's stream
             ids = host
         self._ids = ids
 
