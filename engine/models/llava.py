@@ -94,17 +94,19 @@ class LlavaModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None,
               image_features: torch.Tensor | None) -> torch.Tensor:
         """input_ids (N,) → embeddings (N, hidden) with image features scattered in order into the
-        positions flagged by image_mask (their ids may be a sentinel outside the vocabulary)."""
-        if image_mask is None or not bool(image_mask.any()):
+        positions flagged by image_mask (their ids may be a sentinel outside the vocabulary).
+
+        The caller guarantees one feature row per flagged position (the runner checks it on the
+        host): counting the flags here would read the mask back, a host sync per image step on
+        a GPU, and so would `embeds[mask] = ...` (a boolean index runs nonzero()). masked_scatter
+        fills the flagged rows in order from the features with no sync, the same values."""
+        if image_mask is None:
             return self.language_model.embed_tokens(input_ids)
+        if image_features is None:
+            raise ValueError("image_mask given without image_features")
         ids = input_ids.masked_fill(image_mask, 0)
         embeds = self.language_model.embed_tokens(ids)
-        n = int(image_mask.sum())
-        if image_features is None or image_features.shape[0] != n:
-            got = 0 if image_features is None else image_features.shape[0]
-            raise ValueError(f"prompt has {n} image tokens but the image gave {got} features")
-        embeds[image_mask] = image_features.to(embeds.dtype)
-        return embeds
+        return embeds.masked_scatter_(image_mask[:, None], image_features.to(embeds.dtype))
 
     def forward(self, ops, embeds: torch.Tensor, ctx: ForwardContext, kv_cache) -> torch.Tensor:
         """One step over packed tokens → fp32 logits (B, vocab) of the rows in ctx.logits_rows.

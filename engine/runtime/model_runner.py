@@ -129,7 +129,12 @@ class ModelRunner:
         ids_t, ctx = self._context(batch.seqs, ids, positions, slots, cu_seqlens, batch.starts,
                                    [s + n for s, n in zip(batch.starts, batch.num_tokens)],
                                    logits_rows)
-        mask = to_device(is_image, torch.bool, self.device) if feats else None
+        mask = None
+        if feats:
+            flagged, rows = sum(is_image), sum(f.shape[0] for f in feats)
+            if flagged != rows:      # by construction equal; `embed` relies on it (no device check)
+                raise RuntimeError(f"step has {flagged} image positions but {rows} feature rows")
+            mask = to_device(is_image, torch.bool, self.device)
         embeds = self.model.embed(ids_t, mask, torch.cat(feats) if feats else None)
         logits = self.model(self.ops, embeds, ctx, self.kv)
         if scored:
