@@ -5,8 +5,11 @@ Two groups over one TCPStore rendezvous (127.0.0.1):
   and the setup / stop messages. A worker may sit in it for hours, so it waits without limit;
   a dead peer still ends the wait at once (gloo sees the closed connection).
 - `step` (gloo on CPU, NCCL on CUDA): the step payload and the per-layer all-reduces, each with
-  `timeout_s` (gloo: per operation; NCCL: its watchdog), so a rank that stops answering fails the
-  step instead of hanging it. The NCCL path is not exercised here (no GPUs on the build machine).
+  `timeout_s`. gloo: per operation, so a rank that stops answering fails the step (an error
+  here). NCCL: its watchdog, whose default reaction (TORCH_NCCL_ASYNC_ERROR_HANDLING=3) is to
+  end the whole process, not to raise; collectives captured in a CUDA graph are not watched at
+  all (a rank dying inside a replayed decode step can leave rank 0 waiting). The NCCL path is not
+  exercised here (no GPUs on the build machine).
 The groups are built directly (not `init_process_group`), so an API process may hold several
 engines, and nothing global is left behind when one closes.
 """

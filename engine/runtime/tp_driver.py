@@ -7,9 +7,12 @@ feature cache; the engine loop is the ordinary one (runtime/engine.py) with `Ste
 workers as one descriptor and the ranks then meet only in the decoder's all-reduces.
 
 Failure handling: before every step the driver checks that every worker process is alive, and
-every collective has a timeout (tp_comm.py). A dead or silent worker fails the step in flight
-(its requests get a WorkerDiedError naming the rank, pid and exit code) and marks the driver
-broken: every later step and every new request is refused with the same error, never a hang.
+every collective has a timeout (tp_comm.py). On gloo (CPU) a dead or silent worker fails the
+step in flight (its requests get a WorkerDiedError naming the rank, pid and exit code) and marks
+the driver broken: every later step and every new request is refused with the same error. On
+NCCL a worker found dead before a step is handled the same way; one that dies or stalls inside a
+step meets NCCL's watchdog, which by default ends the API process after the timeout (eager
+collectives) or does not see it (collectives captured in the decode graphs): see tp_comm.py.
 
 Start-up, in build_engine's order: on CUDA the ranks measure their memory over the same dummy
 steps and agree on the smallest KV pool (OP_MEASURE, runtime/tp_memory.py); the pool is set up
