@@ -95,7 +95,7 @@ class NumpyPixels:
             for ch in range(c):
                 np.take(table[ch], images[i][lo:hi, :, ch], out=out[i, ch, lo:hi])
 
-        per_image = max(1, -(-2 * num_workers() // len(images)))     # ~2 bands per thread
+        per_image = max(1, -(-2 * num_workers() // max(1, len(images))))     # ~2 bands per thread
         run_tasks([functools.partial(lookup, i, lo, hi) for i in range(len(images))
                    for lo, hi in even_spans(h, per_image)])
         return torch.from_numpy(out)
