@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
     del header["gpu"], header["commit"]
     import PIL
 
-    from fastllava.preprocess.bands import num_workers
+    from fastllava.preprocess.tasks import num_workers
     header = {"device": device_name(device), "commit": short_commit(), **header,
               "pillow": PIL.__version__, "torch threads": str(torch.get_num_threads()),
               "preprocess threads": str(num_workers()),

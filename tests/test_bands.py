@@ -1,7 +1,8 @@
 """bands.py: Pillow's resize cut into row / column bands on threads, vs Pillow's own Image.resize:
 bit-identical over every filter, both pass orders, one-axis resizes, up- and downscales, big
 downscale factors, and output windows (the part a center crop keeps, resized through a Pillow box
-only where `window_span` proves the box gives the same coefficients)."""
+only where `window_span` proves the box gives the same coefficients). Every test runs with the
+compiled passes taking the resizes they can (native_resize.py) and with Pillow doing all."""
 
 from __future__ import annotations
 
@@ -12,10 +13,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastllava.preprocess.bands import BandedResize, resize_in_bands, run_tasks
+from fastllava.preprocess import native
+from fastllava.preprocess.bands import BandedResize, resize_in_bands
+from fastllava.preprocess.tasks import run_tasks
 from fastllava.preprocess.resample import vertical_first, window_span
 
 FILTERS = [0, 1, 2, 3, 4, 5]    # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
+
+
+@pytest.fixture(autouse=True, params=["compiled", "pillow"])
+def resize_path(request, monkeypatch):
+    """Every test twice: with the compiled passes (native_resize.py) taking what they can, and
+    with Pillow in bands doing everything (as on a machine without a C compiler)."""
+    if request.param == "pillow":
+        monkeypatch.setattr(native, "passes", lambda: None)
+    elif native.passes() is None:
+        pytest.skip("the compiled resample passes did not build here (no C compiler?)")
+    return request.param
 
 
 def noise(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -124,7 +138,7 @@ def test_run_tasks_keeps_order_runs_everything_and_raises():
 def test_run_tasks_does_not_wait_for_a_busy_pool():
     """Another image's long task holds the pool: this call's tasks all run on the calling thread
     and it returns without waiting for the pool."""
-    from fastllava.preprocess.bands import _pool, num_workers
+    from fastllava.preprocess.tasks import _pool, num_workers
 
     if num_workers() < 2:
         pytest.skip("one core: no pool")

@@ -17,7 +17,7 @@ import blake3
 import numpy as np
 from PIL import Image
 
-__all__ = ["rgbx_pixels", "image_key"]
+__all__ = ["rgbx_pixels", "image_key", "paste_rgbx_rows"]
 
 _HASH_THREADS_FROM = 8 << 20     # bytes; below this BLAKE3's thread hand-off costs more than it saves
 _SLICE_BYTES = 1 << 20           # rows hashed per step: stays in the core's L2 between copy and hash
@@ -25,8 +25,8 @@ _SLICE_BYTES = 1 << 20           # rows hashed per step: stays in the core's L2 
 _RGB_MASK = np.uint32(0x00FFFFFF if sys.byteorder == "little" else 0xFFFFFF00)
 
 
-def _paste_rows(rgb: Image.Image, out: np.ndarray, top: int) -> None:
-    """Rows top.. of the RGB image into out (uint8 [rows, W, 4]), pad byte zeroed.
+def paste_rgbx_rows(rgb: Image.Image, out: np.ndarray, top: int) -> None:
+    """Rows top.. of the RGB image into out (uint8 [rows, W, 4]); the pad byte as Pillow has it.
 
     Pillow stores RGB as 4 bytes per pixel and its C-level paste copies raw pixels between
     images of equal pixel size (clipping to the target), so pasting into an "RGBX" image mapped
@@ -39,6 +39,11 @@ def _paste_rows(rgb: Image.Image, out: np.ndarray, top: int) -> None:
             rgb.im, (0, -top, w, rgb.height - top))
     except (AttributeError, TypeError, ValueError):
         out[..., :3] = np.asarray(rgb.crop((0, top, w, top + rows)))
+
+
+def _paste_rows(rgb: Image.Image, out: np.ndarray, top: int) -> None:
+    """`paste_rgbx_rows` with the pad byte zeroed (what the key hashes)."""
+    paste_rgbx_rows(rgb, out, top)
     words = out.view(np.uint32)
     np.bitwise_and(words, _RGB_MASK, out=words)
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastllava.preprocess.bands import even_spans, num_workers, resize_in_bands, run_tasks
+from fastllava.preprocess.bands import resize_in_bands
+from fastllava.preprocess.tasks import even_spans, num_workers, run_tasks
 from fastllava.preprocess.resample import resize_pil, resize_torch
 
 __all__ = ["NumpyPixels", "TorchPixels", "shortest_edge_size", "center_crop", "pad_into"]
