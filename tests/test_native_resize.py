@@ -62,6 +62,26 @@ def test_one_source_many_jobs_and_windows(lib):
                     ((w, h), (th, tw), window, resample)
 
 
+@pytest.mark.parametrize("isa", [["-mavx2"], ["-mno-avx2", "-mno-avx512f"]], ids=["avx2", "scalar"])
+def test_other_instruction_sets(isa, tmp_path):
+    """The AVX2 (two rows at a time) and scalar paths of hpass4, built here with those flags
+    instead of -march=native, give Pillow's bits too."""
+    if shutil.which("cc") is None:
+        pytest.skip("no cc on PATH")
+    path = str(tmp_path / "passes.so")
+    native.compile_to(["cc"], ["-O3", "-shared", "-fPIC", *isa], path)
+    lib = native.load(path)
+    img = noise(333, 251, seed=9)
+    for resample in (1, 3, 5):
+        jobs = [((97, 130), None), ((40, 60), (3, 5, 31, 50))]
+        for ((th, tw), window), out in zip(jobs, run(native_resize.NativeResizes(lib, img, jobs, resample))):
+            want = np.asarray(img.resize((tw, th), resample))
+            if window is not None:
+                top, left, rows, cols = window
+                want = want[top:top + rows, left:left + cols]
+            assert np.array_equal(out, want), (isa, resample, window)
+
+
 def test_what_goes_where():
     img = noise(400, 300)
     assert native_resize.can_take(img, (100, 120), 3)

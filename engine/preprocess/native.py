@@ -24,7 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["passes", "SOURCE"]
+__all__ = ["passes", "compile_to", "load", "SOURCE"]
 
 log = logging.getLogger("fastllava.preprocess")
 
@@ -51,6 +51,24 @@ def _cache_dir() -> Path:
     return Path(base) / "fastllava"
 
 
+def compile_to(cc: list[str], flags: list[str], target: str) -> None:
+    """Compile SOURCE into the shared object `target` (raises RuntimeError on failure)."""
+    done = subprocess.run(cc + flags + [str(SOURCE), "-o", target], capture_output=True,
+                          text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[:500]}")
+
+
+def load(path: str) -> ctypes.CDLL:
+    """A built shared object, with the passes' signatures declared."""
+    lib = ctypes.CDLL(path)
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.hpass4.argtypes = [p, i64, p, i64, i, i, i, p, p, p, i]
+    lib.vpass4.argtypes = [p, i64, p, i64, i, i, i, p, p, p, i, p]
+    lib.hpass4.restype = lib.vpass4.restype = None
+    return lib
+
+
 def _build(cc: list[str]) -> Path:
     version = subprocess.run(cc + ["--version"], capture_output=True, text=True, timeout=30).stdout
     source = SOURCE.read_bytes()
@@ -64,10 +82,7 @@ def _build(cc: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run(cc + _FLAGS + [str(SOURCE), "-o", tmp], capture_output=True,
-                              text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[:500]}")
+        compile_to(cc, _FLAGS, tmp)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -80,15 +95,10 @@ def _load() -> ctypes.CDLL | None:
         return None
     cc = shlex.split(os.environ.get("CC") or "cc")
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        return load(str(_build(cc)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.info("compiled resample passes unavailable (%s): Pillow resizes on the CPU", e)
         return None
-    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.hpass4.argtypes = [p, i64, p, i64, i, i, i, p, p, p, i]
-    lib.vpass4.argtypes = [p, i64, p, i64, i, i, i, p, p, p, i, p]
-    lib.hpass4.restype = lib.vpass4.restype = None
-    return lib
 
 
 def passes() -> ctypes.CDLL | None:
