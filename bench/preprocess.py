@@ -8,8 +8,9 @@ Per image size (W x H, random RGB noise, already decoded), for the LLaVA-NeXT an
 - `today (PIL + fp32-tile hash)`: what main's engine did per image: the pre-torch pipeline
   (tests/pil_reference.py: Pillow geometry per tile, a torch table lookup per tile), then its cache
   key, BLAKE2b over the fp32 tiles (every fastllava row includes its own key, `image_key`);
-- `fastllava cpu`: `preprocess(image, cfg)` (Pillow resizes cut into bands on all cores with the
-  cache key, numpy geometry and lookup);
+- `fastllava cpu`: `preprocess(image, cfg)` (the compiled resample passes in bands on all cores
+  with the cache key, numpy geometry and lookup); `fastllava cpu, Pillow passes`: the same with
+  Pillow's resampler in bands instead (a machine without a C compiler);
 - `fastllava torch-cpu`: the device pipeline (exact int32 resampling in torch) run on the CPU
   (up to 1024x768 only: it is several times slower than Pillow there);
 - `fastllava cuda` (when CUDA is present): `preprocess(image, cfg, device="cuda")`, timed with
@@ -89,6 +90,17 @@ def _old_key(out) -> bytes:
     return h.digest()
 
 
+def pillow_passes(fn, *args):
+    """fn(*args) with the compiled resample passes off (as on a machine without a C compiler)."""
+    from fastllava.preprocess import native
+    passes = native.passes
+    native.passes = lambda: None
+    try:
+        return fn(*args)
+    finally:
+        native.passes = passes
+
+
 def cuda_ms(fn) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -114,7 +126,9 @@ def bench_size(w: int, h: int, repeats: int, errors: list[str]) -> list[dict]:
     rows = []
     for name, cfg in configs().items():
         impls = {TODAY: (lambda c=cfg: _today(img, c), wall_ms),
-                 "fastllava cpu": (lambda c=cfg: preprocess(img, c), wall_ms)}
+                 "fastllava cpu": (lambda c=cfg: preprocess(img, c), wall_ms),
+                 "fastllava cpu, Pillow passes": (lambda c=cfg: pillow_passes(preprocess, img, c),
+                                                  wall_ms)}
         if w * h <= TORCH_CPU_MAX_PIXELS:
             impls["fastllava torch-cpu"] = (lambda c=cfg: preprocess(img, c, backend="torch"), wall_ms)
         if torch.cuda.is_available():
@@ -171,10 +185,12 @@ def main(argv: list[str]) -> int:
     del header["gpu"], header["commit"]
     import PIL
 
+    from fastllava.preprocess import native
     from fastllava.preprocess.tasks import num_workers
+    compiled = "no (Pillow passes)" if native.passes() is None else "yes (cc -O3 -march=native)"
     header = {"device": device_name(device), "commit": short_commit(), **header,
               "pillow": PIL.__version__, "torch threads": str(torch.get_num_threads()),
-              "preprocess threads": str(num_workers()),
+              "preprocess threads": str(num_workers()), "compiled resample passes": compiled,
               "cpu cores": str(os.cpu_count()), "load average (1 min)": load, "repeats": str(args.repeats)}
     meta = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     text = (f"# Preprocessing benchmark\n\n{meta}\n\nDecoded RGB noise image in, pixel_values out "
