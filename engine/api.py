@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import queue
 import secrets
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -26,6 +27,7 @@ from fastllava.evaluation import EvaluationMixin, check_logprobs
 from fastllava.kernels.ops import get_ops
 from fastllava.messages import chat_messages
 from fastllava.loading import LoadedCheckpoint
+from fastllava.preprocess import native
 from fastllava.preprocess.image_io import ImageLimits
 from fastllava.pretrained import PretrainedMixin
 from fastllava.prompt_inputs import PreparedPrompt, PromptMixin
@@ -70,6 +72,8 @@ class LLaVA(PretrainedMixin, PromptMixin, EvaluationMixin, AsyncMixin):
         self.runtime = runtime
         self._tp = tp   # tensor parallelism: rank 0's driver of the worker processes
         self.tensor_parallel_size = 1 if tp is None else tp.world
+        if self.device.type == "cpu":   # images are resized on the CPU: build (or load) the
+            threading.Thread(target=native.passes, daemon=True).start()   # compiled passes now
         build = build_engine if tp is None else functools.partial(build_tp_engine, driver=tp)
         self.engine, self.max_len = build(self.model, self.ops, self.config.text, self.dtype,
                                           self.device, runtime)
