@@ -18,7 +18,7 @@ Per image size (W x H, random RGB noise, already decoded), for the LLaVA-NeXT an
 - transformers' `LlavaNextImageProcessorPil` / `CLIPImageProcessorPil` (the parity target) and the
   default torchvision-backed `LlavaNextImageProcessor` / `CLIPImageProcessor`, built offline
   with the same sizes;
-- the cache key: `image_key` (BLAKE3 of the RGB pixels, streamed from the PIL image on one thread)
+- the cache key: `image_key` (a BLAKE3 tree over 1 MB row chunks of the RGB pixels, on all cores)
   vs the old BLAKE2b over the fp32 tiles.
 Every fastllava row is checked bit-identical to today's path before timing (exit 1 otherwise).
 Each repeat runs every implementation once, interleaved, so they share the machine's load; the

@@ -179,7 +179,7 @@ def test_numpy_normalize_of_strided_parts_equals_one_array():
     tiles = canvas.reshape(2, 32, 3, 32, 3).transpose(0, 2, 1, 3, 4).reshape(6, 32, 32, 3)
     base = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)[:, :, ::-1]   # negative stride
     table = torch.randn(3, 256)
-    px = NumpyPixels(key_task=None)
+    px = NumpyPixels(key_parts=None)
     got = px.normalize(px.cat([base, canvas[:, :32, :32], tiles]), table)
     whole = np.concatenate([base, canvas[:, :32, :32], tiles])
     want = table[torch.arange(3)[None, :, None, None], torch.from_numpy(whole).permute(0, 3, 1, 2).long()]

@@ -22,6 +22,7 @@ from fastllava.preprocess.anyres import (anyres_grid, anyres_num_tokens, select_
                                          unpad_window)
 from fastllava.preprocess.processor import (CLIP_MEAN, CLIP_STD, NEXT_PINPOINTS, ImageProcessorConfig,
                                             image_key, normalize_table, preprocess, rgbx_pixels)
+from fastllava.preprocess.identity import key_tasks
 from pil_reference import expand2square, reference_preprocess
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -268,6 +269,24 @@ def test_rgbx_pixels_and_the_streamed_key_cover_every_pixel():
     last = np.array(resized)
     last[-1, -1, 2] ^= 1
     assert image_key(Image.fromarray(last), cfg) != image_key(resized, cfg)
+
+
+def test_key_is_one_tree_however_its_chunks_are_split():
+    """The key is BLAKE3 over fixed 1 MB row chunks' digests: the same for any number of tasks,
+    from the image or its array; one bit flipped in any chunk (first, middle, last row) changes it."""
+    img = Image.fromarray(np.random.default_rng(8).integers(0, 256, (1500, 1200, 3), dtype=np.uint8))
+    cfg = SWEEP_CONFIGS["llava"]
+    rgbx = rgbx_pixels(img)
+    keys = set()
+    for source in (img, rgbx):
+        for parts in (1, 2, 7, 1000):
+            tasks, finish = key_tasks(source, cfg, parts)
+            keys.add(finish([t() for t in tasks]))
+    assert keys == {image_key(img, cfg)}
+    for row in (0, 700, 1499):
+        flipped = np.array(img)
+        flipped[row, 3, 0] ^= 1
+        assert image_key(Image.fromarray(flipped), cfg) not in keys, row
 
 
 def test_key_differs_for_the_same_bytes_at_another_size():

@@ -28,26 +28,28 @@ __all__ = ["NumpyPixels", "TorchPixels", "shortest_edge_size", "center_crop", "p
 
 
 class NumpyPixels:
-    """CPU: numpy arrays, Pillow resizes. The resizes of the source (anyres: grid and base, each
-    reading the whole image) run as bands on all cores together with `key_task` (the cache key,
-    which also reads every pixel); `key()` runs it here if no source resize did."""
+    """CPU: numpy arrays, Pillow-exact resizes. The resizes of the source (anyres: grid and
+    base, each reading the whole image) run as bands on all cores together with the cache key's
+    tasks (`key_parts`: identity.key_tasks' (tasks, finish); the key also reads every pixel);
+    `key()` runs them here if no source resize did."""
 
-    def __init__(self, key_task):
-        self._key_task, self._key = key_task, None
+    def __init__(self, key_parts):
+        self._key_parts, self._key = key_parts, None
 
     def key(self) -> bytes:
         if self._key is None:
-            self._key = self._key_task()
+            tasks, finish = self._key_parts
+            self._key = finish(run_tasks(tasks))
         return self._key
 
     def resize_source(self, img: Image.Image, sizes, resample, windows=None) -> list[np.ndarray]:
         """The RGB source resized to each (h, w) in sizes (then cut to its (top, left, h, w)
         window, if given, as `center_crop` would): NHWC arrays."""
-        extra = [self._key_task] if self._key is None else []
+        extra = self._key_parts[0] if self._key is None else []
         jobs = [(img, s, w) for s, w in zip(sizes, windows or [None] * len(sizes))]
         outs, done = resize_in_bands(jobs, resample, extra)
-        if done:
-            self._key = done[0]
+        if extra:
+            self._key = self._key_parts[1](done)
         return [o[None] for o in outs]
 
     def source(self, rgb: Image.Image, pixels: np.ndarray | None):

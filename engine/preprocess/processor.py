@@ -28,7 +28,7 @@ from PIL import Image
 
 from fastllava.checkpoint_files import read_json
 from fastllava.preprocess.anyres import pad_offsets, resize_within, select_best_resolution
-from fastllava.preprocess.identity import image_key, rgbx_pixels
+from fastllava.preprocess.identity import image_key, key_tasks, rgbx_pixels
 from fastllava.preprocess.pixels import NumpyPixels, TorchPixels, center_crop, pad_into, shortest_edge_size
 
 __all__ = ["ImageProcessorConfig", "ProcessedImage", "preprocess", "convert_to_rgb",
@@ -285,8 +285,8 @@ def preprocess(image: Image.Image, cfg: ImageProcessorConfig, device: torch.devi
                          "only RGB images can skip the conversion")
     rgb.load()             # decode a lazily opened file now, before several threads read it
     image_hw = (rgb.height, rgb.width)
-    if backend == "pil":   # the key (a copy of the pixels + a hash) runs with the resizes' bands
-        px = NumpyPixels(key_task=lambda: image_key(rgb, cfg))
+    if backend == "pil":   # the key (copies of the pixels + hashes) runs with the resizes' bands
+        px = NumpyPixels(key_tasks(rgb, cfg))
         pixels = None
     else:
         rgbx = rgbx_pixels(rgb)
