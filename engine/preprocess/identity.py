@@ -23,6 +23,7 @@ from fastllava.preprocess.tasks import even_spans, num_workers, run_tasks
 __all__ = ["rgbx_pixels", "image_key", "key_tasks", "paste_rgbx_rows"]
 
 CHUNK_BYTES = 1 << 20            # rows per leaf of the key's hash tree: ~1 MB (stays in L2)
+PARALLEL_FROM_BYTES = 8 << 20    # smaller images are hashed as one task
 # the pad byte is the 4th in memory: the high byte of a little-endian uint32
 _RGB_MASK = np.uint32(0x00FFFFFF if sys.byteorder == "little" else 0xFFFFFF00)
 
@@ -78,7 +79,7 @@ def _digests(pixels: Image.Image | np.ndarray, top: int, bottom: int, rows: int)
 def key_tasks(pixels: Image.Image | np.ndarray, cfg, parts: int | None = None):
     """(tasks, finish): `image_key` as independent tasks (for `run_tasks`, beside other work) and
     the function of their results, in order, that gives the key. `parts`: how many tasks
-    (default two per thread); the key does not depend on it."""
+    (default: one below 8 MB of pixels, else two per thread); the key does not depend on it."""
     if isinstance(pixels, np.ndarray):
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 4:
             raise ValueError(f"image_key takes rgbx_pixels' uint8 [H, W, 4] array, got {pixels.dtype} {pixels.shape}")
@@ -90,7 +91,9 @@ def key_tasks(pixels: Image.Image | np.ndarray, cfg, parts: int | None = None):
         w, h = pixels.size
     rows = max(1, CHUNK_BYTES // (4 * w))
     chunks = -(-h // rows)
-    spans = even_spans(chunks, min(chunks, parts or 2 * num_workers()))
+    if parts is None:       # a small image: one task (a thread hand-off costs more than it saves)
+        parts = 1 if h * w * 4 < PARALLEL_FROM_BYTES else 2 * num_workers()
+    spans = even_spans(chunks, min(chunks, parts))
     tasks = [functools.partial(_digests, pixels, a * rows, min(b * rows, h), rows) for a, b in spans]
     header = f"fastllava-image-v3 {(h, w)} {rows} {cfg!r}".encode()
 
