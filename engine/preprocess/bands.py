@@ -95,6 +95,10 @@ class BandedResize:
         for (lo, _), band in zip(self.spans, outputs):
             self.stage.paste(band, (0, lo) if axis == "h" else (lo, 0))
 
+    def results(self) -> list[np.ndarray]:
+        """[result()]: the interface resize_in_bands shares with native_resize.NativeResizes."""
+        return [self.result()]
+
     def result(self) -> np.ndarray:
         if self.passes:
             raise RuntimeError("BandedResize.result before every pass ran")
@@ -126,19 +130,19 @@ def resize_in_bands(jobs: list[tuple], resample: int, extra: list = ()) -> tuple
     extra tasks go first in the compiled passes' first stage when there is one (it holds most of
     the work); else in the first stage with fewer bands than threads (else idle), else the last.
     """
-    lib = native.passes() if any(native_resize.can_take(job[0], job[1], resample) for job in jobs) \
-        else None
+    takeable = [i for i, job in enumerate(jobs) if native_resize.can_take(job[0], job[1], resample)]
+    lib = native.passes() if takeable else None
     groups: dict[int, list[int]] = {}
-    for i, job in enumerate(jobs):
-        if lib is not None and native_resize.can_take(job[0], job[1], resample):
-            groups.setdefault(id(job[0]), []).append(i)
+    for i in takeable if lib is not None else []:
+        groups.setdefault(id(jobs[i][0]), []).append(i)
     units, slots = [], []          # a unit's results go to these job indices
     for idx in groups.values():
         units.append(native_resize.NativeResizes(lib, jobs[idx[0]][0], [
             (jobs[i][1], jobs[i][2] if len(jobs[i]) > 2 else None) for i in idx], resample))
         slots.append(idx)
+    native_ids = {i for idx in groups.values() for i in idx}
     for i, job in enumerate(jobs):
-        if not any(i in idx for idx in groups.values()):
+        if i not in native_ids:
             units.append(BandedResize(*job[:2], resample, *job[2:]))
             slots.append([i])
     extra_out, pending = None, list(extra)
@@ -159,6 +163,6 @@ def resize_in_bands(jobs: list[tuple], resample: int, extra: list = ()) -> tuple
                 out = out[len(ts):]
     results: list = [None] * len(jobs)
     for u, idx in zip(units, slots):
-        for i, r in zip(idx, u.results() if isinstance(u, native_resize.NativeResizes) else [u.result()]):
+        for i, r in zip(idx, u.results()):
             results[i] = r
     return results, extra_out or []

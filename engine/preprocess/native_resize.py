@@ -92,8 +92,8 @@ class NativeResizes:
             hi = max(j.y_hi for j in self.jobs)
             work = (hi - lo) * sum(j.cols * j.x[3] for j in self.jobs) * 4
             parts = max(1, min(bands, work // MIN_BAND_BYTES, hi - lo))
-            return [functools.partial(self._horizontal, a, b) for a, b in even_spans(hi - lo, parts)
-                    for a, b in [(a + lo, b + lo)]]
+            return [functools.partial(self._horizontal, lo + a, lo + b)
+                    for a, b in even_spans(hi - lo, parts)]
         out = []
         for j in self.jobs:
             parts = max(1, min(bands, j.rows * j.cols * j.y[3] * 4 // MIN_BAND_BYTES, j.rows))
