@@ -1,8 +1,9 @@
 """CPU path against its peer, same run, same workload: fastllava's torch backend (fused SDPA), its
 plain references (the old CPU path) and transformers batched.
 
-    python bench/cpu_path.py [--model PATH] [--requests 64] [--max-tokens 64] [--peer-batch 16]
-                             [--idle 8] [--kv-cache-tokens 65536] [--threads T] [--out DIR]
+    python bench/cpu_path.py [--model PATH | --width 512 --layers 4] [--requests 64]
+                             [--max-tokens 64] [--peer-batch 16] [--idle 8]
+                             [--kv-cache-tokens 65536] [--threads T] [--dtype-auto] [--out DIR]
                              [--smoke]
 
 Workload: N greedy requests, each a random-RGB PNG (24..480 px a side) and a 3..30-word prompt,
@@ -16,7 +17,10 @@ max_tokens M. Per engine:
 transformers' idle TTFT is `generate(max_new_tokens=1)` after the same image load and its own
 processor. fastllava's outputs must be identical on both backends (greedy, fp32): a MISMATCH line
 and exit 1 otherwise. Without --model a tiny random LLaVA-1.5 with a 512-wide, 4-layer Llama is
-built with tests/tiny.py. Needs transformers (the test extra).
+built with tests/tiny.py (`--width` / `--layers` scale its Llama; 64-wide heads). `--dtype-auto`
+adds a torch-backend row with dtype="auto" (bf16 on CPUs with AMX / AVX512-BF16, else fp32): its
+outputs are counted against the fp32 ones, not required to match. Needs transformers (the test
+extra).
 """
 
 from __future__ import annotations
@@ -37,8 +41,18 @@ from serving import WORDS, device_name, run_one, run_threads, short_commit, writ
 
 TINY = dict(kind="llava", num_heads=8, num_kv_heads=8, hidden_size=512, intermediate_size=1376,
             num_layers=4, image_size=336, seed=5)
-TINY_NAME = ("tiny random LLaVA-1.5 at real geometry (336 px tile, 576 image tokens; CLIP 32 wide "
-             "x 3 layers), Llama 512 wide x 4 layers, 8 heads (tests/tiny.py)")
+
+
+def model_spec(width: int, layers: int) -> dict:
+    """TINY with its Llama scaled: `width` wide (64-wide heads, MLP ≈ 2.7x), `layers` deep."""
+    return dict(TINY, hidden_size=width, num_layers=layers, num_heads=width // 64,
+                num_kv_heads=width // 64, intermediate_size=(width * 43 // 16 + 31) // 32 * 32)
+
+
+def tiny_name(width: int, layers: int) -> str:
+    return ("tiny random LLaVA-1.5 at real geometry (336 px tile, 576 image tokens; CLIP 32 wide "
+            f"x 3 layers), Llama {width} wide x {layers} layers, {width // 64} heads "
+            "(tests/tiny.py)")
 COLUMNS = ("engine", "requests", "idle_ttft_p50_ms", "wall_s", "req_per_s", "out_tok_per_s",
            "cpu_s", "out_tok_per_cpu_s", "load_avg")
 HEADS = ("engine", "requests", "idle TTFT p50 ms", "wall s", "req/s", "out tok/s", "CPU s",
@@ -66,11 +80,13 @@ def build_workload(seed: int, n: int, max_tokens: int, img_dir: Path) -> list[di
 
 
 def run_fastllava(path, backend: str, workload: list[dict], idle: int,
-                  kv_cache_tokens: int) -> tuple[dict, list]:
+                  kv_cache_tokens: int, dtype: str = "float32") -> tuple[dict, list]:
     from fastllava import LLaVA
     from fastllava.runtime.config import RuntimeConfig
-    llava = LLaVA.from_pretrained(path, "cpu", "float32", backend=backend,
+    llava = LLaVA.from_pretrained(path, "cpu", dtype, backend=backend,
                                   runtime=RuntimeConfig(kv_cache_tokens=kv_cache_tokens))
+    name = f"fastllava backend={backend}" + (
+        "" if dtype == "float32" else f" dtype={dtype} ({str(llava.dtype).removeprefix('torch.')})")
     try:
         warm = dict(workload[0], max_tokens=4)
         run_one(llava, warm)
@@ -90,7 +106,7 @@ def run_fastllava(path, backend: str, workload: list[dict], idle: int,
     if errors:
         raise RuntimeError(f"{backend}: {len(errors)} requests failed, first: {errors[0]}")
     tokens = sum(t.final["completion_tokens"] for t in traces)
-    row = throughput_row(f"fastllava backend={backend}", len(workload), ttft, wall, cpu, tokens)
+    row = throughput_row(name, len(workload), ttft, wall, cpu, tokens)
     return row, [t.final["output"] for t in traces]
 
 
@@ -133,7 +149,14 @@ def run_transformers(path, workload: list[dict], batch: int, idle: int) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="checkpoint folder (default: the tiny 512-wide LLaVA-1.5)")
+    parser.add_argument("--model", help="checkpoint folder (default: a tiny random LLaVA-1.5)")
+    parser.add_argument("--width", type=int, default=TINY["hidden_size"],
+                        help="the tiny model's Llama width (heads of 64)")
+    parser.add_argument("--layers", type=int, default=TINY["num_layers"],
+                        help="the tiny model's Llama layers")
+    parser.add_argument("--dtype-auto", action="store_true",
+                        help='also time the torch backend with dtype="auto" (bf16 on AMX / '
+                             "AVX512-BF16 CPUs)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--peer-batch", type=int, default=16)
@@ -156,7 +179,7 @@ def main(argv: list[str]) -> int:
         if not path:
             sys.path.insert(0, os.path.join(REPO, "tests"))
             import tiny
-            path = tiny.build(tiny.Spec(**TINY), tmp / "tiny")
+            path = tiny.build(tiny.Spec(**model_spec(args.width, args.layers)), tmp / "tiny")
         (tmp / "img").mkdir()
         workload = build_workload(args.seed, args.requests, args.max_tokens, tmp / "img")
         rows, outputs = [], {}
@@ -165,16 +188,22 @@ def main(argv: list[str]) -> int:
                                                   args.kv_cache_tokens)
             rows.append(row)
         rows.append(run_transformers(path, workload, args.peer_batch, args.idle))
+        if args.dtype_auto:
+            row, outputs["auto"] = run_fastllava(path, "torch", workload, args.idle,
+                                                 args.kv_cache_tokens, "auto")
+            rows.append(row)
     bad = [f"MISMATCH request {i}: torch {a!r} vs reference {b!r}"
            for i, (a, b) in enumerate(zip(outputs["torch"], outputs["reference"])) if a != b]
     header = run_header(argv, "cpu")
     del header["gpu"], header["commit"]
     header = {"device": device_name(torch.device("cpu")), "commit": short_commit(), **header,
-              "threads": str(torch.get_num_threads()), "model": args.model or TINY_NAME,
-              "dtype": "float32", "kv_cache_tokens": str(args.kv_cache_tokens)}
+              "threads": str(torch.get_num_threads()),
+              "model": args.model or tiny_name(args.width, args.layers),
+              "dtype": "float32" + (" (the dtype=auto row: as its name says)" if args.dtype_auto else ""),
+              "kv_cache_tokens": str(args.kv_cache_tokens)}
     table = ["| " + " | ".join(HEADS) + " |", "|" + "---|" * len(HEADS)]
     table += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
-    new, old, peer = rows
+    new, old, peer = rows[:3]
     ratios = (f"torch backend vs transformers: throughput "
               f"{new['req_per_s'] / peer['req_per_s']:.2f}x (per CPU second "
               f"{new['out_tok_per_cpu_s'] / peer['out_tok_per_cpu_s']:.2f}x), idle TTFT "
@@ -182,6 +211,13 @@ def main(argv: list[str]) -> int:
               f"the references: throughput {new['req_per_s'] / old['req_per_s']:.2f}x, idle TTFT "
               f"{new['idle_ttft_p50_ms'] / old['idle_ttft_p50_ms']:.2f}x")
     notes = bad or [f"torch and reference backends: all {len(workload)} outputs identical"]
+    if args.dtype_auto:
+        auto = rows[3]
+        same = sum(a == b for a, b in zip(outputs["auto"], outputs["torch"]))
+        notes.append(f"dtype=auto vs float32 (torch backend): idle TTFT "
+                     f"{auto['idle_ttft_p50_ms'] / new['idle_ttft_p50_ms']:.2f}x, throughput "
+                     f"{auto['req_per_s'] / new['req_per_s']:.2f}x; {same} of {len(workload)} "
+                     f"outputs identical to float32's (not required: another dtype)")
     text = ("# CPU path benchmark\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in header.items())
             + f"\n- workload: {len(workload)} greedy requests x max_tokens {args.max_tokens}, "
             f"all at once (idle TTFT: the first {args.idle} alone)\n\n" + "\n".join(table)

@@ -32,6 +32,7 @@ DTYPES = {
     "float32": "float32", "fp32": "float32",
     "float16": "float16", "fp16": "float16",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "auto": "auto",
 }
 # The third-party modules `fastllava serve` imports (the `server` extra); redis only for a Redis
 # queue. Checked before anything loads, so a plain `pip install .` gets one clear line.
@@ -118,7 +119,8 @@ def _add_serve(commands) -> None:
         a("--" + name.replace("_", "-"), type=kind, default=d[name], metavar="N",
           help=f"{help_} (default {d[name]})")
     a("--device", help="torch device (default: cuda if available)")
-    a("--dtype", type=_dtype, help="float32|fp32, float16|fp16, bfloat16|bf16")
+    a("--dtype", type=_dtype, help="float32|fp32, float16|fp16, bfloat16|bf16, or auto (bf16 on "
+                                   "CUDA and on CPUs with AMX / AVX512-BF16, else float32)")
     a("--quantization", choices=QUANTIZATIONS, default=d["quantization"],
       help="fp8: decoder linear layers in FP8 e4m3, quantized while loading (default: none, "
       "or the checkpoint's own FP8-dynamic quantization)")

@@ -46,8 +46,9 @@ def add_run_command(commands) -> None:
     run.add_argument("--device", metavar="D",
                      help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     run.add_argument("--dtype", type=cli._dtype, metavar="D",
-                     help="float32|fp32, float16|fp16, bfloat16|bf16 "
-                          "(default: bf16 on CUDA, fp32 on CPU)")
+                     help="float32|fp32, float16|fp16, bfloat16|bf16, or auto: bf16 on CUDA "
+                          "and on CPUs with AMX / AVX512-BF16, else fp32 (default: bf16 on "
+                          "CUDA, fp32 on CPU)")
     run.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                      help="fp8: decoder linear layers in FP8 e4m3, quantized while loading "
                           "(default: none, or the checkpoint's own FP8-dynamic quantization)")

@@ -26,6 +26,21 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU multiplies bf16 in hardware: AMX-BF16 tiles or AVX512-BF16 dot products,
+    the instructions oneDNN runs torch's bf16 matmuls on. Elsewhere a bf16 matmul is emulated
+    (converted to fp32 and back) and slower than fp32. Read from the kernel's CPU flags (Linux);
+    False where they cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"amx_bf16", "avx512_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
 def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
@@ -33,9 +48,12 @@ def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif dtype == "auto":    # the fastest dtype the device computes natively
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        dtype = torch.bfloat16 if native else torch.float32
     elif isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
         dtype = _DTYPES[dtype]
     elif dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -55,7 +73,10 @@ class PretrainedMixin:
                         kv_cache_dtype: str | None = None) -> LLaVA:
         """Load a LLaVA-1.5 / LLaVA-NeXT checkpoint from a local folder or a hub id.
 
-        device None → CUDA when available, else CPU; dtype None → bf16 on CUDA, fp32 on CPU.
+        device None → CUDA when available, else CPU; dtype None → bf16 on CUDA, fp32 on CPU
+        (token-exact with transformers in fp32); dtype "auto" → bf16 on CUDA and on CPUs that
+        multiply bf16 natively (AMX / AVX512-BF16: several times faster prefill, half the
+        memory, no longer token-exact with fp32), fp32 on other CPUs.
         progress=True shows a progress bar while the weights load. `runtime` sizes the KV pool,
         batching, caches and CUDA graphs (see RuntimeConfig); a request's prompt (image included)
         plus output is capped at min(max_context, max_position_embeddings, the KV pool).

@@ -116,7 +116,7 @@ def test_all_flags_map_onto_request_and_loader(fake, capsys):
 
 @pytest.mark.parametrize("spelling,canonical", [
     ("float32", "float32"), ("fp32", "float32"), ("FP16", "float16"), ("float16", "float16"),
-    ("bf16", "bfloat16"), ("bfloat16", "bfloat16")])
+    ("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("AUTO", "auto")])
 def test_dtype_spellings(fake, capsys, spelling, canonical):
     calls, _ = fake
     assert run("--dtype", spelling) == 0
