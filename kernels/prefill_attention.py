@@ -109,12 +109,18 @@ def _prefill_attention_kernel(
     if m_start >= T:
         return
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    # Packed row r lies r * row stride elements in, past 2^31 (int32) from ~140k tokens of a fused
+    # 13B qkv (15360 per row): a sequence's first row is an int64 offset. Offsets within one
+    # sequence (< max_position_embeddings rows) and within a tile stay int32.
+    seq_row = seq_lo.to(tl.int64)
+    row0 = seq_row + m_start
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m_start + rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < T
-    q = tl.load(Q + (seq_lo + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+    q = tl.load(Q + row0 * stride_qn + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of scaled scores (log2 units)
@@ -144,8 +150,8 @@ def _prefill_attention_kernel(
     else:
         full = T - T % BLOCK_N
         hi = T
-    k_row = K + seq_lo * stride_kn + kvh * stride_kh + offs_d[None, :]
-    v_row = V + seq_lo * stride_vn + kvh * stride_vh + offs_d[None, :]
+    k_row = K + seq_row * stride_kn + kvh * stride_kh + offs_d[None, :]
+    v_row = V + seq_row * stride_vn + kvh * stride_vh + offs_d[None, :]
     for n0 in range(0, full, BLOCK_N):
         j = n0 + offs_n
         k = tl.load(k_row + j[:, None] * stride_kn, mask=d_ok[None, :], other=0.0)
@@ -163,7 +169,7 @@ def _prefill_attention_kernel(
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, True, PRECISION)
 
     out = acc / l_i[:, None]
-    tl.store(O + (seq_lo + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
+    tl.store(O + row0 * stride_on + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 

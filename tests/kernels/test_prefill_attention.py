@@ -151,3 +151,23 @@ def test_gpu_cached_prefix_bf16():
     cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     check(q, k, v, cu, True, D ** -0.5, k_cache=k_cache.cuda(), v_cache=v_cache.cuda(),
           block_tables=tables.cuda(), prefix_lens=torch.tensor(prefixes, dtype=torch.int32).cuda())
+
+
+def test_packed_rows_past_int32_offsets():
+    """A sequence whose first packed row lies more than 2^31 elements into q/k/v (~140k tokens of
+    a fused 13B qkv, 15360 per row) must be read there, not at an int32-wrapped offset. Here rows
+    of a fused qkv view are 2^26 + 16 elements apart, so the second sequence starts past 2^31:
+    only the rows written are ever touched (the buffer is virtual memory, ~9 GB of it untouched),
+    and the buffer starts 2^31 elements before q, so a wrapped offset reads zeros there instead of
+    faulting."""
+    H, KVH, D, lens = 2, 1, 16, [32, 3]
+    N, stride, base = sum(lens), 2**26 + 16, 2**31 + 64
+    assert lens[0] * stride >= 2**31 > (max(lens) - 1) * stride  # only the start overflows
+    buf = torch.empty(base + (N - 1) * stride + (H + 2 * KVH) * D, dtype=torch.float16)
+    qkv = buf.as_strided((N, (H + 2 * KVH) * D), (stride, 1), base)
+    qkv.copy_(torch.randn(N, (H + 2 * KVH) * D, generator=torch.Generator().manual_seed(9)))
+    q, k, v = qkv.split((H * D, KVH * D, KVH * D), dim=-1)
+    q, k, v = q.view(N, H, D), k.view(N, KVH, D), v.view(N, KVH, D)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    for causal in (True, False):
+        check(q, k, v, cu, causal, D ** -0.5)
