@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastllava.kernels import prefill_attention as prefill_module
 from fastllava.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 from kernel_device import DEVICE
 from paging import paged
@@ -91,6 +92,22 @@ def test_cached_prefix(page_size, dtype):
     to = lambda t: t.to(DEVICE)  # noqa: E731
     check(to(q), to(k), to(v), to(cu), True, D ** -0.5, k_cache=to(k_cache), v_cache=to(v_cache),
           block_tables=to(tables), prefix_lens=to(torch.tensor(prefixes, dtype=torch.int32)))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs these tile sizes in every test")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_tile_sizes_on_the_interpreter(dtype, monkeypatch):
+    """The interpreter runs 32x32 tiles, the GPU 128x64 (16-bit) and 32x16 (fp32): a causal
+    query block then spans several key tiles, the last ones partly or wholly above the diagonal
+    for some rows. The same kernel at the GPU's tile sizes, on the CPU (num_warps / num_stages
+    mean nothing to the interpreter)."""
+    monkeypatch.setattr(prefill_module, "interpreted", lambda: False)
+    assert prefill_module._block_sizes(dtype)[:2] in ((128, 64), (32, 16))
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, cu, _ = packed([300, 1, 129, 64], 2, 1, 16, dtype, gen)
+    for causal in (True, False):
+        check(q, k, v, cu, causal, 0.25)
+    test_cached_prefix(16, dtype)
 
 
 def test_writes_only_its_rows_and_leaves_inputs_alone():
