@@ -40,6 +40,7 @@ import triton.language as tl
 from fastllava.kernels.common import (FP_FUSION, check_attention_inputs, dot_precision,
                                       interpreted)
 from fastllava.kernels.kv_quant import check_scales, is_fp8, load_kv, load_kv_ref
+from fastllava.kernels.paged_decode_attention import paged_decode_attention
 
 _LOG2E = 1.4426950408889634
 
@@ -76,17 +77,18 @@ def _softmax_step(acc, m_i, l_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr,
 
 
 # Ints Triton would specialize (== 1, % 16) and that change from step to step compile a new
-# variant mid-traffic: B, the block-table width, and the row strides, which a 1-token step's
-# views report differently. The strides' alignment is the constexpr ALIGN's job (_stride_units),
-# so no stride is specialized.
-_STEP_INTS = ["B", "stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn", "stride_vh",
-              "stride_on", "stride_oh", "stride_cp", "stride_cs", "stride_ch", "stride_bt"]
+# variant mid-traffic: B, FIRST (the decode rows a mixed step runs elsewhere), the block-table
+# width, and the row strides, which a 1-token step's views report differently. The strides'
+# alignment is the constexpr ALIGN's job (_stride_units), so no stride is specialized.
+_STEP_INTS = ["B", "FIRST", "stride_qn", "stride_qh", "stride_kn", "stride_kh", "stride_vn",
+              "stride_vh", "stride_on", "stride_oh", "stride_cp", "stride_cs", "stride_ch",
+              "stride_bt"]
 
 
 @triton.jit(do_not_specialize=_STEP_INTS)
 def _prefill_attention_kernel(
         Q, K, V, O, cu_seqlens, KC, VC, block_tables, prefix_lens,
-        B, qk_scale, k_scale, v_scale,
+        B, FIRST, qk_scale, k_scale, v_scale,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
         stride_cp, stride_cs, stride_ch, stride_bt,
         GROUP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
@@ -106,7 +108,7 @@ def _prefill_attention_kernel(
     seq_lo = tl.load(cu_seqlens + b)
     T = tl.load(cu_seqlens + b + 1) - seq_lo
     m_start = (pid - (seq_lo // BLOCK_M + b)) * BLOCK_M
-    if m_start >= T:
+    if m_start >= T or b < FIRST:      # past its sequence, or a decode row run elsewhere
         return
 
     # Packed row r lies r * row stride elements in, past 2^31 (int32) from ~140k tokens of a fused
@@ -210,22 +212,40 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                       block_tables: torch.Tensor | None = None,
                       prefix_lens: torch.Tensor | None = None, k_scale: float = 1.0,
-                      v_scale: float = 1.0) -> torch.Tensor:
+                      v_scale: float = 1.0, decode_rows: int = 0) -> torch.Tensor:
     """Triton launcher; same contract as prefill_attention_ref. q, k, v may be strided views
     (only the last dim must be contiguous); the cache, if given, is (P, S, KVH, D) contiguous,
-    in q's dtype or fp8 (dequantized with k_scale / v_scale)."""
+    in q's dtype or fp8 (dequantized with k_scale / v_scale).
+
+    decode_rows = d > 0 (host int) promises that sequences 0..d-1 are 1-token chunks over a
+    cached prefix whose K/V are already in the cache (the decodes riding a mixed step): they
+    run through the paged decode kernel, context prefix + 1, as in a decode step, and this
+    kernel's programs for them exit at once. Here each would take a whole BLOCK_M-row query
+    tile per head for its one row and walk its prefix at 1/BLOCK_M of the tile's work: an
+    estimated 1-2 ms per 34B layer for 64 such rows, against ~0.1 ms as decodes."""
     has_prefix = prefix_lens is not None
     check_attention_inputs(q, k, v, cu_seqlens, k_cache, v_cache, block_tables, prefix_lens,
                            has_prefix)
     check_scales(k_cache, k_scale, v_scale)
     if has_prefix and not causal:
         raise ValueError("a cached prefix (prefix_lens) is only supported with causal=True")
+    B = cu_seqlens.shape[0] - 1
+    if not (isinstance(decode_rows, int) and 0 <= decode_rows <= B
+            and (has_prefix or not decode_rows)):
+        raise ValueError(f"decode_rows must be an int in [0, {B}], > 0 only with a cached "
+                         f"prefix, got {decode_rows!r}")
     N, H, D = q.shape
     KVH = k.shape[1]
-    B = cu_seqlens.shape[0] - 1
     out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
     if N == 0 or B == 0:
         return out
+    if decode_rows:     # rows 0..d-1, one per sequence; the kernel below skips those sequences
+        d = decode_rows
+        out[:d] = paged_decode_attention(q[:d], k_cache, v_cache, block_tables[:d],
+                                         prefix_lens[:d] + 1, scale=scale, k_scale=k_scale,
+                                         v_scale=v_scale)
+        if d == B:
+            return out
     BLOCK_M, BLOCK_N, num_warps, num_stages = _block_sizes(q.dtype)
     assert BLOCK_M % BLOCK_N == 0  # the causal loop split relies on it
     if has_prefix:
@@ -241,7 +261,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     align, strides = _stride_units(*strided, *cache_strides[:3])
     grid = (N // BLOCK_M + B, H)
     _prefill_attention_kernel[grid](
-        q, k, v, out, cu_seqlens, kc, vc, bt, pl, B, scale * _LOG2E, k_scale, v_scale, *strides,
+        q, k, v, out, cu_seqlens, kc, vc, bt, pl, B, decode_rows, scale * _LOG2E, k_scale,
+        v_scale, *strides,
         cache_strides[3],
         GROUP=H // KVH, D=D, S=S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=causal, HAS_PREFIX=has_prefix,
@@ -279,7 +300,9 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                           block_tables: torch.Tensor | None = None,
                           prefix_lens: torch.Tensor | None = None, k_scale: float = 1.0,
-                          v_scale: float = 1.0) -> torch.Tensor:
+                          v_scale: float = 1.0, decode_rows: int = 0) -> torch.Tensor:
+    """decode_rows: the launcher's hint (leading 1-token rows over a cached prefix); every row
+    here is its own sequence anyway, so it changes nothing."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for b in range(len(bounds) - 1):

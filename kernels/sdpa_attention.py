@@ -148,7 +148,9 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                            block_tables: torch.Tensor | None = None,
                            prefix_lens: torch.Tensor | None = None, k_scale: float = 1.0,
-                           v_scale: float = 1.0) -> torch.Tensor:
+                           v_scale: float = 1.0, decode_rows: int = 0) -> torch.Tensor:
+    """decode_rows: the Triton launcher's hint; ignored, the riders (1-token chunks over a prefix,
+    wherever they sit) are found from cu_seqlens, read on the host here anyway."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     B = len(bounds) - 1

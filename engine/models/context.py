@@ -24,3 +24,6 @@ class ForwardContext:
     # prefill: some prefix_lens > 0. Known on the host from the sequences (reading prefix_lens
     # would sync); False runs the prefill attention variant without the cached-prefix loop.
     has_prefix: bool = True
+    # prefill: sequences 0..decode_rows-1 are 1-token chunks over a cached prefix (decodes riding
+    # a mixed step), from the host's lists; the Triton backend runs them as decode rows.
+    decode_rows: int = 0

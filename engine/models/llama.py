@@ -41,7 +41,8 @@ class LlamaAttention(nn.Module):
         if ctx.is_prefill and ctx.has_prefix:   # some sequence attends to cached tokens too
             o = ops.prefill_attention(q, k, v, ctx.cu_seqlens, causal=True, scale=scale,
                                       k_cache=kv.k, v_cache=kv.v, block_tables=ctx.block_tables,
-                                      prefix_lens=ctx.prefix_lens, **scales)
+                                      prefix_lens=ctx.prefix_lens, decode_rows=ctx.decode_rows,
+                                      **scales)
         elif ctx.is_prefill:                    # the cheaper kernel variant: new tokens only
             o = ops.prefill_attention(q, k, v, ctx.cu_seqlens, causal=True, scale=scale)
         else:

@@ -36,6 +36,15 @@ from fastllava.runtime.step_io import (DeviceBlockTables, FutureTokens, StepOutp
                                        parts_to_device, to_device)
 
 
+def leading_decode_rows(cu_seqlens: list[int], prefix_lens: list[int]) -> int:
+    """How many sequences at the front of a prefill step are 1-token chunks over a cached prefix
+    (decodes riding it: the scheduler puts running decodes first): `ForwardContext.decode_rows`."""
+    d = 0
+    while d < len(prefix_lens) and cu_seqlens[d + 1] - cu_seqlens[d] == 1 and prefix_lens[d] > 0:
+        d += 1
+    return d
+
+
 class ModelRunner:
     def __init__(self, model, ops, kv: KVCache, image_cache: ImageFeatureCache,
                  graphs: DecodeGraphs | None = None, memory_plan: MemoryPlan | None = None,
@@ -225,5 +234,6 @@ class ModelRunner:
             is_prefill=True, positions=positions_t, slot_mapping=slots_t,
             block_tables=self.block_tables.gather(seqs), cu_seqlens=cu_t, prefix_lens=prefix_t,
             context_lens=context_t, logits_rows=rows_t,
-            has_prefix=any(prefix_lens))   # host ints: picks the prefill kernel variant, no sync
+            has_prefix=any(prefix_lens),   # host ints: pick the kernel variants, no sync
+            decode_rows=leading_decode_rows(cu_seqlens, prefix_lens))
         return self._future.resolve(ids_t, ids), ctx

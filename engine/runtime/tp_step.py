@@ -4,8 +4,9 @@ Rank 0's model runner builds the step as usual (ids, image mask and features, Fo
 `StepProxy` stands in for the model there: its `embed` only records its arguments, and the
 forward call broadcasts them as one descriptor before every rank runs embed + decoder + lm_head:
 
-    header  (ctrl group, CPU)  int64[8]: op, is_prefill, N, B, W (block-table width),
-                               L (logits rows), F (image-feature rows), hidden
+    header  (ctrl group, CPU)  int64[10]: op, is_prefill, N, B, W (block-table width),
+                               L (logits rows), F (image-feature rows), hidden, has_prefix,
+                               decode_rows (the context's host-known kernel choices)
     ints    (step group)       int64: ids (N), image mask (N, when F), positions (N), slots (N),
                                block tables (B*W), cu_seqlens (B+1), prefix_lens (B),
                                context_lens (B), logits_rows (L)
@@ -24,7 +25,7 @@ import torch
 from fastllava.models.context import ForwardContext
 
 OP_STEP, OP_SETUP, OP_STOP, OP_GRAPHS, OP_DECODE, OP_MEASURE = 1, 2, 3, 4, 5, 6
-HEADER_LEN = 8
+HEADER_LEN = 10
 
 
 @dataclasses.dataclass
@@ -49,7 +50,8 @@ def send(comm, step: StepInputs) -> None:
     F = 0 if feats is None else feats.shape[0]
     hidden = 0 if feats is None else feats.shape[1]
     comm.broadcast_header(header(OP_STEP, int(c.is_prefill), step.ids.shape[0], B, W,
-                                 c.logits_rows.shape[0], F, hidden))
+                                 c.logits_rows.shape[0], F, hidden, int(c.has_prefix),
+                                 c.decode_rows))
     parts = [step.ids] + ([step.image_mask] if F else []) + [
         c.positions, c.slot_mapping, c.block_tables.flatten(), c.cu_seqlens, c.prefix_lens,
         c.context_lens, c.logits_rows]
@@ -60,7 +62,7 @@ def send(comm, step: StepInputs) -> None:
 
 def receive(comm, h: torch.Tensor, device: torch.device, dtype: torch.dtype) -> StepInputs:
     """Workers: the rest of a step whose header `h` has arrived."""
-    _, is_prefill, N, B, W, L, F, hidden = h.tolist()
+    _, is_prefill, N, B, W, L, F, hidden, has_prefix, decode_rows = h.tolist()
     sizes = [N] + ([N] if F else []) + [N, N, B * W, B + 1, B, B, L]
     ints = comm.broadcast(torch.empty(sum(sizes), dtype=torch.int64, device=device))
     parts = list(ints.split(sizes))
@@ -71,7 +73,7 @@ def receive(comm, h: torch.Tensor, device: torch.device, dtype: torch.dtype) -> 
     ctx = ForwardContext(is_prefill=bool(is_prefill), positions=positions, slot_mapping=slots,
                          block_tables=tables.reshape(B, W).to(i32), cu_seqlens=cu.to(i32),
                          prefix_lens=prefix.to(i32), context_lens=context.to(i32),
-                         logits_rows=rows)
+                         logits_rows=rows, has_prefix=bool(has_prefix), decode_rows=decode_rows)
     feats = comm.broadcast(torch.empty(F, hidden, dtype=dtype, device=device)) if F else None
     return StepInputs(ids, mask, feats, ctx)
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from fastllava.kernels import prefill_attention as prefill_module
+from fastllava.kernels.paged_decode_attention import paged_decode_attention
 from fastllava.kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from fastllava.kernels.sdpa_attention import prefill_attention_sdpa
 from kernel_device import DEVICE
 from paging import paged
 from tolerances import assert_flash_bound
@@ -110,6 +112,69 @@ def test_gpu_tile_sizes_on_the_interpreter(dtype, monkeypatch):
     test_cached_prefix(16, dtype)
 
 
+def mixed_step(prefixes, new, H, KVH, D, S, dtype, gen, device=DEVICE):
+    """A mixed step as the model runs it: every sequence's prefix AND new tokens already in the
+    paged cache (rotary_write_kv writes before attention), the new tokens' k/v also packed."""
+    ks = [torch.randn(p + n, KVH, D, generator=gen).to(dtype) for p, n in zip(prefixes, new)]
+    vs = [torch.randn(p + n, KVH, D, generator=gen).to(dtype) for p, n in zip(prefixes, new)]
+    pages = sum(-(-(p + n) // S) for p, n in zip(prefixes, new)) + 3
+    k_cache, v_cache, tables = paged(ks, vs, S, pages, gen)
+    q = torch.randn(sum(new), H, D, generator=gen).to(dtype)
+    k = torch.cat([x[p:] for x, p in zip(ks, prefixes)])
+    v = torch.cat([x[p:] for x, p in zip(vs, prefixes)])
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32)
+    to = lambda t: t.to(device)  # noqa: E731
+    return to(q), to(k), to(v), to(cu), dict(
+        k_cache=to(k_cache), v_cache=to(v_cache), block_tables=to(tables),
+        prefix_lens=to(torch.tensor(prefixes, dtype=torch.int32)))
+
+
+def check_decode_rows(prefixes, new, d, H, KVH, D, S, dtype, device=DEVICE):
+    gen = torch.Generator().manual_seed(sum(prefixes) + d)
+    q, k, v, cu, cache = mixed_step(prefixes, new, H, KVH, D, S, dtype, gen, device)
+    scale = D ** -0.5
+    out = prefill_attention(q, k, v, cu, causal=True, scale=scale, decode_rows=d, **cache)
+    # Rows 0..d-1 are the decode kernel's, bit for bit (context = prefix + the new token) ...
+    as_decode = paged_decode_attention(q[:d], cache["k_cache"], cache["v_cache"],
+                                       cache["block_tables"][:d], cache["prefix_lens"][:d] + 1,
+                                       scale=scale)
+    assert torch.equal(out[:d], as_decode)
+    # ... the other rows are exactly what the prefill kernel gives them without the split ...
+    whole = prefill_attention(q, k, v, cu, causal=True, scale=scale, **cache)
+    assert torch.equal(out[d:], whole[d:])
+    # ... and the whole step is attention, within the FlashAttention bound.
+    ref_same = prefill_attention_ref(q, k, v, cu, causal=True, scale=scale, **cache)
+    exact = {n: (t.double() if n.endswith("cache") else t) for n, t in cache.items()}
+    ref64 = prefill_attention_ref(q.double(), k.double(), v.double(), cu, causal=True,
+                                  scale=scale, **exact)
+    assert_flash_bound(out, ref_same, ref64)
+    for other in (prefill_attention_ref, prefill_attention_sdpa):   # the hint changes nothing
+        assert torch.equal(other(q, k, v, cu, causal=True, scale=scale, decode_rows=d, **cache),
+                           other(q, k, v, cu, causal=True, scale=scale, **cache))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("prefixes,new,d", [
+    ([37, 16, 70, 20, 0, 5], [1, 1, 1, 13, 9, 1], 3),   # decodes, then chunks (a 1-token one too)
+    ([40, 1], [1, 1], 2),                                # decodes only
+    ([33, 15], [1, 30], 1),                              # one decode beside a chunk
+])
+def test_decode_rows_run_as_decodes(prefixes, new, d, dtype):
+    """A mixed step's leading 1-token chunks over a cached prefix (decode_rows) go through the
+    paged decode kernel; the prefill kernel skips them and computes the rest unchanged."""
+    check_decode_rows(prefixes, new, d, 8, 2, 24, 16, dtype)
+
+
+def test_decode_rows_bad_values_raise():
+    gen = torch.Generator().manual_seed(9)
+    q, k, v, cu, cache = mixed_step([5, 3], [1, 4], 4, 2, 16, 16, torch.float32, gen)
+    for bad in (3, -1, 1.0):
+        with pytest.raises(ValueError, match="decode_rows"):
+            prefill_attention(q, k, v, cu, causal=True, scale=0.25, decode_rows=bad, **cache)
+    with pytest.raises(ValueError, match="decode_rows"):       # no cached prefix given
+        prefill_attention(q, k, v, cu, causal=True, scale=0.25, decode_rows=1)
+
+
 def test_writes_only_its_rows_and_leaves_inputs_alone():
     gen = torch.Generator().manual_seed(3)
     q, k, v, cu, qkv = packed([5, 9], 4, 2, 16, torch.float32, gen)
@@ -168,6 +233,14 @@ def test_gpu_cached_prefix_bf16():
     cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     check(q, k, v, cu, True, D ** -0.5, k_cache=k_cache.cuda(), v_cache=v_cache.cuda(),
           block_tables=tables.cuda(), prefix_lens=torch.tensor(prefixes, dtype=torch.int32).cuda())
+
+
+@pytest.mark.gpu
+def test_gpu_decode_rows_real_shapes():
+    """34B's heads (56 / 8, D 128) in bf16, 64 decodes at ~2-3k context beside a 512-token chunk
+    of an image prompt: the mixed step an arrival makes while the batch decodes."""
+    prefixes = [2000 + 17 * i for i in range(64)] + [2400]
+    check_decode_rows(prefixes, [1] * 64 + [512], 64, 56, 8, 128, 16, torch.bfloat16, "cuda")
 
 
 def test_packed_rows_past_int32_offsets():

@@ -12,6 +12,8 @@ table row or request is left.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ from fastllava.runtime.block_manager import BlockManager
 from fastllava.runtime.cuda_graphs import DecodeGraphs
 from fastllava.runtime.engine import Engine, RequestHandle
 from fastllava.runtime.image_cache import ImageFeatureCache
-from fastllava.runtime.model_runner import ModelRunner
+from fastllava.runtime.model_runner import ModelRunner, leading_decode_rows
 from fastllava.runtime.scheduler import Scheduler, SchedulerConfig
 from fastllava.runtime.sequence import SamplingParams, Sequence
 
@@ -182,3 +184,38 @@ def test_overlap_equals_serial_on_cuda(tiny_llava, graphs):
             assert_clean(engine)
     finally:
         llava.close()
+
+
+def test_leading_decode_rows():
+    assert leading_decode_rows([0, 1, 2, 15, 16], [5, 7, 0, 3]) == 2     # then a 13-token chunk
+    assert leading_decode_rows([0, 1, 2], [4, 9]) == 2                   # decodes only
+    assert leading_decode_rows([0, 1, 5], [0, 9]) == 0                   # a fresh 1-token prompt
+    assert leading_decode_rows([0, 4, 5], [3, 9]) == 0                   # a chunk first
+    assert leading_decode_rows([0], []) == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mixed_steps_mark_their_decode_rows(parts, overlap):
+    """Requests arriving while others decode make mixed steps: the decoder's attention gets
+    decode_rows = the leading 1-token rows over a cached prefix (the riders the Triton backend
+    runs through the decode kernel), read from the step's own cu_seqlens / prefix_lens."""
+    engine = make_engine(parts, overlap)
+    runner = engine.runner
+    seen = []
+
+    def recording(q, k, v, cu, *, decode_rows=0, **kw):
+        if kw.get("prefix_lens") is not None:
+            bounds, prefixes = cu.tolist(), kw["prefix_lens"].tolist()
+            lens = [b - a for a, b in zip(bounds, bounds[1:])]
+            want = next((i for i, (n, p) in enumerate(zip(lens, prefixes)) if n != 1 or p == 0),
+                        len(lens))
+            seen.append((decode_rows, want))
+        return attention(q, k, v, cu, decode_rows=decode_rows, **kw)
+
+    attention = runner.ops.prefill_attention
+    runner.ops = dataclasses.replace(runner.ops, prefill_attention=recording)
+    reqs = requests(6)
+    run_script(engine, reqs, {0: [0], 2: [1, 2], 4: [3], 5: [4, 5]})
+    assert seen and all(got == want for got, want in seen), seen
+    assert any(got > 0 for got, _ in seen), "no mixed step: the riders went untested"
+    assert_clean(engine)
