@@ -128,12 +128,18 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
+        # A capture stream of the KV cache's device, never torch.cuda.graph's default: that one
+        # is made once per process, on whichever device was current at the first capture, and
+        # entering it makes its device current. A second engine on another GPU would then
+        # capture on the first GPU: torch ops (on their tensors' device) run eagerly, outside
+        # the graph, and only Triton launches (current device) are recorded (pytorch#87894).
+        stream = torch.cuda.Stream(device=self.kv.k[0].device)
         pool = None
         for bs in reversed(self.buckets):                   # largest first: its pool fits all
             self._decode(bs)                                # warm-up: compiles the kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self.outputs[bs] = self._decode(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
@@ -143,7 +149,7 @@ class DecodeGraphs:
                 self._sample(bs, any_top_p, logits)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.sampled[bs, any_top_p] = self._sample(bs, any_top_p, logits)
                 self.sampler_graphs[bs, any_top_p] = graph
         torch.cuda.synchronize()

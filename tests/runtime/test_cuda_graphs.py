@@ -171,6 +171,57 @@ def test_static_buffers_cover_the_largest_bucket(llava):
     assert not graphs.graphs, "capture=False must not capture"
 
 
+class _FakeStream:
+    def __init__(self, device=None):
+        # torch.cuda.Stream() without a device is made on the current device: here a stand-in
+        # for "whichever GPU was current", never the model's
+        self.device = torch.device("meta") if device is None else torch.device(device)
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.capture_stream = None
+
+    def pool(self):
+        return ("pool", id(self))
+
+
+def test_capture_runs_on_a_stream_of_the_models_device(llava, monkeypatch):
+    """Every graph (decode and sampler, every bucket) is captured on a stream of the KV cache's
+    device. torch.cuda.graph's own default capture stream is one per process, made on the device
+    current at the first capture: with two engines on two GPUs the second would capture on the
+    first's GPU (its torch ops then run eagerly, outside the graph). CUDA is faked: this checks
+    which stream each capture is handed, on CPU."""
+    captures = []
+
+    class FakeCapture:
+        default_capture_stream = None      # torch.cuda.graph's process-wide default
+
+        def __init__(self, graph, pool=None, stream=None, **kwargs):
+            if stream is None:
+                if FakeCapture.default_capture_stream is None:
+                    FakeCapture.default_capture_stream = _FakeStream()
+                stream = FakeCapture.default_capture_stream
+            captures.append(stream)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", FakeCapture)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    kv = new_kv(llava, 4)
+    graphs = DecodeGraphs(llava.model, llava.ops, kv, 5, MAX_PAGES, capture=True)
+    assert len(captures) == 3 * len(graphs.buckets) == 3 * len(batch_buckets(5)), captures
+    devices = {stream.device for stream in captures}
+    assert devices == {kv.k[0].device}, \
+        f"captured on streams of {devices}, the model is on {kv.k[0].device}"
+
+
 # ---- the engine's graphed decode: inputs built in place against the list-built step -------------
 
 @pytest.mark.parametrize("num_pages", [64, 8])        # 8 pages of 4: preemption
