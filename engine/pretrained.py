@@ -46,6 +46,11 @@ def _resolve_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
         "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        # "cuda" means the caller's current GPU, now: pinned here, because an unindexed device
+        # is re-read on every thread that uses it (image preprocessing in server threads, whose
+        # current device is cuda:0) and tensor-parallel ranks count their GPUs from its index.
+        device = torch.device("cuda", torch.cuda.current_device())
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif dtype == "auto":    # the fastest dtype the device computes natively

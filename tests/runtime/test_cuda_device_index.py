@@ -37,3 +37,20 @@ def test_second_gpu_gives_the_first_gpus_tokens(tiny_next, tmp_path):
         finally:
             llava.close()
     assert outputs["cuda:1"] == outputs["cuda:0"], outputs
+
+
+def test_unindexed_cuda_resolves_to_the_callers_current_gpu(monkeypatch):
+    """device "cuda" (or None on a CUDA machine) is the caller's current GPU, pinned by index:
+    left unindexed, each thread would read it as its own current device (a server thread's is
+    cuda:0: images preprocessed on another GPU than the model's) and tensor-parallel workers
+    would count their GPUs from 0 (rank 1 on the model's own cuda:1). CUDA is faked."""
+    from fastllava.pretrained import _resolve_device_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for asked in (None, "cuda", torch.device("cuda")):
+        device, dtype = _resolve_device_dtype(asked, None)
+        assert device == torch.device("cuda", 1), (asked, device)
+        assert dtype == torch.bfloat16
+    assert _resolve_device_dtype("cuda:0", None)[0] == torch.device("cuda", 0)
+    assert _resolve_device_dtype("cpu", None)[0] == torch.device("cpu")
