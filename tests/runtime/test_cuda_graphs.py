@@ -179,9 +179,6 @@ class _FakeStream:
 
 
 class _FakeGraph:
-    def __init__(self):
-        self.capture_stream = None
-
     def pool(self):
         return ("pool", id(self))
 
