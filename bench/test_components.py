@@ -90,7 +90,7 @@ def test_decode_step(measure, engine, tiny, batch):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel(measure, tiny, device, kernel):
-    """Each Triton launcher at the first shape of its `fastllava bench kernels` rows (real shapes
+    """Each launcher (Triton, or the torch op it calls) at the first shape of its `fastllava bench kernels` rows (real shapes
     on a GPU; tiny ones, interpreted, on a CPU). Inputs stay in L2 between rounds here: the
     cold-L2 roofline figures are `bench kernels`'; this tracks regressions between commits.
     Correctness is the kernel tests' job (tests/kernels/)."""
@@ -99,5 +99,5 @@ def test_kernel(measure, tiny, device, kernel):
 
     gen = torch.Generator(device=device).manual_seed(0)
     case = next(iter(BUILDERS[kernel](SMOKE if tiny else REAL, gen)))
-    run = case.impls["triton"]
+    run = next(iter(case.impls.values()))     # the launcher comes first (Case's contract)
     measure(lambda: run(*case.args, **case.kwargs), rounds=1 if device == "cpu" else None)

@@ -16,6 +16,7 @@ a wrong or crashing row is kept with an ERROR note and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from typing import Iterator
@@ -118,6 +119,43 @@ def prefill_cases(sh: Shapes, gen) -> Iterator[Case]:
                    view=lambda o: o.transpose(1, 2).flatten(0, 1),
                    bar=None if m.D != 128 else
                    lambda v, pct: f">=600 TFLOP/s: {'yes' if v >= PREFILL_BAR else 'NO'}")
+
+
+def mixed_step_cases(sh: Shapes, gen) -> Iterator[Case]:
+    """A mixed step: B running decodes (context ctx) ride with a T-token prompt chunk over a
+    P-token cached prefix (a new image prompt arriving). The launcher runs the decodes through the
+    paged decode kernel (decode_rows = B, the engine's path); the second row is the same call
+    with every row in the prefill kernel, one 128-row query tile per head per decode token."""
+    from fastllava.kernels import prefill_attention as mod
+    S, B, ctx = sh.page_size, sh.decode_batches[-1], sh.contexts[-1]
+    P, T = sh.contexts[0], sh.prefill_lens[0]
+    for m in sh.decoders:
+        q, k, v = _qkv(gen, B + T, m.H, m.KVH, m.D, sh.dtype)
+        widths = [-(-ctx // S)] * B + [-(-(P + T) // S)]
+        pages = torch.randperm(sum(widths), generator=gen, device=gen.device)
+        tables = torch.zeros(B + 1, max(widths), dtype=torch.int32, device=gen.device)
+        for b, page_ids in enumerate(pages.split(widths)):
+            tables[b, :len(page_ids)] = page_ids
+        caches = [_randn(gen, sum(widths), S, m.KVH, m.D, dtype=sh.dtype) for _ in range(2)]
+        # Each decode's own token is in the cache already (rotary_write_kv runs first), at ctx - 1.
+        slots = tables[:B, (ctx - 1) // S].long() * S + (ctx - 1) % S
+        for cache, new in zip(caches, (k, v)):
+            cache.view(-1, m.KVH, m.D)[slots] = new[:B]
+        cu = torch.tensor([*range(B + 1), B + T], dtype=torch.int32, device=gen.device)
+        prefix = torch.tensor([ctx - 1] * B + [P], dtype=torch.int32, device=gen.device)
+        flops = 4 * m.H * m.D * (B * ctx + T * (P + T / 2))
+
+        def launcher(fn, decode_rows):
+            def run(q, k, v, cu, kc, vc, bt, pl, **kw):
+                return fn(q, k, v, cu, k_cache=kc, v_cache=vc, block_tables=bt, prefix_lens=pl,
+                          decode_rows=decode_rows, **kw)
+            return run
+        yield Case("prefill_attention", f"{m.name} mixed: {B} decodes ctx={ctx} + T={T} P={P}",
+                   flops, "TFLOP/s", (q, k, v, cu, *caches, tables, prefix),
+                   {"triton": launcher(mod.prefill_attention, B),
+                    "torch ref": launcher(mod.prefill_attention_ref, 0),
+                    "triton, decodes as prefill rows": launcher(mod.prefill_attention, 0)},
+                   {"causal": True, "scale": m.D ** -0.5})
 
 
 def _fresh(gen, build):
@@ -253,7 +291,9 @@ def sdpa_attention_cases(sh: Shapes, gen) -> Iterator[Case]:
                     "torch ref": dec.paged_decode_attention_ref}, {"scale": m.D ** -0.5})
 
 
-BUILDERS = {"paged_decode_attention": decode_cases, "prefill_attention": prefill_cases,
+BUILDERS = {"paged_decode_attention": decode_cases,
+            "prefill_attention": lambda sh, gen: itertools.chain(prefill_cases(sh, gen),
+                                                                 mixed_step_cases(sh, gen)),
             "kv_cache_write": kv_write_cases, "rms_norm": rms_norm_cases,
             "rotary": rotary_cases, "rotary_write_kv": rotary_write_kv_cases,
             "silu_and_mul": silu_and_mul_cases, "gelu": gelu_cases, "fp8_linear": fp8_linear_cases,
