@@ -3,8 +3,8 @@ plain references (the old CPU path) and transformers batched.
 
     python bench/cpu_path.py [--model PATH | --width 512 --layers 4] [--requests 64]
                              [--max-tokens 64] [--peer-batch 16] [--idle 8]
-                             [--kv-cache-tokens 65536] [--threads T] [--dtype-auto] [--out DIR]
-                             [--smoke]
+                             [--kv-cache-tokens 65536] [--threads T] [--dtype-auto]
+                             [--interleaved-ttft N] [--out DIR] [--smoke]
 
 Workload: N greedy requests, each a random-RGB PNG (24..480 px a side) and a 3..30-word prompt,
 max_tokens M. Per engine:
@@ -19,8 +19,10 @@ processor. fastllava's outputs must be identical on both backends (greedy, fp32)
 and exit 1 otherwise. Without --model a tiny random LLaVA-1.5 with a 512-wide, 4-layer Llama is
 built with tests/tiny.py (`--width` / `--layers` scale its Llama; 64-wide heads). `--dtype-auto`
 adds a torch-backend row with dtype="auto" (bf16 on CPUs with AMX / AVX512-BF16, else fp32): its
-outputs are counted against the fp32 ones, not required to match. Needs transformers (the test
-extra).
+outputs are counted against the fp32 ones, not required to match. `--interleaved-ttft N` times
+idle TTFT once more with fastllava and transformers both loaded, alternating over N requests (the
+phases above run one engine after the other, while a shared machine's load drifts). Needs
+transformers (the test extra).
 """
 
 from __future__ import annotations
@@ -92,10 +94,7 @@ def run_fastllava(path, backend: str, workload: list[dict], idle: int,
         run_one(llava, warm)
         run_threads(llava, [warm] * 4, [0.0] * 4)      # batched shapes, not timed
         llava.reset_prefix_cache()
-        ttft = []
-        for req in workload[:idle]:
-            trace = run_one(llava, req)
-            ttft.append(next(ts for ts, c in trace.events if c >= 1) - trace.submit)
+        ttft = [first_token_s(llava, req) for req in workload[:idle]]
         llava.reset_prefix_cache()
         t0, c0 = time.perf_counter(), time.process_time()
         traces = run_threads(llava, workload, [0.0] * len(workload))
@@ -110,8 +109,9 @@ def run_fastllava(path, backend: str, workload: list[dict], idle: int,
     return row, [t.final["output"] for t in traces]
 
 
-def run_transformers(path, workload: list[dict], batch: int, idle: int) -> dict:
-    """transformers as a user would batch it: chat template, its processor, generate()."""
+def transformers_generate(path):
+    """transformers as a user would batch it (chat template, its processor, generate(), fp32,
+    sdpa): generate(requests, max_new_tokens) -> new tokens."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -131,7 +131,41 @@ def run_transformers(path, workload: list[dict], batch: int, idle: int) -> dict:
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:]
         return int((new != processor.tokenizer.pad_token_id).sum())
+    return generate
 
+
+def first_token_s(llava, req: dict) -> float:
+    trace = run_one(llava, req)
+    return next(ts for ts, c in trace.events if c >= 1) - trace.submit
+
+
+def interleaved_ttft(path, workload: list[dict], n: int, kv_cache_tokens: int
+                     ) -> tuple[float, float]:
+    """Idle TTFT medians (s) of fastllava (torch backend, fp32) and transformers with both loaded,
+    alternating request by request: on a shared machine whose load drifts between the phases
+    above, this pairs every measurement with the other engine's at the same moment."""
+    from fastllava import LLaVA
+    from fastllava.runtime.config import RuntimeConfig
+    generate = transformers_generate(path)
+    llava = LLaVA.from_pretrained(path, "cpu", "float32", backend="torch",
+                                  runtime=RuntimeConfig(kv_cache_tokens=kv_cache_tokens))
+    try:
+        first_token_s(llava, dict(workload[0], max_tokens=2))
+        generate(workload[:1], 2)                                    # warm-ups, not timed
+        ours, theirs = [], []
+        for req in workload[:n]:
+            llava.reset_prefix_cache()
+            ours.append(first_token_s(llava, dict(req, max_tokens=1)))
+            t0 = time.perf_counter()
+            generate([req], 1)
+            theirs.append(time.perf_counter() - t0)
+    finally:
+        llava.close()
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def run_transformers(path, workload: list[dict], batch: int, idle: int) -> dict:
+    generate = transformers_generate(path)
     generate(workload[:batch], 4)                                   # warm-up, not timed
     ttft = []
     for req in workload[:idle]:
@@ -157,6 +191,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype-auto", action="store_true",
                         help='also time the torch backend with dtype="auto" (bf16 on AMX / '
                              "AVX512-BF16 CPUs)")
+    parser.add_argument("--interleaved-ttft", type=int, default=0, metavar="N",
+                        help="also time idle TTFT of fastllava (torch, fp32) and transformers "
+                             "alternately over N requests, both loaded")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--peer-batch", type=int, default=16)
@@ -192,6 +229,8 @@ def main(argv: list[str]) -> int:
             row, outputs["auto"] = run_fastllava(path, "torch", workload, args.idle,
                                                  args.kv_cache_tokens, "auto")
             rows.append(row)
+        paired = args.interleaved_ttft and interleaved_ttft(
+            path, workload, args.interleaved_ttft, args.kv_cache_tokens)
     bad = [f"MISMATCH request {i}: torch {a!r} vs reference {b!r}"
            for i, (a, b) in enumerate(zip(outputs["torch"], outputs["reference"])) if a != b]
     header = run_header(argv, "cpu")
@@ -211,6 +250,10 @@ def main(argv: list[str]) -> int:
               f"the references: throughput {new['req_per_s'] / old['req_per_s']:.2f}x, idle TTFT "
               f"{new['idle_ttft_p50_ms'] / old['idle_ttft_p50_ms']:.2f}x")
     notes = bad or [f"torch and reference backends: all {len(workload)} outputs identical"]
+    if paired:
+        notes.append(f"idle TTFT interleaved over {args.interleaved_ttft} requests, both loaded: "
+                     f"fastllava torch {1e3 * paired[0]:.0f} ms, transformers "
+                     f"{1e3 * paired[1]:.0f} ms ({paired[0] / paired[1]:.2f}x)")
     if args.dtype_auto:
         auto = rows[3]
         same = sum(a == b for a, b in zip(outputs["auto"], outputs["torch"]))

@@ -22,12 +22,13 @@ AUTO = "fastllava backend=torch dtype=auto ({})".format(
 
 def test_smoke_reports_every_engine_and_writes_the_run_record(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "cpu_path.py"), "--smoke",
-                           "--dtype-auto", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                           "--dtype-auto", "--interleaved-ttft", "2", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     tail = f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, tail
     assert "all 6 outputs identical" in proc.stdout and "MISMATCH" not in proc.stdout, tail
     assert "dtype=auto vs float32 (torch backend)" in proc.stdout, tail
+    assert "idle TTFT interleaved over 2 requests, both loaded: fastllava torch" in proc.stdout, tail
     rows = {}
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
