@@ -15,6 +15,7 @@ from fastllava.kv_cache import KVCache, kv_storage_dtype
 from fastllava.models.context import ForwardContext
 from fastllava.preprocess.anyres import anyres_grid, anyres_num_tokens
 from fastllava.runtime.config import RuntimeConfig
+from fastllava.runtime.cuda_graphs import batch_buckets
 from fastllava.runtime.sampler import SamplingBatch, sample
 
 
@@ -114,8 +115,12 @@ class DummySteps:
     def decode_and_sample(self, kv: KVCache) -> None:
         """The CUDA-graph pool's worst case: a decode at max_num_seqs rows, then the top-p sampler
         over its logits (the largest sampler graph: its (B, V) temporaries outweigh a decode
-        forward's own activations many times over)."""
-        self.sample(self.decode(kv, self.rc.max_num_seqs), greedy=False)
+        forward's own activations many times over), while the pool also holds what every
+        smaller bucket's graphs keep in it (`kept_graph_outputs`)."""
+        logits = self.decode(kv, self.rc.max_num_seqs)
+        kept = kept_graph_outputs(self.rc.max_num_seqs, logits.shape[1], self.device)
+        self.sample(logits, greedy=False)
+        del kept
 
     def worst_case(self, kv: KVCache) -> None:
         """The largest step the scheduler can form: the most tiles through the tower, a full
@@ -137,6 +142,16 @@ class DummySteps:
             cu_seqlens=torch.tensor(cu, **i32), prefix_lens=torch.tensor(prefix_lens, **i32),
             context_lens=torch.tensor(context_lens, **i32),
             logits_rows=torch.tensor(logits_rows, **i64), has_prefix=any(prefix_lens))
+
+
+def kept_graph_outputs(max_num_seqs: int, vocab: int, device) -> list[torch.Tensor]:
+    """Tensors the size of the outputs each bucket below the largest keeps in the shared graph
+    pool after its capture (DecodeGraphs.outputs: fp32 logits (bs, V) and greedy ids;
+    .sampled: the ids of both sampler graphs): ~0.5 GB at 256 rows and a 64k vocabulary, which a
+    measurement of the largest bucket alone would miss."""
+    return [t for bs in batch_buckets(max_num_seqs)[:-1]
+            for t in (torch.empty(bs, vocab, device=device),
+                      torch.empty(3, bs, dtype=torch.int64, device=device))]
 
 
 def warm_up(steps: DummySteps, kv: KVCache, decode_batches: list[int]) -> None:

@@ -4,7 +4,8 @@ On CUDA, `measure` empties the allocator cache, reads what the weights hold, the
 worst-case dummy step (runtime/dummy_step.py: a full max_num_batched_tokens prefill with the most
 image tiles through the tower, the sampler at max_num_seqs; then for the CUDA-graph pool one eager
 decode at max_num_seqs followed by the top-p sampler over its logits, as the largest decode and
-sampler graphs run) and reads the allocator's peak above that. `plan_kv_pool` then does the
+sampler graphs run, while stand-ins for what every smaller bucket's graphs keep in the shared pool
+are held) and reads the allocator's peak above that. `plan_kv_pool` then does the
 arithmetic, a pure function (unit-tested on CPU with a fake provider):
 
     KV bytes = total x gpu_memory_fraction - weights - activation peak - graph pool

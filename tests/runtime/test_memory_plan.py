@@ -17,6 +17,8 @@ import torch
 from fastllava import LLaVA
 from fastllava.models.vision_tower import VisionTower
 from fastllava.runtime.config import RuntimeConfig
+from fastllava.runtime import dummy_step
+from fastllava.runtime.cuda_graphs import batch_buckets
 from fastllava.runtime.dummy_step import DummySteps, image_shapes, warm_up
 from fastllava.runtime.memory_plan import GB, Measured, measure, plan_kv_pool
 
@@ -219,12 +221,48 @@ def test_dummy_steps_and_warm_up_run_every_path(next_model):
     assert calls["prefill"][0][0] == (700, 3)
     steps.decode_and_sample(kv)    # the graph pool's step: the largest decode + top-p sampler
     assert calls["decode"][-1][0] == (3,) and calls["sample"][-1][1] == {"greedy": False}
+    assert held_while_sampling(steps, kv) == kept_bytes(3, next_model.config.text.vocab_size)
     warm_up(steps, kv, [1, 3])
     assert len(calls["images"]) == 1 + len(image_shapes(next_model.config))
     prefixes = {kw.get("prefix", 0) for _, kw in calls["prefill"]}
     assert 0 in prefixes and max(prefixes) > 0
     assert {a[0] for a, _ in calls["decode"]} == {1, 3}
     assert {kw["greedy"] for _, kw in calls["sample"]} == {True, False}
+
+
+def kept_bytes(max_num_seqs: int, vocab: int) -> int:
+    """What the captured graphs of every bucket below the largest keep: fp32 logits + 3 id rows."""
+    return sum(bs * (vocab * 4 + 3 * 8) for bs in batch_buckets(max_num_seqs)[:-1])
+
+
+def held_while_sampling(steps, kv) -> int:
+    """Bytes of the kept-outputs stand-ins still alive while decode_and_sample's sampler runs."""
+    made, held = [], []
+    make, real = dummy_step.kept_graph_outputs, steps.sample
+
+    def probed(*a):
+        out = make(*a)
+        made.extend(weakref.ref(t) for t in out)
+        return out
+
+    def spy(logits, **kw):
+        held.append(sum(t.numel() * t.element_size() for t in (r() for r in made) if t is not None))
+        return real(logits, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(steps, "sample", spy)
+        mp.setattr(dummy_step, "kept_graph_outputs", probed)
+        steps.decode_and_sample(kv)
+    assert made and all(r() is None for r in made), "the stand-ins outlived the step"
+    return held[0]
+
+
+def test_kept_graph_outputs_match_what_the_graphs_keep():
+    """The stand-ins are what DecodeGraphs keeps per smaller bucket (its `outputs` and `sampled`);
+    at 256 rows and a 64k vocabulary that is ~0.5 GB the largest bucket's measurement misses."""
+    for B in (1, 3, 16, 64):
+        got = dummy_step.kept_graph_outputs(B, 100, "cpu")
+        assert sum(t.numel() * t.element_size() for t in got) == kept_bytes(B, 100)
+    assert 0.45 < kept_bytes(256, 64064) / 2**30 < 0.5
 
 
 @pytest.mark.parametrize("layers", [(-2,), (0, 2, -1)])
