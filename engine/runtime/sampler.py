@@ -25,6 +25,7 @@ import dataclasses
 
 import torch
 
+from fastllava.kernels.row_cumsum import row_cumsum, row_cumsum_ref
 from fastllava.runtime.row_sort import stable_sort_rows_
 from fastllava.runtime.sampling_noise import uniform_noise
 
@@ -159,7 +160,9 @@ def _top_p_drop(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     sorted_logits, sorted_idx = stable_sort_rows_(scratch)
     spare = torch.empty_like(scratch) if sorted_logits.data_ptr() == scratch.data_ptr() else scratch
     probs = torch.softmax(sorted_logits, dim=-1, out=spare)
-    cum = torch.cumsum(probs, dim=-1, out=sorted_logits)  # (B, V) ascending cumulative mass
+    # (B, V) ascending cumulative mass. On CUDA a per-row scan: torch.cumsum's varies with the
+    # number of rows there, which would let the batch move a row's top-p threshold by an ulp.
+    cum = (row_cumsum if probs.is_cuda else row_cumsum_ref)(probs, out=sorted_logits)
     drop_sorted = cum <= (1 - top_p)[:, None]
     del probs, cum, sorted_logits, spare
     drop_sorted[:, -1] = False  # always keep the most likely token

@@ -65,7 +65,7 @@ def _cases():
     """(label, thunk): each thunk calls one launcher at a real shape on CPU tensors. Every case
     must build, fit an SM and not spill."""
     from fastllava.kernels import gelu, kv_cache_write, paged_decode_attention, prefill_attention
-    from fastllava.kernels import rms_norm, rotary, rotary_write_kv, silu_and_mul
+    from fastllava.kernels import rms_norm, rotary, rotary_write_kv, row_cumsum, silu_and_mul
 
     def qkv(N, H, KVH, D, dt):
         t = torch.empty(N, (H + 2 * KVH) * D, dtype=dt)
@@ -85,6 +85,8 @@ def _cases():
     c34, c13 = cache(400, 8, 128, bf16), cache(400, 40, 128, bf16)
     bt = torch.zeros(32, 200, dtype=torch.int32)
     lens = torch.full((32,), 3000, dtype=torch.int32)
+    yield "sampler top-p scan 256 x 64064 fp32", lambda: row_cumsum.row_cumsum(
+        torch.empty(256, 64064))
     yield "prefill 34B causal bf16", lambda: prefill_attention.prefill_attention(
         q34, k34, v34, cu(3000), causal=True, scale=0.088)
     yield "prefill 13B causal + paged prefix bf16", lambda: prefill_attention.prefill_attention(
