@@ -38,6 +38,7 @@ class Model:
     D: int
     mlp: int
     rope_theta: float = 10000.0
+    vocab: int = 0          # decoders: lm_head rows (the sampler's V)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +58,16 @@ class Shapes:
 
 # LLaVA-1.5-13B (Vicuna-13B), LLaVA-v1.6-34B (Yi-34B), CLIP ViT-L/14-336 (quick_gelu MLP).
 REAL = Shapes(
-    decoders=(Model("13B", 5120, 40, 40, 128, 13824, 10000.0),
-              Model("34B", 7168, 56, 8, 128, 20480, 5000000.0)),
+    decoders=(Model("13B", 5120, 40, 40, 128, 13824, 10000.0, 32064),
+              Model("34B", 7168, 56, 8, 128, 20480, 5000000.0, 64064)),
     vision=Model("CLIP-L/336", 1024, 16, 16, 64, 4096), tiles=5, tile_tokens=577,
     decode_batches=(1, 8, 32), contexts=(600, 3000), prefill_lens=(600, 3000),
     token_counts=(32, 3000), page_size=16, dtype=torch.bfloat16)
 
 # Same rows, tiny and odd, for the CPU interpreter. fp16: the interpreter gets bf16 tl.dot wrong.
 SMOKE = Shapes(
-    decoders=(Model("tiny-mha", 40, 4, 4, 16, 56), Model("tiny-gqa", 48, 6, 2, 16, 72, 5e6)),
+    decoders=(Model("tiny-mha", 40, 4, 4, 16, 56, vocab=1500),
+              Model("tiny-gqa", 48, 6, 2, 16, 72, 5e6, 2049)),
     vision=Model("tiny-vit", 24, 2, 2, 12, 40), tiles=3, tile_tokens=7,
     decode_batches=(1, 3), contexts=(5, 19), prefill_lens=(7, 37), token_counts=(3, 37),
     page_size=4, dtype=torch.float16)

@@ -199,6 +199,16 @@ def rms_norm_cases(sh: Shapes, gen) -> Iterator[Case]:
                    {"triton": mod.rms_norm, "torch ref": mod.rms_norm_ref}, make=make)
 
 
+def row_cumsum_cases(sh: Shapes, gen) -> Iterator[Case]:
+    """The sampler's top-p scan: the largest decode batch of sorted probabilities per vocabulary."""
+    from fastllava.kernels import row_cumsum as mod
+    B = sh.decode_batches[-1]
+    for m in sh.decoders:
+        x = _randn(gen, B, m.vocab, dtype=torch.float32).softmax(-1).sort(-1).values
+        yield Case("row_cumsum", f"{m.name} B={B} V={m.vocab}", 2 * B * m.vocab * 4, "GB/s",
+                   (x,), {"triton": mod.row_cumsum, "torch ref": mod.row_cumsum_ref})
+
+
 def rotary_cases(sh: Shapes, gen) -> Iterator[Case]:
     from fastllava.kernels import rotary as mod
     dt, e = sh.dtype, sh.dtype.itemsize
@@ -296,7 +306,8 @@ BUILDERS = {"paged_decode_attention": decode_cases,
                                                                  mixed_step_cases(sh, gen)),
             "kv_cache_write": kv_write_cases, "rms_norm": rms_norm_cases,
             "rotary": rotary_cases, "rotary_write_kv": rotary_write_kv_cases,
-            "silu_and_mul": silu_and_mul_cases, "gelu": gelu_cases, "fp8_linear": fp8_linear_cases,
+            "row_cumsum": row_cumsum_cases, "silu_and_mul": silu_and_mul_cases,
+            "gelu": gelu_cases, "fp8_linear": fp8_linear_cases,
             "sdpa_attention": sdpa_attention_cases}
 KERNELS = tuple(BUILDERS)
 
