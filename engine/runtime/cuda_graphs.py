@@ -133,13 +133,17 @@ class DecodeGraphs:
         # entering it makes its device current. A second engine on another GPU would then
         # capture on the first GPU: torch ops (on their tensors' device) run eagerly, outside
         # the graph, and only Triton launches (current device) are recorded (pytorch#87894).
+        # thread_local: under the default "global" mode, any other thread's potentially unsafe
+        # CUDA call (a sync, a cudaMalloc) during this capture fails, so another engine of this
+        # process serving on another GPU would crash while this one builds.
         stream = torch.cuda.Stream(device=self.kv.k[0].device)
+        capture = dict(stream=stream, capture_error_mode="thread_local")
         pool = None
         for bs in reversed(self.buckets):                   # largest first: its pool fits all
             self._decode(bs)                                # warm-up: compiles the kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            with torch.cuda.graph(graph, pool=pool, **capture):
                 self.outputs[bs] = self._decode(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
@@ -149,7 +153,7 @@ class DecodeGraphs:
                 self._sample(bs, any_top_p, logits)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                with torch.cuda.graph(graph, pool=pool, **capture):
                     self.sampled[bs, any_top_p] = self._sample(bs, any_top_p, logits)
                 self.sampler_graphs[bs, any_top_p] = graph
         torch.cuda.synchronize()

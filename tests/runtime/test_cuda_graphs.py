@@ -187,14 +187,16 @@ def test_capture_runs_on_a_stream_of_the_models_device(llava, monkeypatch):
     """Every graph (decode and sampler, every bucket) is captured on a stream of the KV cache's
     device. torch.cuda.graph's own default capture stream is one per process, made on the device
     current at the first capture: with two engines on two GPUs the second would capture on the
-    first's GPU (its torch ops then run eagerly, outside the graph). CUDA is faked: this checks
-    which stream each capture is handed, on CPU."""
-    captures = []
+    first's GPU (its torch ops then run eagerly, outside the graph). And in thread_local mode, so
+    another engine's thread may sync and allocate meanwhile. CUDA is faked: this checks what each
+    capture is handed, on CPU."""
+    captures, modes = [], []
 
     class FakeCapture:
         default_capture_stream = None      # torch.cuda.graph's process-wide default
 
-        def __init__(self, graph, pool=None, stream=None, **kwargs):
+        def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
+            modes.append(capture_error_mode)
             if stream is None:
                 if FakeCapture.default_capture_stream is None:
                     FakeCapture.default_capture_stream = _FakeStream()
@@ -217,6 +219,8 @@ def test_capture_runs_on_a_stream_of_the_models_device(llava, monkeypatch):
     devices = {stream.device for stream in captures}
     assert devices == {kv.k[0].device}, \
         f"captured on streams of {devices}, the model is on {kv.k[0].device}"
+    # Other threads (another engine serving) stay free to sync and allocate while this captures.
+    assert set(modes) == {"thread_local"}, modes
 
 
 # ---- the engine's graphed decode: inputs built in place against the list-built step -------------
