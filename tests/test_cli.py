@@ -302,9 +302,11 @@ def test_ctrl_c_ends_the_line_and_exits_130(monkeypatch, phase, stdout_tty, stde
 
 def _endless_answer(delay_s: float) -> subprocess.Popen:
     """The real CLI in a subprocess whose model streams "x", "xx", ... forever (one snapshot per
-    delay_s), stdout and stderr piped."""
+    delay_s), stdout and stderr piped. SIGINT gets Python's default handler, as under a terminal:
+    a runner started as a background job passes SIGINT down ignored, and Python keeps it so."""
     code = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from fastllava import cli, cli_run\n"
         "class Endless:\n"
         "    def stream(self, request, image=None):\n"

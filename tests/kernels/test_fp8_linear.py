@@ -76,12 +76,16 @@ def test_matches_dequantized_reference(dtype, N, K, M):
 
 
 def test_leading_dims_and_a_padding_row():
-    """(B, T, K) input; an all-zero token row gives zeros and leaves the other rows unchanged."""
+    """(B, T, K) input; an all-zero token row gives zeros and leaves the other rows as they are
+    with that row nonzero (the same shapes: a CPU GEMM may pick its kernel by row count, e.g.
+    oneDNN on AMD Zen 5, so a call with fewer rows need not give the same bits)."""
     x, _, wq, ws = _operands(6, 64, 32, torch.float32, seed=3)
+    full = fp8_linear(x.reshape(2, 3, 64), wq, ws).reshape(6, 32)
     x[2] = 0
     out = fp8_linear(x.reshape(2, 3, 64), wq, ws)
-    assert out.shape == (2, 3, 32) and (out[0, 2] == 0).all()
-    torch.testing.assert_close(out.reshape(6, 32)[3:], fp8_linear(x[3:], wq, ws), rtol=0, atol=0)
+    assert out.shape == (2, 3, 32) and (out[0, 2] == 0).all() and (full[2] != 0).any()
+    keep = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(out.reshape(6, 32)[keep], full[keep], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("N,K,M", SHAPES + ODD)
