@@ -12,7 +12,13 @@ of --steps steps, after --warmup steps):
 - fastllava engine: Sequences of random prompt ids added to the engine's scheduler and driven
   without the engine thread, `schedule → runner.run → update`: what a user pays per token
   (scheduler, input packing, CUDA-graph replay, on-device sampling, the one host sync).
-- fastllava graph replay: the same step's CUDA graph replayed bare: the GPU time alone.
+- fastllava overlapped loop: the same sequences driven by the engine thread's default loop
+  (`Engine._overlapped_step`: launch step N+1, then read step N's ids and update), so the host
+  work of a step runs while the GPU runs the one before it.
+- fastllava graph replay: the same step's CUDA graph replayed bare: the GPU time alone. Below
+  the table, per batch: each engine row's ms/step minus the replay's, the time a step adds
+  around its graph (host work the loop does not hide, plus the step's small input and id
+  copies): the GPU-idle gap per step, which the overlapped loop should bring to ~0.
 - hf eager: transformers LlamaForCausalLM of the same text config (a LLaVA decode step after
   prefill is exactly the language model), random weights, sdpa, DynamicCache.
 - hf compiled: the same with StaticCache + torch.compile(mode="reduce-overhead").
@@ -42,8 +48,9 @@ import torch
 from common import REPO, copy_ceiling, fail, require_compiled_gpu, run_header, variant_suffix
 from common import variants, write_outputs
 from decode_peers import hf_rows
-from decode_plan import ENGINE, HF_COMPILED, HF_EAGER, REPLAY, Plan, Row, free_memory, time_steps
-from decode_report import COLUMNS, cells, finish, ratio_lines, report
+from decode_plan import (ENGINE, HF_COMPILED, HF_EAGER, OVERLAP, REPLAY, Plan, Row, free_memory,
+                         time_steps)
+from decode_report import COLUMNS, cells, finish, gap_lines, ratio_lines, report
 
 GIB = 1 << 30
 PAGE = 16   # KV page size (RuntimeConfig's default)
@@ -143,6 +150,7 @@ def engine_batch(engine, t, B: int, plan: Plan, variant=(None, "auto")) -> list[
         ctx = len(seqs[0]) + (plan.timed - 1) / 2
         rows = [Row(ENGINE + label, B, ctx, time_steps(lambda: step(True), plan),
                     variant=variant)]
+        rows.append(overlapped_row(engine, seqs, B, plan, variant))
         graphs = runner.graphs
         if graphs is None or not graphs.graphs:
             tp = f", tensor parallelism {plan.tensor_parallel_size}" \
@@ -165,6 +173,29 @@ def engine_batch(engine, t, B: int, plan: Plan, variant=(None, "auto")) -> list[
             runner.release(seq)
         if sched.bm.num_used_pages:
             raise RuntimeError(f"{sched.bm.num_used_pages} KV pages still used after abort")
+
+
+def overlapped_row(engine, seqs, B: int, plan: Plan, variant) -> Row:
+    """The OVERLAP row: warm-up and timed steps of the engine's overlapped loop, run here on the
+    calling thread (the engine thread is not started), then the step in flight finished. The
+    loop reports a failed step to the requests it holds (none here), so the row checks the
+    sequences' progress instead: every one must be exactly one token further per step."""
+    label = OVERLAP + variant_suffix(variant)
+    before = [seq.num_generated for seq in seqs]
+    try:
+        for _ in range(plan.warmup):
+            engine._overlapped_step()
+        ctx = len(seqs[0]) + (plan.timed - 1) / 2
+        ms = time_steps(engine._overlapped_step, plan)
+        engine._drain()
+    except Exception as exc:  # noqa: BLE001 - report the row, go on with the others
+        engine._in_flight = None
+        return Row(label, B, variant=variant, note=f"ERROR: {type(exc).__name__}: {exc}"[:200])
+    steps = plan.warmup + plan.timed
+    if [seq.num_generated for seq in seqs] != [n + steps for n in before]:
+        return Row(label, B, variant=variant, note=f"ERROR: the sequences did not all advance "
+                   f"{steps} tokens (a step failed: see the engine's log)")
+    return Row(label, B, ctx, ms, variant=variant)
 
 
 def main(argv: list[str]) -> int:
@@ -223,7 +254,8 @@ def main(argv: list[str]) -> int:
     measured = sorted({r.B for r in rows if r.impl == ENGINE and not r.note.startswith("n/a")})
     rows += hf_rows(config.text, plan, measured)
     rows = finish(rows, config.text, plan, ceilings[0].value if ceilings else None)
-    text = report(header, ceilings, rows, name, plan.context, ratio_lines(rows, plan))
+    text = report(header, ceilings, rows, name, plan.context,
+                  ratio_lines(rows, plan) + gap_lines(rows))
     print(text)
     if out:
         print("wrote", ", ".join(write_outputs(out, "decode", header, text, COLUMNS,

@@ -11,6 +11,7 @@ import time
 import torch
 
 ENGINE, REPLAY = "fastllava engine", "fastllava graph replay"
+OVERLAP = "fastllava overlapped loop"   # the engine thread's default loop (overlap_scheduling)
 HF_EAGER, HF_COMPILED = "hf eager (DynamicCache)", "hf compiled (StaticCache, reduce-overhead)"
 
 
@@ -34,8 +35,8 @@ class Plan:
         return self.steps * self.windows
 
     @property
-    def max_len(self) -> int:    # prompt + prefill token + warm-up + timed steps, with slack
-        return self.context + max(self.warmup, 4) + self.timed + 16
+    def max_len(self) -> int:    # prompt + prefill token + (warm-up + timed steps) per engine
+        return self.context + 2 * (max(self.warmup, 4) + self.timed) + 16   # row, with slack
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ Markdown report, with one line per fp8 variant comparing its tok/s to the model 
 from __future__ import annotations
 
 from common import fmt, markdown, variant_suffix
-from decode_plan import ENGINE, HF_COMPILED, HF_EAGER, REPLAY, Plan, Row
+from decode_plan import ENGINE, HF_COMPILED, HF_EAGER, OVERLAP, REPLAY, Plan, Row
 
 from fastllava.benchmarks.common import step_bytes
 
@@ -16,7 +16,7 @@ FP8_TARGET = 1.7                          # issue 15: FP8-weight batch-1 decode 
 
 def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]:
     """Fill tok/s, GB/s, % of the copy, speedups and bars; order rows by batch, then impl."""
-    order = [i + variant_suffix(v) for v in plan.variants for i in (ENGINE, REPLAY)]
+    order = [i + variant_suffix(v) for v in plan.variants for i in (ENGINE, OVERLAP, REPLAY)]
     order += [HF_EAGER, HF_COMPILED]
     rows.sort(key=lambda r: (r.B, order.index(r.impl)))
     engine = {r.B: r for r in rows if r.impl == ENGINE and r.ms}
@@ -33,7 +33,7 @@ def finish(rows: list[Row], t, plan: Plan, copy_gb_s: float | None) -> list[Row]
         gpus = plan.tensor_parallel_size if ours else 1
         r.pct = r.gb_s / (copy_gb_s * gpus) if copy_gb_s else None
         r.vs = r.ms / engine[r.B].ms if r.B in engine else None
-        if r.impl.startswith(ENGINE) and r.pct is not None and r.B in BW_BARS:
+        if r.impl.startswith((ENGINE, OVERLAP)) and r.pct is not None and r.B in BW_BARS:
             r.bar = f">={BW_BARS[r.B]:.0%} BW: {'yes' if r.pct >= BW_BARS[r.B] else 'NO'}"
         if r.impl == HF_COMPILED and r.vs is not None:
             r.bar = f"fastllava >={PEER_BAR}x: {'yes' if r.vs >= PEER_BAR else 'NO'}"
@@ -59,6 +59,24 @@ def ratio_lines(rows: list[Row], plan: Plan, B: int = 1) -> list[str]:
         ratio = f"{tok_s[v] / base:.2f}x" if base and tok_s.get(v) else "n/a (not measured)"
         target = f" (target >= {FP8_TARGET}x for 34B)" if v == ("fp8", "auto") else ""
         lines.append(f"- {name} / model dtype decode tok/s at B={B}: {ratio}{target}")
+    return lines
+
+
+def gap_lines(rows: list[Row]) -> list[str]:
+    """Per batch and variant with a timed graph replay: each engine loop's ms/step minus the
+    replay's (the GPU-idle gap per step; the replay is the same step's graph alone)."""
+    ms = {(r.impl, r.B): r.ms for r in rows if r.ms is not None}
+    lines = []
+    for r in rows:
+        if not r.impl.startswith(REPLAY) or r.ms is None:
+            continue
+        suffix = r.impl[len(REPLAY):]
+        gaps = [f"{name} {ms[(impl + suffix, r.B)] - r.ms:+.3f} ms"
+                for name, impl in (("serial", ENGINE), ("overlapped", OVERLAP))
+                if (impl + suffix, r.B) in ms]
+        if gaps:
+            lines.append(f"- GPU-idle gap per step{suffix} at B={r.B} (engine ms/step - graph "
+                         f"replay's {r.ms:.3f} ms): " + ", ".join(gaps))
     return lines
 
 

@@ -17,8 +17,10 @@ from benchkit import describe, table_rows
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "decode.py"
 COLUMNS = 12
-IMPLS = ("fastllava engine", "fastllava graph replay", "hf eager (DynamicCache)",
-         "hf compiled (StaticCache, reduce-overhead)")
+FASTLLAVA = ("fastllava engine", "fastllava overlapped loop", "fastllava graph replay")
+PEERS = ("hf eager (DynamicCache)", "hf compiled (StaticCache, reduce-overhead)")
+IMPLS = FASTLLAVA + PEERS
+TIMED_ON_CPU = ("fastllava engine", "fastllava overlapped loop", "hf eager (DynamicCache)")
 SMOKE_BATCHES = ("1", "3")
 
 
@@ -40,7 +42,7 @@ def test_smoke_reports_engine_and_peer_rows_for_every_batch(tmp_path):
     for r in rows:
         model, B, context, impl, ctx, ms, tok_s, gb_s, pct, vs, bar, note = r
         assert not note.startswith("ERROR"), r
-        if impl in ("fastllava engine", "hf eager (DynamicCache)"):
+        if impl in TIMED_ON_CPU:
             assert note == "-" and float(ms) > 0 and float(gb_s) > 0, r
             # tok/s = B * 1000 / ms; mean context past the prompt (prefill token + warm-up)
             assert abs(float(tok_s) - int(B) * 1e3 / float(ms)) <= 1e-3 * float(tok_s) + 0.01, r
@@ -63,6 +65,33 @@ def test_smoke_reports_engine_and_peer_rows_for_every_batch(tmp_path):
     assert len(records) == len(rows), (len(records), len(rows))
     assert [(r["B"], r["impl"]) for r in records] == [(r[1], r[3]) for r in rows]
     assert all(r["commit"] and r["torch"] == torch.__version__ for r in records), records[0]
+
+
+def test_gap_lines_subtract_the_replay_from_each_engine_loop(bench_script):
+    """The GPU-idle gap per step: each loop's ms/step minus the same batch and variant's bare
+    graph replay; a batch or variant without a timed replay (the CPU, an n/a row) gets none."""
+    Row, gap_lines = bench_script("decode_plan").Row, bench_script("decode_report").gap_lines
+    rows = [Row("fastllava engine", 1, ms=5.5), Row("fastllava overlapped loop", 1, ms=5.02),
+            Row("fastllava graph replay", 1, ms=5.0),
+            Row("fastllava engine (fp8)", 1, ms=3.4), Row("fastllava graph replay (fp8)", 1,
+                                                          ms=3.0),
+            Row("fastllava engine", 8, ms=9.0), Row("fastllava graph replay", 8, note="n/a")]
+    assert gap_lines(rows) == [
+        "- GPU-idle gap per step at B=1 (engine ms/step - graph replay's 5.000 ms): "
+        "serial +0.500 ms, overlapped +0.020 ms",
+        "- GPU-idle gap per step (fp8) at B=1 (engine ms/step - graph replay's 3.000 ms): "
+        "serial +0.400 ms"]
+
+
+def test_smoke_overlapped_row_advances_every_sequence(tmp_path):
+    """The overlapped-loop row is timed on the CPU too and reports no gap line (no replay)."""
+    proc = run_bench("--smoke", "--peers", "none")
+    assert proc.returncode == 0, describe(proc)
+    rows = table_rows(proc.stdout, COLUMNS, 3, FASTLLAVA)
+    timed = [r for r in rows if r[3] == "fastllava overlapped loop"]
+    assert len(timed) == len(SMOKE_BATCHES) and all(float(r[5]) > 0 and r[11] == "-"
+                                                    for r in timed), rows
+    assert "GPU-idle gap" not in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is missing")
@@ -91,7 +120,7 @@ def test_smoke_with_fp8_times_model_dtype_then_fp8_weights_in_one_run(tmp_path, 
     B=1 (the issue's >= 1.7x number), computed from the two engine rows."""
     from fastllava.weights.random import TINY_CONFIG, llava_config
 
-    fp8_impls = tuple(i + " (fp8)" for i in IMPLS[:2])
+    fp8_impls = tuple(i + " (fp8)" for i in FASTLLAVA)
     proc = run_bench("--smoke", "--quantization", "fp8", "--peers", "eager", "--out",
                      str(tmp_path))
     assert proc.returncode == 0, describe(proc)
@@ -120,14 +149,15 @@ def test_smoke_with_fp8_weights_and_kv_times_every_combination(tmp_path):
     """--quantization fp8 --kv-cache-dtype fp8: model dtype, "(fp8 KV)", "(fp8)" and
     "(fp8, fp8 KV)" fastllava rows in that order per batch, and a ratio line per fp8 variant."""
     suffixes = ("", " (fp8 KV)", " (fp8)", " (fp8, fp8 KV)")
-    impls = tuple(i + s for s in suffixes for i in IMPLS[:2])
+    impls = tuple(i + s for s in suffixes for i in FASTLLAVA)
     proc = run_bench("--smoke", "--quantization", "fp8", "--kv-cache-dtype", "fp8",
                      "--peers", "none")
     assert proc.returncode == 0, describe(proc)
-    rows = table_rows(proc.stdout, COLUMNS, 3, impls + IMPLS[2:])
+    rows = table_rows(proc.stdout, COLUMNS, 3, impls + PEERS)
     for B in SMOKE_BATCHES:
-        assert [r[3] for r in rows if r[1] == B] == list(impls + IMPLS[2:]), rows
-        assert all(float(r[5]) > 0 for r in rows if r[1] == B and "engine" in r[3]), rows
+        assert [r[3] for r in rows if r[1] == B] == list(impls + PEERS), rows
+        assert all(float(r[5]) > 0 for r in rows
+                   if r[1] == B and r[3].startswith(FASTLLAVA[:2])), rows
     for name in ("fp8 KV", "fp8", "fp8, fp8 KV"):
         assert ratio_line(proc.stdout, name) > 0, proc.stdout
 
@@ -137,7 +167,7 @@ def test_smoke_with_fp8_kv_times_both_caches_in_one_run(tmp_path, bench_script):
     every batch, in one run; the fp8 rows count their KV at one byte per element."""
     from fastllava.weights.random import TINY_CONFIG, llava_config
 
-    fp8_impls = tuple(i + " (fp8 KV)" for i in IMPLS[:2])
+    fp8_impls = tuple(i + " (fp8 KV)" for i in FASTLLAVA)
     proc = run_bench("--smoke", "--kv-cache-dtype", "fp8", "--peers", "none", "--out",
                      str(tmp_path))
     assert proc.returncode == 0, describe(proc)

@@ -136,7 +136,7 @@ def test_killed_api_process_leaves_no_worker(tiny_next):
 
 def test_bench_decode_tensor_parallel_smoke():
     """bench/decode.py --tensor-parallel-size 2 --kv-cache-dtype fp8 (tiny, CPU): timed engine
-    rows for every batch size over model-dtype and over fp8 KV pages (each its own TP runtime),
+    rows (serial and overlapped loops) for every batch size over model-dtype and over fp8 KV pages (each its own TP runtime),
     the run header records the size, the replay rows say why there are none."""
     from benchkit import describe, table_rows
     from test_bench_decode import COLUMNS, IMPLS, SMOKE_BATCHES, run_bench
@@ -146,9 +146,10 @@ def test_bench_decode_tensor_parallel_smoke():
     assert proc.returncode == 0, describe(proc)
     rows = table_rows(proc.stdout, COLUMNS, 3, (*IMPLS, *(i + " (fp8 KV)" for i in IMPLS)))
     for suffix in ("", " (fp8 KV)"):
-        engine = {r[1]: r for r in rows if r[3] == "fastllava engine" + suffix}
-        assert sorted(engine) == sorted(SMOKE_BATCHES), describe(proc)
-        assert all(float(r[5]) > 0 for r in engine.values()), describe(proc)
+        for impl in ("fastllava engine", "fastllava overlapped loop"):
+            engine = {r[1]: r for r in rows if r[3] == impl + suffix}
+            assert sorted(engine) == sorted(SMOKE_BATCHES), describe(proc)
+            assert all(float(r[5]) > 0 and r[-1] == "-" for r in engine.values()), describe(proc)
         replay = [r for r in rows if r[3] == "fastllava graph replay" + suffix]
         assert replay and all("tensor parallelism" in r[-1] for r in replay), describe(proc)
     assert "tensor_parallel_size" in proc.stdout and "2 (fastllava rows)" in proc.stdout
