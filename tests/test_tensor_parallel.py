@@ -136,8 +136,9 @@ def test_killed_api_process_leaves_no_worker(tiny_next):
 
 def test_bench_decode_tensor_parallel_smoke():
     """bench/decode.py --tensor-parallel-size 2 --kv-cache-dtype fp8 (tiny, CPU): timed engine
-    rows (serial and overlapped loops) for every batch size over model-dtype and over fp8 KV pages (each its own TP runtime),
-    the run header records the size, the replay rows say why there are none."""
+    rows (serial and overlapped loops) for every batch size over model-dtype and over fp8 KV
+    pages (each its own TP runtime), the run header records the size, the replay rows say why
+    there are none."""
     from benchkit import describe, table_rows
     from test_bench_decode import COLUMNS, IMPLS, SMOKE_BATCHES, run_bench
 
