@@ -112,15 +112,20 @@ class LLaVA(PretrainedMixin, PromptMixin, EvaluationMixin, AsyncMixin):
 
     def _sequence(self, prepared: PreparedPrompt, req: GenerationRequest,
                   sampling: Mapping[str, Any] | None = None) -> Sequence:
-        """`sampling`: further SamplingParams fields (logprobs, prompt_logprobs_from)."""
+        """`sampling`: further SamplingParams fields (logprobs, prompt_logprobs_from; stop_ids
+        () for a request that ignores the end-of-sequence ids)."""
         if self._tp is not None:
             self._tp.check()   # a dead tensor-parallel worker: refuse, naming it
         self.check_context(len(prepared.input_ids), req.max_tokens)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed, self.stop_ids,
-                                **(sampling or {}))
+        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, seed,
+                                **{"stop_ids": self.stop_ids, **(sampling or {})})
         return Sequence(prepared.input_ids, params, self.max_len, self._image_spans(prepared),
                         payload=prepared.images)
+
+    def _stop_ids(self, sampling: Mapping[str, Any] | None) -> tuple[int, ...]:
+        """The ids that end a request's text: the checkpoint's, unless `sampling` overrides."""
+        return (sampling or {}).get("stop_ids", self.stop_ids)
 
     def _engine_events(self, prepared: PreparedPrompt, req: GenerationRequest,
                        sampling: Mapping[str, Any] | None = None
@@ -177,7 +182,8 @@ class LLaVA(PretrainedMixin, PromptMixin, EvaluationMixin, AsyncMixin):
     def stream_detailed(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
                         max_tokens_limit: int = 4096, max_prompt_chars: int = 16384,
                         every_token: bool = False, clamp_max_tokens: bool = False,
-                        logprobs: int | None = None) -> Iterator[dict]:
+                        logprobs: int | None = None, ignore_eos: bool = False
+                        ) -> Iterator[dict]:
         """`stream` with counts: every snapshot also has "prompt_tokens" (image tokens included),
         "completion_tokens" (tokens generated so far, a stop id included) and "finish_reason"
         (None until the final snapshot, then "stop" for a stop id, "length" for max_tokens or a
@@ -194,8 +200,15 @@ class LLaVA(PretrainedMixin, PromptMixin, EvaluationMixin, AsyncMixin):
         client did not choose: the OpenAI route's unset max_tokens).
         logprobs=k (0..MAX_TOP_LOGPROBS): snapshots carry "logprobs", one entry per token so far
         (cumulative; see fastllava.snapshots): the raw distribution's log-probabilities, before
-        temperature and top-p, with the k most likely alternatives."""
+        temperature and top-p, with the k most likely alternatives.
+        ignore_eos=True: the checkpoint's end-of-sequence ids do not stop the request, which runs
+        to max_tokens (or the context), as vLLM's and SGLang's ignore_eos (benchmark clients send
+        it for fixed-length outputs); the text skips them, as special tokens."""
+        if not isinstance(ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {ignore_eos!r}")
         sampling = {"logprobs": check_logprobs(logprobs)}
+        if ignore_eos:
+            sampling["stop_ids"] = ()
         messages = chat_messages(messages)
         req = self._parse(request, messages, max_tokens_limit=max_tokens_limit,
                           max_prompt_chars=max_prompt_chars)
@@ -230,7 +243,8 @@ class LLaVA(PretrainedMixin, PromptMixin, EvaluationMixin, AsyncMixin):
         prepared (`prepare`: image fetched and preprocessed), so a caller can load images in a
         pool of its own and give the engine only requests that are ready (the queue worker).
         The context check (`check_context`) runs when the request is submitted."""
-        snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
+        snapshots = Snapshots(self.tokenizer, self._stop_ids(sampling), len(prepared.input_ids),
+                              every_token)
         with contextlib.closing(self._engine_events(prepared, req, sampling)) as events:
             for kind, value, handle in events:
                 snapshot = snapshots.on_event(kind, value, handle)

@@ -15,7 +15,7 @@ from fastllava.snapshots import Snapshots
 
 
 class AsyncMixin:
-    """Mixed into `LLaVA`: uses its _parse, prepare, _sequence, engine, tokenizer, stop_ids."""
+    """Mixed into `LLaVA`: uses its _parse, prepare, _sequence, _stop_ids, engine, tokenizer."""
 
     def astream(self, request: Mapping[str, Any], *, messages: list[dict] | None = None,
                 detailed: bool = False, every_token: bool = False,
@@ -46,7 +46,8 @@ class AsyncMixin:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(
             None, functools.partial(self.prepare, req, messages=messages))
-        snapshots = Snapshots(self.tokenizer, self.stop_ids, len(prepared.input_ids), every_token)
+        snapshots = Snapshots(self.tokenizer, self._stop_ids(sampling), len(prepared.input_ids),
+                              every_token)
         events: asyncio.Queue = asyncio.Queue()
 
         def put(kind, value):

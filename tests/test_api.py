@@ -189,3 +189,24 @@ def test_bad_device_dtype_backend(tiny_llava):
     with pytest.raises(ValueError, match="backend"):
         LLaVA.from_pretrained(tiny_llava, device="cpu", backend="cuda-magic")
     assert issubclass(WeightLoadError, ValueError)
+
+
+def test_ignore_eos_runs_to_max_tokens_past_the_stop_id(llava, image_path, monkeypatch):
+    """The checkpoint's stop id is made the first token this prompt generates (as if it were
+    its eos): the request stops there, unless ignore_eos, which runs to max_tokens with the
+    text of a run where that id stops nothing (a real eos, a special token, would be skipped
+    in the text by the detokenizer)."""
+    request = greedy(image_path, max_tokens=6)
+    first = llava.generate_ids(dict(request, max_tokens=1))[0]
+    monkeypatch.setattr(llava, "stop_ids", ())
+    free = [s for s in llava.stream_detailed(request)][-1]
+    monkeypatch.setattr(llava, "stop_ids", (first,))
+    stopped = [s for s in llava.stream_detailed(request)][-1]
+    assert (stopped["completion_tokens"], stopped["finish_reason"]) == (1, "stop"), stopped
+    snaps = list(llava.stream_detailed(request, ignore_eos=True))
+    last = snaps[-1]
+    assert (last["completion_tokens"], last["finish_reason"]) == (6, "length"), last
+    assert last["output"] == free["output"], (last, free)
+    with pytest.raises(TypeError, match="ignore_eos"):
+        next(llava.stream_detailed(request, ignore_eos="yes"))
+    assert_healthy(llava, image_path)
