@@ -10,7 +10,8 @@ Accepted (OpenAI's chat shape, plus transformers' image parts):
 `src`: an http(s) URL, a data: URI, a local path or a PIL image. Engine form: content is always a
 list of {"type": "text", "text"} / {"type": "image", "image": src} parts, in the order given, so
 each image is placed where its part stands. An image part without a source ({"type": "image"})
-takes the request's image_url (the one-image form the server used before). No torch here.
+takes the request's image_url (the one-image form the server used before); an image_url that no
+such part takes is refused (RequestValidationError on image_url), never dropped. No torch here.
 """
 
 from __future__ import annotations

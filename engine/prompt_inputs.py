@@ -69,7 +69,10 @@ class PromptMixin:
         else:
             sources = [p.get("image", request.image_url) for m in messages
                        for p in m["content"] if p["type"] == "image"]
-            if image is not None and sources:
+            if image is not None:
+                if not sources:   # nowhere to put it: refused rather than dropped silently
+                    raise RequestValidationError("image", "is not used: these messages have no "
+                                                 "image part", "extra_forbidden")
                 sources[0] = image
             if any(src is None for src in sources):
                 raise RequestValidationError("image_url", "an image part has no source and the "
@@ -113,7 +116,17 @@ class PromptMixin:
             text = "\n".join(p["text"] for m in messages for p in m["content"]
                              if p["type"] == "text")
             request = {**request, "prompt": text if text.strip() else "(image only)"}
-        return parse_request(request, image_required=False, **limits)
+        req = parse_request(request, image_required=False, **limits)
+        if messages is not None and req.image_url is not None and not any(
+                p["type"] == "image" and "image" not in p for m in messages
+                for p in m["content"]):
+            # Only an image part without a source takes image_url: else the image would be
+            # dropped silently and the model would answer about a picture it never saw.
+            raise RequestValidationError(
+                "image_url", "is not used by these messages: no image part without a source "
+                "takes it; put {'type': 'image'} where the image goes, or give the image as a "
+                "part of its own", "extra_forbidden", req.image_url)
+        return req
 
     @staticmethod
     def _image_spans(prepared: PreparedPrompt) -> tuple[ImageSpan, ...]:
