@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Any, Mapping
 
 from PIL import Image
@@ -94,7 +95,15 @@ class PromptMixin:
         rendered = render_messages(self.template, messages, self.tokenizer)
         system = [p["text"] for m in messages if m["role"] == "system"
                   for p in m["content"] if p["type"] == "text" and p["text"].strip()]
-        if all(text in rendered for text in system):
+        if not system:
+            return rendered
+        # Whether the template keeps system text is asked with a marker in its place, not by
+        # looking for the text itself: that may also stand in a user turn (then a dropped system
+        # message went unnoticed), and a template may trim it (then it was folded in twice).
+        marker = f"fastllava-system-{uuid.uuid4().hex}"
+        probe = [{**m, "content": [{"type": "text", "text": marker}]} if m["role"] == "system"
+                 else m for m in messages]
+        if marker in render_messages(self.template, probe, self.tokenizer):
             return rendered
         folded, prefix = [], "\n\n".join(system)
         for m in messages:
