@@ -10,14 +10,15 @@ Accepted (OpenAI's chat shape, plus transformers' image parts):
 `src`: an http(s) URL, a data: URI, a local path or a PIL image. Engine form: content is always a
 list of {"type": "text", "text"} / {"type": "image", "image": src} parts, in the order given, so
 each image is placed where its part stands. An image part without a source ({"type": "image"})
-takes the request's image_url (the one-image form the server used before). No torch here.
+takes the request's image_url (the one-image form the server used before); an image_url that no
+such part takes is refused (RequestValidationError on image_url), never dropped. No torch here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastllava.schema import RequestValidationError, short_repr
+from fastllava.schema import RequestValidationError, lone_surrogate_at, short_repr
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -33,10 +34,20 @@ def _image_source(part: dict) -> Any:
     return part.get("image", part.get("url"))
 
 
+def _text(where: str, text: str) -> dict:
+    # Checked here, not only in the prompt: a request that gives its own "prompt" validates that
+    # one, and the tokenizer would meet this text with a TypeError.
+    if (index := lone_surrogate_at(text)) is not None:
+        raise RequestValidationError(
+            "messages", f"{where} must be valid Unicode text: a lone UTF-16 surrogate at index "
+            f"{index}", "string_unicode", short_repr(text))
+    return {"type": "text", "text": text}
+
+
 def _part(where: str, part: Any) -> dict:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
-        return {"type": "text", "text": part["text"]}
+        return _text(f"{where}.text", part["text"])
     if kind in ("image", "image_url"):
         src = _image_source(part)
         if src is None and kind == "image":
@@ -59,12 +70,12 @@ def chat_messages(messages: Any) -> list[dict] | None:
     out = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list or dict role is unhashable
             raise _bad(f"messages[{i}].role must be one of {sorted(ROLES)}, got "
                        f"{short_repr(role)}")
         content = m.get("content")
         if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
+            parts = [_text(f"messages[{i}].content", content)]
         elif isinstance(content, list):
             parts = [_part(f"messages[{i}].content[{j}]", p) for j, p in enumerate(content)]
         else:

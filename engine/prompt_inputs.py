@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from typing import Any, Mapping
 
 from PIL import Image
@@ -69,7 +70,10 @@ class PromptMixin:
         else:
             sources = [p.get("image", request.image_url) for m in messages
                        for p in m["content"] if p["type"] == "image"]
-            if image is not None and sources:
+            if image is not None:
+                if not sources:   # nowhere to put it: refused rather than dropped silently
+                    raise RequestValidationError("image", "is not used: these messages have no "
+                                                 "image part", "extra_forbidden")
                 sources[0] = image
             if any(src is None for src in sources):
                 raise RequestValidationError("image_url", "an image part has no source and the "
@@ -91,7 +95,15 @@ class PromptMixin:
         rendered = render_messages(self.template, messages, self.tokenizer)
         system = [p["text"] for m in messages if m["role"] == "system"
                   for p in m["content"] if p["type"] == "text" and p["text"].strip()]
-        if all(text in rendered for text in system):
+        if not system:
+            return rendered
+        # Whether the template keeps system text is asked with a marker in its place, not by
+        # looking for the text itself: that may also stand in a user turn (then a dropped system
+        # message went unnoticed), and a template may trim it (then it was folded in twice).
+        marker = f"fastllava-system-{uuid.uuid4().hex}"
+        probe = [{**m, "content": [{"type": "text", "text": marker}]} if m["role"] == "system"
+                 else m for m in messages]
+        if marker in render_messages(self.template, probe, self.tokenizer):
             return rendered
         folded, prefix = [], "\n\n".join(system)
         for m in messages:
@@ -113,7 +125,17 @@ class PromptMixin:
             text = "\n".join(p["text"] for m in messages for p in m["content"]
                              if p["type"] == "text")
             request = {**request, "prompt": text if text.strip() else "(image only)"}
-        return parse_request(request, image_required=False, **limits)
+        req = parse_request(request, image_required=False, **limits)
+        if messages is not None and req.image_url is not None and not any(
+                p["type"] == "image" and "image" not in p for m in messages
+                for p in m["content"]):
+            # Only an image part without a source takes image_url: else the image would be
+            # dropped silently and the model would answer about a picture it never saw.
+            raise RequestValidationError(
+                "image_url", "is not used by these messages: no image part without a source "
+                "takes it; put {'type': 'image'} where the image goes, or give the image as a "
+                "part of its own", "extra_forbidden", req.image_url)
+        return req
 
     @staticmethod
     def _image_spans(prepared: PreparedPrompt) -> tuple[ImageSpan, ...]:

@@ -116,6 +116,26 @@ def test_prompt_with_image_placeholder_is_rejected(llava, image_path):
     assert_healthy(llava, image_path)
 
 
+def test_an_image_the_chat_does_not_use_is_refused_not_dropped(llava, image_path):
+    """image_url (or a loaded `image`) goes only where a chat has an image part to take it;
+    without one it is an error naming the field, never a silent text-only answer."""
+    text_only = [{"role": "user", "content": "What is in this image?"}]
+    with pytest.raises(RequestValidationError, match="image_url: is not used") as e:
+        llava.stream({"image_url": image_path, "max_tokens": 2}, messages=text_only)  # eager
+    assert e.value.field == "image_url"
+    with pytest.raises(RequestValidationError, match="image: is not used"):
+        next(llava.stream({"max_tokens": 2}, messages=text_only, image=Image.open(image_path)))
+    sourced = [{"role": "user", "content": [{"type": "image", "image": image_path},
+                                            {"type": "text", "text": "And this?"}]}]
+    with pytest.raises(RequestValidationError, match="image_url: is not used"):
+        llava.generate({"image_url": image_path, "max_tokens": 2}, messages=sourced)
+    # An image part without a source takes image_url, as documented.
+    placed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    assert llava.generate({"image_url": image_path, "max_tokens": 2},
+                          messages=placed)["partial"] is False
+    assert_healthy(llava, image_path)
+
+
 def test_stream_snapshots_are_cumulative_and_final(llava, image_path):
     snaps = list(llava.stream(greedy(image_path, max_tokens=20)))
     assert snaps[-1]["partial"] is False and all(s["partial"] for s in snaps[:-1])

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import tiny
+from fastllava.prompt_inputs import PromptMixin
 from fastllava.text.prompt import build_input_ids
 from fastllava.text.template import (BUILTIN_TEMPLATES, _compile, load_chat_template, render_prompt,
                                      template_family)
@@ -218,3 +219,31 @@ def test_prompt_ids_original_checkpoint(tmp_path, tiny_next, variant):
             assert build_input_ids(tok, rendered, "<image>", tiny.IMAGE_TOKEN_ID, 7) == expected
         with pytest.raises(ValueError, match="no image_token_id"):
             build_input_ids(tok, rendered, "<image>", None, 7)
+
+
+class _Chat(PromptMixin):
+    """render_chat needs only a template and the tokenizer's special tokens."""
+
+    def __init__(self, template: str):
+        self.template = template
+        self.tokenizer = type("Tok", (), dict.fromkeys(
+            ("bos_token", "eos_token", "unk_token", "pad_token")))()
+
+
+_TRIMMING = ("{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>"
+             "{{ m['content'][0]['text'] | trim }}<</SYS>>{% else %}[{{ m['role'] }}] "
+             "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template, system, user, expected", [
+    # The template drops system messages: the text is folded into the user turn, also when the
+    # user's own text happens to contain it.
+    (BUILTIN_TEMPLATES["mistral"], "Be terse.", "Be terse. Why?",
+     "[INST] Be terse.\n\nBe terse. Why? [/INST]"),
+    # The template keeps (and trims) it: rendered once, not folded in again.
+    (_TRIMMING, "  Be terse.  ", "Why?", "<<SYS>>Be terse.<</SYS>>[user] Why?"),
+])
+def test_system_text_is_kept_exactly_once(template, system, user, expected):
+    chat = [{"role": "system", "content": [{"type": "text", "text": system}]},
+            {"role": "user", "content": [{"type": "text", "text": user}]}]
+    assert _Chat(template).render_chat(chat) == expected

@@ -8,8 +8,10 @@ text-only chat), `max_tokens`
 `temperature` (default 1, OpenAI's), `top_p`, `n` (1..MAX_CHOICES), `stop` (string or up to 4
 strings, each at most ServerSettings.max_stop_chars long),
 `seed`, `stream`, `stream_options.include_usage`, `logprobs` / `top_logprobs`. Features the
-engine does not have (tools, JSON mode, penalties, logit_bias) are refused with a 400 naming
-the field rather than silently ignored; other fields (user, metadata, ...) are ignored.
+engine does not have (tools, JSON mode, penalties, logit_bias, and vLLM's sampling extensions
+such as top_k, min_p, ignore_eos: `_UNSUPPORTED`) are refused with a 400 naming the field
+rather than silently ignored, unless set to their "off" value; other fields (user, metadata,
+...) are ignored.
 """
 
 from __future__ import annotations
@@ -25,10 +27,26 @@ from .settings import ServerSettings
 
 MAX_CHOICES = 16   # n: each choice is a request of its own in the engine
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# field → (value that means "off", what it is)
-_UNSUPPORTED = {"tools": ([], "tool calling"), "functions": ([], "function calling"),
-                "frequency_penalty": (0, "frequency penalty"),
-                "presence_penalty": (0, "presence penalty"), "logit_bias": ({}, "logit bias")}
+# field → (values that mean "off", what it is). Besides OpenAI's own, the sampling extensions
+# vLLM and SGLang accept (clients written for them send these through the openai SDK's
+# extra_body): ignoring one would answer 200 with other output than asked (top_k 1 sampled at
+# OpenAI's default temperature 1, ignore_eos stopping at eos in a benchmark).
+_UNSUPPORTED = {"tools": (([],), "tool calling"), "functions": (([],), "function calling"),
+                "frequency_penalty": ((0,), "frequency penalty"),
+                "presence_penalty": ((0,), "presence penalty"),
+                "logit_bias": (({},), "logit bias"),
+                "repetition_penalty": ((1,), "repetition penalty"),
+                "top_k": ((-1, 0), "top-k sampling"), "min_p": ((0,), "min-p sampling"),
+                "min_tokens": ((0,), "a minimum output length"),
+                "ignore_eos": ((False,), "ignoring the end-of-sequence token"),
+                "stop_token_ids": (([],), "stop token ids"),
+                "best_of": ((1,), "best-of sampling"),
+                "use_beam_search": ((False,), "beam search"),
+                "guided_json": ((), "guided decoding"), "guided_regex": ((), "guided decoding"),
+                "guided_choice": ((), "guided decoding"),
+                "guided_grammar": ((), "guided decoding"),
+                "modalities": ((["text"],), "output modalities other than text"),
+                "audio": ((), "audio output")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +162,7 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
                        f"{model_names[0]!r}", "model_not_found", param="model",
                        code="model_not_found")
     for field, (off, what) in _UNSUPPORTED.items():
-        if body.get(field) not in (None, off):
+        if body.get(field) not in (None, *off):
             raise _bad(f"{what} is not supported by this server ({field})", field)
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):

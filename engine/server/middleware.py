@@ -93,7 +93,10 @@ class GatewayMiddleware:
 
     def _authorize(self, header: str) -> None:
         scheme, _, key = header.strip().partition(" ")
-        key = key.strip().encode()
+        # The headers were decoded as latin-1 (lossless): encoding back gives the bytes the client
+        # sent, which for a non-ASCII key are its UTF-8 (curl, browsers). Encoding the latin-1
+        # text as UTF-8 instead would turn each such byte into two, and that key would never match.
+        key = key.strip().encode("latin-1")
         if scheme.lower() not in ("key", "bearer") or not key:
             raise ApiError(401, "missing credentials: send 'Authorization: Key <api key>' "
                            "(or 'Bearer <api key>')", "unauthorized", code="invalid_api_key",

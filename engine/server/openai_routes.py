@@ -46,12 +46,16 @@ async def models(request: Request):
 
 def _openai_error(exc: BaseException) -> ApiError:
     status, detail, error_type = classify(exc)
-    param = None
+    param, code = None, error_type
     if isinstance(detail, list) and detail:
         loc = [str(x) for x in detail[0].get("loc", []) if x != "body"]
         param = {"image_url": "messages", "prompt": "messages"}.get(loc[0], loc[0]) if loc else None
+        # The problem's own type, as parse_chat gives it: OpenAI clients act on the code
+        # ("context_length_exceeded" is what they test to trim a conversation), and the same
+        # error must not change code with the stage that found it.
+        code = detail[0].get("type") or error_type
     return ApiError(400 if status == 422 else status, detail_message(detail), error_type,
-                    param=param, code=error_type)
+                    param=param, code=code)
 
 
 @router.post("/v1/chat/completions")

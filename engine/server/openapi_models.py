@@ -153,7 +153,8 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """Up to --max-images-per-request images in the chat, or none; other OpenAI fields (user,
-    metadata, ...) are ignored; tools, penalties and logit_bias are refused with a 400."""
+    metadata, ...) are ignored; tools, penalties, logit_bias and the vLLM sampling extensions
+    (top_k, min_p, ignore_eos, ...) are refused with a 400."""
     model: str = Field(description="the endpoint id (GET /v1/models)")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default --default-chat-max-tokens")

@@ -83,6 +83,13 @@ class ServerSettings:
             raise ValueError(f"public_url must start with http:// or https://, got {self.public_url!r}")
         if any(not k for k in self.api_keys):
             raise ValueError("an API key must not be empty")
+        for i, k in enumerate(self.api_keys):  # else it could never arrive in a header
+            if k != k.strip() or any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or
+                                     0xD800 <= ord(c) < 0xE000 for c in k):
+                # The key itself is a secret: the message names its position only.
+                raise ValueError(f"API key {i + 1} of {len(self.api_keys)} must not start or end "
+                                 "with whitespace nor hold control characters or bytes that are "
+                                 "not UTF-8")
 
     @property
     def resolved_queue_url(self) -> str:

@@ -75,7 +75,21 @@ def test_openai_refuses_a_max_tokens_the_client_chose(client, data_uri, field):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "max_tokens", error
+    # OpenAI's own code for this: clients test it to trim the conversation and retry.
+    assert error["code"] == "context_length_exceeded", error
     _named(error["message"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_prompt_alone_over_the_context_is_context_length_exceeded(client, data_uri,
+                                                                          stream):
+    body = {**_chat(data_uri, stream=stream),
+            "messages": [{"role": "user", "content": "the cat " * MAX_CONTEXT}]}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded", error
+    assert "the prompt alone fills the context" in error["message"], error
 
 
 def test_openai_default_max_tokens_shrinks_to_fit(client, data_uri):
