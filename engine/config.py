@@ -37,6 +37,9 @@ _SIGLIP_DEFAULTS = dict(_CLIP_DEFAULTS, patch_size=16, hidden_act="gelu_pytorch_
 _VISION_DEFAULTS = {"clip_vision_model": _CLIP_DEFAULTS, "clip": _CLIP_DEFAULTS,
                     "siglip_vision_model": _SIGLIP_DEFAULTS, "siglip": _SIGLIP_DEFAULTS}
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# Activations the towers and the projector can run (kernels/gelu.py ACTIVATIONS), by the names
+# transformers' ACT2FN gives them.
+GELU_ACTS = ("gelu", "gelu_pytorch_tanh", "quick_gelu")
 
 
 class ConfigError(ValueError):
@@ -67,8 +70,8 @@ class VisionConfig:
             raise ConfigError("vision hidden_size must be a multiple of num_attention_heads")
         if self.image_size % self.patch_size:
             raise ConfigError("vision image_size must be a multiple of patch_size")
-        if self.hidden_act not in ("quick_gelu", "gelu_pytorch_tanh", "gelu"):
-            raise ConfigError(f"vision hidden_act {self.hidden_act!r} is not supported")
+        if self.hidden_act not in GELU_ACTS:
+            raise ConfigError(f"vision hidden_act {self.hidden_act!r} is not supported {GELU_ACTS}")
 
     @property
     def head_dim(self) -> int:
@@ -163,6 +166,7 @@ class LlavaConfig:
     vision_feature_layers: tuple[int, ...]  # hidden-state indices (0 = embeddings), concatenated
     select_strategy: str                   # "default" drops CLS, "full" keeps every token
     projector_bias: bool = True
+    projector_act: str = "gelu"            # between the projector's linears (ACT2FN name)
     pinpoints: tuple[tuple[int, int], ...] | None = None   # (h, w), NeXT only
     pad_to_square: bool = False            # original v1.5 image_aspect_ratio "pad"
     mm_vision_tower: str | None = None     # original v1.5: separate CLIP checkpoint
@@ -178,6 +182,9 @@ class LlavaConfig:
             raise ConfigError("strategy 'default' drops a CLS token that SigLIP does not have")
         if self.kind == "next" and self.vision.kind == "clip" and self.select_strategy == "full":
             raise ConfigError("anyres with CLS tokens kept ('full') is not supported")
+        if self.projector_act not in GELU_ACTS:
+            raise ConfigError(f"projector_hidden_act {self.projector_act!r} is not supported "
+                              f"{GELU_ACTS}")
         if self.kind == "next" and not self.pinpoints:
             raise ConfigError("LLaVA-NeXT needs image_grid_pinpoints")
         if self.quantization not in (None, *QUANTIZATIONS):
@@ -220,7 +227,8 @@ def _from_hf(d: dict) -> LlavaConfig:
         text=TextConfig.from_dict(d.get("text_config") or {}), image_token_id=image_token,
         vision_feature_layers=_layers(d.get("vision_feature_layer", -2)),
         select_strategy=d.get("vision_feature_select_strategy", "default"),
-        projector_bias=d.get("multimodal_projector_bias", True), pinpoints=pinpoints)
+        projector_bias=d.get("multimodal_projector_bias", True),
+        projector_act=d.get("projector_hidden_act", "gelu"), pinpoints=pinpoints)
 
 
 def _from_original(d: dict, vision: dict | None) -> LlavaConfig:

@@ -173,7 +173,9 @@ def test_original_tokenizer_without_image_token_splices_features(tiny_llava, tmp
     tiny.Spec(kind="next", feature_layer=(-1, 0), seed=6),
     # head_dim set explicitly (12, not hidden / heads = 8) and a GQA ratio of 8
     tiny.Spec(kind="llava", num_heads=8, num_kv_heads=1, head_dim=12, seed=7),
-], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8"])
+    # projector_hidden_act other than the usual exact GELU (it was read as "gelu" whatever it said)
+    tiny.Spec(kind="llava", llava_extra=(("projector_hidden_act", "quick_gelu"),), seed=11),
+], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8", "projector-act"])
 def test_other_checkpoint_shapes(tmp_path, spec):
     path = tiny.build(spec, tmp_path / "ckpt")
     check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))

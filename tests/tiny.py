@@ -78,6 +78,12 @@ class Spec:
     intermediate_size: int = 128
     num_layers: int = 2
     image_size: int = 56        # vision tile side (LLaVA-1.5 only; 336 = the real 576 image tokens)
+    # Extra config fields, as (name, value) pairs (the Spec stays hashable): of the text config,
+    # of the vision config, of the top-level Llava(Next)Config, of the image processor.
+    text_extra: tuple = ()
+    vision_extra: tuple = ()
+    llava_extra: tuple = ()
+    processor_extra: tuple = ()
 
 
 def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
@@ -132,49 +138,56 @@ def _configs(spec: Spec):
     if spec.vision == "clip":
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                   num_attention_heads=4, image_size=spec.image_size,
-                                  patch_size=14)
+                                  patch_size=14, **dict(spec.vision_extra))
         layer, strategy = -2, "default"
     else:  # SigLIP: head_dim 12, no CLS, last layer's output, all tokens kept
         vision = SiglipVisionConfig(hidden_size=36, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=3, image_size=56, patch_size=14)
+                                    num_attention_heads=3, image_size=56, patch_size=14,
+                                    **dict(spec.vision_extra))
         layer, strategy = -1, "full"
     layer = list(spec.feature_layer) if isinstance(spec.feature_layer, tuple) else (
         spec.feature_layer if spec.feature_layer is not None else layer)
     strategy = spec.strategy or strategy
     text_cls = MistralConfig if spec.text_model == "mistral" else LlamaConfig
-    text = text_cls(vocab_size=MODEL_VOCAB, hidden_size=spec.hidden_size,
-                    intermediate_size=spec.intermediate_size,
-                    num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                    num_key_value_heads=spec.num_kv_heads, rms_norm_eps=1e-5,
-                    pad_token_id=PAD_TOKEN_ID, max_position_embeddings=4096,
-                    **({"head_dim": spec.head_dim} if spec.head_dim else {}),
-                    rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-                    **({"sliding_window": None} if spec.text_model == "mistral" else {}))
+    text = text_cls(**{**dict(
+        vocab_size=MODEL_VOCAB, hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads, rms_norm_eps=1e-5,
+        pad_token_id=PAD_TOKEN_ID, max_position_embeddings=4096,
+        **({"head_dim": spec.head_dim} if spec.head_dim else {}),
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        **({"sliding_window": None} if spec.text_model == "mistral" else {})),
+        **dict(spec.text_extra)})
     common = dict(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
                   vision_feature_layer=layer, vision_feature_select_strategy=strategy)
     if spec.kind == "llava":
-        return LlavaConfig(image_seq_length=(spec.image_size // 14) ** 2, **common)
-    return LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common)
+        common["image_seq_length"] = (spec.image_size // 14) ** 2
+    else:
+        common["image_grid_pinpoints"] = PINPOINTS
+    common.update(spec.llava_extra)
+    return (LlavaConfig if spec.kind == "llava" else LlavaNextConfig)(**common)
 
 
 def _processor(spec: Spec, tokenizer):
-    from transformers import (CLIPImageProcessorPil, LlavaNextImageProcessorPil,
-                              LlavaNextProcessor, LlavaProcessor)
+    from transformers import (CLIPImageProcessorPil, LlavaImageProcessorPil,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor)
 
     siglip = spec.vision == "siglip"
-    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if siglip else {}
-    size = {"shortest_edge": spec.image_size}
-    crop = {"height": spec.image_size, "width": spec.image_size}
+    kwargs = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if siglip else {}
+    kwargs.update(size={"shortest_edge": spec.image_size},
+                  crop_size={"height": spec.image_size, "width": spec.image_size})
+    kwargs.update(spec.processor_extra)
     template = TEMPLATES[spec.template] if spec.template else None
     strategy = spec.strategy or ("full" if siglip else "default")
     if spec.kind == "llava":
-        proc = CLIPImageProcessorPil(size=size, crop_size=crop, **norm)
+        # do_pad (pad to a square of the mean colour first) is LlavaImageProcessor's
+        proc = (LlavaImageProcessorPil if "do_pad" in kwargs else CLIPImageProcessorPil)(**kwargs)
         return LlavaProcessor(image_processor=proc, tokenizer=tokenizer, patch_size=14,
                               vision_feature_select_strategy=strategy,
                               num_additional_image_tokens=0 if siglip else 1,
                               chat_template=template)
-    proc = LlavaNextImageProcessorPil(size=size, crop_size=crop, image_grid_pinpoints=PINPOINTS,
-                                      **norm)
+    proc = LlavaNextImageProcessorPil(**{"image_grid_pinpoints": PINPOINTS, **kwargs})
     return LlavaNextProcessor(image_processor=proc, tokenizer=tokenizer, patch_size=14,
                               vision_feature_select_strategy=strategy,
                               num_additional_image_tokens=0 if siglip else 1,

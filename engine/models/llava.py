@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastllava.config import LlavaConfig
+from fastllava.kernels.gelu import ACTIVATIONS
 from fastllava.kv_cache import KVScales
 from fastllava.models.context import ForwardContext
 from fastllava.models.llama import LlamaModel
@@ -22,16 +23,18 @@ from fastllava.preprocess.anyres import unpad_window
 
 
 class Projector(nn.Module):
-    """linear_1 → exact (erf) GELU → linear_2, in the model dtype."""
+    """linear_1 → projector_hidden_act (exact erf GELU in every LLaVA checkpoint) → linear_2,
+    in the model dtype."""
 
     def __init__(self, config: LlavaConfig):
         super().__init__()
         hidden = config.text.hidden_size
         self.linear_1 = nn.Linear(config.vision_feature_size, hidden, bias=config.projector_bias)
         self.linear_2 = nn.Linear(hidden, hidden, bias=config.projector_bias)
+        self.act = ACTIVATIONS[config.projector_act]
 
     def forward(self, ops, x):
-        return self.linear_2(ops.gelu(self.linear_1(x), "erf"))
+        return self.linear_2(ops.gelu(self.linear_1(x), self.act))
 
 
 class LlavaModel(nn.Module):
