@@ -175,7 +175,10 @@ def test_original_tokenizer_without_image_token_splices_features(tiny_llava, tmp
     tiny.Spec(kind="llava", num_heads=8, num_kv_heads=1, head_dim=12, seed=7),
     # projector_hidden_act other than the usual exact GELU (it was read as "gelu" whatever it said)
     tiny.Spec(kind="llava", llava_extra=(("projector_hidden_act", "quick_gelu"),), seed=11),
-], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8", "projector-act"])
+    # LlavaImageProcessor with do_pad: a square of the mean colour first (it was ignored)
+    tiny.Spec(kind="llava", processor_extra=(("do_pad", True),), seed=12),
+], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8", "projector-act",
+        "processor-do-pad"])
 def test_other_checkpoint_shapes(tmp_path, spec):
     path = tiny.build(spec, tmp_path / "ckpt")
     check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))

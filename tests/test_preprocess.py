@@ -361,6 +361,11 @@ HUB_CONFIGS = {
         "crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
         "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(CLIP_MEAN),
         "image_std": list(CLIP_STD), "resample": 3, "size": 336}),
+    # LlavaImageProcessor with do_pad: a square of the mean colour before the resize
+    "llava_do_pad": ("LlavaImageProcessorPil", {
+        "crop_size": {"height": 336, "width": 336}, "do_pad": True, "image_mean": list(CLIP_MEAN),
+        "image_processor_type": "LlavaImageProcessor", "image_std": list(CLIP_STD),
+        "size": {"shortest_edge": 336}}),
     # a sparse file: everything else takes CLIPImageProcessor's defaults (224 px)
     "sparse": ("CLIPImageProcessorPil", {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
 }

@@ -115,6 +115,12 @@ class ImageProcessorConfig:
             pinpoints = d.get("image_grid_pinpoints")
             if pinpoints is None and str(d.get("image_processor_type", "")).startswith("LlavaNext"):
                 pinpoints = NEXT_PINPOINTS
+        # LlavaImageProcessor (also what AutoImageProcessor picks for a llava folder that names no
+        # type) pads to a square of the mean colour first when do_pad is set: the original repo's
+        # "pad" mode. LlavaNext's do_pad only pads the tile batch; CLIP's has no such field.
+        kind = str(d.get("image_processor_type", "LlavaImageProcessor"))
+        if pinpoints is None and d.get("do_pad") and kind.startswith("LlavaImageProcessor"):
+            pad_to_square = True
         return cls(
             shortest_edge=shortest, crop_h=crop_h, crop_w=crop_w,
             image_mean=_triple(d.get("image_mean", CLIP_MEAN), "image_mean", where),
