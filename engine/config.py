@@ -220,6 +220,10 @@ def _pinpoints(v) -> tuple[tuple[int, int], ...]:
 
 def _from_hf(d: dict) -> LlavaConfig:
     kind = "next" if d["model_type"] == "llava_next" else "llava"
+    # LlavaConfig ties lm_head to the embeddings when either level says so (the text config's
+    # flag is checked in TextConfig); a tied checkpoint stores no lm_head of its own.
+    if d.get("tie_word_embeddings"):
+        raise ConfigError("config tie_word_embeddings=true is not supported")
     image_token = d.get("image_token_index", d.get("image_token_id", 32000))
     pinpoints = _pinpoints(d.get("image_grid_pinpoints") or DEFAULT_PINPOINTS) if kind == "next" else None
     return LlavaConfig(

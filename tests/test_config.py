@@ -119,6 +119,7 @@ def test_rope_parameters_layout_and_defaults(tmp_path):
     ({"vision_feature_select_strategy": "cls"}, "strategy"),
     ({"vision_config": dict(CLIP_336, model_type="dinov2")}, "dinov2"),
     ({"projector_hidden_act": "silu"}, "projector_hidden_act 'silu'"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"),  # LlavaConfig's own flag ties too
 ])
 def test_unsupported_configs_are_named(tmp_path, patch, match):
     with pytest.raises(ConfigError, match=match):
