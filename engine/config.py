@@ -235,14 +235,33 @@ def _from_hf(d: dict) -> LlavaConfig:
         projector_act=d.get("projector_hidden_act", "gelu"), pinpoints=pinpoints)
 
 
+# Original-repo fields are read with the defaults of haotian-liu/LLaVA's code (builder.py,
+# mm_utils.process_images, llava_arch.py), which are not the values every v1.5/v1.6 config sets.
+_ORIGINAL_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
+
+
 def _from_original(d: dict, vision: dict | None) -> LlavaConfig:
-    if d.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ConfigError(f"mm_projector_type {d['mm_projector_type']!r} is not supported")
-    aspect = d.get("image_aspect_ratio", "pad")
-    kind = "next" if "anyres" in str(aspect) else "llava"
-    if kind == "next" and d.get("mm_patch_merge_type", "spatial_unpad") != "spatial_unpad":
-        raise ConfigError(f"mm_patch_merge_type {d['mm_patch_merge_type']!r} is not supported")
-    text_type = "mistral" if d.get("model_type") == "llava_mistral" else "llama"
+    def refuse(field: str, default, why: str = "is not supported"):
+        value = d.get(field, default)
+        shown = f"{value!r}" if field in d else f"{value!r} (the default when it is absent)"
+        raise ConfigError(f"original LLaVA config: {field} {shown} {why}")
+
+    if d.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        refuse("mm_projector_type", "linear", "is not supported (mlp2x_gelu)")
+    # process_images: "pad" squares the image first, "anyres" tiles it, absent (or "square") is
+    # the plain resize + center crop; the LLaVA-NeXT fork's other modes (anyres_max_9, highres,
+    # crop_split) tile differently.
+    aspect = d.get("image_aspect_ratio")
+    if aspect not in (None, "pad", "anyres", "square"):
+        refuse("image_aspect_ratio", None, "is not supported (pad, anyres, square)")
+    kind = "next" if aspect == "anyres" else "llava"
+    if kind == "next" and d.get("mm_patch_merge_type", "flat") != "spatial_unpad":
+        refuse("mm_patch_merge_type", "flat", "is not supported with anyres (spatial_unpad)")
+    if d.get("mm_use_im_start_end"):  # the prompt would wrap each image in <im_start>/<im_end>
+        refuse("mm_use_im_start_end", False)
+    if d.get("model_type", "llava") not in _ORIGINAL_TEXT_TYPES:
+        refuse("model_type", None, f"is not supported ({', '.join(_ORIGINAL_TEXT_TYPES)})")
+    text_type = _ORIGINAL_TEXT_TYPES[d.get("model_type", "llava")]
     text = TextConfig.from_dict({**d, "model_type": text_type})
     select = {"patch": "default", "cls_patch": "full"}.get(d.get("mm_vision_select_feature", "patch"))
     if select is None:

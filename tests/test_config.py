@@ -129,3 +129,30 @@ def test_unsupported_configs_are_named(tmp_path, patch, match):
 def test_not_a_llava_config(tmp_path):
     with pytest.raises(ConfigError, match="not a LLaVA config"):
         _load(tmp_path, {"model_type": "bert"})
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+@pytest.mark.parametrize("config, match", [
+    # haotian-liu/LLaVA's own defaults for absent fields: a linear projector, "flat" merging
+    (_without(ORIGINAL_34B, "mm_projector_type"), "mm_projector_type 'linear'"),
+    (_without(ORIGINAL_34B, "mm_patch_merge_type"), "mm_patch_merge_type 'flat'"),
+    # the LLaVA-NeXT fork's tiling modes, another text model, image start/end markers
+    ({**ORIGINAL_34B, "image_aspect_ratio": "anyres_max_9"}, "image_aspect_ratio 'anyres_max_9'"),
+    ({**ORIGINAL_34B, "model_type": "llava_qwen"}, "model_type 'llava_qwen'"),
+    ({**ORIGINAL_34B, "mm_use_im_start_end": True}, "mm_use_im_start_end"),
+])
+def test_original_configs_outside_the_supported_set_are_named(tmp_path, config, match):
+    with pytest.raises(ConfigError, match=match):
+        _load(tmp_path, config)
+
+
+@pytest.mark.parametrize("aspect, pad", [("pad", True), (None, False), ("square", False)])
+def test_original_aspect_modes(tmp_path, aspect, pad):
+    """process_images pads only for "pad": absent (or "square") is the plain resize + crop."""
+    base = {k: v for k, v in ORIGINAL_34B.items() if k not in ("image_aspect_ratio",
+                                                               "image_grid_pinpoints")}
+    c = _load(tmp_path, base if aspect is None else {**base, "image_aspect_ratio": aspect})
+    assert (c.kind, c.pad_to_square) == ("llava", pad)
