@@ -24,7 +24,11 @@ _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=110
                        sliding_window=None, tie_word_embeddings=False)
 _MISTRAL_DEFAULTS = dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
                          max_position_embeddings=4096 * 32, sliding_window=4096)
-_TEXT_DEFAULTS = {"llama": _LLAMA_DEFAULTS, "mistral": _MISTRAL_DEFAULTS}
+# Qwen2 (llava-next-72b/110b-hf, llava-interleave-qwen): Llama with biased q/k/v projections;
+# its sliding_window only applies with use_sliding_window (checked in TextConfig.from_dict).
+_QWEN2_DEFAULTS = dict(_LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                       max_position_embeddings=32768, use_sliding_window=False, layer_types=None)
+_TEXT_DEFAULTS = {"llama": _LLAMA_DEFAULTS, "mistral": _MISTRAL_DEFAULTS, "qwen2": _QWEN2_DEFAULTS}
 _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                       num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
                       hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -100,7 +104,8 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    model_type: str            # "llama" | "mistral" (Vicuna, Mistral, Yi are all Llama-family)
+    model_type: str            # "llama" | "mistral" | "qwen2" (Vicuna, Mistral, Yi, Qwen2 are all
+                               # Llama-family)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -112,6 +117,7 @@ class TextConfig:
     rms_norm_eps: float
     rope_theta: float
     hidden_act: str = "silu"
+    qkv_bias: bool = False     # Qwen2: q/k/v projections have biases (o_proj and the MLP none)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -131,8 +137,17 @@ class TextConfig:
     def from_dict(cls, d: dict) -> TextConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in _TEXT_DEFAULTS:
-            raise ConfigError(f"text model_type {model_type!r} is not supported (llama, mistral)")
+            raise ConfigError(f"text model_type {model_type!r} is not supported "
+                              f"({', '.join(_TEXT_DEFAULTS)})")
         f = _merged(_TEXT_DEFAULTS[model_type], d)
+        if model_type == "qwen2":
+            if f["use_sliding_window"]:
+                raise ConfigError("sliding-window attention is not supported "
+                                  "(text config use_sliding_window=true)")
+            if any(t != "full_attention" for t in f["layer_types"] or ()):
+                raise ConfigError(f"text config layer_types {f['layer_types']} is not supported "
+                                  "(only full_attention)")
+            f["sliding_window"] = None   # Qwen2Config drops it without use_sliding_window
         # transformers 5 writes rope_parameters = {rope_theta, rope_type}; hub files use rope_theta.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -153,7 +168,7 @@ class TextConfig:
                    num_attention_heads=f["num_attention_heads"], num_key_value_heads=kv,
                    head_dim=head_dim, max_position_embeddings=f["max_position_embeddings"],
                    rms_norm_eps=float(f["rms_norm_eps"]), rope_theta=rope_theta,
-                   hidden_act=f["hidden_act"])
+                   hidden_act=f["hidden_act"], qkv_bias=model_type == "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)

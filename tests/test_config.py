@@ -156,3 +156,22 @@ def test_original_aspect_modes(tmp_path, aspect, pad):
                                                                "image_grid_pinpoints")}
     c = _load(tmp_path, base if aspect is None else {**base, "image_aspect_ratio": aspect})
     assert (c.kind, c.pad_to_square) == ("llava", pad)
+
+
+def test_qwen2_text_config(tmp_path):
+    """llava-next-72b/110b-hf: a Qwen2 decoder (q/k/v biases); its sliding window is off unless
+    use_sliding_window says otherwise, and tensor parallelism of the biases is refused by name."""
+    from fastllava.models.parallel import TensorParallel, TensorParallelError, shard_decoder
+
+    qwen = {"model_type": "qwen2", "hidden_size": 8192, "intermediate_size": 29568,
+            "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8,
+            "rope_theta": 1000000.0, "sliding_window": 4096, "vocab_size": 152064}
+    c = _load(tmp_path, {**NEXT_34B, "text_config": qwen})
+    assert (c.text.qkv_bias, c.text.head_dim, c.text.max_position_embeddings) == (True, 128, 32768)
+    with torch.device("meta"):
+        model = LlavaModel(c)
+    assert model.language_model.layers[0].self_attn.qkv_proj.bias.shape == (8192 + 2 * 1024,)
+    with pytest.raises(TensorParallelError, match="qwen2"):
+        shard_decoder(model, TensorParallel(0, 2))
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        _load(tmp_path, {**NEXT_34B, "text_config": {**qwen, "use_sliding_window": True}})

@@ -177,8 +177,11 @@ def test_original_tokenizer_without_image_token_splices_features(tiny_llava, tmp
     tiny.Spec(kind="llava", llava_extra=(("projector_hidden_act", "quick_gelu"),), seed=11),
     # LlavaImageProcessor with do_pad: a square of the mean colour first (it was ignored)
     tiny.Spec(kind="llava", processor_extra=(("do_pad", True),), seed=12),
+    # llava-next-72b/110b-hf shape: Qwen2 text model (q/k/v biases), chatml
+    tiny.Spec(kind="next", text_model="qwen2", template="chatml", rope_theta=1e6, seed=8,
+              perturb=True),
 ], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8", "projector-act",
-        "processor-do-pad"])
+        "processor-do-pad", "qwen2"])
 def test_other_checkpoint_shapes(tmp_path, spec):
     path = tiny.build(spec, tmp_path / "ckpt")
     check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))

@@ -68,7 +68,7 @@ class Spec:
     template: str | None = "vicuna"  # key of TEMPLATES, or None to ship no chat template
     num_heads: int = 4
     num_kv_heads: int = 2       # 4 = MHA (LLaVA-1.5 style), 2 = GQA
-    text_model: str = "llama"   # "llama" | "mistral"
+    text_model: str = "llama"   # "llama" | "mistral" | "qwen2"
     rope_theta: float = 10000.0
     seed: int = 0
     feature_layer: int | tuple[int, ...] | None = None  # None: -2 (CLIP) / -1 (SigLIP)
@@ -84,6 +84,9 @@ class Spec:
     vision_extra: tuple = ()
     llava_extra: tuple = ()
     processor_extra: tuple = ()
+    # transformers initializes every bias to 0 and every norm weight to 1, so a bias or norm
+    # weight the engine dropped would go unseen: True draws them at random too.
+    perturb: bool = False
 
 
 def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
@@ -131,7 +134,7 @@ def hf_tokenizer(spm_path: Path, template: str | None):
 
 def _configs(spec: Spec):
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig,
-                              MistralConfig, SiglipVisionConfig)
+                              MistralConfig, Qwen2Config, SiglipVisionConfig)
 
     if spec.kind == "next" and spec.image_size != 56:
         raise ValueError("tiny LLaVA-NeXT checkpoints use 56 px tiles (PINPOINTS are in them)")
@@ -148,7 +151,7 @@ def _configs(spec: Spec):
     layer = list(spec.feature_layer) if isinstance(spec.feature_layer, tuple) else (
         spec.feature_layer if spec.feature_layer is not None else layer)
     strategy = spec.strategy or strategy
-    text_cls = MistralConfig if spec.text_model == "mistral" else LlamaConfig
+    text_cls = {"mistral": MistralConfig, "qwen2": Qwen2Config}.get(spec.text_model, LlamaConfig)
     text = text_cls(**{**dict(
         vocab_size=MODEL_VOCAB, hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -208,6 +211,13 @@ def build(spec: Spec, out_dir: Path, *, max_shard_size: str | None = "100KB") ->
     config = _configs(spec)
     cls = LlavaForConditionalGeneration if spec.kind == "llava" else LlavaNextForConditionalGeneration
     model = cls(config).eval()
+    if spec.perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.1)
+                elif "norm" in name:   # RMSNorm / LayerNorm weights (CLIP's pre_layrnorm too)
+                    p.normal_(1.0, 0.2)
     eos = [2, tokenizer.convert_tokens_to_ids("<|im_end|>")] if spec.template == "chatml" else 2
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=eos,
                                                pad_token_id=PAD_TOKEN_ID)
