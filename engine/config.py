@@ -148,11 +148,17 @@ class TextConfig:
                 raise ConfigError(f"text config layer_types {f['layer_types']} is not supported "
                                   "(only full_attention)")
             f["sliding_window"] = None   # Qwen2Config drops it without use_sliding_window
+        if model_type == "llama":        # LlamaConfig has no sliding window: a stray field is inert
+            f["sliding_window"] = None
         # transformers 5 writes rope_parameters = {rope_theta, rope_type}; hub files use rope_theta.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"rope type {rope_type!r} is not supported (only default RoPE)")
+        # A legacy rope_scaling dict wins over rope_parameters (convert_rope_params_to_dict).
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        for field in ("rope_parameters", "rope_scaling"):
+            given = d.get(field) or {}
+            rope_type = given.get("rope_type", given.get("type", "default"))
+            if rope_type != "default":
+                raise ConfigError(f"text config {field} rope_type {rope_type!r} is not supported "
+                                  "(only default RoPE)")
         rope_theta = float(rope.get("rope_theta", f["rope_theta"]))
         for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
             if f[flag]:

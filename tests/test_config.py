@@ -103,10 +103,22 @@ def test_real_checkpoint_configs(tmp_path, config, expect):
     assert 0.29 < vision_b < 0.35, vision_b
 
 
+def test_llama_ignores_a_sliding_window_field(tmp_path):
+    """LlamaConfig has no sliding window (transformers never reads the field for Llama)."""
+    text = {**LLAVA_15_13B["text_config"], "sliding_window": 1024}
+    assert _load(tmp_path, {**LLAVA_15_13B, "text_config": text}).text.hidden_size == 5120
+
+
 def test_rope_parameters_layout_and_defaults(tmp_path):
     c = _load(tmp_path, {"model_type": "llava", "text_config": {
         "model_type": "llama", "rope_parameters": {"rope_theta": 123.0, "rope_type": "default"}}})
     assert c.text.rope_theta == 123.0
+    both = {"model_type": "llama", "rope_parameters": {"rope_theta": 123.0, "rope_type": "default"},
+            "rope_scaling": {"rope_theta": 456.0, "rope_type": "default"}}
+    from transformers import LlamaConfig   # the legacy rope_scaling wins there
+
+    expected = LlamaConfig.from_dict(both).rope_parameters["rope_theta"]
+    assert _load(tmp_path, {"model_type": "llava", "text_config": both}).text.rope_theta == expected
     assert (c.text.hidden_size, c.text.num_hidden_layers, c.text.rms_norm_eps) == (4096, 32, 1e-6)
     assert c.vision.image_size == 336  # LlavaConfig's default tower: CLIP ViT-L/14-336
 
@@ -114,6 +126,10 @@ def test_rope_parameters_layout_and_defaults(tmp_path):
 @pytest.mark.parametrize("patch, match", [
     ({"text_config": {"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2}}},
      "rope"),
+    ({"text_config": {"model_type": "llama", "rope_parameters": {"rope_type": "llama3"}}},
+     "rope_parameters rope_type 'llama3'"),
+    ({"text_config": {"model_type": "llama", "rope_parameters": {"rope_type": "default"},
+                      "rope_scaling": {"rope_type": "yarn", "factor": 4}}}, "rope_scaling"),
     ({"text_config": {"model_type": "mistral"}}, "sliding"),  # MistralConfig default: 4096
     ({"text_config": {"model_type": "gemma"}}, "gemma"),
     ({"vision_feature_select_strategy": "cls"}, "strategy"),
