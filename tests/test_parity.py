@@ -180,8 +180,11 @@ def test_original_tokenizer_without_image_token_splices_features(tiny_llava, tmp
     # llava-next-72b/110b-hf shape: Qwen2 text model (q/k/v biases), chatml
     tiny.Spec(kind="next", text_model="qwen2", template="chatml", rope_theta=1e6, seed=8,
               perturb=True),
+    # llava-interleave-qwen-7b-hf shape: SigLIP tower and processor (exact resize, no crop), Qwen2
+    tiny.Spec(kind="llava", vision="siglip", text_model="qwen2", template="chatml", perturb=True,
+              processor_extra=(("size", {"height": 56, "width": 56}),), seed=9),
 ], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8", "projector-act",
-        "processor-do-pad", "qwen2"])
+        "processor-do-pad", "qwen2", "interleave"])
 def test_other_checkpoint_shapes(tmp_path, spec):
     path = tiny.build(spec, tmp_path / "ckpt")
     check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))

@@ -174,7 +174,8 @@ def _configs(spec: Spec):
 
 def _processor(spec: Spec, tokenizer):
     from transformers import (CLIPImageProcessorPil, LlavaImageProcessorPil,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor)
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor,
+                              SiglipImageProcessorPil)
 
     siglip = spec.vision == "siglip"
     kwargs = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if siglip else {}
@@ -184,8 +185,13 @@ def _processor(spec: Spec, tokenizer):
     template = TEMPLATES[spec.template] if spec.template else None
     strategy = spec.strategy or ("full" if siglip else "default")
     if spec.kind == "llava":
-        # do_pad (pad to a square of the mean colour first) is LlavaImageProcessor's
-        proc = (LlavaImageProcessorPil if "do_pad" in kwargs else CLIPImageProcessorPil)(**kwargs)
+        # do_pad (pad to a square of the mean colour first) is LlavaImageProcessor's; an exact
+        # {"height", "width"} size without a crop is SiglipImageProcessor's (llava-interleave)
+        if "height" in kwargs["size"]:
+            kwargs.pop("crop_size")
+            proc = SiglipImageProcessorPil(**kwargs)
+        else:
+            proc = (LlavaImageProcessorPil if "do_pad" in kwargs else CLIPImageProcessorPil)(**kwargs)
         return LlavaProcessor(image_processor=proc, tokenizer=tokenizer, patch_size=14,
                               vision_feature_select_strategy=strategy,
                               num_additional_image_tokens=0 if siglip else 1,
