@@ -118,6 +118,7 @@ class TextConfig:
     rope_theta: float
     hidden_act: str = "silu"
     qkv_bias: bool = False     # Qwen2: q/k/v projections have biases (o_proj and the MLP none)
+    tie_word_embeddings: bool = False  # lm_head is the embedding table (Qwen2-0.5B)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -160,7 +161,7 @@ class TextConfig:
                 raise ConfigError(f"text config {field} rope_type {rope_type!r} is not supported "
                                   "(only default RoPE)")
         rope_theta = float(rope.get("rope_theta", f["rope_theta"]))
-        for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        for flag in ("attention_bias", "mlp_bias"):
             if f[flag]:
                 raise ConfigError(f"text config {flag}=true is not supported")
         if f["sliding_window"] is not None and f["sliding_window"] < f["max_position_embeddings"]:
@@ -174,7 +175,8 @@ class TextConfig:
                    num_attention_heads=f["num_attention_heads"], num_key_value_heads=kv,
                    head_dim=head_dim, max_position_embeddings=f["max_position_embeddings"],
                    rms_norm_eps=float(f["rms_norm_eps"]), rope_theta=rope_theta,
-                   hidden_act=f["hidden_act"], qkv_bias=model_type == "qwen2")
+                   hidden_act=f["hidden_act"], qkv_bias=model_type == "qwen2",
+                   tie_word_embeddings=bool(f["tie_word_embeddings"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,15 +243,14 @@ def _pinpoints(v) -> tuple[tuple[int, int], ...]:
 
 def _from_hf(d: dict) -> LlavaConfig:
     kind = "next" if d["model_type"] == "llava_next" else "llava"
-    # LlavaConfig ties lm_head to the embeddings when either level says so (the text config's
-    # flag is checked in TextConfig); a tied checkpoint stores no lm_head of its own.
-    if d.get("tie_word_embeddings"):
-        raise ConfigError("config tie_word_embeddings=true is not supported")
     image_token = d.get("image_token_index", d.get("image_token_id", 32000))
+    text = TextConfig.from_dict(d.get("text_config") or {})
+    if d.get("tie_word_embeddings"):  # LlavaConfig ties when either level says so
+        text = dataclasses.replace(text, tie_word_embeddings=True)
     pinpoints = _pinpoints(d.get("image_grid_pinpoints") or DEFAULT_PINPOINTS) if kind == "next" else None
     return LlavaConfig(
         kind=kind, layout="hf", vision=VisionConfig.from_dict(d.get("vision_config")),
-        text=TextConfig.from_dict(d.get("text_config") or {}), image_token_id=image_token,
+        text=text, image_token_id=image_token,
         vision_feature_layers=_layers(d.get("vision_feature_layer", -2)),
         select_strategy=d.get("vision_feature_select_strategy", "default"),
         projector_bias=d.get("multimodal_projector_bias", True),

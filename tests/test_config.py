@@ -135,7 +135,6 @@ def test_rope_parameters_layout_and_defaults(tmp_path):
     ({"vision_feature_select_strategy": "cls"}, "strategy"),
     ({"vision_config": dict(CLIP_336, model_type="dinov2")}, "dinov2"),
     ({"projector_hidden_act": "silu"}, "projector_hidden_act 'silu'"),
-    ({"tie_word_embeddings": True}, "tie_word_embeddings"),  # LlavaConfig's own flag ties too
 ])
 def test_unsupported_configs_are_named(tmp_path, patch, match):
     with pytest.raises(ConfigError, match=match):
@@ -191,3 +190,26 @@ def test_qwen2_text_config(tmp_path):
         shard_decoder(model, TensorParallel(0, 2))
     with pytest.raises(ConfigError, match="use_sliding_window"):
         _load(tmp_path, {**NEXT_34B, "text_config": {**qwen, "use_sliding_window": True}})
+
+
+@pytest.mark.parametrize("top, text", [(True, False), (False, True)])
+def test_tied_embeddings_stay_tied(tmp_path, top, text):
+    """LlavaConfig ties lm_head to the embeddings when either level says so; the tie survives
+    tensor-parallel sharding and `to_empty` (which gives every parameter new storage)."""
+    from fastllava.models.parallel import TensorParallel, shard_decoder
+
+    tiny_text = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 96,
+                 "tie_word_embeddings": text}
+    c = _load(tmp_path, {"model_type": "llava", "tie_word_embeddings": top,
+                         "text_config": tiny_text})
+    assert c.text.tie_word_embeddings
+    for tp in (None, TensorParallel(1, 2)):
+        with torch.device("meta"):
+            model = LlavaModel(c)
+            if tp is not None:
+                shard_decoder(model, tp)
+        model = model.to_empty(device="cpu")
+        model.reset_buffers()
+        assert model.lm_head.weight is model.language_model.embed_tokens.weight
+        assert model.is_unused_weight("lm_head.weight")

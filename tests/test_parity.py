@@ -183,8 +183,10 @@ def test_original_tokenizer_without_image_token_splices_features(tiny_llava, tmp
     # llava-interleave-qwen-7b-hf shape: SigLIP tower and processor (exact resize, no crop), Qwen2
     tiny.Spec(kind="llava", vision="siglip", text_model="qwen2", template="chatml", perturb=True,
               processor_extra=(("size", {"height": 56, "width": 56}),), seed=9),
+    # tie_word_embeddings (llava-interleave-qwen-0.5b-hf): lm_head is the embedding table
+    tiny.Spec(kind="next", perturb=True, llava_extra=(("tie_word_embeddings", True),), seed=13),
 ], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8", "projector-act",
-        "processor-do-pad", "qwen2", "interleave"])
+        "processor-do-pad", "qwen2", "interleave", "tied"])
 def test_other_checkpoint_shapes(tmp_path, spec):
     path = tiny.build(spec, tmp_path / "ckpt")
     check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))

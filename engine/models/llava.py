@@ -47,6 +47,8 @@ class LlavaModel(nn.Module):
             self.image_newline = nn.Parameter(torch.empty(config.text.hidden_size))
         self.language_model = LlamaModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
         # Calibrated fp8 KV-cache scales per decoder layer, from a checkpoint that stores them
         # (weights/kv_scales.py); None: 1.0. Used only when the KV cache is fp8.
         self.kv_scales: KVScales | None = None
@@ -56,11 +58,17 @@ class LlavaModel(nn.Module):
         self._unused_layer = re.compile(r"vision_tower\.layers\.(\d+)\..*")
 
     def is_unused_weight(self, name: str) -> bool:
+        if name == "lm_head.weight" and self.config.text.tie_word_embeddings:
+            return True   # tied: transformers points lm_head at the embeddings whatever is stored
         m = self._unused_layer.fullmatch(name)
         return m is not None and int(m.group(1)) >= self.config.num_vision_layers_run
 
     def reset_buffers(self):
+        """After `to_empty` (which gives every parameter new storage): recompute buffers and
+        re-tie lm_head to the embedding table when the config ties them."""
         self.language_model.reset_buffers()
+        if self.config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
 
     # ---- images -------------------------------------------------------------------------------
     def encode_images(self, ops, pixel_values: list[torch.Tensor], image_sizes: list[tuple[int, int]],
