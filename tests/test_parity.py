@@ -190,3 +190,24 @@ def test_original_tokenizer_without_image_token_splices_features(tiny_llava, tmp
 def test_other_checkpoint_shapes(tmp_path, spec):
     path = tiny.build(spec, tmp_path / "ckpt")
     check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))
+
+
+def test_tied_config_with_a_stored_lm_head(tmp_path):
+    """tie_word_embeddings, but the checkpoint stores its own (different) lm_head: transformers
+    then does not tie (it warns) and runs the stored one; so must the engine."""
+    import json
+
+    from safetensors.torch import save_file
+
+    spec = tiny.Spec(kind="llava", perturb=True, seed=14,
+                     llava_extra=(("tie_word_embeddings", True),))
+    path = tiny.build(spec, tmp_path / "ckpt")
+    index = path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())
+    assert not any("lm_head" in k for k in weight_map["weight_map"])
+    torch.manual_seed(0)
+    save_file({"language_model.lm_head.weight": torch.randn(tiny.MODEL_VOCAB, spec.hidden_size)},
+              str(path / "lm_head.safetensors"), metadata={"format": "pt"})
+    weight_map["weight_map"]["language_model.lm_head.weight"] = "lm_head.safetensors"
+    index.write_text(json.dumps(weight_map))
+    check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))

@@ -58,8 +58,6 @@ class LlavaModel(nn.Module):
         self._unused_layer = re.compile(r"vision_tower\.layers\.(\d+)\..*")
 
     def is_unused_weight(self, name: str) -> bool:
-        if name == "lm_head.weight" and self.config.text.tie_word_embeddings:
-            return True   # tied: transformers points lm_head at the embeddings whatever is stored
         m = self._unused_layer.fullmatch(name)
         return m is not None and int(m.group(1)) >= self.config.num_vision_layers_run
 
