@@ -24,7 +24,11 @@ _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=110
                        sliding_window=None, tie_word_embeddings=False)
 _MISTRAL_DEFAULTS = dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
                          max_position_embeddings=4096 * 32, sliding_window=4096)
-_TEXT_DEFAULTS = {"llama": _LLAMA_DEFAULTS, "mistral": _MISTRAL_DEFAULTS}
+# Qwen2 (llava-next-72b/110b-hf, llava-interleave-qwen): Llama with biased q/k/v projections;
+# its sliding_window only applies with use_sliding_window (checked in TextConfig.from_dict).
+_QWEN2_DEFAULTS = dict(_LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                       max_position_embeddings=32768, use_sliding_window=False, layer_types=None)
+_TEXT_DEFAULTS = {"llama": _LLAMA_DEFAULTS, "mistral": _MISTRAL_DEFAULTS, "qwen2": _QWEN2_DEFAULTS}
 _CLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                       num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
                       hidden_act="quick_gelu", layer_norm_eps=1e-5)
@@ -37,6 +41,9 @@ _SIGLIP_DEFAULTS = dict(_CLIP_DEFAULTS, patch_size=16, hidden_act="gelu_pytorch_
 _VISION_DEFAULTS = {"clip_vision_model": _CLIP_DEFAULTS, "clip": _CLIP_DEFAULTS,
                     "siglip_vision_model": _SIGLIP_DEFAULTS, "siglip": _SIGLIP_DEFAULTS}
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# Activations the towers and the projector can run (kernels/gelu.py ACTIVATIONS), by the names
+# transformers' ACT2FN gives them.
+GELU_ACTS = ("gelu", "gelu_pytorch_tanh", "quick_gelu")
 
 
 class ConfigError(ValueError):
@@ -67,8 +74,8 @@ class VisionConfig:
             raise ConfigError("vision hidden_size must be a multiple of num_attention_heads")
         if self.image_size % self.patch_size:
             raise ConfigError("vision image_size must be a multiple of patch_size")
-        if self.hidden_act not in ("quick_gelu", "gelu_pytorch_tanh", "gelu"):
-            raise ConfigError(f"vision hidden_act {self.hidden_act!r} is not supported")
+        if self.hidden_act not in GELU_ACTS:
+            raise ConfigError(f"vision hidden_act {self.hidden_act!r} is not supported {GELU_ACTS}")
 
     @property
     def head_dim(self) -> int:
@@ -97,7 +104,8 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    model_type: str            # "llama" | "mistral" (Vicuna, Mistral, Yi are all Llama-family)
+    model_type: str            # "llama" | "mistral" | "qwen2" (Vicuna, Mistral, Yi, Qwen2 are all
+                               # Llama-family)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -109,6 +117,8 @@ class TextConfig:
     rms_norm_eps: float
     rope_theta: float
     hidden_act: str = "silu"
+    qkv_bias: bool = False     # Qwen2: q/k/v projections have biases (o_proj and the MLP none)
+    tie_word_embeddings: bool = False  # lm_head is the embedding table (Qwen2-0.5B)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -128,15 +138,30 @@ class TextConfig:
     def from_dict(cls, d: dict) -> TextConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in _TEXT_DEFAULTS:
-            raise ConfigError(f"text model_type {model_type!r} is not supported (llama, mistral)")
+            raise ConfigError(f"text model_type {model_type!r} is not supported "
+                              f"({', '.join(_TEXT_DEFAULTS)})")
         f = _merged(_TEXT_DEFAULTS[model_type], d)
+        if model_type == "qwen2":
+            if f["use_sliding_window"]:
+                raise ConfigError("sliding-window attention is not supported "
+                                  "(text config use_sliding_window=true)")
+            if any(t != "full_attention" for t in f["layer_types"] or ()):
+                raise ConfigError(f"text config layer_types {f['layer_types']} is not supported "
+                                  "(only full_attention)")
+            f["sliding_window"] = None   # Qwen2Config drops it without use_sliding_window
+        if model_type == "llama":        # LlamaConfig has no sliding window: a stray field is inert
+            f["sliding_window"] = None
         # transformers 5 writes rope_parameters = {rope_theta, rope_type}; hub files use rope_theta.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"rope type {rope_type!r} is not supported (only default RoPE)")
+        # A legacy rope_scaling dict wins over rope_parameters (convert_rope_params_to_dict).
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        for field in ("rope_parameters", "rope_scaling"):
+            given = d.get(field) or {}
+            rope_type = given.get("rope_type", given.get("type", "default"))
+            if rope_type != "default":
+                raise ConfigError(f"text config {field} rope_type {rope_type!r} is not supported "
+                                  "(only default RoPE)")
         rope_theta = float(rope.get("rope_theta", f["rope_theta"]))
-        for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        for flag in ("attention_bias", "mlp_bias"):
             if f[flag]:
                 raise ConfigError(f"text config {flag}=true is not supported")
         if f["sliding_window"] is not None and f["sliding_window"] < f["max_position_embeddings"]:
@@ -150,7 +175,8 @@ class TextConfig:
                    num_attention_heads=f["num_attention_heads"], num_key_value_heads=kv,
                    head_dim=head_dim, max_position_embeddings=f["max_position_embeddings"],
                    rms_norm_eps=float(f["rms_norm_eps"]), rope_theta=rope_theta,
-                   hidden_act=f["hidden_act"])
+                   hidden_act=f["hidden_act"], qkv_bias=model_type == "qwen2",
+                   tie_word_embeddings=bool(f["tie_word_embeddings"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +189,7 @@ class LlavaConfig:
     vision_feature_layers: tuple[int, ...]  # hidden-state indices (0 = embeddings), concatenated
     select_strategy: str                   # "default" drops CLS, "full" keeps every token
     projector_bias: bool = True
+    projector_act: str = "gelu"            # between the projector's linears (ACT2FN name)
     pinpoints: tuple[tuple[int, int], ...] | None = None   # (h, w), NeXT only
     pad_to_square: bool = False            # original v1.5 image_aspect_ratio "pad"
     mm_vision_tower: str | None = None     # original v1.5: separate CLIP checkpoint
@@ -178,6 +205,9 @@ class LlavaConfig:
             raise ConfigError("strategy 'default' drops a CLS token that SigLIP does not have")
         if self.kind == "next" and self.vision.kind == "clip" and self.select_strategy == "full":
             raise ConfigError("anyres with CLS tokens kept ('full') is not supported")
+        if self.projector_act not in GELU_ACTS:
+            raise ConfigError(f"projector_hidden_act {self.projector_act!r} is not supported "
+                              f"{GELU_ACTS}")
         if self.kind == "next" and not self.pinpoints:
             raise ConfigError("LLaVA-NeXT needs image_grid_pinpoints")
         if self.quantization not in (None, *QUANTIZATIONS):
@@ -214,23 +244,46 @@ def _pinpoints(v) -> tuple[tuple[int, int], ...]:
 def _from_hf(d: dict) -> LlavaConfig:
     kind = "next" if d["model_type"] == "llava_next" else "llava"
     image_token = d.get("image_token_index", d.get("image_token_id", 32000))
+    text = TextConfig.from_dict(d.get("text_config") or {})
+    if d.get("tie_word_embeddings"):  # LlavaConfig ties when either level says so
+        text = dataclasses.replace(text, tie_word_embeddings=True)
     pinpoints = _pinpoints(d.get("image_grid_pinpoints") or DEFAULT_PINPOINTS) if kind == "next" else None
     return LlavaConfig(
         kind=kind, layout="hf", vision=VisionConfig.from_dict(d.get("vision_config")),
-        text=TextConfig.from_dict(d.get("text_config") or {}), image_token_id=image_token,
+        text=text, image_token_id=image_token,
         vision_feature_layers=_layers(d.get("vision_feature_layer", -2)),
         select_strategy=d.get("vision_feature_select_strategy", "default"),
-        projector_bias=d.get("multimodal_projector_bias", True), pinpoints=pinpoints)
+        projector_bias=d.get("multimodal_projector_bias", True),
+        projector_act=d.get("projector_hidden_act", "gelu"), pinpoints=pinpoints)
+
+
+# Original-repo fields are read with the defaults of haotian-liu/LLaVA's code (builder.py,
+# mm_utils.process_images, llava_arch.py), which are not the values every v1.5/v1.6 config sets.
+_ORIGINAL_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral"}
 
 
 def _from_original(d: dict, vision: dict | None) -> LlavaConfig:
-    if d.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ConfigError(f"mm_projector_type {d['mm_projector_type']!r} is not supported")
-    aspect = d.get("image_aspect_ratio", "pad")
-    kind = "next" if "anyres" in str(aspect) else "llava"
-    if kind == "next" and d.get("mm_patch_merge_type", "spatial_unpad") != "spatial_unpad":
-        raise ConfigError(f"mm_patch_merge_type {d['mm_patch_merge_type']!r} is not supported")
-    text_type = "mistral" if d.get("model_type") == "llava_mistral" else "llama"
+    def refuse(field: str, default, why: str = "is not supported"):
+        value = d.get(field, default)
+        shown = f"{value!r}" if field in d else f"{value!r} (the default when it is absent)"
+        raise ConfigError(f"original LLaVA config: {field} {shown} {why}")
+
+    if d.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        refuse("mm_projector_type", "linear", "is not supported (mlp2x_gelu)")
+    # process_images: "pad" squares the image first, "anyres" tiles it, absent (or "square") is
+    # the plain resize + center crop; the LLaVA-NeXT fork's other modes (anyres_max_9, highres,
+    # crop_split) tile differently.
+    aspect = d.get("image_aspect_ratio")
+    if aspect not in (None, "pad", "anyres", "square"):
+        refuse("image_aspect_ratio", None, "is not supported (pad, anyres, square)")
+    kind = "next" if aspect == "anyres" else "llava"
+    if kind == "next" and d.get("mm_patch_merge_type", "flat") != "spatial_unpad":
+        refuse("mm_patch_merge_type", "flat", "is not supported with anyres (spatial_unpad)")
+    if d.get("mm_use_im_start_end"):  # the prompt would wrap each image in <im_start>/<im_end>
+        refuse("mm_use_im_start_end", False)
+    if d.get("model_type", "llava") not in _ORIGINAL_TEXT_TYPES:
+        refuse("model_type", None, f"is not supported ({', '.join(_ORIGINAL_TEXT_TYPES)})")
+    text_type = _ORIGINAL_TEXT_TYPES[d.get("model_type", "llava")]
     text = TextConfig.from_dict({**d, "model_type": text_type})
     select = {"patch": "default", "cls_patch": "full"}.get(d.get("mm_vision_select_feature", "patch"))
     if select is None:

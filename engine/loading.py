@@ -111,6 +111,10 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
     names = list_safetensors(path)
     tower, tower_weights = _vision_tower_folder(path, names)
     config = load_config(path, read_json(tower / "config.json") if tower else None)
+    if config.text.tie_word_embeddings and any(k.endswith("lm_head.weight") for k in names):
+        # transformers 5 ties only when the checkpoint stores no lm_head of its own
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text,
+                                                                      tie_word_embeddings=False))
     tokenizer = Tokenizer.from_dir(path)
     template = load_chat_template(path) or BUILTIN_TEMPLATES[
         template_family(tokenizer, config.text.model_type)]

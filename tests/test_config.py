@@ -103,10 +103,22 @@ def test_real_checkpoint_configs(tmp_path, config, expect):
     assert 0.29 < vision_b < 0.35, vision_b
 
 
+def test_llama_ignores_a_sliding_window_field(tmp_path):
+    """LlamaConfig has no sliding window (transformers never reads the field for Llama)."""
+    text = {**LLAVA_15_13B["text_config"], "sliding_window": 1024}
+    assert _load(tmp_path, {**LLAVA_15_13B, "text_config": text}).text.hidden_size == 5120
+
+
 def test_rope_parameters_layout_and_defaults(tmp_path):
     c = _load(tmp_path, {"model_type": "llava", "text_config": {
         "model_type": "llama", "rope_parameters": {"rope_theta": 123.0, "rope_type": "default"}}})
     assert c.text.rope_theta == 123.0
+    both = {"model_type": "llama", "rope_parameters": {"rope_theta": 123.0, "rope_type": "default"},
+            "rope_scaling": {"rope_theta": 456.0, "rope_type": "default"}}
+    from transformers import LlamaConfig   # the legacy rope_scaling wins there
+
+    expected = LlamaConfig.from_dict(both).rope_parameters["rope_theta"]
+    assert _load(tmp_path, {"model_type": "llava", "text_config": both}).text.rope_theta == expected
     assert (c.text.hidden_size, c.text.num_hidden_layers, c.text.rms_norm_eps) == (4096, 32, 1e-6)
     assert c.vision.image_size == 336  # LlavaConfig's default tower: CLIP ViT-L/14-336
 
@@ -114,10 +126,15 @@ def test_rope_parameters_layout_and_defaults(tmp_path):
 @pytest.mark.parametrize("patch, match", [
     ({"text_config": {"model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2}}},
      "rope"),
+    ({"text_config": {"model_type": "llama", "rope_parameters": {"rope_type": "llama3"}}},
+     "rope_parameters rope_type 'llama3'"),
+    ({"text_config": {"model_type": "llama", "rope_parameters": {"rope_type": "default"},
+                      "rope_scaling": {"rope_type": "yarn", "factor": 4}}}, "rope_scaling"),
     ({"text_config": {"model_type": "mistral"}}, "sliding"),  # MistralConfig default: 4096
     ({"text_config": {"model_type": "gemma"}}, "gemma"),
     ({"vision_feature_select_strategy": "cls"}, "strategy"),
     ({"vision_config": dict(CLIP_336, model_type="dinov2")}, "dinov2"),
+    ({"projector_hidden_act": "silu"}, "projector_hidden_act 'silu'"),
 ])
 def test_unsupported_configs_are_named(tmp_path, patch, match):
     with pytest.raises(ConfigError, match=match):
@@ -127,3 +144,71 @@ def test_unsupported_configs_are_named(tmp_path, patch, match):
 def test_not_a_llava_config(tmp_path):
     with pytest.raises(ConfigError, match="not a LLaVA config"):
         _load(tmp_path, {"model_type": "bert"})
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+@pytest.mark.parametrize("config, match", [
+    # haotian-liu/LLaVA's own defaults for absent fields: a linear projector, "flat" merging
+    (_without(ORIGINAL_34B, "mm_projector_type"), "mm_projector_type 'linear'"),
+    (_without(ORIGINAL_34B, "mm_patch_merge_type"), "mm_patch_merge_type 'flat'"),
+    # the LLaVA-NeXT fork's tiling modes, another text model, image start/end markers
+    ({**ORIGINAL_34B, "image_aspect_ratio": "anyres_max_9"}, "image_aspect_ratio 'anyres_max_9'"),
+    ({**ORIGINAL_34B, "model_type": "llava_qwen"}, "model_type 'llava_qwen'"),
+    ({**ORIGINAL_34B, "mm_use_im_start_end": True}, "mm_use_im_start_end"),
+])
+def test_original_configs_outside_the_supported_set_are_named(tmp_path, config, match):
+    with pytest.raises(ConfigError, match=match):
+        _load(tmp_path, config)
+
+
+@pytest.mark.parametrize("aspect, pad", [("pad", True), (None, False), ("square", False)])
+def test_original_aspect_modes(tmp_path, aspect, pad):
+    """process_images pads only for "pad": absent (or "square") is the plain resize + crop."""
+    base = {k: v for k, v in ORIGINAL_34B.items() if k not in ("image_aspect_ratio",
+                                                               "image_grid_pinpoints")}
+    c = _load(tmp_path, base if aspect is None else {**base, "image_aspect_ratio": aspect})
+    assert (c.kind, c.pad_to_square) == ("llava", pad)
+
+
+def test_qwen2_text_config(tmp_path):
+    """llava-next-72b/110b-hf: a Qwen2 decoder (q/k/v biases); its sliding window is off unless
+    use_sliding_window says otherwise, and tensor parallelism of the biases is refused by name."""
+    from fastllava.models.parallel import TensorParallel, TensorParallelError, shard_decoder
+
+    qwen = {"model_type": "qwen2", "hidden_size": 8192, "intermediate_size": 29568,
+            "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8,
+            "rope_theta": 1000000.0, "sliding_window": 4096, "vocab_size": 152064}
+    c = _load(tmp_path, {**NEXT_34B, "text_config": qwen})
+    assert (c.text.qkv_bias, c.text.head_dim, c.text.max_position_embeddings) == (True, 128, 32768)
+    with torch.device("meta"):
+        model = LlavaModel(c)
+    assert model.language_model.layers[0].self_attn.qkv_proj.bias.shape == (8192 + 2 * 1024,)
+    with pytest.raises(TensorParallelError, match="qwen2"):
+        shard_decoder(model, TensorParallel(0, 2))
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        _load(tmp_path, {**NEXT_34B, "text_config": {**qwen, "use_sliding_window": True}})
+
+
+@pytest.mark.parametrize("top, text", [(True, False), (False, True)])
+def test_tied_embeddings_stay_tied(tmp_path, top, text):
+    """LlavaConfig ties lm_head to the embeddings when either level says so; the tie survives
+    tensor-parallel sharding and `to_empty` (which gives every parameter new storage)."""
+    from fastllava.models.parallel import TensorParallel, shard_decoder
+
+    tiny_text = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 96,
+                 "tie_word_embeddings": text}
+    c = _load(tmp_path, {"model_type": "llava", "tie_word_embeddings": top,
+                         "text_config": tiny_text})
+    assert c.text.tie_word_embeddings
+    for tp in (None, TensorParallel(1, 2)):
+        with torch.device("meta"):
+            model = LlavaModel(c)
+            if tp is not None:
+                shard_decoder(model, tp)
+        model = model.to_empty(device="cpu")
+        model.reset_buffers()
+        assert model.lm_head.weight is model.language_model.embed_tokens.weight

@@ -173,7 +173,41 @@ def test_original_tokenizer_without_image_token_splices_features(tiny_llava, tmp
     tiny.Spec(kind="next", feature_layer=(-1, 0), seed=6),
     # head_dim set explicitly (12, not hidden / heads = 8) and a GQA ratio of 8
     tiny.Spec(kind="llava", num_heads=8, num_kv_heads=1, head_dim=12, seed=7),
-], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8"])
+    # projector_hidden_act other than the usual exact GELU (it was read as "gelu" whatever it said)
+    tiny.Spec(kind="llava", llava_extra=(("projector_hidden_act", "quick_gelu"),), seed=11),
+    # LlavaImageProcessor with do_pad: a square of the mean colour first (it was ignored)
+    tiny.Spec(kind="llava", processor_extra=(("do_pad", True),), seed=12),
+    # llava-next-72b/110b-hf shape: Qwen2 text model (q/k/v biases), chatml
+    tiny.Spec(kind="next", text_model="qwen2", template="chatml", rope_theta=1e6, seed=8,
+              perturb=True),
+    # llava-interleave-qwen-7b-hf shape: SigLIP tower and processor (exact resize, no crop), Qwen2
+    tiny.Spec(kind="llava", vision="siglip", text_model="qwen2", template="chatml", perturb=True,
+              processor_extra=(("size", {"height": 56, "width": 56}),), seed=9),
+    # tie_word_embeddings (llava-interleave-qwen-0.5b-hf): lm_head is the embedding table
+    tiny.Spec(kind="next", perturb=True, llava_extra=(("tie_word_embeddings", True),), seed=13),
+], ids=["mistral", "layers-full", "next-layers", "headdim-gqa8", "projector-act",
+        "processor-do-pad", "qwen2", "interleave", "tied"])
 def test_other_checkpoint_shapes(tmp_path, spec):
     path = tiny.build(spec, tmp_path / "ckpt")
+    check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))
+
+
+def test_tied_config_with_a_stored_lm_head(tmp_path):
+    """tie_word_embeddings, but the checkpoint stores its own (different) lm_head: transformers
+    then does not tie (it warns) and runs the stored one; so must the engine."""
+    import json
+
+    from safetensors.torch import save_file
+
+    spec = tiny.Spec(kind="llava", perturb=True, seed=14,
+                     llava_extra=(("tie_word_embeddings", True),))
+    path = tiny.build(spec, tmp_path / "ckpt")
+    index = path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())
+    assert not any("lm_head" in k for k in weight_map["weight_map"])
+    torch.manual_seed(0)
+    save_file({"language_model.lm_head.weight": torch.randn(tiny.MODEL_VOCAB, spec.hidden_size)},
+              str(path / "lm_head.safetensors"), metadata={"format": "pt"})
+    weight_map["weight_map"]["language_model.lm_head.weight"] = "lm_head.safetensors"
+    index.write_text(json.dumps(weight_map))
     check_parity(path, path, _image(tmp_path / "img.png", 61, 97, seed=spec.seed))

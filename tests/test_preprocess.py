@@ -361,6 +361,17 @@ HUB_CONFIGS = {
         "crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
         "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(CLIP_MEAN),
         "image_std": list(CLIP_STD), "resample": 3, "size": 336}),
+    # LlavaImageProcessor with do_pad: a square of the mean colour before the resize
+    "llava_do_pad": ("LlavaImageProcessorPil", {
+        "crop_size": {"height": 336, "width": 336}, "do_pad": True, "image_mean": list(CLIP_MEAN),
+        "image_processor_type": "LlavaImageProcessor", "image_std": list(CLIP_STD),
+        "size": {"shortest_edge": 336}}),
+    # SiglipImageProcessor as transformers 5 saves it (llava-interleave): an exact resize, no crop,
+    # mean/std 0.5 by default
+    "siglip": ("SiglipImageProcessorPil", {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_processor_type": "SiglipImageProcessor", "resample": 3,
+        "rescale_factor": 0.00392156862745098, "size": {"height": 336, "width": 336}}),
     # a sparse file: everything else takes CLIPImageProcessor's defaults (224 px)
     "sparse": ("CLIPImageProcessorPil", {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
 }
@@ -386,7 +397,7 @@ def test_hub_preprocessor_configs(name, tmp_path):
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
         ImageProcessorConfig.from_dir(tmp_path)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 384, "width": 384}}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"longest_edge": 384}}))
     with pytest.raises(ValueError, match="unsupported size"):
         ImageProcessorConfig.from_dir(tmp_path)
     with pytest.raises(ValueError, match="multiples of the tile size"):

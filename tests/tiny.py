@@ -68,7 +68,7 @@ class Spec:
     template: str | None = "vicuna"  # key of TEMPLATES, or None to ship no chat template
     num_heads: int = 4
     num_kv_heads: int = 2       # 4 = MHA (LLaVA-1.5 style), 2 = GQA
-    text_model: str = "llama"   # "llama" | "mistral"
+    text_model: str = "llama"   # "llama" | "mistral" | "qwen2"
     rope_theta: float = 10000.0
     seed: int = 0
     feature_layer: int | tuple[int, ...] | None = None  # None: -2 (CLIP) / -1 (SigLIP)
@@ -78,6 +78,15 @@ class Spec:
     intermediate_size: int = 128
     num_layers: int = 2
     image_size: int = 56        # vision tile side (LLaVA-1.5 only; 336 = the real 576 image tokens)
+    # Extra config fields, as (name, value) pairs (the Spec stays hashable): of the text config,
+    # of the vision config, of the top-level Llava(Next)Config, of the image processor.
+    text_extra: tuple = ()
+    vision_extra: tuple = ()
+    llava_extra: tuple = ()
+    processor_extra: tuple = ()
+    # transformers initializes every bias to 0 and every norm weight to 1, so a bias or norm
+    # weight the engine dropped would go unseen: True draws them at random too.
+    perturb: bool = False
 
 
 def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
@@ -125,56 +134,69 @@ def hf_tokenizer(spm_path: Path, template: str | None):
 
 def _configs(spec: Spec):
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig,
-                              MistralConfig, SiglipVisionConfig)
+                              MistralConfig, Qwen2Config, SiglipVisionConfig)
 
     if spec.kind == "next" and spec.image_size != 56:
         raise ValueError("tiny LLaVA-NeXT checkpoints use 56 px tiles (PINPOINTS are in them)")
     if spec.vision == "clip":
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                   num_attention_heads=4, image_size=spec.image_size,
-                                  patch_size=14)
+                                  patch_size=14, **dict(spec.vision_extra))
         layer, strategy = -2, "default"
     else:  # SigLIP: head_dim 12, no CLS, last layer's output, all tokens kept
         vision = SiglipVisionConfig(hidden_size=36, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=3, image_size=56, patch_size=14)
+                                    num_attention_heads=3, image_size=56, patch_size=14,
+                                    **dict(spec.vision_extra))
         layer, strategy = -1, "full"
     layer = list(spec.feature_layer) if isinstance(spec.feature_layer, tuple) else (
         spec.feature_layer if spec.feature_layer is not None else layer)
     strategy = spec.strategy or strategy
-    text_cls = MistralConfig if spec.text_model == "mistral" else LlamaConfig
-    text = text_cls(vocab_size=MODEL_VOCAB, hidden_size=spec.hidden_size,
-                    intermediate_size=spec.intermediate_size,
-                    num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                    num_key_value_heads=spec.num_kv_heads, rms_norm_eps=1e-5,
-                    pad_token_id=PAD_TOKEN_ID, max_position_embeddings=4096,
-                    **({"head_dim": spec.head_dim} if spec.head_dim else {}),
-                    rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-                    **({"sliding_window": None} if spec.text_model == "mistral" else {}))
+    text_cls = {"mistral": MistralConfig, "qwen2": Qwen2Config}.get(spec.text_model, LlamaConfig)
+    text = text_cls(**{**dict(
+        vocab_size=MODEL_VOCAB, hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads, rms_norm_eps=1e-5,
+        pad_token_id=PAD_TOKEN_ID, max_position_embeddings=4096,
+        **({"head_dim": spec.head_dim} if spec.head_dim else {}),
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        **({"sliding_window": None} if spec.text_model == "mistral" else {})),
+        **dict(spec.text_extra)})
     common = dict(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
                   vision_feature_layer=layer, vision_feature_select_strategy=strategy)
     if spec.kind == "llava":
-        return LlavaConfig(image_seq_length=(spec.image_size // 14) ** 2, **common)
-    return LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common)
+        common["image_seq_length"] = (spec.image_size // 14) ** 2
+    else:
+        common["image_grid_pinpoints"] = PINPOINTS
+    common.update(spec.llava_extra)
+    return (LlavaConfig if spec.kind == "llava" else LlavaNextConfig)(**common)
 
 
 def _processor(spec: Spec, tokenizer):
-    from transformers import (CLIPImageProcessorPil, LlavaNextImageProcessorPil,
-                              LlavaNextProcessor, LlavaProcessor)
+    from transformers import (CLIPImageProcessorPil, LlavaImageProcessorPil,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor,
+                              SiglipImageProcessorPil)
 
     siglip = spec.vision == "siglip"
-    norm = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if siglip else {}
-    size = {"shortest_edge": spec.image_size}
-    crop = {"height": spec.image_size, "width": spec.image_size}
+    kwargs = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if siglip else {}
+    kwargs.update(size={"shortest_edge": spec.image_size},
+                  crop_size={"height": spec.image_size, "width": spec.image_size})
+    kwargs.update(spec.processor_extra)
     template = TEMPLATES[spec.template] if spec.template else None
     strategy = spec.strategy or ("full" if siglip else "default")
     if spec.kind == "llava":
-        proc = CLIPImageProcessorPil(size=size, crop_size=crop, **norm)
+        # do_pad (pad to a square of the mean colour first) is LlavaImageProcessor's; an exact
+        # {"height", "width"} size without a crop is SiglipImageProcessor's (llava-interleave)
+        if "height" in kwargs["size"]:
+            kwargs.pop("crop_size")
+            proc = SiglipImageProcessorPil(**kwargs)
+        else:
+            proc = (LlavaImageProcessorPil if "do_pad" in kwargs else CLIPImageProcessorPil)(**kwargs)
         return LlavaProcessor(image_processor=proc, tokenizer=tokenizer, patch_size=14,
                               vision_feature_select_strategy=strategy,
                               num_additional_image_tokens=0 if siglip else 1,
                               chat_template=template)
-    proc = LlavaNextImageProcessorPil(size=size, crop_size=crop, image_grid_pinpoints=PINPOINTS,
-                                      **norm)
+    proc = LlavaNextImageProcessorPil(**{"image_grid_pinpoints": PINPOINTS, **kwargs})
     return LlavaNextProcessor(image_processor=proc, tokenizer=tokenizer, patch_size=14,
                               vision_feature_select_strategy=strategy,
                               num_additional_image_tokens=0 if siglip else 1,
@@ -195,6 +217,13 @@ def build(spec: Spec, out_dir: Path, *, max_shard_size: str | None = "100KB") ->
     config = _configs(spec)
     cls = LlavaForConditionalGeneration if spec.kind == "llava" else LlavaNextForConditionalGeneration
     model = cls(config).eval()
+    if spec.perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.1)
+                elif "norm" in name:   # RMSNorm / LayerNorm weights (CLIP's pre_layrnorm too)
+                    p.normal_(1.0, 0.2)
     eos = [2, tokenizer.convert_tokens_to_ids("<|im_end|>")] if spec.template == "chatml" else 2
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=eos,
                                                pad_token_id=PAD_TOKEN_ID)

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Vicuna, Mistral without sliding window, Yi) over a paged KV cache.
+"""Llama-family decoder (Vicuna, Mistral without sliding window, Yi, Qwen2) over a paged KV cache.
 
 Per layer: h = x + o_proj(attn(RMSNorm(x)));  x = h + down(silu(gate(n)) * up(n)), n = RMSNorm(h).
 q/k/v and gate/up are fused GEMMs; the residual add is fused into the following RMSNorm. Tokens
@@ -22,7 +22,8 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-        self.qkv_proj = MergedLinear(c.hidden_size, (c.q_size, c.kv_size, c.kv_size), bias=False)
+        self.qkv_proj = MergedLinear(c.hidden_size, (c.q_size, c.kv_size, c.kv_size),
+                                     bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=False)
         self.splits = (c.q_size, c.kv_size, c.kv_size)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastllava.config import LlavaConfig
+from fastllava.kernels.gelu import ACTIVATIONS
 from fastllava.kv_cache import KVScales
 from fastllava.models.context import ForwardContext
 from fastllava.models.llama import LlamaModel
@@ -22,16 +23,18 @@ from fastllava.preprocess.anyres import unpad_window
 
 
 class Projector(nn.Module):
-    """linear_1 → exact (erf) GELU → linear_2, in the model dtype."""
+    """linear_1 → projector_hidden_act (exact erf GELU in every LLaVA checkpoint) → linear_2,
+    in the model dtype."""
 
     def __init__(self, config: LlavaConfig):
         super().__init__()
         hidden = config.text.hidden_size
         self.linear_1 = nn.Linear(config.vision_feature_size, hidden, bias=config.projector_bias)
         self.linear_2 = nn.Linear(hidden, hidden, bias=config.projector_bias)
+        self.act = ACTIVATIONS[config.projector_act]
 
     def forward(self, ops, x):
-        return self.linear_2(ops.gelu(self.linear_1(x), "erf"))
+        return self.linear_2(ops.gelu(self.linear_1(x), self.act))
 
 
 class LlavaModel(nn.Module):
@@ -44,6 +47,8 @@ class LlavaModel(nn.Module):
             self.image_newline = nn.Parameter(torch.empty(config.text.hidden_size))
         self.language_model = LlamaModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
         # Calibrated fp8 KV-cache scales per decoder layer, from a checkpoint that stores them
         # (weights/kv_scales.py); None: 1.0. Used only when the KV cache is fp8.
         self.kv_scales: KVScales | None = None
@@ -57,7 +62,11 @@ class LlavaModel(nn.Module):
         return m is not None and int(m.group(1)) >= self.config.num_vision_layers_run
 
     def reset_buffers(self):
+        """After `to_empty` (which gives every parameter new storage): recompute buffers and
+        re-tie lm_head to the embedding table when the config ties them."""
         self.language_model.reset_buffers()
+        if self.config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
 
     # ---- images -------------------------------------------------------------------------------
     def encode_images(self, ops, pixel_values: list[torch.Tensor], image_sizes: list[tuple[int, int]],

@@ -137,6 +137,9 @@ def shard_decoder(llava: nn.Module, tp: TensorParallel) -> None:
     the meta device, before allocation); attention modules are told their local head counts."""
     c: TextConfig = llava.config.text
     check_divisible(c, tp.world)
+    if c.qkv_bias:   # ColumnParallelLinear shards weights only
+        raise TensorParallelError(f"tensor parallelism of a {c.model_type} decoder (q/k/v "
+                                  "biases) is not supported yet: use tensor_parallel_size 1")
     lm = llava.language_model
     lm.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
     for layer in lm.layers:

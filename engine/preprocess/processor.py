@@ -64,6 +64,7 @@ class ImageProcessorConfig:
     do_rescale: bool = True
     pinpoints: tuple[tuple[int, int], ...] | None = None
     pad_to_square: bool = False
+    resize_hw: tuple[int, int] | None = None   # size {"height", "width"}: resize to exactly this
 
     def __post_init__(self):
         for name in ("shortest_edge", "crop_h", "crop_w"):
@@ -85,6 +86,9 @@ class ImageProcessorConfig:
             if not pins or bad:
                 raise ValueError(f"anyres pinpoints must be non-empty (h, w) multiples of the tile size "
                                  f"crop_h={self.crop_h}; bad: {bad or pins}")
+            if self.resize_hw is not None:
+                raise ValueError("an exact resize (size {'height', 'width'}) cannot be combined "
+                                 "with anyres pinpoints")
             if self.pad_to_square:
                 raise ValueError("pad_to_square (LLaVA-1.5 'pad' mode) cannot be combined with anyres pinpoints")
             object.__setattr__(self, "pinpoints", pins)
@@ -107,21 +111,36 @@ class ImageProcessorConfig:
         folder = Path(path)
         d, source = _read_processor_dict(folder)
         where = f"{source} in {folder}"
-        shortest = _parse_size(d.get("size", _DEFAULTS["size"]), where)
-        crop_h, crop_w = _parse_crop(d.get("crop_size", _DEFAULTS["crop"]), where)
+        size = d.get("size", _DEFAULTS["size"])
+        # {"height", "width"} resizes to exactly that size, aspect not kept (SiglipImageProcessor,
+        # llava-interleave). SiglipImageProcessor's defaults: no center crop, mean/std 0.5.
+        resize_hw = _parse_exact(size)
+        shortest = resize_hw[0] if resize_hw else _parse_size(size, where)
+        kind = str(d.get("image_processor_type", ""))
+        siglip = kind.startswith("Siglip")
+        mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (CLIP_MEAN, CLIP_STD)
         if d.get("do_resize", True) is False:
             raise ValueError(f"{where}: do_resize=false is not supported")
         if pinpoints is None:
             pinpoints = d.get("image_grid_pinpoints")
             if pinpoints is None and str(d.get("image_processor_type", "")).startswith("LlavaNext"):
                 pinpoints = NEXT_PINPOINTS
+        do_center_crop = d.get("do_center_crop", not siglip)
+        crop = {"height": resize_hw[0], "width": resize_hw[1]} if resize_hw else _DEFAULTS["crop"]
+        crop_h, crop_w = _parse_crop(d.get("crop_size", crop), where)
+        # LlavaImageProcessor (also what AutoImageProcessor picks for a llava folder that names no
+        # type) pads to a square of the mean colour first when do_pad is set: the original repo's
+        # "pad" mode. LlavaNext's do_pad only pads the tile batch; CLIP's has no such field.
+        if pinpoints is None and d.get("do_pad") and (kind or "LlavaImageProcessor").startswith(
+                "LlavaImageProcessor"):
+            pad_to_square = True
         return cls(
             shortest_edge=shortest, crop_h=crop_h, crop_w=crop_w,
-            image_mean=_triple(d.get("image_mean", CLIP_MEAN), "image_mean", where),
-            image_std=_triple(d.get("image_std", CLIP_STD), "image_std", where),
+            image_mean=_triple(d.get("image_mean", mean), "image_mean", where),
+            image_std=_triple(d.get("image_std", std), "image_std", where),
             resample=int(d.get("resample", _DEFAULTS["resample"])),
             rescale_factor=float(d.get("rescale_factor", _DEFAULTS["rescale_factor"])),
-            do_center_crop=bool(d.get("do_center_crop", True)),
+            do_center_crop=bool(do_center_crop), resize_hw=resize_hw,
             do_convert_rgb=bool(d.get("do_convert_rgb", True)),
             do_normalize=bool(d.get("do_normalize", True)),
             do_rescale=bool(d.get("do_rescale", True)),
@@ -143,13 +162,20 @@ def _read_processor_dict(folder: Path) -> tuple[dict, str]:
                      "with an 'image_processor' entry, or preprocessor_config.json")
 
 
+def _parse_exact(size) -> tuple[int, int] | None:
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        return int(size["height"]), int(size["width"])
+    return None
+
+
 def _parse_size(size, where: str) -> int:
     # An int means "shortest edge" for CLIP-style processors (default_to_square=False).
     if isinstance(size, int):
         return size
     if isinstance(size, dict) and set(size) == {"shortest_edge"}:
         return int(size["shortest_edge"])
-    raise ValueError(f"{where}: unsupported size {size!r}; expected an int or {{'shortest_edge': n}}")
+    raise ValueError(f"{where}: unsupported size {size!r}; expected an int, {{'shortest_edge': n}} "
+                     "or {'height': h, 'width': w}")
 
 
 def _parse_crop(crop, where: str) -> tuple[int, int]:
@@ -226,7 +252,7 @@ def normalize_table(cfg: ImageProcessorConfig) -> torch.Tensor:
 def _finish(px, x, cfg: ImageProcessorConfig):
     """PIL image or NHWC batch -> NHWC: shortest-edge resize, then center crop."""
     h, w = (x.height, x.width) if isinstance(x, Image.Image) else tuple(x.shape[1:3])
-    size = shortest_edge_size(h, w, cfg.shortest_edge)
+    size = cfg.resize_hw or shortest_edge_size(h, w, cfg.shortest_edge)
     crop = (cfg.crop_h, cfg.crop_w) if cfg.do_center_crop else size
     if size == (h, w):
         x = px.to_array(x)
