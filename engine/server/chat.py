@@ -7,9 +7,10 @@ text-only chat), `max_tokens`
 / `max_completion_tokens` (the latter wins; default ServerSettings.default_chat_max_tokens),
 `temperature` (default 1, OpenAI's), `top_p`, `n` (1..MAX_CHOICES), `stop` (string or up to 4
 strings, each at most ServerSettings.max_stop_chars long),
-`seed`, `stream`, `stream_options.include_usage`, `logprobs` / `top_logprobs`. Features the
+`seed`, `stream`, `stream_options.include_usage`, `logprobs` / `top_logprobs`, and vLLM's /
+SGLang's `ignore_eos` (benchmark clients send it for fixed-length outputs). Features the
 engine does not have (tools, JSON mode, penalties, logit_bias, and vLLM's sampling extensions
-such as top_k, min_p, ignore_eos: `_UNSUPPORTED`) are refused with a 400 naming the field
+such as top_k, min_p: `_UNSUPPORTED`) are refused with a 400 naming the field
 rather than silently ignored, unless set to their "off" value; other fields (user, metadata,
 ...) are ignored.
 """
@@ -30,7 +31,7 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 # field → (values that mean "off", what it is). Besides OpenAI's own, the sampling extensions
 # vLLM and SGLang accept (clients written for them send these through the openai SDK's
 # extra_body): ignoring one would answer 200 with other output than asked (top_k 1 sampled at
-# OpenAI's default temperature 1, ignore_eos stopping at eos in a benchmark).
+# OpenAI's default temperature 1, min_tokens stopping at eos in a benchmark).
 _UNSUPPORTED = {"tools": (([],), "tool calling"), "functions": (([],), "function calling"),
                 "frequency_penalty": ((0,), "frequency penalty"),
                 "presence_penalty": ((0,), "presence penalty"),
@@ -38,7 +39,6 @@ _UNSUPPORTED = {"tools": (([],), "tool calling"), "functions": (([],), "function
                 "repetition_penalty": ((1,), "repetition penalty"),
                 "top_k": ((-1, 0), "top-k sampling"), "min_p": ((0,), "min-p sampling"),
                 "min_tokens": ((0,), "a minimum output length"),
-                "ignore_eos": ((False,), "ignoring the end-of-sequence token"),
                 "stop_token_ids": (([],), "stop token ids"),
                 "best_of": ((1,), "best-of sampling"),
                 "use_beam_search": ((False,), "beam search"),
@@ -59,6 +59,7 @@ class Chat:
     include_usage: bool
     logprobs: int | None = None     # top_logprobs when logprobs is true, else None
     n: int = 1                      # choices (samples of the one prompt)
+    ignore_eos: bool = False        # the checkpoint's stop ids do not end the choices
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_request_error") -> ApiError:
@@ -200,5 +201,9 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("stream_options must be an object", "stream_options")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos must be a boolean", "ignore_eos")
     return Chat(model, messages, request, _stop(body.get("stop"), settings.max_stop_chars), stream,
-                bool(options.get("include_usage")) and stream, _logprobs(body), n)
+                bool(options.get("include_usage")) and stream, _logprobs(body), n,
+                bool(ignore_eos))

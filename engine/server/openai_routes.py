@@ -68,17 +68,19 @@ async def chat_completions(request: Request):
     # rule for an unset max_tokens); one the client chose is refused when it does not fit.
     unset = body.get("max_tokens") is None and body.get("max_completion_tokens") is None
     limits = dict(max_tokens_limit=s.max_tokens_limit, max_prompt_chars=s.max_prompt_chars)
+    sampling = {"logprobs": chat.logprobs, **({"stop_ids": ()} if chat.ignore_eos else {})}
     if chat.n == 1:
         events = indexed(engine_events(lambda: apply_stops(llava.stream_detailed(
             chat.request, messages=chat.messages, every_token=True, clamp_max_tokens=unset,
-            logprobs=chat.logprobs, **limits), chat.stop), state.metrics))
+            logprobs=chat.logprobs, ignore_eos=chat.ignore_eos, **limits), chat.stop),
+            state.metrics))
     else:
         events = choice_events(
             chat.n,
             lambda: llava.prepare_request(chat.request, messages=chat.messages,
                                           clamp_max_tokens=unset, **limits),
             lambda req, prepared: apply_stops(llava.stream_prepared(
-                req, prepared, every_token=True, sampling={"logprobs": chat.logprobs}),
+                req, prepared, every_token=True, sampling=sampling),
                 chat.stop),
             state.metrics)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), chat.model

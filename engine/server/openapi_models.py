@@ -154,7 +154,7 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """Up to --max-images-per-request images in the chat, or none; other OpenAI fields (user,
     metadata, ...) are ignored; tools, penalties, logit_bias and the vLLM sampling extensions
-    (top_k, min_p, ignore_eos, ...) are refused with a 400."""
+    (top_k, min_p, ...) are refused with a 400."""
     model: str = Field(description="the endpoint id (GET /v1/models)")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default --default-chat-max-tokens")
@@ -170,6 +170,8 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=schema.SEED_LIMIT)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="vLLM's / SGLang's extension: the end-of-sequence "
+                             "ids do not stop a choice, which runs to max_tokens")
 
 
 class TopLogprob(BaseModel):

@@ -21,7 +21,7 @@ def _parse(**fields):
 
 @pytest.mark.parametrize("field, value", [
     ("top_k", 1), ("top_k", 50), ("min_p", 0.1), ("repetition_penalty", 1.2),
-    ("min_tokens", 10), ("ignore_eos", True), ("stop_token_ids", [2]), ("best_of", 3),
+    ("min_tokens", 10), ("stop_token_ids", [2]), ("best_of", 3),
     ("use_beam_search", True), ("guided_json", {"type": "object"}), ("guided_regex", "a+"),
     ("guided_choice", ["a", "b"]), ("guided_grammar", "root ::= 'a'"),
     ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
@@ -36,9 +36,21 @@ def test_fields_the_engine_cannot_honour_are_a_400_naming_them(field, value):
 
 @pytest.mark.parametrize("field, value", [
     ("top_k", -1), ("top_k", 0), ("min_p", 0), ("min_p", 0.0), ("repetition_penalty", 1.0),
-    ("min_tokens", 0), ("ignore_eos", False), ("stop_token_ids", []), ("best_of", 1),
+    ("min_tokens", 0), ("stop_token_ids", []), ("best_of", 1),
     ("use_beam_search", False), ("modalities", ["text"]), ("guided_json", None),
     ("frequency_penalty", 0.0), ("presence_penalty", 0), ("tools", []), ("logit_bias", {}),
 ])
 def test_their_off_values_pass(field, value):
     assert _parse(**{field: value}).request["prompt"] == "hi"
+
+
+@pytest.mark.parametrize("value, want", [(None, False), (False, False), (True, True)])
+def test_ignore_eos_is_a_boolean(value, want):
+    assert _parse(ignore_eos=value).ignore_eos is want
+
+
+@pytest.mark.parametrize("value", ["true", 1, 0, [True]])
+def test_ignore_eos_of_another_type_is_a_400(value):
+    with pytest.raises(ApiError) as e:
+        _parse(ignore_eos=value)
+    assert (e.value.status, e.value.param) == (400, "ignore_eos"), e.value.detail
