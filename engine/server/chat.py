@@ -60,6 +60,7 @@ class Chat:
     logprobs: int | None = None     # top_logprobs when logprobs is true, else None
     n: int = 1                      # choices (samples of the one prompt)
     ignore_eos: bool = False        # the checkpoint's stop ids do not end the choices
+    budget: str = "max_tokens"      # the field that set request["max_tokens"]
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_request_error") -> ApiError:
@@ -175,6 +176,12 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
     texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
+    ignored = body.get("max_tokens") if budget != "max_tokens" else None
+    if ignored is not None:  # max_completion_tokens wins; a malformed max_tokens is still an error
+        not_int = isinstance(ignored, bool) or not isinstance(ignored, int)
+        if not_int or ignored < 1:
+            raise _bad(f"max_tokens must be a positive integer, got {short_repr(ignored)}",
+                       "max_tokens", "int_type" if not_int else "greater_than_equal")
     request: dict[str, Any] = {  # the images travel in `messages`, each in its part
         "prompt": "\n".join(texts) if "".join(texts).strip() else "(image only)",
         "max_tokens": body.get(budget, min(settings.default_chat_max_tokens,
@@ -195,7 +202,7 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
         param = {"image_url": "messages", "prompt": "messages", "max_tokens": budget}.get(
             errors[0].field, errors[0].field)
         raise _bad(detail_message(detail), param, errors[0].type)
-    stream = body.get("stream") or False
+    stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
         raise _bad("stream must be a boolean", "stream")
     options = body.get("stream_options") or {}
@@ -206,4 +213,4 @@ def parse_chat(body: Any, settings: ServerSettings, model_names: list[str]) -> C
         raise _bad("ignore_eos must be a boolean", "ignore_eos")
     return Chat(model, messages, request, _stop(body.get("stop"), settings.max_stop_chars), stream,
                 bool(options.get("include_usage")) and stream, _logprobs(body), n,
-                bool(ignore_eos))
+                bool(ignore_eos), budget)

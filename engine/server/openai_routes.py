@@ -44,10 +44,14 @@ async def models(request: Request):
                                         "owned_by": "fastllava"} for m in _model_ids(request)]}
 
 
-def _openai_error(exc: BaseException) -> ApiError:
+def _openai_error(exc: BaseException, budget: str = "max_tokens") -> ApiError:
+    """`budget`: the field the client set the output length with (max_completion_tokens wins
+    over max_tokens), named in place of the engine's max_tokens."""
     status, detail, error_type = classify(exc)
     param, code = None, error_type
     if isinstance(detail, list) and detail:
+        detail = [dict(d, loc=[budget if x == "max_tokens" else x for x in d.get("loc", [])])
+                  for d in detail]
         loc = [str(x) for x in detail[0].get("loc", []) if x != "body"]
         param = {"image_url": "messages", "prompt": "messages"}.get(loc[0], loc[0]) if loc else None
         # The problem's own type, as parse_chat gives it: OpenAI clients act on the code
@@ -111,7 +115,7 @@ async def chat_completions(request: Request):
         except ApiError:  # the client disconnected
             raise
         except Exception as e:
-            raise _openai_error(e) from e
+            raise _openai_error(e, chat.budget) from e
         return JSONResponse({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": last["output"]},
@@ -122,7 +126,7 @@ async def chat_completions(request: Request):
     try:  # before any byte is sent: errors get their status code
         first, rest = await first_and_rest(events)
     except Exception as e:
-        raise _openai_error(e) from e
+        raise _openai_error(e, chat.budget) from e
 
     def chunk(i: int, delta: dict, finish_reason: str | None, lp: dict | None = None,
               **extra) -> str:
@@ -152,7 +156,7 @@ async def chat_completions(request: Request):
                         "model": model, "choices": [], "usage": usage(lasts)}
                 yield f"data: {json.dumps(data)}\n\n"
         except Exception as e:  # mid-stream: report in-band, then end the stream as usual
-            err = _openai_error(e)
+            err = _openai_error(e, chat.budget)
             body = openai_error_body(err.status, str(err), err.param, err.code)
             yield f"data: {json.dumps(body)}\n\n"
         finally:  # also on a client disconnect: the engine stops at its next token

@@ -54,3 +54,23 @@ def test_ignore_eos_of_another_type_is_a_400(value):
     with pytest.raises(ApiError) as e:
         _parse(ignore_eos=value)
     assert (e.value.status, e.value.param) == (400, "ignore_eos"), e.value.detail
+
+
+@pytest.mark.parametrize("value", ["12", 0, -3, 2.5, True])
+def test_a_malformed_max_tokens_beside_max_completion_tokens_is_a_400(value):
+    with pytest.raises(ApiError) as e:
+        _parse(max_completion_tokens=8, max_tokens=value)
+    assert (e.value.status, e.value.param) == (400, "max_tokens"), e.value.detail
+
+
+def test_max_completion_tokens_wins_and_is_named():
+    chat = _parse(max_completion_tokens=8, max_tokens=3)
+    assert (chat.request["max_tokens"], chat.budget) == (8, "max_completion_tokens")
+    assert _parse(max_tokens=3).budget == "max_tokens"
+
+
+@pytest.mark.parametrize("value", [0, 1, "false", [], {}])
+def test_stream_of_another_type_is_a_400_even_when_falsy(value):
+    with pytest.raises(ApiError) as e:
+        _parse(stream=value)
+    assert (e.value.status, e.value.param) == (400, "stream"), e.value.detail
