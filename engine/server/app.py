@@ -88,6 +88,7 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
                                    image_fetch_concurrency=settings.image_fetch_concurrency,
                                    webhook_concurrency=settings.webhook_concurrency)
                 worker.start()
+            serverlog.redact_access_log()
             serverlog.log_startup(app)
             if settings.stats_interval_s > 0:
                 stats = serverlog.StatsReporter(llava, app.state.store, settings.stats_interval_s)

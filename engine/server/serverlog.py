@@ -15,7 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from starlette.concurrency import run_in_threadpool
 
@@ -46,6 +46,42 @@ def base_url(settings) -> str:
     scheme = "https" if settings.tls_cert else "http"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     return f"{scheme}://{host}:{settings.port}"
+
+
+def redact_webhook(url: str) -> str:
+    """A webhook URL as logs show it: scheme, host, port and path. Its userinfo, query and
+    fragment are dropped (webhook receivers commonly authenticate with a token in one of them)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "<not a URL>"
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+class AccessLogRedaction(logging.Filter):
+    """uvicorn's access log line shows the request's path with its query string: a submit's
+    fal_webhook parameter is shown as `redact_webhook` gives it. The record's args are uvicorn's
+    (client, method, path with query, http version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) \
+                and "fal_webhook" in args[2]:
+            path, _, query = args[2].partition("?")
+            pairs = [(k, redact_webhook(v) if k == "fal_webhook" else v)
+                     for k, v in parse_qsl(query, keep_blank_values=True)]
+            record.args = (*args[:2], f"{path}?{urlencode(pairs, safe=':/*[]')}", *args[3:])
+        return True
+
+
+def redact_access_log() -> None:
+    """Installs AccessLogRedaction on uvicorn's access logger (once; uvicorn configures its
+    loggers before the app starts, so the lifespan calls this)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, AccessLogRedaction) for f in access.filters):
+        access.addFilter(AccessLogRedaction())
 
 
 def redact_url(url: str) -> str:

@@ -56,6 +56,7 @@ import httpx
 from fastllava.preprocess.image_io import is_public_address
 
 from .jobs import Job, WebhookClaim
+from .serverlog import redact_webhook
 
 log = logging.getLogger("fastllava.webhooks")
 SIGNATURE_HEADER, TIMESTAMP_HEADER = "X-Fastllava-Signature", "X-Fastllava-Timestamp"
@@ -296,8 +297,9 @@ class WebhookSender:
         except (httpx.HTTPError, OSError, ValueError) as e:
             d.last_error, retryable = f"{type(e).__name__}: {e}", True
         if not retryable or d.attempts >= self.max_attempts:
-            log.warning("webhook for %s to %s failed after %d attempt(s): %s", job.id, d.url,
-                        d.attempts, d.last_error or f"HTTP {d.last_status}")
+            log.warning("webhook for %s to %s failed after %d attempt(s): %s", job.id,
+                        redact_webhook(d.url), d.attempts,
+                        d.last_error or f"HTTP {d.last_status}")
             return d, None
         delay = min(self.max_delay_s, self.base_delay_s * 2 ** (d.attempts - 1))
         delay = delay / 2 + random.uniform(0, delay / 2)

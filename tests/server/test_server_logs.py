@@ -4,6 +4,7 @@ values, none while idle), and no carriage returns from progress bars."""
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -11,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from fastllava.server.serverlog import is_loopback
+from fastllava.server.serverlog import AccessLogRedaction, is_loopback, redact_webhook
 from serverkit import API_KEY
 
 EP = "fal-ai/llavav15-13b"
@@ -128,6 +129,21 @@ def test_stats_line_while_busy_and_quiet_when_idle(busy_server, data_uri):
     assert len(stats_lines(busy_server.log_text())) == settled, "stats lines while idle"
 
 
+def test_access_log_keeps_webhook_credentials_out(busy_server):
+    """A submit whose fal_webhook carries userinfo and a token (refused here for its empty
+    body: the access line is written all the same) is logged without either."""
+    hook = "https://hook-user:hook-pass@hooks.example.com/in?token=hook-token"
+    with httpx.Client(base_url=busy_server.url, timeout=30) as c:
+        r = c.post(f"/queue/{EP}", params={"fal_webhook": hook, "probe": "access-log"}, json={})
+    assert r.status_code == 422, r.text
+    deadline = time.monotonic() + 5
+    while "probe=access-log" not in busy_server.log_text():
+        assert time.monotonic() < deadline, busy_server.log_text()[-2000:]
+        time.sleep(0.05)
+    (line,) = [x for x in busy_server.log_text().splitlines() if "probe=access-log" in x]
+    assert "hooks.example.com/in" in line and "hook-" not in line, line
+
+
 def test_piped_stderr_has_no_carriage_returns(busy_server, lenient_server):
     for server in (busy_server, lenient_server):
         raw = server.log_path.read_bytes()
@@ -165,3 +181,30 @@ def test_cuda_fields_name_the_gpu_and_graphs(monkeypatch):
     assert serverlog._cuda_graphs(llava) == "off (--no-cuda-graphs)"
     assert serverlog.redact_url("redis://u:pw@h:6379/0") == "redis://u:***@h:6379/0"
     assert serverlog.redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://u:p@hooks.example.com:8443/in?token=abc#x", "https://hooks.example.com:8443/in?***"),
+    ("http://[::1]:9/h", "http://[::1]:9/h"),
+    ("https://hooks.example.com", "https://hooks.example.com"),
+    ("http://[bad", "<not a URL>"),
+])
+def test_redact_webhook(url, shown):
+    assert redact_webhook(url) == shown
+
+
+def test_access_log_shows_fal_webhook_without_credentials():
+    """uvicorn's access record for a submit with a webhook: the rest of the line unchanged."""
+    path = (f"/{EP}?x=1&fal_webhook=https%3A%2F%2Fu%3Asecret%40hooks.example.com%2Fin"
+            "%3Ftoken%3Dt0k")
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
+                               '%s - "%s %s HTTP/%s" %d', ("1.2.3.4:5", "POST", path, "1.1", 200),
+                               None)
+    assert AccessLogRedaction().filter(record)
+    line = record.getMessage()
+    assert "secret" not in line and "t0k" not in line, line
+    assert line == (f'1.2.3.4:5 - "POST /{EP}?x=1&fal_webhook=https://hooks.example.com/in%3F***'
+                    ' HTTP/1.1" 200'), line
+    plain = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                              ("1.2.3.4:5", "GET", "/health?fal_webhookx", "1.1", 200), None)
+    assert AccessLogRedaction().filter(plain) and "/health?fal_webhookx" in plain.getMessage()

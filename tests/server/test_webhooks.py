@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import socket
 import threading
 import time
@@ -173,6 +174,19 @@ def test_connection_refused_is_retried_then_given_up_without_the_error_in_the_jo
     assert webhook_lines(store, job_id) == ["webhook delivery failed (attempt 1/3)",
                                             "webhook delivery failed (attempt 2/3)",
                                             "webhook delivery failed (attempt 3/3); giving up"]
+
+
+def test_server_log_names_the_target_without_its_credentials(deliver, caplog):
+    """The give-up warning names host, port and path; never userinfo or query (receivers take
+    tokens there), which are still sent."""
+    port = closed_port()
+    url = f"http://hook-user:hook-secret@127.0.0.1:{port}/x?token=q-secret#frag"
+    with caplog.at_level(logging.WARNING, logger="fastllava.webhooks"):
+        rx, d, _, _ = deliver(url=url, max_attempts=1)
+    (record,) = [r for r in caplog.records if "failed after" in r.getMessage()]
+    line = record.getMessage()
+    assert f"http://127.0.0.1:{port}/x?***" in line, line
+    assert "secret" not in line and "hook-user" not in line, line
 
 
 def test_private_target_refused_when_not_allowed(deliver):
