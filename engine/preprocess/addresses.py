@@ -27,8 +27,12 @@ hosts are fetched from.
 from __future__ import annotations
 
 import ipaddress
+import re
 
-__all__ = ["is_public_address", "embedded_ipv4"]
+__all__ = ["is_public_address", "embedded_ipv4", "is_host_name"]
+
+# A DNS label as resolvers take it (underscores too: they occur in real host names).
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 _V4, _V6 = ipaddress.IPv4Network, ipaddress.IPv6Network
 
@@ -100,3 +104,22 @@ def is_public_address(address: str) -> bool:
     if embedded is not None:
         return all(_public_v4(v4) for v4 in embedded)
     return ip in GLOBAL_UNICAST and _most_specific(ip, IPV6_SPECIAL, True)
+
+
+def is_host_name(host: str) -> bool:
+    """Whether `host` (a URL's hostname, brackets stripped) can name a server: an IP address, or
+    a DNS name whose IDNA form is dot-separated labels of letters, digits, '-' and '_' (at most
+    253 characters; one trailing dot allowed). Refuses what urlsplit passes through but no
+    resolver can use: '%00', spaces, empty labels ('a..b')."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+            return True
+        except ValueError:
+            return False
+    try:
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    name = name[:-1] if name.endswith(".") else name
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(x) for x in name.split("."))

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from fastllava.preprocess.addresses import is_host_name
 from fastllava.schema import lone_surrogate_at
 
 from .errors import ApiError
@@ -150,14 +151,14 @@ def checked_webhook_url(url: str) -> str:
     otherwise, so that a job is not queued with a webhook that can never be delivered."""
     try:
         parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+        ok = parts.scheme in ("http", "https") and is_host_name(parts.hostname or "") and (
             parts.port is None or parts.port > 0) and not _CONTROL.search(url)
     except ValueError:  # bad brackets or port
         ok = False
     if not ok:
         raise _invalid([{"loc": ["query", "fal_webhook"], "type": "url_parsing",
-                         "msg": "must be an http(s) URL with a host (no spaces or control "
-                                "characters)"}])
+                         "msg": "must be an http(s) URL with a valid host name or address "
+                                "(no spaces or control characters)"}])
     return url
 
 

@@ -20,9 +20,10 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
+from fastllava.preprocess.addresses import is_host_name
 from fastllava.preprocess.image_io import (ImageError, ImageLimits, ImageTooLargeError,
                                            is_public_address)
-from fastllava.schema import RequestValidationError
+from fastllava.schema import RequestValidationError, short_repr
 
 from .settings import ServerSettings
 
@@ -64,6 +65,9 @@ def precheck_image_url(url: Any, settings: ServerSettings, field: str = "image_u
         raise RequestValidationError(field, f"invalid URL: {e}", "image_url_refused") from e
     if not host:
         raise RequestValidationError(field, "URL has no host", "image_url_refused")
+    if not is_host_name(host):
+        raise RequestValidationError(field, f"URL host {short_repr(host)} is not a valid host name "
+                                     "or address", "image_url_refused")
     if settings.allow_private_image_hosts:
         return
     literal = _literal_address(host)

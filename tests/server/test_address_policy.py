@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from fastllava.preprocess.addresses import embedded_ipv4
+from fastllava.preprocess.addresses import embedded_ipv4, is_host_name
 from fastllava.preprocess.image_io import (ImageFetchError, ImageLimits, is_public_address,
                                            load_image)
 
@@ -169,3 +169,14 @@ def test_refusal_never_names_the_resolved_address(monkeypatch):
         message = str(info.value)
         assert host in message and "non-public" in message, message
         assert address not in message and address.rsplit(":", 1)[-1] not in message, message
+
+
+@pytest.mark.parametrize("host, ok", [
+    ("example.com", True), ("a_b.example.com.", True), ("bücher.de", True), ("127.0.0.1", True),
+    ("::1", True), ("2001:db8::1", True), ("x" * 63 + ".com", True),
+    ("", False), ("%00", False), ("a..b", False), ("-a.com", False), ("a-.com", False),
+    ("a b", False), ("x" * 64 + ".com", False), ("a\x00b", False), (("a" * 60 + ".") * 5, False),
+    ("1::2::3", False),
+])
+def test_is_host_name(host, ok):
+    assert is_host_name(host) is ok

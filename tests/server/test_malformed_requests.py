@@ -145,7 +145,8 @@ def test_proxy_target_with_non_ascii_bytes(strict_server):
 
 
 @pytest.mark.parametrize("webhook", ["ftp://x", "http://", "http://[::1", "http://a:99999/",
-                                     "http://a b/", "https://a\x00b/"])
+                                     "http://a b/", "https://a\x00b/", "http://%00/",
+                                     "http://a..b/", "https://-x.example/", "http://a%20b/"])
 def test_malformed_webhook_url(strict_server, png_request, webhook):
     from urllib.parse import quote
 

@@ -125,6 +125,8 @@ def test_dns_rebinding_connects_to_the_checked_address(hosts, monkeypatch):
     ("http://x.localhost/a.png", False), ("http://[::ffff:10.0.0.1]/a.png", False),
     ("http://192.168.1.1/a.png", False), ("ftp://example.com/a.png", False),
     ("C:\\img.png", False), ("/tmp/a.png", False), ("http:///a.png", False),
+    ("http://%00/a.png", False), ("http://a..b/a.png", False), ("https://bücher.de/a.png", True),
+    ("https://a_b.example.com/a.png", True),
 ])
 def test_precheck(url, ok):
     settings = ServerSettings(model="m", max_image_bytes=1000)
