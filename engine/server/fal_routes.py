@@ -2,6 +2,7 @@
 
 Queue API (fal's queue host; here the path prefix /queue, or any Host starting with "queue."):
     POST {q}/{owner}/{alias}[/{path}][?fal_webhook=URL]   submit → 200 IN_QUEUE + absolute URLs
+                                                         (a path under requests/: 405)
     GET  {q}/{owner}/{alias}/requests/{id}/status[/]     202 IN_QUEUE / IN_PROGRESS, 200 COMPLETED
     GET  {q}/{owner}/{alias}/requests/{id}/status/stream SSE of status objects, closed on COMPLETED
     GET  {q}/{owner}/{alias}/requests/{id}[/response]    the job's own status code and body
@@ -58,6 +59,16 @@ def check_endpoint(request: Request, owner: str, alias: str) -> str:
         raise ApiError(404, f"unknown endpoint {endpoint!r}: this server serves {served!r}",
                        "not_found")
     return endpoint
+
+
+def check_run_path(request: Request, path: str) -> None:
+    """A POST to a sub-path under requests/ (e.g. requests/{id}/cancel) is a request route called
+    with the wrong method, not an input for the model: a 405 naming the right one, rather than a
+    new job (a client that cancels with POST would otherwise start another run)."""
+    if path.strip("/").split("/", 1)[0] == "requests":
+        allow = "PUT" if path.rstrip("/").endswith("/cancel") else "GET"
+        raise ApiError(405, f"Method Not Allowed: {request.method} {request.url.path} (a request "
+                       f"route: use {allow})", "method_not_allowed", headers={"Allow": allow})
 
 
 def base_url(request: Request) -> str:
@@ -127,6 +138,7 @@ def _truthy(value: str | None) -> bool:
 @router.post(QUEUE + "/{owner}/{alias}/{path:path}")
 async def submit(request: Request, owner: str, alias: str, path: str = ""):
     endpoint = check_endpoint(request, owner, alias)
+    check_run_path(request, path)
     data = validated_input(request, await read_json(request))
     webhook = request.query_params.get("fal_webhook")
     if webhook is not None:
@@ -265,6 +277,7 @@ async def run(request: Request, owner: str, alias: str, path: str = ""):
     if request.headers.get("host", "").startswith("queue."):
         return await submit(request, owner, alias, path)
     check_endpoint(request, owner, alias)
+    check_run_path(request, path)
     events = _engine(request, validated_input(request, await read_json(request)))
     try:
         final = await last_snapshot(request, events)  # a disconnect cancels the request

@@ -118,6 +118,34 @@ def test_unknown_request_and_wrong_endpoint(strict, req):
     openai_error(strict.get("/v1/nothing"), 404, "Not Found")
 
 
+def test_post_to_a_request_route_is_a_405_not_a_new_job(strict, req):
+    """POST on requests/{id}/cancel (fal cancels with PUT) or /status, on the queue and the run
+    host: a 405 naming the method, and no job (or sync run) is started from the body."""
+    def finished() -> int:
+        return sum(int(float(x.rsplit(" ", 1)[1])) for x in strict.get("/metrics").text.splitlines()
+                   if x.startswith("fastllava_requests_total{"))
+
+    def busy() -> bool:
+        return any(x.split() != [x.split()[0], "0"] for x in strict.get("/metrics").text.splitlines()
+                   if x.startswith(("fastllava_queue_depth ", "fastllava_running ")))
+
+    before = finished()
+    job = strict.post(f"/queue/{EP}", json=req).json()
+    for prefix in ("/queue", ""):
+        for tail, allow in (("cancel", "PUT"), ("status", "GET"), ("response", "GET"),
+                            ("cancel/", "PUT"), ("", "GET")):
+            path = f"{prefix}/{EP}/requests/{job['request_id']}/{tail}"
+            r = strict.post(path.rstrip("/") if tail == "" else path, json=req)
+            fal_error(r, 405, "method_not_allowed")
+            assert r.headers["allow"] == allow and allow in r.json()["detail"], (path, r.text)
+    assert wait_completed(strict, job["status_url"])["status"] == "COMPLETED"
+    end = time.monotonic() + 30
+    while busy():
+        assert time.monotonic() < end, strict.get("/metrics").text
+        time.sleep(0.05)
+    assert finished() == before + 1     # only the submitted job ran
+
+
 def test_malformed_json_and_validation_shape(strict, req):
     r = strict.post(f"/{EP}", content=b'{"image_url": ', headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid", r.text
