@@ -323,6 +323,26 @@ def is_original_layout(path: Path) -> bool:
     return "text_config" not in d and ("mm_vision_tower" in d or "mm_projector_type" in d)
 
 
+# generation_config.json fields under which transformers' generate() does not pick the plain
+# argmax, greedy included (its logits processors, or beam search), with the value that is off.
+# fastllava applies none of them. Sampling-only fields (top_k, typical_p, ...) are left out: a
+# request's own temperature / top_p decide how it samples, not the checkpoint's defaults.
+GREEDY_CHANGING_FIELDS = (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0),
+                          ("num_beams", 1), ("min_new_tokens", 0), ("bad_words_ids", None),
+                          ("suppress_tokens", None), ("begin_suppress_tokens", None),
+                          ("sequence_bias", None), ("forced_bos_token_id", None),
+                          ("forced_eos_token_id", None),
+                          ("exponential_decay_length_penalty", None))
+
+
+def unapplied_generation_fields(path: Path) -> dict[str, object]:
+    """The GREEDY_CHANGING_FIELDS generation_config.json sets to something other than off."""
+    f = Path(path) / "generation_config.json"
+    d = read_json(f) if f.exists() else {}
+    return {name: d[name] for name, off in GREEDY_CHANGING_FIELDS
+            if d.get(name) not in (None, off) and d.get(name) != [] and d.get(name) != {}}
+
+
 def eos_token_ids(path: Path, text: dict | None = None) -> tuple[int, ...]:
     """Stop ids: generation_config.json's eos_token_id (int or list), else config.json's."""
     for name in ("generation_config.json", "config.json"):

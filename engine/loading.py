@@ -13,11 +13,13 @@ config) come from the CLIP checkpoint named by `mm_vision_tower`, a local folder
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
 
-from fastllava.config import LlavaConfig, eos_token_ids, is_original_layout, load_config, read_json
+from fastllava.config import (LlavaConfig, eos_token_ids, is_original_layout, load_config, read_json,
+                              unapplied_generation_fields)
 from fastllava.kv_cache import KVScales
 from fastllava.models.layers import use_fp8_linears
 from fastllava.models.llava import LlavaModel
@@ -120,6 +122,11 @@ def load_checkpoint(model: str, *, device: torch.device, dtype: torch.dtype,
         template_family(tokenizer, config.text.model_type)]
     image_config = _image_config(config, [path] + ([tower] if tower else []))
     eos_ids = eos_token_ids(path)
+    unapplied = unapplied_generation_fields(path)
+    if unapplied:
+        warnings.warn(f"{path / 'generation_config.json'} sets {unapplied}: fastllava does not "
+                      "apply these, transformers' generate() does (greedy included), so outputs "
+                      "may differ from transformers'", UserWarning, stacklevel=3)
     sources = [(path, detect_layout(names), "")]
     if tower_weights:
         sources.append((tower, "clip", "vision_tower."))

@@ -212,3 +212,31 @@ def test_tied_embeddings_stay_tied(tmp_path, top, text):
         model = model.to_empty(device="cpu")
         model.reset_buffers()
         assert model.lm_head.weight is model.language_model.embed_tokens.weight
+
+
+def test_generation_config_fields_that_change_greedy_output_are_warned(tiny_llava, tmp_path):
+    """transformers' generate() applies generation_config.json's logits processors (greedy
+    included); fastllava applies none, so loading such a checkpoint says so, naming them.
+    Sampling-only defaults (top_k, temperature) and off values are not warned about."""
+    import shutil
+    import warnings
+
+    from fastllava import LLaVA
+    from fastllava.config import unapplied_generation_fields
+
+    folder = shutil.copytree(tiny_llava, tmp_path / "ckpt")
+    gc = folder / "generation_config.json"
+    d = json.loads(gc.read_text())
+    d.update(top_k=5, temperature=0.7, do_sample=True, no_repeat_ngram_size=0, num_beams=1,
+             repetition_penalty=1.0, suppress_tokens=[])
+    gc.write_text(json.dumps(d))
+    assert unapplied_generation_fields(folder) == {}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        LLaVA.from_pretrained(folder, device="cpu", dtype="float32")
+    assert not [w for w in seen if "generation_config" in str(w.message)], seen
+    gc.write_text(json.dumps(dict(d, repetition_penalty=1.3, no_repeat_ngram_size=3)))
+    assert unapplied_generation_fields(folder) == {"repetition_penalty": 1.3,
+                                                   "no_repeat_ngram_size": 3}
+    with pytest.warns(UserWarning, match="repetition_penalty.*no_repeat_ngram_size"):
+        LLaVA.from_pretrained(folder, device="cpu", dtype="float32")
