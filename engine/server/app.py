@@ -27,7 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from . import fal_routes, openai_routes, openapi, serverlog
-from .connection import BodyTimeoutMiddleware
+from .connection import BodyTimeoutMiddleware, HeadAsGetMiddleware
 from .errors import ApiError, error_response
 from .jobs import IdempotencyConflict
 from .metrics import Metrics
@@ -134,7 +134,7 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
     app.include_router(openai_routes.router)
     app.include_router(fal_routes.router)
 
-    @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"],
+    @app.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
                    include_in_schema=False)
     async def not_found(request: Request, rest: str):
         # Without this, a GET on a path that only the POST catch-all of the run API matches
@@ -168,4 +168,5 @@ def create_app(settings: ServerSettings, llava, *, store=None, run_worker: bool 
                            expose_headers=["x-fal-request-id", "x-fal-error-type"], max_age=600)
     # Outermost: the body deadline covers every reader of the body (gateway and routes).
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
+    app.add_middleware(HeadAsGetMiddleware)   # outside all: the gateway and routes see a GET
     return app

@@ -1,4 +1,4 @@
-"""Connection hygiene: deadlines for reading a request, and quiet aborted uploads.
+"""Connection hygiene: deadlines for reading a request, quiet aborted uploads, HEAD as GET.
 
 uvicorn (0.54) closes idle keep-alive connections (timeout_keep_alive) but sets no deadline on a
 request's head or body: a client sending its headers one byte a second, or a chunked body that never
@@ -104,3 +104,41 @@ class BodyTimeoutMiddleware:
             return message
 
         await self.app(scope, receive_in_time, send)
+
+
+class HeadAsGetMiddleware:
+    """HEAD is answered as the GET of the same URL without its body (RFC 9110 9.3.2: the same
+    status and headers, Content-Length included), so monitors and load balancers that probe with
+    HEAD get /health's answer instead of a 404.
+
+    The routes see a GET. A streaming GET (server-sent events) ends after its headers: the app is
+    told the client left (its receive() answers http.disconnect, which Starlette's streaming
+    response watches when the scope's ASGI spec is below 2.4; it is set to 2.3 here) and any
+    later body message is dropped."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+        done = asyncio.Event()
+
+        async def send_head(message):
+            if message["type"] != "http.response.body":
+                return await send(message)
+            if not done.is_set():
+                done.set()
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def receive_head():
+            if done.is_set():
+                return {"type": "http.disconnect"}
+            waits = [asyncio.ensure_future(receive()), asyncio.ensure_future(done.wait())]
+            finished, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            return waits[0].result() if waits[0] in finished else {"type": "http.disconnect"}
+
+        asgi = {**scope.get("asgi", {}), "spec_version": "2.3"}
+        await self.app({**scope, "method": "GET", "asgi": asgi}, receive_head, send_head)

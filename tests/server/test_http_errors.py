@@ -146,6 +146,34 @@ def test_post_to_a_request_route_is_a_405_not_a_new_job(strict, req):
     assert finished() == before + 1     # only the submitted job ran
 
 
+def test_head_answers_as_get_without_a_body(strict, strict_server, req):
+    """HEAD on every GET route: GET's status and headers (Content-Length too), no body; on the
+    status event stream it ends after the headers; auth and 404s as for GET."""
+    job = strict.post(f"/queue/{EP}", json=req).json()
+    wait_completed(strict, job["status_url"])
+    base = f"/queue/{EP}/requests/{job['request_id']}"
+    for path in ("/health", "/metrics", "/v1/models", "/openapi.json", f"{base}/status",
+                 f"{base}/response", "/no/such/route", f"/{EP}"):
+        get, head = strict.get(path), strict.head(path)
+        assert (head.status_code, head.content) == (get.status_code, b""), (path, head)
+        for name in ("content-type", "content-length", "x-fal-error-type"):
+            if name != "content-length" or path != "/metrics":   # counters move between calls
+                assert head.headers.get(name) == get.headers.get(name), (path, name, head.headers)
+    with strict_server.client() as anonymous:    # no key: the same 401 as a GET, no body
+        r = anonymous.head(f"{base}/status")
+        assert (r.status_code, r.content) == (401, b""), r
+        assert anonymous.head("/health").status_code == 200
+    # A stream that a GET would hold open until the job completes (it waits behind others)
+    jobs = [strict.post(f"/queue/{EP}", json=dict(req, max_tokens=400)).json() for _ in range(3)]
+    r = strict.head(jobs[-1]["status_url"] + "/stream")
+    assert (r.status_code, r.content) == (200, b""), r
+    assert r.headers["content-type"].startswith("text/event-stream"), r.headers
+    assert strict.get(jobs[-1]["status_url"]).json()["status"] != "COMPLETED"
+    for j in jobs:
+        assert strict.put(j["cancel_url"]).status_code in (202, 400)
+    assert strict.get("/health").status_code == 200      # the server is still fine
+
+
 def test_malformed_json_and_validation_shape(strict, req):
     r = strict.post(f"/{EP}", content=b'{"image_url": ', headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid", r.text
