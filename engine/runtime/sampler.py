@@ -46,6 +46,13 @@ class SamplingBatch:
     all_greedy: bool
     any_top_p: bool
 
+    def rows(self, start: int, stop: int) -> "SamplingBatch":
+        """Rows start..stop-1 (views; the host-known flags are the whole batch's, which stay
+        true promises for any subset: a row with top_p == 1 is never filtered either way)."""
+        return dataclasses.replace(self, temperature=self.temperature[start:stop],
+                                   top_p=self.top_p[start:stop], seeds=self.seeds[start:stop],
+                                   steps=self.steps[start:stop])
+
     @classmethod
     def greedy(cls, B: int, device) -> "SamplingBatch":
         """B greedy rows (temperature 0; seeds and steps unused). Callers may keep one per B: it
@@ -192,13 +199,27 @@ def race_scores(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return scores.sub_(gumbel.log_().neg_().log_())
 
 
+# On a CPU the sampler's (B, V) passes run over blocks of rows whose working set (≈17 bytes per
+# logit with top-p, see race_scores) fits in this many bytes, so each pass reads what the previous
+# one wrote from the cache rather than from DRAM, and the step leaves the rest of the host's cache
+# alone (the scheduler's and runner's data after it): at B = 64 x V = 64064 the whole batch would
+# be ≈70 MB. Every op is row-wise, so the ids are the same for any blocking.
+CPU_BLOCK_BYTES = 8 << 20
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits (B, V) fp32 → token ids (B,) int64, on logits.device, no host sync."""
     _check(logits, batch)
     greedy_ids = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_ids
-    sampled_ids = race_scores(logits, batch).argmax(dim=-1)
+    B, V = logits.shape
+    rows = max(1, CPU_BLOCK_BYTES // (17 * V)) if logits.device.type == "cpu" else B
+    if rows >= B:
+        sampled_ids = race_scores(logits, batch).argmax(dim=-1)
+    else:
+        sampled_ids = torch.cat([race_scores(logits[i:i + rows], batch.rows(i, i + rows))
+                                 .argmax(dim=-1) for i in range(0, B, rows)])
     return torch.where(batch.temperature == 0, greedy_ids, sampled_ids)
 
 

@@ -169,6 +169,25 @@ def test_batch_invariance_and_reproducibility():
     assert_same_ids(sample_rows(logits, ROWS), sample_rows(logits, ROWS), "a re-run of the step")
 
 
+@pytest.mark.parametrize("block_rows", [1, 3, 5, 13])
+def test_cpu_row_blocks_give_the_same_ids(monkeypatch, block_rows):
+    """On a CPU the sampler runs over blocks of rows (CPU_BLOCK_BYTES): any blocking gives the
+    ids of the whole batch in one pass, greedy, top-p and masked rows mixed."""
+    from fastllava.runtime import sampler
+
+    V, rows = 997, ROWS + [(0.9, 0.8, 100 + i, i) for i in range(6)]
+    logits = fixed_logits(V, len(rows), seed=5)
+    logits[4, ::3] = float("-inf")
+    whole = sample_rows(logits, rows)   # 8 MiB / (17 x 997) rows per block: one block
+    calls = []
+    monkeypatch.setattr(sampler, "race_scores",
+                        lambda x, b: calls.append(x.shape[0]) or race_scores(x, b))
+    monkeypatch.setattr(sampler, "CPU_BLOCK_BYTES", 17 * V * block_rows)
+    assert_same_ids(sample_rows(logits, rows), whole, f"blocks of {block_rows} rows")
+    n = len(rows)
+    assert calls == [block_rows] * (n // block_rows) + ([n % block_rows] if n % block_rows else [])
+
+
 @pytest.mark.parametrize("tiny_p", [1e-6, 1e-9])  # 1 - 1e-9 rounds to 1 in fp32: all but the kept max drop
 def test_top_p_one_rows_ignore_other_rows_top_p_and_tiny_top_p_is_argmax(tiny_p):
     N, V = 200, 32
