@@ -340,7 +340,7 @@ def unapplied_generation_fields(path: Path) -> dict[str, object]:
     f = Path(path) / "generation_config.json"
     d = read_json(f) if f.exists() else {}
     return {name: d[name] for name, off in GREEDY_CHANGING_FIELDS
-            if d.get(name) not in (None, off) and d.get(name) != [] and d.get(name) != {}}
+            if d.get(name) not in (None, off, [], {})}
 
 
 def eos_token_ids(path: Path, text: dict | None = None) -> tuple[int, ...]:
